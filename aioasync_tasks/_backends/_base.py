@@ -1,0 +1,884 @@
+"""The storage of tasks, shared by both dialects: every statement the library runs.
+
+A backend speaks the queue's language — ``claim``, ``checkpoint``, ``complete``, ``operate``,
+``heartbeat``, ``rescue`` — and hides SQL. State changes go through the pure rules of
+``_states``: the backend reads the rows it will change under a write lock (``FOR UPDATE`` on
+PostgreSQL, the database write lock on SQLite), asks ``apply_operation``/``apply_event`` what to do,
+and writes the answer in the same short transaction. A stale node or a racing user call therefore
+never overwrites a newer state, and every owner-bound write also checks ``node_id``.
+
+Statements are written once here with ``{now}``, ``{tasks}`` … placeholders; the dialect
+subclasses fill in what differs (clock, arrays, locking, notifications).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any, LiteralString
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .._errors import DatabaseError, SchemaError, TaskNotFound
+from .._schema import GROUPS, NODES, SCHEMA_VERSION, TASKS, VERSIONS, Timestamp
+from .._states import (
+    Event,
+    Operation,
+    Outcome,
+    State,
+    StopRequest,
+    apply_event,
+    apply_operation,
+)
+from .._task import Task
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    type: str
+    context: str
+    user: str
+    group: str
+    priority: int
+    max_attempts: int
+    has_cleanup: bool
+    state: State
+    run_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    user: str | None = None
+    group: str | None = None
+    types: tuple[str, ...] | None = None
+    states: tuple[State, ...] | None = None
+    offset: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task a node has just claimed (to run it, or to run its cleanup)."""
+
+    id: int
+    type: str
+    user: str
+    group: str
+    context: str
+    attempts: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The end of one execution, reported by its runner."""
+
+    task_id: int
+    event: Event
+    context: str | None = None
+    error: str | None = None
+    delay: float = 0.0
+    """Back-off in seconds, used when the outcome is a retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperationResult:
+    outcome: Outcome
+    owner: int | None
+    """The node that ran the task before the operation (to be told to stop)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    paused: bool
+    max_running: int | None
+    max_running_per_user: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    id: int
+    name: str
+    concurrency: int
+    types: tuple[str, ...]
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """A task row as its owner sees it at a heartbeat."""
+
+    id: int
+    state: State
+    requested: StopRequest | None
+
+
+TASK_COLUMNS: LiteralString = (
+    "id, type, user_name, group_name, state, requested, context, priority, attempts, "
+    "max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at"
+)
+_LOCK_COLUMNS: LiteralString = (
+    "id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Locked:
+    id: int
+    state: State
+    requested: StopRequest | None
+    has_cleanup: bool
+    attempts: int
+    max_attempts: int
+    node_id: int | None
+    group: str
+
+    @classmethod
+    def from_row(cls, row: Row[*tuple[Any, ...]]) -> _Locked:
+        return cls(
+            id=row[0],
+            state=State(row[1]),
+            requested=StopRequest(row[2]) if row[2] else None,
+            has_cleanup=bool(row[3]),
+            attempts=row[4],
+            max_attempts=row[5],
+            node_id=row[6],
+            group=row[7],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One row change decided by the state rules, ready for the batched UPDATE."""
+
+    row: _Locked
+    outcome: Outcome
+    node_id: int | None
+    context: str | None = None
+    error: str | None = None
+    delay: float = 0.0
+    group: str | None = None
+    handoff: bool = False
+
+
+class Backend:
+    """Shared implementation; use ``PostgresBackend`` or ``SqliteBackend``."""
+
+    dialect: str
+    supports_notify = False
+    _timestamp = Timestamp()
+
+    def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
+        self.engine = engine
+        self.schema = schema
+        self._statements: dict[str, sa.TextClause] = {}
+
+    # -- dialect hooks ----------------------------------------------------------------------
+
+    now: LiteralString = "now()"
+    """SQL for the database clock."""
+
+    def _float(self, param: LiteralString) -> LiteralString:
+        """A float parameter (PostgreSQL must be told its type)."""
+        return param
+
+    def _plus_seconds(self, param: LiteralString) -> LiteralString:
+        """SQL for the database clock plus ``param`` seconds."""
+        return "(" + self.now + " + " + self._float(param) + ")"
+
+    def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
+        raise NotImplementedError
+
+    expanding_lists = False
+    """Lists bound as ``IN :name`` expand to one parameter per item (no arrays in SQLite)."""
+    lock_rows: LiteralString = ""
+    """Appended to row-locking SELECTs (``FOR UPDATE`` on PostgreSQL)."""
+    skip_locked: LiteralString = ""
+
+    def _qualify(self, table: str) -> str:
+        return table
+
+    async def _notify(self, conn: AsyncConnection, payload: str) -> None:
+        """Tell the other nodes (PostgreSQL NOTIFY); a no-op where not supported."""
+
+    def _begin_write(self, conn: AsyncConnection) -> AsyncConnection:
+        return conn
+
+    def _to_db_time(self, value: datetime) -> Any:
+        return self._timestamp.process_bind_param(value, self.engine.dialect)
+
+    def _from_db_time(self, value: Any) -> datetime:
+        result = self._timestamp.process_result_value(value, self.engine.dialect)
+        assert result is not None
+        return result
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _sql(self, template: LiteralString) -> sa.TextClause:
+        """A statement from a template, with tables and the clock filled in (cached)."""
+        statement = self._statements.get(template)
+        if statement is None:
+            text = template.format(
+                tasks=self._qualify(TASKS),
+                nodes=self._qualify(NODES),
+                groups=self._qualify(GROUPS),
+                versions=self._qualify(VERSIONS),
+                now=self.now,
+            )
+            statement = sa.text(text)
+            expanding = re.findall(r"\bIN :(\w+)", text) if self.expanding_lists else []
+            if expanding:
+                statement = statement.bindparams(
+                    *(sa.bindparam(name, expanding=True) for name in expanding)
+                )
+            self._statements[template] = statement
+        return statement
+
+    async def _exec(
+        self, conn: AsyncConnection, template: LiteralString, params: Any = None
+    ) -> sa.CursorResult[*tuple[Any, ...]]:
+        try:
+            return await conn.execute(self._sql(template), params)
+        except DBAPIError as exc:
+            raise DatabaseError(str(exc.orig)) from exc
+
+    def write(self) -> _Transaction:
+        """A short write transaction (it holds the write lock on SQLite)."""
+        return _Transaction(self, write=True)
+
+    def read(self) -> _Transaction:
+        return _Transaction(self, write=False)
+
+    # -- schema -----------------------------------------------------------------------------
+
+    async def schema_version(self) -> int | None:
+        """The applied migration version, or None when the schema is empty."""
+        async with self.read() as conn:
+            exists = await conn.run_sync(
+                lambda sync: sa.inspect(sync).has_table(VERSIONS, schema=self.schema)
+            )
+            if not exists:
+                return None
+            result = await self._exec(conn, "SELECT max(version) FROM {versions}")
+            value = result.scalar()
+            return int(value) if value is not None else None
+
+    async def migrate(self) -> list[int]:
+        """Apply the missing migrations; returns the versions applied."""
+        applied: list[int] = []
+        async with self.write() as conn:
+            await self._prepare_migration(conn)
+            exists = await conn.run_sync(
+                lambda sync: sa.inspect(sync).has_table(VERSIONS, schema=self.schema)
+            )
+            current = 0
+            if exists:
+                result = await self._exec(conn, "SELECT max(version) FROM {versions}")
+                current = result.scalar() or 0
+            if current > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"the database schema is version {current}, newer than this library's "
+                    f"{SCHEMA_VERSION}: upgrade aioasync-tasks"
+                )
+            for version, sql in self._migration_files():
+                if version <= current:
+                    continue
+                for statement in _split_sql(sql):
+                    await conn.exec_driver_sql(statement)
+                await self._exec(
+                    conn,
+                    "INSERT INTO {versions} (version, applied_at) VALUES (:v, {now})",
+                    {"v": version},
+                )
+                applied.append(version)
+        return applied
+
+    async def _prepare_migration(self, conn: AsyncConnection) -> None:
+        """Dialect hook: serialise concurrent migrations, point DDL at the schema."""
+
+    def _migration_files(self) -> list[tuple[int, str]]:
+        folder = resources.files("aioasync_tasks") / "_migrations" / self.dialect
+        return sorted(
+            (int(entry.name.split("_", 1)[0]), entry.read_text("utf-8"))
+            for entry in folder.iterdir()
+            if entry.name.endswith(".sql")
+        )
+
+    async def check_schema(self) -> None:
+        version = await self.schema_version()
+        if version is None:
+            raise SchemaError(
+                "the aioasync_tasks tables are missing: run `aioasync-tasks migrate`, "
+                "`await node.migrate()`, or start the node with auto_migrate=True"
+            )
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database schema is version {version}, newer than this library's "
+                f"{SCHEMA_VERSION}: upgrade aioasync-tasks"
+            )
+        if version < SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database schema is version {version}, older than this library's "
+                f"{SCHEMA_VERSION}: run `aioasync-tasks migrate`"
+            )
+
+    # -- creating and reading tasks ---------------------------------------------------------
+
+    _INSERT: LiteralString = (
+        "INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,"
+        " attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,"
+        " run_at) VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0,"
+        " :max_attempts, :has_cleanup, false, NULL, NULL, {now}, {now},"
+        " COALESCE(:run_at, {now})) RETURNING id"
+    )
+
+    async def insert_many(
+        self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
+    ) -> list[int]:
+        """Insert tasks in one transaction (the caller's, when ``connection`` is given)."""
+        params = [
+            {
+                "type": t.type,
+                "user": t.user,
+                "group": t.group,
+                "state": t.state.value,
+                "context": t.context,
+                "priority": t.priority,
+                "max_attempts": t.max_attempts,
+                "has_cleanup": t.has_cleanup,
+                "run_at": None if t.run_at is None else self._to_db_time(t.run_at),
+            }
+            for t in new_tasks
+        ]
+        wake = any(t.state is State.PENDING for t in new_tasks)
+        if connection is not None:
+            return await self._insert(connection, params, wake)
+        async with self.write() as conn:
+            return await self._insert(conn, params, wake)
+
+    async def _insert(
+        self, conn: AsyncConnection, params: list[dict[str, Any]], wake: bool
+    ) -> list[int]:
+        if len(params) == 1:
+            ids = [(await self._exec(conn, self._INSERT, params[0])).scalar_one()]
+        else:
+            ids = await self._insert_batch(conn, params)
+        if wake:
+            await self._notify(conn, "wake")
+        return ids
+
+    async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
+        ids: list[int] = []
+        for p in params:
+            ids.append((await self._exec(conn, self._INSERT, p)).scalar_one())
+        return ids
+
+    def _to_task(self, row: Row[*tuple[Any, ...]]) -> Task:
+        return Task(
+            id=row[0],
+            type=row[1],
+            user=row[2],
+            group=row[3],
+            state=State(row[4]),
+            requested=StopRequest(row[5]) if row[5] else None,
+            context=row[6],
+            priority=row[7],
+            attempts=row[8],
+            max_attempts=row[9],
+            error=row[10],
+            node=row[11],
+            created_at=self._from_db_time(row[12]),
+            updated_at=self._from_db_time(row[13]),
+            started_at=None if row[14] is None else self._from_db_time(row[14]),
+            done_at=None if row[15] is None else self._from_db_time(row[15]),
+            run_at=self._from_db_time(row[16]),
+        )
+
+    async def get_task(self, task_id: int) -> Task:
+        async with self.read() as conn:
+            result = await self._exec(
+                conn, "SELECT " + TASK_COLUMNS + " FROM {tasks} WHERE id = :id", {"id": task_id}
+            )
+            row = result.first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return self._to_task(row)
+
+    def _filter_sql(self, f: TaskFilter) -> tuple[str, dict[str, Any]]:
+        clauses: list[str] = []
+        params: dict[str, Any] = {}
+        if f.user is not None:
+            clauses.append("user_name = :user")
+            params["user"] = f.user
+        if f.group is not None:
+            clauses.append("group_name = :group")
+            params["group"] = f.group
+        if f.types is not None:
+            clauses.append(self._in("type", ":types"))
+            params["types"] = list(f.types)
+        if f.states is not None:
+            clauses.append(self._in("state", ":states"))
+            params["states"] = [s.value for s in f.states]
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        return where, params
+
+    async def get_tasks(self, f: TaskFilter) -> list[Task]:
+        where, params = self._filter_sql(f)
+        params |= {"limit": f.limit, "offset": f.offset}
+        # The filter shape picks one of a few cached statements; values stay parameters.
+        template = "SELECT " + TASK_COLUMNS + " FROM {tasks}" + where
+        template += " ORDER BY id DESC LIMIT :limit OFFSET :offset"
+        async with self.read() as conn:
+            result = await self._exec(conn, template, params)
+            return [self._to_task(row) for row in result]
+
+    async def count_tasks(self, f: TaskFilter) -> int:
+        where, params = self._filter_sql(f)
+        async with self.read() as conn:
+            result = await self._exec(conn, "SELECT count(*) FROM {tasks}" + where, params)
+            return int(result.scalar_one())
+
+    # -- state changes ----------------------------------------------------------------------
+
+    async def _lock(
+        self, conn: AsyncConnection, ids: Sequence[int], owner: int | None = None
+    ) -> list[_Locked]:
+        template: LiteralString = "SELECT " + _LOCK_COLUMNS + " FROM {tasks} WHERE "
+        template += self._in("id", ":ids")
+        params: dict[str, Any] = {"ids": list(ids)}
+        if owner is not None:
+            template += " AND node_id = :owner"
+            params["owner"] = owner
+        template += " ORDER BY id" + self.lock_rows
+        result = await self._exec(conn, template, params)
+        return [_Locked.from_row(row) for row in result]
+
+    _UPDATE: LiteralString = (
+        "UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,"
+        " attempts = :attempts, handoff = :handoff, group_name = :group,"
+        " context = COALESCE(:context, context), error = COALESCE(:error, error),"
+        " run_at = CASE WHEN {delay} < 0 THEN run_at ELSE {plus_delay} END,"
+        " done_at = CASE WHEN :done THEN {now} ELSE done_at END,"
+        " updated_at = {now} WHERE id = :id"
+    )
+
+    async def _write(self, conn: AsyncConnection, writes: Iterable[_Write]) -> None:
+        """Apply decided outcomes: one DELETE for removed rows, one batched UPDATE for the rest."""
+        removed: list[int] = []
+        updates: list[dict[str, Any]] = []
+        for w in writes:
+            o = w.outcome
+            if o.state is None:
+                removed.append(w.row.id)
+                continue
+            if not o.changed and w.group is None:
+                continue
+            attempts = 0 if o.reset_attempts else w.row.attempts
+            updates.append(
+                {
+                    "id": w.row.id,
+                    "state": o.state.value,
+                    "requested": o.requested.value if o.requested else None,
+                    "node_id": w.node_id if o.owned else None,
+                    "attempts": attempts,
+                    "handoff": w.handoff,
+                    "group": w.group if w.group is not None else w.row.group,
+                    "context": w.context,
+                    "error": w.error,
+                    "delay": w.delay if o.retry else -1.0,
+                    "done": o.state in (State.FINISHED, State.FAILED),
+                }
+            )
+        if removed:
+            await self._exec(
+                conn, "DELETE FROM {tasks} WHERE " + self._in("id", ":ids"), {"ids": removed}
+            )
+        if updates:
+            await self._exec(conn, self._update_statement(), updates)
+
+    def _update_statement(self) -> LiteralString:
+        return self._UPDATE.replace("{plus_delay}", self._plus_seconds(":delay")).replace(
+            "{delay}", self._float(":delay")
+        )
+
+    async def operate(
+        self,
+        task_id: int,
+        operation: Operation,
+        *,
+        force: bool = False,
+        group: str | None = None,
+    ) -> OperationResult:
+        """Apply a user operation to one task, atomically (SPEC §4)."""
+        async with self.write() as conn:
+            rows = await self._lock(conn, [task_id])
+            if not rows:
+                raise TaskNotFound(task_id)
+            row = rows[0]
+            outcome = apply_operation(
+                row.state,
+                row.requested,
+                operation,
+                has_cleanup=row.has_cleanup,
+                force=force,
+                task_id=task_id,
+            )
+            moved = group is not None and group != row.group
+            await self._write(
+                conn, [_Write(row, outcome, row.node_id, group=group if moved else None)]
+            )
+            if outcome.changed and outcome.state in (State.PENDING, State.DELETING):
+                await self._notify(conn, "wake")
+            if outcome.stop and row.node_id is not None:
+                await self._notify(conn, f"stop:{row.node_id}")
+            return OperationResult(outcome, row.node_id)
+
+    # -- execution --------------------------------------------------------------------------
+
+    _CLAIMED_COLUMNS: LiteralString = (
+        "id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority"
+    )
+
+    async def claim(self, node_id: int, types: Sequence[str], limit: int) -> list[Claimed]:
+        """Claim up to ``limit`` due PENDING tasks of ``types`` for ``node_id`` (event CLAIM):
+        hand-offs first, then higher priority, then oldest. Paused groups are skipped."""
+        if limit <= 0 or not types:
+            return []
+        async with self.write() as conn:
+            result = await self._exec(
+                conn,
+                self._claim_statement(),
+                {"node": node_id, "types": list(types), "limit": limit},
+            )
+            rows = sorted(result, key=lambda r: (not r[7], -r[8], r[0]))
+        return [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def _claim_statement(self) -> LiteralString:
+        raise NotImplementedError
+
+    async def claim_cleanups(self, node_id: int, types: Sequence[str], limit: int) -> list[Claimed]:
+        """Claim unowned, due DELETING tasks to run their cleanup handler (CLEANUP_CLAIM)."""
+        if limit <= 0 or not types:
+            return []
+        async with self.write() as conn:
+            result = await self._exec(
+                conn,
+                self._cleanup_claim_statement(),
+                {"node": node_id, "types": list(types), "limit": limit},
+            )
+            rows = sorted(result, key=lambda r: r[0])
+        return [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def _cleanup_claim_statement(self) -> LiteralString:
+        raise NotImplementedError
+
+    async def checkpoint(self, node_id: int, contexts: dict[int, str]) -> set[int]:
+        """Store checkpoints of tasks this node runs; returns the ids whose write was accepted
+        (rows still owned by ``node_id`` and running). One statement per batch."""
+        if not contexts:
+            return set()
+        async with self.write() as conn:
+            return await self._checkpoint(conn, node_id, contexts)
+
+    async def _checkpoint(
+        self, conn: AsyncConnection, node_id: int, contexts: dict[int, str]
+    ) -> set[int]:
+        raise NotImplementedError
+
+    async def complete(
+        self, node_id: int, completions: Sequence[Completion], *, cleanup_attempts: int
+    ) -> set[int]:
+        """Apply the ends of executions on ``node_id``; returns the accepted task ids.
+
+        Rows no longer owned by ``node_id`` (rescued, force-deleted, fenced) are left alone.
+        """
+        if not completions:
+            return set()
+        by_id = {c.task_id: c for c in completions}
+        async with self.write() as conn:
+            rows = await self._lock(conn, list(by_id), owner=node_id)
+            writes: list[_Write] = []
+            wake = False
+            for row in rows:
+                c = by_id[row.id]
+                cleanup = c.event in (Event.CLEANUP_FINISHED, Event.CLEANUP_FAILED)
+                limit = cleanup_attempts if cleanup else row.max_attempts
+                outcome = apply_event(
+                    row.state,
+                    row.requested,
+                    c.event,
+                    has_cleanup=row.has_cleanup,
+                    can_retry=row.attempts < limit,
+                )
+                if outcome is None:
+                    continue
+                wake = wake or outcome.state in (State.PENDING, State.DELETING)
+                writes.append(
+                    _Write(
+                        row,
+                        outcome,
+                        node_id,
+                        context=c.context,
+                        error=c.error,
+                        delay=c.delay,
+                        handoff=c.event is Event.STOPPED and outcome.state is State.PENDING,
+                    )
+                )
+            await self._write(conn, writes)
+            if wake:
+                await self._notify(conn, "wake")
+            return {w.row.id for w in writes}
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    async def register_node(self, name: str, concurrency: int, types: Sequence[str]) -> int:
+        async with self.write() as conn:
+            result = await self._exec(
+                conn,
+                "INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at)"
+                " VALUES (:name, :concurrency, :types, {now}, {now}) RETURNING id",
+                {"name": name, "concurrency": concurrency, "types": json.dumps(list(types))},
+            )
+            return int(result.scalar_one())
+
+    async def heartbeat(self, node_id: int) -> list[Owned] | None:
+        """Renew the node's row and read the tasks it owns; None when the row is gone
+        (the node was declared dead: it must fence itself)."""
+        async with self.write() as conn:
+            result = await self._exec(
+                conn,
+                "UPDATE {nodes} SET heartbeat_at = {now} WHERE id = :id RETURNING id",
+                {"id": node_id},
+            )
+            if result.first() is None:
+                return None
+            return await self._owned(conn, node_id)
+
+    async def owned(self, node_id: int) -> list[Owned]:
+        """The tasks a node owns, with pending stop requests (for the stop poll)."""
+        async with self.read() as conn:
+            return await self._owned(conn, node_id)
+
+    async def _owned(self, conn: AsyncConnection, node_id: int) -> list[Owned]:
+        result = await self._exec(
+            conn,
+            "SELECT id, state, requested FROM {tasks} WHERE node_id = :id",
+            {"id": node_id},
+        )
+        return [Owned(r[0], State(r[1]), StopRequest(r[2]) if r[2] else None) for r in result]
+
+    async def deregister(self, node_id: int) -> None:
+        """Remove the node's row, releasing whatever it still owns as a lost node would."""
+        async with self.write() as conn:
+            await self._release_nodes(conn, [node_id])
+
+    async def release(self, node_id: int) -> None:
+        """Release every task still owned by ``node_id`` (event NODE_LOST), keeping the row."""
+        async with self.write() as conn:
+            await self._release_tasks(conn, [node_id])
+
+    async def _release_tasks(self, conn: AsyncConnection, node_ids: Sequence[int]) -> int:
+        result = await self._exec(
+            conn,
+            "SELECT "
+            + _LOCK_COLUMNS
+            + " FROM {tasks} WHERE "
+            + self._in("node_id", ":nodes")
+            + " ORDER BY id"
+            + self.lock_rows,
+            {"nodes": list(node_ids)},
+        )
+        rows = [_Locked.from_row(r) for r in result]
+        writes: list[_Write] = []
+        for row in rows:
+            outcome = apply_event(
+                row.state,
+                row.requested,
+                Event.NODE_LOST,
+                has_cleanup=row.has_cleanup,
+                can_retry=row.attempts < row.max_attempts,
+            )
+            if outcome is not None:
+                error = "node lost" if outcome.state is State.FAILED else None
+                writes.append(_Write(row, outcome, None, error=error))
+        await self._write(conn, writes)
+        if writes:
+            await self._notify(conn, "wake")
+        return len(writes)
+
+    async def _release_nodes(self, conn: AsyncConnection, node_ids: Sequence[int]) -> int:
+        count = await self._release_tasks(conn, node_ids)
+        await self._exec(
+            conn, "DELETE FROM {nodes} WHERE " + self._in("id", ":nodes"), {"nodes": list(node_ids)}
+        )
+        return count
+
+    async def rescue(self, node_timeout: float) -> int:
+        """Declare nodes whose heartbeat is older than ``node_timeout`` seconds dead: release
+        their tasks (NODE_LOST) and remove their rows. Returns the number of tasks released."""
+        async with self.write() as conn:
+            result = await self._exec(
+                conn,
+                "SELECT id FROM {nodes} WHERE heartbeat_at < "
+                + self._plus_seconds(":neg")
+                + " ORDER BY id"
+                + self.lock_rows
+                + self.skip_locked,
+                {"neg": -node_timeout},
+            )
+            dead = [r[0] for r in result]
+            if not dead:
+                return 0
+            return await self._release_nodes(conn, dead)
+
+    async def get_nodes(self) -> list[NodeInfo]:
+        async with self.read() as conn:
+            result = await self._exec(
+                conn,
+                "SELECT id, name, concurrency, types, started_at, heartbeat_at FROM {nodes}"
+                " ORDER BY id",
+            )
+            return [
+                NodeInfo(
+                    r[0],
+                    r[1],
+                    r[2],
+                    tuple(json.loads(r[3])),
+                    self._from_db_time(r[4]),
+                    self._from_db_time(r[5]),
+                )
+                for r in result
+            ]
+
+    # -- groups -----------------------------------------------------------------------------
+
+    async def set_group(self, name: str, **fields: Any) -> Group:
+        """Create or update a group's row with ``fields`` (paused, max_running, …)."""
+        defaults = {"paused": False, "max_running": None, "max_running_per_user": None}
+        async with self.write() as conn:
+            current = await self._exec(
+                conn,
+                "SELECT paused, max_running, max_running_per_user FROM {groups}"
+                " WHERE name = :name" + self.lock_rows,
+                {"name": name},
+            )
+            row = current.first()
+            values = (
+                dict(defaults)
+                if row is None
+                else {"paused": bool(row[0]), "max_running": row[1], "max_running_per_user": row[2]}
+            )
+            values.update(fields)
+            params = {"name": name, **values}
+            if row is None:
+                await self._exec(
+                    conn,
+                    "INSERT INTO {groups} (name, paused, max_running, max_running_per_user,"
+                    " updated_at) VALUES (:name, :paused, :max_running, :max_running_per_user,"
+                    " {now})",
+                    params,
+                )
+            else:
+                await self._exec(
+                    conn,
+                    "UPDATE {groups} SET paused = :paused, max_running = :max_running,"
+                    " max_running_per_user = :max_running_per_user, updated_at = {now}"
+                    " WHERE name = :name",
+                    params,
+                )
+            if fields.get("paused") is False:
+                await self._notify(conn, "wake")
+        return Group(
+            name, bool(values["paused"]), values["max_running"], values["max_running_per_user"]
+        )
+
+    async def get_groups(self) -> list[Group]:
+        """Every group that has tasks or settings, with its settings (defaults when unset)."""
+        async with self.read() as conn:
+            result = await self._exec(
+                conn,
+                "SELECT n.name, g.paused, g.max_running, g.max_running_per_user FROM"
+                " (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n"
+                " LEFT JOIN {groups} g ON g.name = n.name ORDER BY n.name",
+            )
+            return [Group(r[0], bool(r[1]), r[2], r[3]) for r in result]
+
+    async def pause_running_in_group(self, group: str) -> list[OperationResult]:
+        """Pause every RUNNING task of ``group`` (for ``pause_group(stop_running=True)``)."""
+        async with self.read() as conn:
+            result = await self._exec(
+                conn,
+                "SELECT id FROM {tasks} WHERE group_name = :group AND state = 'running'",
+                {"group": group},
+            )
+            ids = [r[0] for r in result]
+        results = []
+        for task_id in ids:
+            try:
+                results.append(await self.operate(task_id, Operation.PAUSE))
+            except (TaskNotFound, SQLAlchemyError):
+                continue
+        return results
+
+
+class _Transaction:
+    """``async with backend.write() as conn``: one transaction, committed on success."""
+
+    def __init__(self, backend: Backend, *, write: bool) -> None:
+        self._backend = backend
+        self._write = write
+        self._conn: AsyncConnection | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        try:
+            conn = await self._backend.engine.connect()
+        except DBAPIError as exc:
+            raise DatabaseError(str(exc.orig)) from exc
+        except OSError as exc:
+            raise DatabaseError(str(exc)) from exc
+        self._conn = conn
+        options: dict[str, Any] = {"aioasync_write": self._write}
+        conn = await conn.execution_options(**options)
+        try:
+            await conn.begin()
+        except DBAPIError as exc:
+            await conn.close()
+            raise DatabaseError(str(exc.orig)) from exc
+        return conn
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            if exc_type is None:
+                try:
+                    await conn.commit()
+                except DBAPIError as error:
+                    raise DatabaseError(str(error.orig)) from error
+            else:
+                await conn.rollback()
+        finally:
+            await conn.close()
+
+
+def _split_sql(sql: str) -> list[str]:
+    """Split a migration file into statements (they contain no semicolons inside)."""
+    statements = []
+    for chunk in sql.split(";"):
+        lines = [line for line in chunk.splitlines() if not line.strip().startswith("--")]
+        statement = "\n".join(lines).strip()
+        if statement:
+            statements.append(statement)
+    return statements
+
+
+StatementFactory = Callable[[], LiteralString]

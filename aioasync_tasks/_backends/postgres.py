@@ -1,0 +1,111 @@
+"""PostgreSQL (asyncpg): row locks with ``SKIP LOCKED``, arrays for batches, LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, LiteralString
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ._base import Backend
+
+_RETURN_CLAIMED: LiteralString = (
+    " RETURNING t.id, t.type, t.user_name, t.group_name, t.context, t.attempts,"
+    " t.max_attempts, t.handoff, t.priority"
+)
+
+
+class PostgresBackend(Backend):
+    dialect = "postgresql"
+    supports_notify = True
+    now = "now()"
+    lock_rows = " FOR UPDATE"
+    skip_locked = " SKIP LOCKED"
+
+    def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
+        super().__init__(engine, schema)
+        suffix = re.sub(r"[^a-z0-9_]", "_", (schema or "public").lower())
+        self.channel = f"aioasync_tasks_{suffix}"[:63]
+        self._quoted_schema = (
+            engine.dialect.identifier_preparer.quote_identifier(schema) if schema else None
+        )
+
+    def _qualify(self, table: str) -> str:
+        return f"{self._quoted_schema}.{table}" if self._quoted_schema else table
+
+    def _float(self, param: LiteralString) -> LiteralString:
+        return "CAST(" + param + " AS double precision)"
+
+    def _plus_seconds(self, param: LiteralString) -> LiteralString:
+        return "(" + self.now + " + make_interval(secs => " + self._float(param) + "))"
+
+    def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
+        return column + " = ANY(" + param + ")"
+
+    async def _notify(self, conn: AsyncConnection, payload: str) -> None:
+        # Delivered when the transaction commits, and only then.
+        await self._exec(
+            conn,
+            "SELECT pg_notify(:channel, :payload)",
+            {"channel": self.channel, "payload": payload},
+        )
+
+    async def _prepare_migration(self, conn: AsyncConnection) -> None:
+        await self._exec(
+            conn, "SELECT pg_advisory_xact_lock(hashtext(:key))", {"key": self.channel}
+        )
+        if self._quoted_schema:
+            await conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {self._quoted_schema}")
+            await conn.exec_driver_sql(f"SET LOCAL search_path TO {self._quoted_schema}")
+
+    _INSERT_MANY: LiteralString = (
+        "INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,"
+        " attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,"
+        " run_at) SELECT v.type, v.user_name, v.group_name, v.state, NULL, v.context, v.priority,"
+        " 0, v.max_attempts, v.has_cleanup, false, NULL, NULL, {now}, {now},"
+        " COALESCE(v.run_at, {now}) FROM unnest(CAST(:type AS text[]), CAST(:user AS text[]),"
+        " CAST(:group AS text[]), CAST(:state AS text[]), CAST(:context AS text[]),"
+        " CAST(:priority AS integer[]), CAST(:max_attempts AS integer[]),"
+        " CAST(:has_cleanup AS boolean[]), CAST(:run_at AS timestamptz[])) WITH ORDINALITY"
+        " AS v(type, user_name, group_name, state, context, priority, max_attempts,"
+        " has_cleanup, run_at, ord) ORDER BY v.ord RETURNING id"
+    )
+
+    async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
+        columns = {key: [p[key] for p in params] for key in params[0]}
+        result = await self._exec(conn, self._INSERT_MANY, columns)
+        # Ids come from the sequence in the order the rows are inserted (ORDER BY ord).
+        return sorted(row[0] for row in result)
+
+    def _claim_statement(self) -> LiteralString:
+        return (
+            "UPDATE {tasks} t SET state = 'running', node_id = :node, attempts = t.attempts + 1,"
+            " handoff = false, started_at = COALESCE(t.started_at, {now}), updated_at = {now}"
+            " FROM (SELECT id FROM {tasks} WHERE state = 'pending' AND run_at <= {now}"
+            " AND type = ANY(:types)"
+            " AND group_name NOT IN (SELECT name FROM {groups} WHERE paused)"
+            " ORDER BY handoff DESC, priority DESC, id LIMIT :limit FOR UPDATE SKIP LOCKED) c"
+            " WHERE t.id = c.id" + _RETURN_CLAIMED
+        )
+
+    def _cleanup_claim_statement(self) -> LiteralString:
+        return (
+            "UPDATE {tasks} t SET node_id = :node, attempts = t.attempts + 1, updated_at = {now}"
+            " FROM (SELECT id FROM {tasks} WHERE state = 'deleting' AND node_id IS NULL"
+            " AND run_at <= {now} AND type = ANY(:types)"
+            " ORDER BY run_at, id LIMIT :limit FOR UPDATE SKIP LOCKED) c"
+            " WHERE t.id = c.id" + _RETURN_CLAIMED
+        )
+
+    async def _checkpoint(
+        self, conn: AsyncConnection, node_id: int, contexts: dict[int, str]
+    ) -> set[int]:
+        result = await self._exec(
+            conn,
+            "UPDATE {tasks} t SET context = v.context, updated_at = {now}"
+            " FROM unnest(CAST(:ids AS bigint[]), CAST(:contexts AS text[])) AS v(id, context)"
+            " WHERE t.id = v.id AND t.node_id = :node AND t.state IN ('running', 'canceling')"
+            " RETURNING t.id",
+            {"ids": list(contexts), "contexts": list(contexts.values()), "node": node_id},
+        )
+        return {row[0] for row in result}

@@ -1,0 +1,91 @@
+"""SQLite (aiosqlite): WAL, a busy timeout, and every write transaction under the database's
+write lock (``BEGIN IMMEDIATE``), which makes each claim and each transition atomic across the
+processes sharing the file."""
+
+from __future__ import annotations
+
+from typing import Any, LiteralString
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ._base import Backend
+
+BUSY_TIMEOUT_MS = 60_000
+
+_RETURN_CLAIMED: LiteralString = (
+    " RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority"
+)
+
+
+def configure_engine(engine: AsyncEngine) -> None:
+    """Make the driver leave transactions to us, so that writes can take the lock up front.
+
+    SQLAlchemy's recipe for SQLite transactions: the driver's own implicit BEGIN is turned off
+    and our ``begin`` listener issues ``BEGIN IMMEDIATE`` (or a plain ``BEGIN`` for reads).
+    """
+    sync_engine = engine.sync_engine
+    if getattr(sync_engine, "_aioasync_configured", False):
+        return
+
+    @event.listens_for(sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("aioasync_write", True)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
+
+
+class SqliteBackend(Backend):
+    dialect = "sqlite"
+    now = "((julianday('now') - 2440587.5) * 86400.0)"
+    expanding_lists = True
+
+    def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
+        super().__init__(engine, schema)
+        configure_engine(engine)
+
+    def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
+        return column + " IN " + param
+
+    def _claim_statement(self) -> LiteralString:
+        return (
+            "UPDATE {tasks} SET state = 'running', node_id = :node, attempts = attempts + 1,"
+            " handoff = false, started_at = COALESCE(started_at, {now}), updated_at = {now}"
+            " WHERE id IN (SELECT id FROM {tasks} WHERE state = 'pending' AND run_at <= {now}"
+            " AND type IN :types AND group_name NOT IN (SELECT name FROM {groups} WHERE paused)"
+            " ORDER BY handoff DESC, priority DESC, id LIMIT :limit)" + _RETURN_CLAIMED
+        )
+
+    def _cleanup_claim_statement(self) -> LiteralString:
+        return (
+            "UPDATE {tasks} SET node_id = :node, attempts = attempts + 1, updated_at = {now}"
+            " WHERE id IN (SELECT id FROM {tasks} WHERE state = 'deleting' AND node_id IS NULL"
+            " AND run_at <= {now} AND type IN :types ORDER BY run_at, id LIMIT :limit)"
+            + _RETURN_CLAIMED
+        )
+
+    async def _checkpoint(
+        self, conn: AsyncConnection, node_id: int, contexts: dict[int, str]
+    ) -> set[int]:
+        accepted: set[int] = set()
+        for task_id, context in contexts.items():
+            result = await self._exec(
+                conn,
+                "UPDATE {tasks} SET context = :context, updated_at = {now} WHERE id = :id"
+                " AND node_id = :node AND state IN ('running', 'canceling') RETURNING id",
+                {"id": task_id, "context": context, "node": node_id},
+            )
+            if result.first() is not None:
+                accepted.add(task_id)
+        return accepted

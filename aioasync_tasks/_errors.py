@@ -1,0 +1,81 @@
+"""The exceptions of aioasync_tasks.
+
+Every error the library raises on purpose derives from one root::
+
+    AsyncTasksError
+    ├── TaskNotFound(task_id)
+    ├── InvalidTransition(task_id, state, operation)
+    ├── UnknownTaskType(type)
+    ├── DuplicateTaskType(type)
+    ├── ConfigurationError          (also a ValueError: bad arguments and options)
+    ├── NodeNotStarted
+    ├── NodeStopped
+    ├── SchemaError                 (schema missing, or newer than this library)
+    └── DatabaseError               (a driver error, wrapped; the original is __cause__)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._states import Operation, State
+
+
+class AsyncTasksError(Exception):
+    """Root of every error raised by aioasync_tasks."""
+
+
+class TaskNotFound(AsyncTasksError, LookupError):
+    """No task with this id exists (it may have been deleted)."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__(f"task {task_id} not found")
+        self.task_id = task_id
+
+
+class InvalidTransition(AsyncTasksError):
+    """The operation is not allowed from the task's current state (SPEC §4)."""
+
+    def __init__(self, task_id: int | None, state: State, operation: Operation) -> None:
+        target = f"task {task_id}" if task_id is not None else "task"
+        super().__init__(f"cannot {operation.value} {target}: it is {state.value}")
+        self.task_id = task_id
+        self.state = state
+        self.operation = operation
+
+
+class UnknownTaskType(AsyncTasksError, LookupError):
+    """The task type is not registered in this node's registry."""
+
+    def __init__(self, type: str) -> None:
+        super().__init__(f"unknown task type {type!r}: register it first")
+        self.type = type
+
+
+class DuplicateTaskType(AsyncTasksError):
+    """A task type name was registered twice in one registry."""
+
+    def __init__(self, type: str) -> None:
+        super().__init__(f"task type {type!r} is already registered")
+        self.type = type
+
+
+class ConfigurationError(AsyncTasksError, ValueError):
+    """A bad argument or option; raised before any database I/O."""
+
+
+class NodeNotStarted(AsyncTasksError):
+    """The operation needs a started node: call ``await node.start()`` first."""
+
+
+class NodeStopped(AsyncTasksError):
+    """The node was stopped; a stopped node cannot be used again."""
+
+
+class SchemaError(AsyncTasksError):
+    """The database schema is missing, or newer than this library."""
+
+
+class DatabaseError(AsyncTasksError):
+    """The database driver failed; the original exception is ``__cause__``."""

@@ -1,0 +1,65 @@
+-- aioasync_tasks schema version 1 (sqlite): tasks, nodes, groups, schema version.
+
+CREATE TABLE aioasync_groups (
+	name TEXT NOT NULL, 
+	paused BOOLEAN NOT NULL, 
+	max_running INTEGER, 
+	max_running_per_user INTEGER, 
+	updated_at DOUBLE NOT NULL, 
+	PRIMARY KEY (name)
+);
+
+CREATE TABLE aioasync_nodes (
+	id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, 
+	name TEXT NOT NULL, 
+	concurrency INTEGER NOT NULL, 
+	types TEXT NOT NULL, 
+	started_at DOUBLE NOT NULL, 
+	heartbeat_at DOUBLE NOT NULL
+);
+
+CREATE TABLE aioasync_schema_version (
+	version INTEGER NOT NULL, 
+	applied_at DOUBLE NOT NULL, 
+	PRIMARY KEY (version)
+);
+
+CREATE TABLE aioasync_tasks (
+	id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, 
+	type VARCHAR(200) NOT NULL, 
+	user_name TEXT NOT NULL, 
+	group_name TEXT NOT NULL, 
+	state VARCHAR(16) NOT NULL, 
+	requested VARCHAR(16), 
+	context TEXT NOT NULL, 
+	priority INTEGER NOT NULL, 
+	attempts INTEGER NOT NULL, 
+	max_attempts INTEGER NOT NULL, 
+	has_cleanup BOOLEAN NOT NULL, 
+	handoff BOOLEAN NOT NULL, 
+	error TEXT, 
+	node_id INTEGER, 
+	created_at DOUBLE NOT NULL, 
+	updated_at DOUBLE NOT NULL, 
+	started_at DOUBLE, 
+	done_at DOUBLE, 
+	run_at DOUBLE NOT NULL, 
+	CONSTRAINT aioasync_tasks_state_check CHECK (state IN ('init', 'pending', 'running', 'canceling', 'paused', 'finished', 'failed', 'deleting')), 
+	CONSTRAINT aioasync_tasks_requested_check CHECK ((state = 'canceling') = (requested IS NOT NULL))
+);
+
+CREATE INDEX aioasync_tasks_active_idx ON aioasync_tasks (group_name, user_name) WHERE state IN ('running', 'canceling');
+
+CREATE INDEX aioasync_tasks_deleting_idx ON aioasync_tasks (run_at) WHERE state = 'deleting' AND node_id IS NULL;
+
+CREATE INDEX aioasync_tasks_group_idx ON aioasync_tasks (group_name, id);
+
+CREATE INDEX aioasync_tasks_owner_idx ON aioasync_tasks (node_id) WHERE node_id IS NOT NULL;
+
+CREATE INDEX aioasync_tasks_ready_at_idx ON aioasync_tasks (run_at) WHERE state = 'pending';
+
+CREATE INDEX aioasync_tasks_ready_idx ON aioasync_tasks (handoff DESC, priority DESC, id) WHERE state = 'pending';
+
+CREATE INDEX aioasync_tasks_state_idx ON aioasync_tasks (state, id);
+
+CREATE INDEX aioasync_tasks_user_idx ON aioasync_tasks (user_name, id);

@@ -1,0 +1,586 @@
+"""``Node``: the one object an application uses — it manages tasks and, unless it is a client
+only, runs them (SPEC §2).
+
+``start()`` and ``stop()`` may be called from different asyncio tasks: the node's services run
+in a supervisor task that the node creates and owns, never in the caller's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+
+from ._backends import Backend, backend_for
+from ._backends._base import Group, NewTask, NodeInfo, TaskFilter
+from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
+from ._logging import LOGGER_NAME
+from ._registry import TaskFunction, TaskRegistry, TaskType, check_type_name
+from ._runner import Backoff
+from ._states import Operation, State
+from ._task import Task
+from ._worker import Worker, WorkerConfig
+
+MAX_PAGE_SIZE = 1000
+"""The largest ``limit`` of ``get_tasks``."""
+DEFAULT_MAX_CONTEXT_BYTES = 1024 * 1024
+_CREATE_KEYS = frozenset(
+    {"type", "context", "user", "group", "auto_run", "priority", "run_at", "max_attempts"}
+)
+
+
+def _engine_from_url(url: str) -> AsyncEngine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"not a database URL: {url!r}") from exc
+    drivers = {
+        "postgresql": "postgresql+asyncpg",
+        "postgres": "postgresql+asyncpg",
+        "sqlite": "sqlite+aiosqlite",
+    }
+    if parsed.drivername in drivers:
+        parsed = parsed.set(drivername=drivers[parsed.drivername])
+    if parsed.drivername not in ("postgresql+asyncpg", "sqlite+aiosqlite"):
+        raise ConfigurationError(
+            f"unsupported database URL scheme {parsed.drivername!r}: use postgresql+asyncpg:// "
+            "or sqlite+aiosqlite:///path"
+        )
+    if parsed.drivername == "sqlite+aiosqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            "SQLite needs a file (sqlite+aiosqlite:///path/to/tasks.db): an in-memory database "
+            "cannot be shared between connections or nodes"
+        )
+    return create_async_engine(parsed)
+
+
+def _check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be positive, not {value}")
+    return float(value)
+
+
+def _check_text(name: str, value: object, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a str, not {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ConfigurationError(f"{name} must not be empty")
+    if "\x00" in value:
+        raise ConfigurationError(f"{name} must not contain NUL characters")
+    return value
+
+
+def _check_task_id(task_id: object) -> int:
+    return _check_int("task_id", task_id, minimum=1)
+
+
+def _check_group(group: object) -> str:
+    return _check_text("group", group, allow_empty=False)
+
+
+def _check_states(states: object) -> tuple[State, ...] | None:
+    if states is None:
+        return None
+    if isinstance(states, str | State) or not isinstance(states, Iterable):
+        raise ConfigurationError("states must be a list of State values")
+    result = []
+    for state in states:
+        try:
+            result.append(State(state))
+        except ValueError:
+            known = ", ".join(s.value for s in State)
+            raise ConfigurationError(f"unknown state {state!r}; known: {known}") from None
+    return tuple(result)
+
+
+def _check_types(types: object) -> tuple[str, ...] | None:
+    if types is None:
+        return None
+    if isinstance(types, str) or not isinstance(types, Iterable):
+        raise ConfigurationError("types must be a list of task type names")
+    try:
+        return tuple(check_type_name(t) for t in types)
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(f"bad types: {exc}") from exc
+
+
+def _check_limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    value = _check_int("limit", limit, minimum=0)
+    if value > 1_000_000:
+        raise ConfigurationError(f"limit must be at most 1000000, not {value}")
+    return value
+
+
+class Node:
+    """A peer of the task system: creates, controls, queries and (unless ``concurrency=0``)
+    runs tasks. Use ``async with Node(...) as node`` or ``await node.start()``/``stop()``.
+
+    Options (keyword-only; seconds unless said otherwise):
+
+    - ``registry``: the task types this node knows (default: an empty ``TaskRegistry``).
+    - ``concurrency`` (10): tasks run at once; 0 makes a *client-only* node that creates,
+      controls and queries tasks but runs none (and registers no node row).
+    - ``cleanup_concurrency`` (2): cleanup handlers run at once, in their own slots.
+    - ``schema`` (None): PostgreSQL schema holding the tables; independent systems can share a
+      database by using different schemas.
+    - ``auto_migrate`` (True): create or upgrade the tables at start.
+    - ``heartbeat_interval`` (5.0), ``node_timeout`` (30.0): liveness; a node whose heartbeat is
+      older than ``node_timeout`` (database clock) is dead and its tasks are rescued.
+    - ``poll_interval`` (1.0): how often an idle node looks for work without a wake-up.
+    - ``retry_base`` (1.0), ``retry_cap`` (300.0): back-off of retries, full jitter.
+    - ``cleanup_attempts`` (3): tries of a cleanup handler before the task is FAILED.
+    - ``max_context_bytes`` (1 MiB): the largest context accepted (UTF-8 bytes).
+    - ``name`` (host:pid): shown in ``get_nodes()``.
+    - ``logger``: the application's logger (default ``logging.getLogger("aioasync_tasks")``).
+    """
+
+    def __init__(
+        self,
+        url_or_engine: str | AsyncEngine,
+        *,
+        registry: TaskRegistry | None = None,
+        concurrency: int = 10,
+        cleanup_concurrency: int = 2,
+        schema: str | None = None,
+        auto_migrate: bool = True,
+        heartbeat_interval: float = 5.0,
+        node_timeout: float = 30.0,
+        poll_interval: float = 1.0,
+        retry_base: float = 1.0,
+        retry_cap: float = 300.0,
+        cleanup_attempts: int = 3,
+        max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+        name: str | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if isinstance(url_or_engine, AsyncEngine):
+            self._engine = url_or_engine
+            self._owns_engine = False
+        elif isinstance(url_or_engine, str):
+            self._engine = _engine_from_url(url_or_engine)
+            self._owns_engine = True
+        else:
+            raise ConfigurationError(
+                f"Node needs a database URL or an AsyncEngine, not {type(url_or_engine).__name__}"
+            )
+        if registry is not None and not isinstance(registry, TaskRegistry):
+            raise ConfigurationError("registry must be a TaskRegistry")
+        if schema is not None:
+            _check_text("schema", schema, allow_empty=False)
+        self.registry = registry if registry is not None else TaskRegistry()
+        self.concurrency = _check_int("concurrency", concurrency, minimum=0)
+        cleanup_concurrency = _check_int("cleanup_concurrency", cleanup_concurrency, minimum=0)
+        heartbeat_interval = _check_seconds("heartbeat_interval", heartbeat_interval)
+        node_timeout = _check_seconds("node_timeout", node_timeout)
+        if node_timeout < 2 * heartbeat_interval:
+            raise ConfigurationError(
+                "node_timeout must be at least twice heartbeat_interval, or live nodes are "
+                "declared dead"
+            )
+        self._worker_config = WorkerConfig(
+            concurrency=self.concurrency,
+            cleanup_concurrency=cleanup_concurrency if self.concurrency else 0,
+            heartbeat_interval=heartbeat_interval,
+            node_timeout=node_timeout,
+            poll_interval=_check_seconds("poll_interval", poll_interval),
+            cleanup_attempts=_check_int("cleanup_attempts", cleanup_attempts, minimum=1),
+            backoff=Backoff(
+                _check_seconds("retry_base", retry_base), _check_seconds("retry_cap", retry_cap)
+            ),
+            name=None if name is None else _check_text("name", name, allow_empty=False),
+        )
+        self.max_context_bytes = _check_int("max_context_bytes", max_context_bytes, minimum=1)
+        self.auto_migrate = bool(auto_migrate)
+        self._logger = logger or logging.getLogger(LOGGER_NAME)
+        self._backend: Backend = backend_for(self._engine, schema)
+        self._worker: Worker | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._lifecycle = asyncio.Lock()
+        self._started = False
+        self._stopped = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @property
+    def id(self) -> int | None:
+        """This node's id in the nodes table (None for a client-only or unstarted node)."""
+        return self._worker.node_id if self._worker is not None and self._started else None
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stopped
+
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the tables; returns the migration versions applied."""
+        if self._stopped:
+            raise NodeStopped("the node was stopped")
+        return await self._backend.migrate()
+
+    async def start(self) -> None:
+        """Check (or migrate) the schema, register the node and start its services."""
+        async with self._lifecycle:
+            if self._stopped:
+                raise NodeStopped("a stopped node cannot be started again; create a new Node")
+            if self._started:
+                return
+            if self.auto_migrate:
+                await self._backend.migrate()
+            else:
+                await self._backend.check_schema()
+            if self.concurrency > 0:
+                worker = Worker(self._backend, self.registry, self._worker_config, self._logger)
+                ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._supervisor = asyncio.create_task(
+                    self._supervise(worker, ready), name="aioasync_tasks-node"
+                )
+                await asyncio.wait([ready, self._supervisor], return_when=asyncio.FIRST_COMPLETED)
+                if not ready.done():
+                    self._supervisor.result()  # raises what went wrong
+                self._worker = worker
+            self._started = True
+
+    async def _supervise(self, worker: Worker, ready: asyncio.Future[None]) -> None:
+        async with anyio.create_task_group() as group:
+            await group.start(worker.run)
+            ready.set_result(None)
+
+    async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a bound, not a cancel scope
+        """Stop gracefully: no more claims, every running task is asked to stop and gets its
+        ``stop_timeout``; then their checkpoints are stored, RUNNING tasks are handed back as
+        PENDING for any node, and the node deregisters. Idempotent.
+
+        ``timeout`` bounds the whole stop; when it runs out the remaining tasks are cancelled
+        and released as a lost node's would be.
+        """
+        async with self._lifecycle:
+            if self._stopped:
+                return
+            self._stopped = True
+            supervisor, worker = self._supervisor, self._worker
+            if supervisor is not None and worker is not None:
+                worker.shutdown()
+                try:
+                    await asyncio.wait_for(asyncio.shield(supervisor), timeout)
+                except TimeoutError:
+                    self._logger.warning("stop timed out; cancelling the remaining tasks")
+                    supervisor.cancel()
+                    await asyncio.gather(supervisor, return_exceptions=True)
+            if self._owns_engine:
+                await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _ready(self) -> Backend:
+        if self._stopped:
+            raise NodeStopped("the node was stopped")
+        if not self._started:
+            raise NodeNotStarted("call `await node.start()` (or use `async with node`) first")
+        return self._backend
+
+    # -- task types -------------------------------------------------------------------------
+
+    def register_task(
+        self,
+        type: str,
+        running: TaskFunction | None = None,
+        deleting: TaskFunction | None = None,
+        **options: Any,
+    ) -> TaskType:
+        """Register a task type in this node's registry (before ``start()``)."""
+        if self._started:
+            raise ConfigurationError("register task types before the node starts")
+        return self.registry.register_task(type, running, deleting, **options)
+
+    # -- creating ---------------------------------------------------------------------------
+
+    def _new_task(
+        self,
+        type: object,
+        context: object = "",
+        *,
+        user: object = "",
+        group: object = "default",
+        auto_run: object = True,
+        priority: object = 0,
+        run_at: object = None,
+        max_attempts: object = None,
+    ) -> NewTask:
+        task_type = self.registry.get(check_type_name(type))
+        _check_text("context", context, allow_empty=True)
+        assert isinstance(context, str)
+        size = len(context.encode("utf-8", "surrogatepass"))
+        if size > self.max_context_bytes:
+            raise ConfigurationError(
+                f"context is {size} bytes, more than max_context_bytes={self.max_context_bytes}"
+            )
+        if not isinstance(auto_run, bool):
+            raise ConfigurationError("auto_run must be a bool")
+        if run_at is not None and (not isinstance(run_at, datetime) or run_at.utcoffset() is None):
+            raise ConfigurationError("run_at must be a timezone-aware datetime (or None)")
+        attempts = (
+            task_type.max_attempts
+            if max_attempts is None
+            else _check_int("max_attempts", max_attempts, minimum=1)
+        )
+        return NewTask(
+            type=task_type.name,
+            context=context,
+            user=_check_text("user", user, allow_empty=True),
+            group=_check_group(group),
+            priority=_check_int("priority", priority),
+            max_attempts=attempts,
+            has_cleanup=task_type.has_cleanup,
+            state=State.PENDING if auto_run else State.INIT,
+            run_at=run_at,
+        )
+
+    async def create_task(
+        self,
+        type: str,
+        context: str = "",
+        *,
+        user: str = "",
+        group: str = "default",
+        auto_run: bool = True,
+        priority: int = 0,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        connection: AsyncConnection | None = None,
+        session: AsyncSession | None = None,
+    ) -> int:
+        """Create a task; returns its id. ``auto_run=False`` leaves it INIT until ``run_task``.
+
+        With ``connection=`` or ``session=`` the task is inserted in the caller's transaction
+        and exists only if that transaction commits (transactional outbox).
+        """
+        new = self._new_task(
+            type,
+            context,
+            user=user,
+            group=group,
+            auto_run=auto_run,
+            priority=priority,
+            run_at=run_at,
+            max_attempts=max_attempts,
+        )
+        ids = await self._insert([new], connection, session)
+        return ids[0]
+
+    async def create_tasks(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        *,
+        connection: AsyncConnection | None = None,
+        session: AsyncSession | None = None,
+    ) -> list[int]:
+        """Create many tasks in one round trip; each item is a mapping with the keyword
+        arguments of ``create_task`` (``type`` required). Returns the ids in order."""
+        if isinstance(tasks, Mapping | str) or not isinstance(tasks, Sequence):
+            raise ConfigurationError("create_tasks takes a list of mappings")
+        new: list[NewTask] = []
+        for index, item in enumerate(tasks):
+            if not isinstance(item, Mapping):
+                raise ConfigurationError(f"tasks[{index}] must be a mapping")
+            unknown = set(item) - _CREATE_KEYS
+            if unknown:
+                raise ConfigurationError(f"tasks[{index}] has unknown keys: {sorted(unknown)}")
+            if "type" not in item:
+                raise ConfigurationError(f"tasks[{index}] has no 'type'")
+            new.append(self._new_task(**item))
+        if not new:
+            return []
+        return await self._insert(new, connection, session)
+
+    async def _insert(
+        self,
+        new: list[NewTask],
+        connection: AsyncConnection | None,
+        session: AsyncSession | None,
+    ) -> list[int]:
+        if connection is not None and session is not None:
+            raise ConfigurationError("give connection= or session=, not both")
+        if session is not None:
+            if not isinstance(session, AsyncSession):
+                raise ConfigurationError("session must be an AsyncSession")
+            connection = await session.connection()
+        elif connection is not None and not isinstance(connection, AsyncConnection):
+            raise ConfigurationError("connection must be an AsyncConnection")
+        backend = self._ready()
+        return await backend.insert_many(new, connection)
+
+    # -- controlling ------------------------------------------------------------------------
+
+    async def _operate(
+        self,
+        task_id: object,
+        operation: Operation,
+        *,
+        force: bool = False,
+        group: str | None = None,
+    ) -> None:
+        task_id = _check_task_id(task_id)
+        backend = self._ready()
+        result = await backend.operate(task_id, operation, force=force, group=group)
+        worker = self._worker
+        if result.outcome.stop and worker is not None and result.owner == worker.node_id:
+            worker.stop_local(task_id, lost=result.outcome.state is None)
+
+    async def run_task(self, task_id: int) -> None:
+        """Queue an INIT, PAUSED or FAILED task (FAILED: a fresh series of attempts)."""
+        await self._operate(task_id, Operation.RUN)
+
+    async def pause_task(self, task_id: int) -> None:
+        """Pause a task; a running one is told to stop and becomes PAUSED once it has."""
+        await self._operate(task_id, Operation.PAUSE)
+
+    async def delete_task(self, task_id: int, *, force: bool = False) -> None:
+        """Delete a task. With a cleanup handler it goes through DELETING (a running task is
+        stopped first); ``force=True`` removes the row at once in every state."""
+        if not isinstance(force, bool):
+            raise ConfigurationError("force must be a bool")
+        await self._operate(task_id, Operation.DELETE, force=force)
+
+    async def change_task_group(self, task_id: int, group: str) -> None:
+        """Move a task to another group (queue); allowed in every state but DELETING."""
+        group = _check_group(group)
+        await self._operate(task_id, Operation.CHANGE_GROUP, group=group)
+
+    # -- querying ---------------------------------------------------------------------------
+
+    async def get_task(self, task_id: int) -> Task:
+        """A snapshot of one task; ``TaskNotFound`` when there is none."""
+        task_id = _check_task_id(task_id)
+        return await self._ready().get_task(task_id)
+
+    def _filter(  # noqa: PLR0917 - private, mirrors the public filters
+        self,
+        user: object,
+        group: object,
+        types: object,
+        states: object,
+        offset: object = 0,
+        limit: object = 100,
+    ) -> TaskFilter:
+        if limit is not None:
+            limit = _check_int("limit", limit, minimum=1)
+            if limit > MAX_PAGE_SIZE:
+                raise ConfigurationError(f"limit must be at most {MAX_PAGE_SIZE}, not {limit}")
+        return TaskFilter(
+            user=None if user is None else _check_text("user", user, allow_empty=True),
+            group=None if group is None else _check_group(group),
+            types=_check_types(types),
+            states=_check_states(states),
+            offset=_check_int("offset", offset, minimum=0),
+            limit=100 if limit is None else int(limit),
+        )
+
+    async def get_tasks(
+        self,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        types: Iterable[str] | None = None,
+        states: Iterable[State | str] | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Tasks matching every given filter, newest first. ``limit`` is 1 to 1000
+        (``limit=0`` is an error, never an empty page); page on with ``offset``."""
+        f = self._filter(user, group, types, states, offset, limit)
+        return await self._ready().get_tasks(f)
+
+    async def count_tasks(
+        self,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        types: Iterable[str] | None = None,
+        states: Iterable[State | str] | None = None,
+    ) -> int:
+        """How many tasks match the filters (the same filters as ``get_tasks``)."""
+        f = self._filter(user, group, types, states)
+        return await self._ready().count_tasks(f)
+
+    # -- groups and nodes -------------------------------------------------------------------
+
+    async def pause_group(self, group: str, *, stop_running: bool = False) -> None:
+        """Claim nothing more from ``group``; with ``stop_running=True`` also pause its running
+        tasks."""
+        group = _check_group(group)
+        backend = self._ready()
+        await backend.set_group(group, paused=True)
+        if stop_running:
+            results = await backend.pause_running_in_group(group)
+            worker = self._worker
+            if worker is not None:
+                for result in results:
+                    if result.owner == worker.node_id:
+                        for execution in list(worker.executions.values()):
+                            if execution.claimed.group == group:
+                                worker.stop_local(execution.task_id, lost=False)
+
+    async def resume_group(self, group: str) -> None:
+        """Claim from ``group`` again."""
+        await self._ready().set_group(_check_group(group), paused=False)
+
+    async def set_group_limits(
+        self,
+        group: str,
+        *,
+        max_running: int | None = None,
+        max_running_per_user: int | None = None,
+    ) -> None:
+        """Store cluster-wide limits for ``group`` (None: no limit); every node obeys them."""
+        group = _check_group(group)
+        if max_running is not None:
+            _check_int("max_running", max_running, minimum=1)
+        if max_running_per_user is not None:
+            _check_int("max_running_per_user", max_running_per_user, minimum=1)
+        await self._ready().set_group(
+            group, max_running=max_running, max_running_per_user=max_running_per_user
+        )
+
+    async def get_groups(self) -> list[Group]:
+        """Every group with tasks or settings, and its settings."""
+        return await self._ready().get_groups()
+
+    async def get_nodes(self) -> list[NodeInfo]:
+        """The registered (live, or not yet rescued) nodes."""
+        return await self._ready().get_nodes()

@@ -1,0 +1,195 @@
+"""``TaskRegistry``: task types by name, with their generator functions and options."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ._errors import ConfigurationError, DuplicateTaskType, UnknownTaskType
+from ._report import Report
+
+TaskGenerator = AsyncIterator[Report]
+TaskFunction = Callable[[str, asyncio.Event], TaskGenerator]
+
+
+class TaskObject(Protocol):
+    """A class-based task (the seed's ``ITask``): built fresh by its factory for each run."""
+
+    def running(self, context: str, stop: asyncio.Event) -> TaskGenerator: ...
+
+
+MAX_TYPE_NAME = 200
+
+
+def check_type_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ConfigurationError(f"task type must be a str, not {type(name).__name__}")
+    if not name.strip() or len(name) > MAX_TYPE_NAME:
+        raise ConfigurationError(f"task type must be 1 to {MAX_TYPE_NAME} characters, not blank")
+    return name
+
+
+def _check_generator_function(fn: object, what: str) -> None:
+    if not inspect.isasyncgenfunction(fn):
+        kind = "a plain coroutine function" if inspect.iscoroutinefunction(fn) else repr(fn)
+        raise ConfigurationError(
+            f"{what} must be an async generator function (an 'async def' that yields Report "
+            f"objects), not {kind}"
+        )
+
+
+def _positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
+
+
+@dataclass(slots=True)
+class TaskType:
+    """A registered task type. Use ``@task_type.deleting`` to add its cleanup handler."""
+
+    name: str
+    running_fn: TaskFunction | None = None
+    deleting_fn: TaskFunction | None = None
+    factory: Callable[[], Any] | None = None
+    max_attempts: int = 1
+    """How many times the task runs before it is FAILED for good (1: no retry)."""
+    stop_timeout: float = 30.0
+    """Seconds a task may take to honour ``stop`` before it is cancelled."""
+    timeout: float | None = None
+    """Seconds one attempt may run in all; then it is stopped and counts as failed."""
+    _frozen: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_type_name(self.name)
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise ConfigurationError(f"max_attempts must be an int, not {self.max_attempts!r}")
+        if self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        _positive("stop_timeout", self.stop_timeout)
+        _positive("timeout", self.timeout, allow_none=True)
+        if self.factory is not None:
+            if self.running_fn is not None or self.deleting_fn is not None:
+                raise ConfigurationError("give either a factory or running/deleting, not both")
+            if not callable(self.factory):
+                raise ConfigurationError("factory must be callable")
+            _check_generator_function(getattr(self.factory, "running", None), "factory.running")
+            cleanup = getattr(self.factory, "deleting", None)
+            if cleanup is not None:
+                _check_generator_function(cleanup, "factory.deleting")
+        else:
+            _check_generator_function(self.running_fn, f"task {self.name!r}")
+            if self.deleting_fn is not None:
+                _check_generator_function(self.deleting_fn, f"cleanup of {self.name!r}")
+
+    @property
+    def has_cleanup(self) -> bool:
+        if self.factory is not None:
+            return getattr(self.factory, "deleting", None) is not None
+        return self.deleting_fn is not None
+
+    def deleting(self, fn: TaskFunction) -> TaskFunction:
+        """Decorator: register ``fn`` as this type's cleanup handler (run when deleted)."""
+        if self.factory is not None:
+            raise ConfigurationError("a class-based task defines its cleanup as a method")
+        if self.deleting_fn is not None:
+            raise ConfigurationError(f"task {self.name!r} already has a cleanup handler")
+        _check_generator_function(fn, f"cleanup of {self.name!r}")
+        self.deleting_fn = fn
+        return fn
+
+    def start_running(self, context: str, stop: asyncio.Event) -> TaskGenerator:
+        if self.factory is not None:
+            return self.factory().running(context, stop)  # type: ignore[no-any-return]
+        assert self.running_fn is not None
+        return self.running_fn(context, stop)
+
+    def start_deleting(self, context: str, stop: asyncio.Event) -> TaskGenerator:
+        if self.factory is not None:
+            return self.factory().deleting(context, stop)  # type: ignore[no-any-return]
+        assert self.deleting_fn is not None
+        return self.deleting_fn(context, stop)
+
+
+class TaskRegistry:
+    """Task types by name. Share one registry between the nodes of an application."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, TaskType] = {}
+
+    def register_task(
+        self,
+        type: str,
+        running: TaskFunction | None = None,
+        deleting: TaskFunction | None = None,
+        *,
+        factory: Callable[[], Any] | None = None,
+        max_attempts: int = 1,
+        stop_timeout: float = 30.0,
+        timeout: float | None = None,
+    ) -> TaskType:
+        """Register a task type: ``running`` (and optional ``deleting``) async generator
+        functions, or a ``factory`` building an object with ``running``/``deleting`` methods."""
+        check_type_name(type)
+        if type in self._types:
+            raise DuplicateTaskType(type)
+        if factory is None and running is None:
+            raise ConfigurationError("register_task needs running= or factory=")
+        task_type = TaskType(
+            name=type,
+            running_fn=running,
+            deleting_fn=deleting,
+            factory=factory,
+            max_attempts=max_attempts,
+            stop_timeout=stop_timeout,
+            timeout=timeout,
+        )
+        self._types[type] = task_type
+        return task_type
+
+    def task(
+        self,
+        type: str,
+        *,
+        max_attempts: int = 1,
+        stop_timeout: float = 30.0,
+        timeout: float | None = None,
+    ) -> Callable[[TaskFunction], TaskType]:
+        """Decorator form of ``register_task``; the result has a ``.deleting`` decorator."""
+        check_type_name(type)
+
+        def decorate(fn: TaskFunction) -> TaskType:
+            return self.register_task(
+                type, fn, max_attempts=max_attempts, stop_timeout=stop_timeout, timeout=timeout
+            )
+
+        return decorate
+
+    def get(self, type: str) -> TaskType:
+        try:
+            return self._types[type]
+        except KeyError:
+            raise UnknownTaskType(type) from None
+
+    def __contains__(self, type: object) -> bool:
+        return type in self._types
+
+    def __iter__(self) -> Iterator[TaskType]:
+        return iter(self._types.values())
+
+    def __len__(self) -> int:
+        return len(self._types)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._types)

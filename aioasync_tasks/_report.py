@@ -1,0 +1,61 @@
+"""``Report``: what a task's generator yields to the runner (SPEC §3)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ._errors import ConfigurationError
+
+
+class Phase(enum.StrEnum):
+    """How far a task has got, as it says in a ``Report``."""
+
+    NORMAL = "normal"
+    """A checkpoint: the context is stored before the generator resumes."""
+    FINISHED = "finished"
+    """Done. The runner closes the generator."""
+    FAILED = "failed"
+    """Failed; retried while attempts are left. The runner closes the generator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One checkpoint or final word of a running task.
+
+    ``context`` None keeps the stored context. ``delete`` (terminal phases only) removes the
+    task's row instead of keeping it FINISHED or FAILED. ``error`` is the failure text.
+    """
+
+    context: str | None = None
+    phase: Phase = Phase.NORMAL
+    delete: bool = False
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.context is not None and not isinstance(self.context, str):
+            raise ConfigurationError(
+                f"Report context must be a str or None, not {type(self.context).__name__}"
+            )
+        if not isinstance(self.phase, Phase):
+            raise ConfigurationError(f"Report phase must be a Phase, not {self.phase!r}")
+        if self.delete and self.phase is Phase.NORMAL:
+            raise ConfigurationError("delete=True is only meaningful on a terminal report")
+        if self.error is not None and self.phase is not Phase.FAILED:
+            raise ConfigurationError("error is only meaningful on a failed report")
+
+    @classmethod
+    def finished(cls, context: str | None = None, *, delete: bool = False) -> Report:
+        """The task is done; ``delete=True`` removes its record."""
+        return cls(context=context, phase=Phase.FINISHED, delete=delete)
+
+    @classmethod
+    def failed(
+        cls, error: str = "failed", *, context: str | None = None, delete: bool = False
+    ) -> Report:
+        """The task failed with ``error``; it is retried while attempts are left."""
+        return cls(context=context, phase=Phase.FAILED, delete=delete, error=error)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase is not Phase.NORMAL

@@ -1,0 +1,235 @@
+"""Running one task's generator (or its cleanup handler) by the protocol of SPEC §3.
+
+An ``Execution`` owns the ``stop`` event handed to the generator and a deadline: the first stop
+request sets ``stop`` and arms the grace period (``stop_timeout``); when it runs out the
+generator is cancelled at its current ``await``. Each checkpoint goes through the committer and
+the generator resumes only once it is durable. The runner's last word is one ``Completion``,
+which the state rules turn into the next state; a lost task (rescued, force-deleted, fenced)
+writes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._backends._base import Claimed, Completion
+from ._committer import Committer
+from ._registry import TaskGenerator, TaskType
+from ._report import Phase, Report
+from ._states import Event
+from ._task import TaskInfo, _current
+
+
+class StopReason(enum.Enum):
+    USER = "stop requested"
+    SHUTDOWN = "node shutting down"
+    TIMEOUT = "timed out"
+    LOST = "ownership lost"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential back-off with full jitter: uniform in [0, min(cap, base·2^(attempt-1))]."""
+
+    base: float = 1.0
+    cap: float = 300.0
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        ceiling = min(self.cap, self.base * 2 ** max(attempt - 1, 0))
+        return float(ceiling * rng())
+
+
+class Execution:
+    """One run of a claimed task on this node."""
+
+    def __init__(
+        self,
+        claimed: Claimed,
+        task_type: TaskType,
+        *,
+        node_id: int,
+        cleanup: bool,
+        committer: Committer,
+        backoff: Backoff,
+        lease_valid: Callable[[], bool],
+        logger: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.claimed = claimed
+        self.task_type = task_type
+        self.node_id = node_id
+        self.cleanup = cleanup
+        self.stop = asyncio.Event()
+        self.reason: StopReason | None = None
+        self.claimed_at = time.monotonic()
+        self.done = asyncio.Event()
+        self._committer = committer
+        self._backoff = backoff
+        self._lease_valid = lease_valid
+        self._log = logger
+        self._deadline: asyncio.Timeout | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def task_id(self) -> int:
+        return self.claimed.id
+
+    @property
+    def lost(self) -> bool:
+        return self.reason is StopReason.LOST
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Set ``stop`` (once) and arm the grace period; LOST cancels the generator at once.
+
+        A later LOST overrides an earlier reason: nothing may be written for a lost task.
+        """
+        if reason is StopReason.LOST:
+            self.reason = reason
+            self.stop.set()
+            self._arm(0.0)
+            return
+        if self.stop.is_set():
+            return
+        self.reason = reason
+        self.stop.set()
+        self._log.info("stopping task (%s)", reason.value)
+        self._arm(self.task_type.stop_timeout)
+
+    def _arm(self, grace: float) -> None:
+        if self._deadline is not None and not self._deadline.expired():
+            when = asyncio.get_running_loop().time() + grace
+            current = self._deadline.when()
+            if current is None or when < current:
+                self._deadline.reschedule(when)
+
+    async def run(self) -> None:
+        info = TaskInfo(
+            id=self.claimed.id,
+            type=self.claimed.type,
+            user=self.claimed.user,
+            group=self.claimed.group,
+            attempt=self.claimed.attempts,
+            node=self.node_id,
+        )
+        token = _current.set(info)
+        try:
+            completion = await self._execute()
+            if completion is not None and not self.lost:
+                accepted = await self._committer.complete(self.node_id, completion)
+                if accepted:
+                    self._log.info("task %s", completion.event.value)
+                else:
+                    self._log.warning(
+                        "task's final write (%s) rejected: it is no longer owned by this node",
+                        completion.event.value,
+                    )
+        finally:
+            _current.reset(token)
+            if self._timer is not None:
+                self._timer.cancel()
+            self.done.set()
+
+    async def _execute(self) -> Completion | None:
+        start = self.task_type.start_deleting if self.cleanup else self.task_type.start_running
+        final: Report | None = None
+        error: str | None = None
+        cancelled = False
+        generator: TaskGenerator | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(None) as deadline:
+                self._deadline = deadline
+                if self.reason is not None:  # stopped before it started
+                    self._arm(0.0 if self.lost else self.task_type.stop_timeout)
+                if self.task_type.timeout is not None and not self.cleanup:
+                    self._timer = loop.call_later(
+                        self.task_type.timeout, self.request_stop, StopReason.TIMEOUT
+                    )
+                generator = start(self.claimed.context, self.stop)
+                final = await self._drive(generator)
+        except TimeoutError as exc:
+            if self._deadline is not None and self._deadline.expired():
+                cancelled = True
+                if not self.lost:
+                    self._log.warning("task ignored stop for its grace period: cancelled")
+            else:  # the task's own TimeoutError
+                error = "".join(traceback.format_exception(exc))
+        except Exception as exc:
+            error = "".join(traceback.format_exception(exc))
+            self._log.warning("task raised %s: %s", type(exc).__name__, exc)
+        finally:
+            if generator is not None:
+                await self._close(generator)
+        if self.lost:
+            return None
+        return self._completion(final, error, cancelled)
+
+    async def _drive(self, generator: TaskGenerator) -> Report | None:
+        """Iterate the generator; return its terminal report, or None when it returned."""
+        async for report in generator:
+            if not isinstance(report, Report):
+                raise TypeError(f"a task must yield Report objects, not {type(report).__name__}")
+            if report.terminal:
+                return report
+            if report.context is not None:
+                accepted = await self._committer.checkpoint(
+                    self.node_id, self.claimed.id, report.context
+                )
+                if not accepted:
+                    self._log.warning("checkpoint rejected: task no longer owned; stopping it")
+                    self.request_stop(StopReason.LOST)
+                    return None
+            if not self._lease_valid():
+                self.request_stop(StopReason.LOST)
+                return None
+            if self.lost:
+                return None
+        return None
+
+    async def _close(self, generator: TaskGenerator) -> None:
+        aclose = getattr(generator, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            await aclose()
+        except RuntimeError as exc:
+            # The generator yielded again after a terminal report or a stop: never applied.
+            self._log.error("task misbehaved while being closed: %s", exc)
+        except Exception as exc:
+            self._log.error("task raised while being closed: %r", exc)
+
+    def _completion(self, final: Report | None, error: str | None, cancelled: bool) -> Completion:
+        timed_out = self.reason is StopReason.TIMEOUT
+        if final is not None and final.phase is Phase.FINISHED:
+            event = Event.DISCARD if final.delete else Event.FINISHED
+            return self._finish(event, final.context, None)
+        if final is not None:  # Phase.FAILED
+            event = Event.DISCARD if final.delete else Event.FAILED
+            return self._finish(event, final.context, final.error)
+        if error is not None:
+            return self._finish(Event.FAILED, None, error)
+        if timed_out:
+            message = f"timed out after {self.task_type.timeout}s"
+            return self._finish(Event.FAILED, None, message)
+        if cancelled or self.stop.is_set():
+            return self._finish(Event.STOPPED, None, None)
+        return self._finish(Event.FINISHED, None, None)
+
+    def _finish(self, event: Event, context: str | None, error: str | None) -> Completion:
+        if self.cleanup:
+            event = {
+                Event.FINISHED: Event.CLEANUP_FINISHED,
+                Event.DISCARD: Event.CLEANUP_FINISHED,
+                Event.FAILED: Event.CLEANUP_FAILED,
+                Event.STOPPED: Event.NODE_LOST,  # shutdown: release the cleanup to any node
+            }[event]
+        delay = 0.0
+        if event in (Event.FAILED, Event.CLEANUP_FAILED):
+            delay = self._backoff.delay(self.claimed.attempts)
+        return Completion(self.claimed.id, event, context=context, error=error, delay=delay)

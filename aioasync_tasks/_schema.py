@@ -1,0 +1,138 @@
+"""The database schema as SQLAlchemy ``MetaData``, for applications' own Alembic history.
+
+The migration files in ``_migrations/<dialect>/`` create exactly these tables (a test checks it).
+Timestamps are ``timestamptz`` on PostgreSQL and seconds since the epoch (REAL) on SQLite, where
+comparing numbers is what the database can do fast; both read back as aware ``datetime``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+SCHEMA_VERSION = 1
+"""The newest migration this library knows."""
+
+TASKS = "aioasync_tasks"
+NODES = "aioasync_nodes"
+GROUPS = "aioasync_groups"
+VERSIONS = "aioasync_schema_version"
+
+
+class Timestamp(sa.types.TypeDecorator[datetime]):
+    """An aware UTC datetime: ``timestamptz`` on PostgreSQL, epoch seconds on SQLite."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.Double())
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return value.timestamp()
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value
+        return datetime.fromtimestamp(float(value), UTC)
+
+
+metadata = sa.MetaData()
+"""All tables of aioasync_tasks. Include it in your Alembic ``target_metadata`` if you manage
+the schema yourself (then call neither ``migrate()`` nor pass ``auto_migrate=True``)."""
+
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_PENDING = sa.text("state = 'pending'")
+_ACTIVE = sa.text("state IN ('running', 'canceling')")
+_DELETING = sa.text("state = 'deleting' AND node_id IS NULL")
+_OWNED = sa.text("node_id IS NOT NULL")
+
+
+def _partial(where: sa.TextClause) -> dict[str, Any]:
+    return {"postgresql_where": where, "sqlite_where": where}
+
+
+tasks_table = sa.Table(
+    TASKS,
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("user_name", sa.Text(), nullable=False),
+    sa.Column("group_name", sa.Text(), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("requested", sa.String(16), nullable=True),
+    sa.Column("context", sa.Text(), nullable=False),
+    sa.Column("priority", sa.Integer(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("max_attempts", sa.Integer(), nullable=False),
+    sa.Column("has_cleanup", sa.Boolean(), nullable=False),
+    sa.Column("handoff", sa.Boolean(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("node_id", _ID, nullable=True),
+    sa.Column("created_at", Timestamp(), nullable=False),
+    sa.Column("updated_at", Timestamp(), nullable=False),
+    sa.Column("started_at", Timestamp(), nullable=True),
+    sa.Column("done_at", Timestamp(), nullable=True),
+    sa.Column("run_at", Timestamp(), nullable=False),
+    sa.CheckConstraint(
+        "state IN ('init', 'pending', 'running', 'canceling', 'paused', 'finished', "
+        "'failed', 'deleting')",
+        name="aioasync_tasks_state_check",
+    ),
+    sa.CheckConstraint(
+        "(state = 'canceling') = (requested IS NOT NULL)", name="aioasync_tasks_requested_check"
+    ),
+    sa.Index("aioasync_tasks_ready_at_idx", "run_at", **_partial(_PENDING)),
+    sa.Index("aioasync_tasks_active_idx", "group_name", "user_name", **_partial(_ACTIVE)),
+    sa.Index("aioasync_tasks_deleting_idx", "run_at", **_partial(_DELETING)),
+    sa.Index("aioasync_tasks_owner_idx", "node_id", **_partial(_OWNED)),
+    sa.Index("aioasync_tasks_user_idx", "user_name", "id"),
+    sa.Index("aioasync_tasks_group_idx", "group_name", "id"),
+    sa.Index("aioasync_tasks_state_idx", "state", "id"),
+    sqlite_autoincrement=True,  # ids are never reused: stale writes cannot hit a newer task
+)
+sa.Index(
+    "aioasync_tasks_ready_idx",
+    tasks_table.c.handoff.desc(),
+    tasks_table.c.priority.desc(),
+    tasks_table.c.id,
+    **_partial(_PENDING),
+)
+
+nodes_table = sa.Table(
+    NODES,
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.Text(), nullable=False),
+    sa.Column("concurrency", sa.Integer(), nullable=False),
+    sa.Column("types", sa.Text(), nullable=False),
+    sa.Column("started_at", Timestamp(), nullable=False),
+    sa.Column("heartbeat_at", Timestamp(), nullable=False),
+    sqlite_autoincrement=True,  # a fenced node's old id never comes back for another node
+)
+
+groups_table = sa.Table(
+    GROUPS,
+    metadata,
+    sa.Column("name", sa.Text(), primary_key=True),
+    sa.Column("paused", sa.Boolean(), nullable=False),
+    sa.Column("max_running", sa.Integer(), nullable=True),
+    sa.Column("max_running_per_user", sa.Integer(), nullable=True),
+    sa.Column("updated_at", Timestamp(), nullable=False),
+)
+
+versions_table = sa.Table(
+    VERSIONS,
+    metadata,
+    sa.Column("version", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("applied_at", Timestamp(), nullable=False),
+)

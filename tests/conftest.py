@@ -1,0 +1,104 @@
+"""Shared fixtures: one database target per backend (SPEC §10).
+
+Fixtures
+--------
+``db``
+    Function-scoped, parametrised over ``sqlite`` and ``postgres`` (test ids ``[sqlite]`` and
+    ``[postgres]``); yields a :class:`_db.DbTarget`.  Tests marked ``postgres_only`` get only
+    the ``postgres`` parameter.  Fixtures that depend on ``db`` are parametrised too.
+``sqlite_db`` / ``pg_db``
+    The same, for one backend only.
+``pg_server``
+    Session-scoped :class:`_db.PgServer` (found or started once); skips when unavailable.
+
+SQLite targets are a fresh file under ``tmp_path``; PostgreSQL targets are a fresh schema
+``t_<12 hex>`` created before the test and dropped (CASCADE) after it.  Connect with::
+
+    engine = create_async_engine(db.url, connect_args=db.connect_args())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _db import (
+    DbTarget,
+    PgServer,
+    PgUnavailableError,
+    create_schema,
+    discover_postgres,
+    drop_schema,
+    new_schema_name,
+)
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "db" in names:
+            return  # the test chose its backends itself
+    if metafunc.definition.get_closest_marker("postgres_only") is not None:
+        backends: tuple[str, ...] = ("postgres",)
+    else:
+        backends = BACKENDS
+    metafunc.parametrize("db", backends, indirect=True, ids=list(backends))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """The session's PostgreSQL server; skips every PostgreSQL test with one reason if none."""
+    try:
+        server = discover_postgres()
+    except PgUnavailableError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _sqlite_target(tmp_path: Path) -> DbTarget:
+    return DbTarget(
+        backend="sqlite", url=f"sqlite+aiosqlite:///{tmp_path / 'tasks.db'}", schema=None
+    )
+
+
+def _pg_target(server: PgServer) -> Iterator[DbTarget]:
+    schema = new_schema_name()
+    create_schema(server.url, schema)
+    try:
+        yield DbTarget(backend="postgres", url=server.url, schema=schema)
+    finally:
+        drop_schema(server.url, schema)
+
+
+@pytest.fixture
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbTarget]:
+    """A fresh database on the backend named by the ``sqlite``/``postgres`` parameter."""
+    backend = getattr(request, "param", None)
+    if backend == "sqlite":
+        yield _sqlite_target(tmp_path)
+    elif backend == "postgres":
+        yield from _pg_target(request.getfixturevalue("pg_server"))
+    else:
+        raise pytest.UsageError(f"db fixture got unexpected backend {backend!r}")
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> DbTarget:
+    """A fresh SQLite database file under ``tmp_path``."""
+    return _sqlite_target(tmp_path)
+
+
+@pytest.fixture
+def pg_db(pg_server: PgServer) -> Iterator[DbTarget]:
+    """A fresh PostgreSQL schema; skipped when PostgreSQL is unavailable."""
+    yield from _pg_target(pg_server)
