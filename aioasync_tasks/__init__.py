@@ -22,7 +22,7 @@ from ._registry import TaskRegistry, TaskType
 from ._report import Phase, Report
 from ._schema import metadata
 from ._states import Operation, State, StopRequest
-from ._task import Task, TaskInfo, current_task
+from ._task import Task, TaskInfo, current_node, current_task
 
 __all__ = [
     "MAX_PAGE_SIZE",
@@ -48,6 +48,7 @@ __all__ = [
     "TaskRegistry",
     "TaskType",
     "UnknownTaskType",
+    "current_node",
     "current_task",
     "metadata",
 ]

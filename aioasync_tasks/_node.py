@@ -27,7 +27,7 @@ from ._logging import LOGGER_NAME
 from ._registry import TaskFunction, TaskRegistry, TaskType, check_type_name
 from ._runner import Backoff
 from ._states import Operation, State
-from ._task import Task
+from ._task import Task, _current_node
 from ._worker import Worker, WorkerConfig
 
 MAX_PAGE_SIZE = 1000
@@ -267,6 +267,7 @@ class Node:
             self._started = True
 
     async def _supervise(self, worker: Worker, ready: asyncio.Future[None]) -> None:
+        _current_node.set(self)  # inherited by every task the node runs
         async with anyio.create_task_group() as group:
             await group.start(worker.run)
             ready.set_result(None)

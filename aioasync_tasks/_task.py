@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from ._states import State, StopRequest
+
+if TYPE_CHECKING:
+    from ._node import Node
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +59,14 @@ _current: contextvars.ContextVar[TaskInfo | None] = contextvars.ContextVar(
 def current_task() -> TaskInfo | None:
     """The task whose generator (or cleanup handler) is running in this context, else None."""
     return _current.get()
+
+
+_current_node: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "aioasync_tasks_current_node", default=None
+)
+
+
+def current_node() -> Node | None:
+    """The ``Node`` running the current task (to create or control other tasks), else None."""
+    node: Node | None = _current_node.get()
+    return node
