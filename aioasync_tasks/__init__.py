@@ -20,6 +20,7 @@ from ._errors import (
 from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry, TaskType
 from ._report import Phase, Report
+from ._scheduling import FairShare, Fifo, SchedulingPolicy
 from ._schema import metadata
 from ._states import Operation, State, StopRequest
 from ._task import Task, TaskInfo, current_node, current_task
@@ -30,6 +31,8 @@ __all__ = [
     "ConfigurationError",
     "DatabaseError",
     "DuplicateTaskType",
+    "FairShare",
+    "Fifo",
     "Group",
     "InvalidTransition",
     "Node",
@@ -39,6 +42,7 @@ __all__ = [
     "Operation",
     "Phase",
     "Report",
+    "SchedulingPolicy",
     "SchemaError",
     "State",
     "StopRequest",

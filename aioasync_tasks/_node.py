@@ -26,6 +26,7 @@ from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
 from ._registry import TaskFunction, TaskRegistry, TaskType, check_type_name
 from ._runner import Backoff
+from ._scheduling import FairShare, SchedulingPolicy
 from ._states import Operation, State
 from ._task import Task, _current_node
 from ._worker import Worker, WorkerConfig
@@ -134,6 +135,16 @@ def _check_limit(limit: object) -> int | None:
     return value
 
 
+def _check_policy(policy: object) -> SchedulingPolicy:
+    if policy is None:
+        return FairShare()
+    if not isinstance(policy, SchedulingPolicy) or not isinstance(
+        getattr(policy, "order_by", None), str
+    ):
+        raise ConfigurationError("policy must be a SchedulingPolicy with an order_by")
+    return policy
+
+
 class Node:
     """A peer of the task system: creates, controls, queries and (unless ``concurrency=0``)
     runs tasks. Use ``async with Node(...) as node`` or ``await node.start()``/``stop()``.
@@ -154,6 +165,8 @@ class Node:
     - ``cleanup_attempts`` (3): tries of a cleanup handler before the task is FAILED.
     - ``max_context_bytes`` (1 MiB): the largest context accepted (UTF-8 bytes).
     - ``name`` (host:pid): shown in ``get_nodes()``.
+    - ``policy`` (``FairShare()``): the claim order; ``Fifo()`` or your own
+      ``SchedulingPolicy`` subclass.
     - ``logger``: the application's logger (default ``logging.getLogger("aioasync_tasks")``).
     """
 
@@ -174,6 +187,7 @@ class Node:
         cleanup_attempts: int = 3,
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
         name: str | None = None,
+        policy: SchedulingPolicy | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
@@ -211,6 +225,7 @@ class Node:
                 _check_seconds("retry_base", retry_base), _check_seconds("retry_cap", retry_cap)
             ),
             name=None if name is None else _check_text("name", name, allow_empty=False),
+            policy=_check_policy(policy),
         )
         self.max_context_bytes = _check_int("max_context_bytes", max_context_bytes, minimum=1)
         self.auto_migrate = bool(auto_migrate)

@@ -101,7 +101,10 @@ tasks_table = sa.Table(
     sqlite_autoincrement=True,  # ids are never reused: stale writes cannot hit a newer task
 )
 sa.Index(
-    "aioasync_tasks_ready_idx",
+    # The claim walks (group, user) queues of pending tasks in their queue order.
+    "aioasync_tasks_queue_idx",
+    tasks_table.c.group_name,
+    tasks_table.c.user_name,
     tasks_table.c.handoff.desc(),
     tasks_table.c.priority.desc(),
     tasks_table.c.id,

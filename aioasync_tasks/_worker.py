@@ -37,6 +37,7 @@ from ._errors import DatabaseError
 from ._logging import node_logger, task_logger
 from ._registry import TaskRegistry
 from ._runner import Backoff, Execution, StopReason
+from ._scheduling import SchedulingPolicy
 from ._states import ACTIVE_STATES, State
 
 LEASE_FRACTION = 0.75
@@ -52,6 +53,7 @@ class WorkerConfig:
     cleanup_attempts: int
     backoff: Backoff
     name: str | None
+    policy: SchedulingPolicy
 
 
 class Worker:
@@ -80,6 +82,7 @@ class Worker:
         self._fencing = False
         self._lease_deadline = 0.0
         self._lease_lost = False
+        self._next_due: float | None = None
         self.fenced = asyncio.Event()
         """Set each time the node found itself declared dead (for tests)."""
         self._types = registry.names
@@ -145,8 +148,10 @@ class Worker:
                     await self.claim_once()
                 except DatabaseError as exc:
                     self.log.warning("claim failed: %s", exc)
-                jitter = self.config.poll_interval * (0.9 + 0.2 * random.random())
-                with anyio.move_on_after(jitter):
+                wait = self.config.poll_interval * (0.9 + 0.2 * random.random())
+                if self._next_due is not None:
+                    wait = min(wait, self._next_due)
+                with anyio.move_on_after(wait):
                     await self._wake.wait()
 
     async def claim_once(self) -> int:
@@ -156,7 +161,10 @@ class Worker:
         running = sum(1 for e in self.executions.values() if not e.cleanup)
         cleaning = len(self.executions) - running
         node_id = self.node_id
-        claimed = await self.backend.claim(node_id, self._types, self.config.concurrency - running)
+        free = self.config.concurrency - running
+        result = await self.backend.claim(node_id, self._types, free, self.config.policy)
+        claimed = result.claimed
+        self._next_due = result.next_due
         cleanups = await self.backend.claim_cleanups(
             node_id, self._cleanup_types, self.config.cleanup_concurrency - cleaning
         )

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import DatabaseError, SchemaError, TaskNotFound
+from .._scheduling import SchedulingPolicy
 from .._schema import GROUPS, NODES, SCHEMA_VERSION, TASKS, VERSIONS, Timestamp
 from .._states import (
     Event,
@@ -74,6 +75,14 @@ class Claimed:
     context: str
     attempts: int
     max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claimed: list[Claimed]
+    next_due: float | None
+    """Seconds until the next delayed task of the claimed types is due (None: none, or the
+    claim was full and the claimer will look again anyway)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,21 +557,104 @@ class Backend:
         "id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority"
     )
 
-    async def claim(self, node_id: int, types: Sequence[str], limit: int) -> list[Claimed]:
-        """Claim up to ``limit`` due PENDING tasks of ``types`` for ``node_id`` (event CLAIM):
-        hand-offs first, then higher priority, then oldest. Paused groups are skipped."""
-        if limit <= 0 or not types:
-            return []
-        async with self.write() as conn:
-            result = await self._exec(
-                conn,
-                self._claim_statement(),
-                {"node": node_id, "types": list(types), "limit": limit},
-            )
-            rows = sorted(result, key=lambda r: (not r[7], -r[8], r[0]))
-        return [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+    async def claim(
+        self, node_id: int, types: Sequence[str], limit: int, policy: SchedulingPolicy
+    ) -> ClaimResult:
+        """Claim up to ``limit`` due PENDING tasks of ``types`` for ``node_id`` (event CLAIM), in
+        the ``policy``'s order, skipping paused groups and never exceeding group limits.
 
-    def _claim_statement(self) -> LiteralString:
+        Exactness of the limits: on PostgreSQL the claim first locks the rows of the groups
+        that have limits (``FOR UPDATE``, in name order), so claimers that could exceed one
+        run one after the other, and the claim statement's fresh snapshot (READ COMMITTED)
+        counts every task the previous claimer took. On SQLite the write lock does the same.
+        """
+        if limit <= 0 or not types:
+            return ClaimResult([], None)
+        params = {"node": node_id, "types": list(types), "limit": limit}
+        async with self.write() as conn:
+            await self._lock_limited_groups(conn)
+            result = await self._exec(conn, self._claim_statement(policy.order_by), params)
+            rows = sorted(result, key=lambda r: (not r[7], -r[8], r[0]))
+            next_due = None
+            if len(rows) < limit:
+                due = await self._exec(conn, self._next_due_statement(), {"types": list(types)})
+                next_due = due.scalar()
+        claimed = [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
+
+    async def _lock_limited_groups(self, conn: AsyncConnection) -> None:
+        """Dialect hook: serialise claimers of groups with limits (PostgreSQL)."""
+
+    def _seconds_until(self, column: LiteralString) -> LiteralString:
+        return column + " - " + self.now
+
+    def _next_due_statement(self) -> LiteralString:
+        return (
+            "SELECT " + self._seconds_until("min(run_at)") + " FROM {tasks}"
+            " WHERE state = 'pending' AND run_at > {now} AND " + self._in("type", ":types")
+        )
+
+    def _claim_statement(self, order_by: LiteralString) -> LiteralString:
+        types = self._in("type", ":types")
+        queue_order: LiteralString = "handoff DESC, priority DESC, id"
+        ready: LiteralString = "state = 'pending' AND run_at <= {now} AND " + types
+        return (
+            # Every (group, user) queue with pending tasks: a loose scan of the queue index.
+            "WITH RECURSIVE pairs(group_name, user_name) AS ("
+            " SELECT group_name, user_name FROM {tasks} WHERE id = (SELECT id FROM {tasks}"
+            " WHERE state = 'pending' ORDER BY group_name, user_name LIMIT 1)"
+            " UNION ALL SELECT n.group_name, n.user_name FROM pairs p JOIN {tasks} n"
+            " ON n.id = (SELECT id FROM {tasks} WHERE state = 'pending'"
+            " AND (group_name, user_name) > (p.group_name, p.user_name)"
+            " ORDER BY group_name, user_name LIMIT 1)),"
+            # What runs now, per queue and per group (all nodes).
+            " active AS (SELECT group_name, user_name, count(*) AS n FROM {tasks}"
+            " WHERE state IN ('running', 'canceling') GROUP BY group_name, user_name),"
+            " group_active AS (SELECT group_name, sum(n) AS n FROM active GROUP BY group_name),"
+            # Queues their group lets run: not paused, below both limits.
+            " open_pairs AS (SELECT p.group_name, p.user_name, COALESCE(a.n, 0) AS user_running,"
+            " g.max_running - COALESCE(ga.n, 0) AS group_room,"
+            " g.max_running_per_user - COALESCE(a.n, 0) AS user_room"
+            " FROM pairs p LEFT JOIN {groups} g ON g.name = p.group_name"
+            " LEFT JOIN active a ON a.group_name = p.group_name AND a.user_name = p.user_name"
+            " LEFT JOIN group_active ga ON ga.group_name = p.group_name"
+            " WHERE NOT COALESCE(g.paused, false)"
+            " AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))"
+            " AND (g.max_running_per_user IS NULL OR g.max_running_per_user > COALESCE(a.n, 0))),"
+            # Each open queue's first due task; the best `limit` queues hold the best tasks.
+            " heads AS (SELECT h.id, h.handoff, h.priority, h.run_at, h.group_name, h.user_name,"
+            " op.user_running, 1 AS user_rank FROM open_pairs op JOIN {tasks} h"
+            " ON h.id = (SELECT id FROM {tasks} WHERE " + ready + " AND group_name = op.group_name"
+            " AND user_name = op.user_name ORDER BY " + queue_order + " LIMIT 1)),"
+            " top_pairs AS (SELECT group_name, user_name FROM heads"
+            " ORDER BY " + order_by + " LIMIT :limit),"
+            # Up to `limit` due tasks of each of those queues, ranked within their queue.
+            " candidates AS (SELECT c.id, c.handoff, c.priority, c.run_at, c.group_name,"
+            " c.user_name, op.user_running, op.group_room, op.user_room,"
+            " row_number() OVER (PARTITION BY c.group_name, c.user_name"
+            " ORDER BY c.handoff DESC, c.priority DESC, c.id) AS user_rank"
+            " FROM top_pairs tp JOIN open_pairs op"
+            " ON op.group_name = tp.group_name AND op.user_name = tp.user_name "
+            + self._queue_tasks(ready, queue_order)
+            + "),"
+            # The limits, applied in policy order.
+            " allowed AS (SELECT id, handoff, priority, run_at, group_name, user_name,"
+            " user_running, user_rank, group_room,"
+            " row_number() OVER (PARTITION BY group_name ORDER BY " + order_by + ") AS group_rank"
+            " FROM candidates WHERE user_room IS NULL OR user_rank <= user_room),"
+            " chosen AS (SELECT id FROM allowed WHERE group_room IS NULL"
+            " OR group_rank <= group_room ORDER BY "
+            + order_by
+            + " LIMIT :limit) "
+            + self._claim_update()
+        )
+
+    def _queue_tasks(self, ready: LiteralString, queue_order: LiteralString) -> LiteralString:
+        """SQL joining each open queue ``op`` to its first ``:limit`` ready tasks as ``c``."""
+        raise NotImplementedError
+
+    def _claim_update(self) -> LiteralString:
+        """The UPDATE that takes the ``chosen`` rows (event CLAIM: PENDING → RUNNING)."""
         raise NotImplementedError
 
     async def claim_cleanups(self, node_id: int, types: Sequence[str], limit: int) -> list[Claimed]:
@@ -583,7 +675,8 @@ class Backend:
 
     async def checkpoint(self, node_id: int, contexts: dict[int, str]) -> set[int]:
         """Store checkpoints of tasks this node runs; returns the ids whose write was accepted
-        (rows still owned by ``node_id`` and running). One statement per batch."""
+        (rows still owned by ``node_id``: running, canceling, or deleting for a cleanup handler).
+        One statement per batch."""
         if not contexts:
             return set()
         async with self.write() as conn:

@@ -77,15 +77,32 @@ class PostgresBackend(Backend):
         # Ids come from the sequence in the order the rows are inserted (ORDER BY ord).
         return sorted(row[0] for row in result)
 
-    def _claim_statement(self) -> LiteralString:
+    async def _lock_limited_groups(self, conn: AsyncConnection) -> None:
+        await self._exec(
+            conn,
+            "SELECT name FROM {groups} WHERE max_running IS NOT NULL"
+            " OR max_running_per_user IS NOT NULL ORDER BY name FOR UPDATE",
+        )
+
+    def _seconds_until(self, column: LiteralString) -> LiteralString:
+        return "EXTRACT(EPOCH FROM (" + column + " - " + self.now + "))"
+
+    def _queue_tasks(self, ready: LiteralString, queue_order: LiteralString) -> LiteralString:
+        return (
+            "CROSS JOIN LATERAL (SELECT id, handoff, priority, run_at, group_name, user_name"
+            " FROM {tasks} WHERE " + ready + " AND group_name = op.group_name"
+            " AND user_name = op.user_name ORDER BY " + queue_order + " LIMIT :limit) c"
+        )
+
+    def _claim_update(self) -> LiteralString:
+        # The state is checked again under the row lock: a row another node claimed since
+        # this statement's snapshot is skipped, not claimed twice.
         return (
             "UPDATE {tasks} t SET state = 'running', node_id = :node, attempts = t.attempts + 1,"
             " handoff = false, started_at = COALESCE(t.started_at, {now}), updated_at = {now}"
-            " FROM (SELECT id FROM {tasks} WHERE state = 'pending' AND run_at <= {now}"
-            " AND type = ANY(:types)"
-            " AND group_name NOT IN (SELECT name FROM {groups} WHERE paused)"
-            " ORDER BY handoff DESC, priority DESC, id LIMIT :limit FOR UPDATE SKIP LOCKED) c"
-            " WHERE t.id = c.id" + _RETURN_CLAIMED
+            " FROM (SELECT id FROM {tasks} WHERE id IN (SELECT id FROM chosen)"
+            " AND state = 'pending' FOR UPDATE SKIP LOCKED) k"
+            " WHERE t.id = k.id" + _RETURN_CLAIMED
         )
 
     def _cleanup_claim_statement(self) -> LiteralString:
@@ -104,7 +121,8 @@ class PostgresBackend(Backend):
             conn,
             "UPDATE {tasks} t SET context = v.context, updated_at = {now}"
             " FROM unnest(CAST(:ids AS bigint[]), CAST(:contexts AS text[])) AS v(id, context)"
-            " WHERE t.id = v.id AND t.node_id = :node AND t.state IN ('running', 'canceling')"
+            " WHERE t.id = v.id AND t.node_id = :node"
+            " AND t.state IN ('running', 'canceling', 'deleting')"
             " RETURNING t.id",
             {"ids": list(contexts), "contexts": list(contexts.values()), "node": node_id},
         )

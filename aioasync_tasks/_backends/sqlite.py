@@ -58,13 +58,21 @@ class SqliteBackend(Backend):
     def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
         return column + " IN " + param
 
-    def _claim_statement(self) -> LiteralString:
+    def _queue_tasks(self, ready: LiteralString, queue_order: LiteralString) -> LiteralString:
+        # No LATERAL in SQLite: a correlated `id IN (… LIMIT n)` looks the rows up by id.
+        return (
+            "JOIN {tasks} c ON c.id IN (SELECT id FROM {tasks} WHERE "
+            + ready
+            + " AND group_name = op.group_name AND user_name = op.user_name"
+            " ORDER BY " + queue_order + " LIMIT :limit)"
+        )
+
+    def _claim_update(self) -> LiteralString:
+        # The write lock is held from BEGIN IMMEDIATE: no other claimer can interleave.
         return (
             "UPDATE {tasks} SET state = 'running', node_id = :node, attempts = attempts + 1,"
             " handoff = false, started_at = COALESCE(started_at, {now}), updated_at = {now}"
-            " WHERE id IN (SELECT id FROM {tasks} WHERE state = 'pending' AND run_at <= {now}"
-            " AND type IN :types AND group_name NOT IN (SELECT name FROM {groups} WHERE paused)"
-            " ORDER BY handoff DESC, priority DESC, id LIMIT :limit)" + _RETURN_CLAIMED
+            " WHERE id IN (SELECT id FROM chosen)" + _RETURN_CLAIMED
         )
 
     def _cleanup_claim_statement(self) -> LiteralString:
@@ -83,7 +91,8 @@ class SqliteBackend(Backend):
             result = await self._exec(
                 conn,
                 "UPDATE {tasks} SET context = :context, updated_at = {now} WHERE id = :id"
-                " AND node_id = :node AND state IN ('running', 'canceling') RETURNING id",
+                " AND node_id = :node AND state IN ('running', 'canceling', 'deleting')"
+                " RETURNING id",
                 {"id": task_id, "context": context, "node": node_id},
             )
             if result.first() is not None:

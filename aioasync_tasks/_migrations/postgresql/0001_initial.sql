@@ -58,9 +58,9 @@ CREATE INDEX aioasync_tasks_group_idx ON aioasync_tasks (group_name, id);
 
 CREATE INDEX aioasync_tasks_owner_idx ON aioasync_tasks (node_id) WHERE node_id IS NOT NULL;
 
-CREATE INDEX aioasync_tasks_ready_at_idx ON aioasync_tasks (run_at) WHERE state = 'pending';
+CREATE INDEX aioasync_tasks_queue_idx ON aioasync_tasks (group_name, user_name, handoff DESC, priority DESC, id) WHERE state = 'pending';
 
-CREATE INDEX aioasync_tasks_ready_idx ON aioasync_tasks (handoff DESC, priority DESC, id) WHERE state = 'pending';
+CREATE INDEX aioasync_tasks_ready_at_idx ON aioasync_tasks (run_at) WHERE state = 'pending';
 
 CREATE INDEX aioasync_tasks_state_idx ON aioasync_tasks (state, id);
 
