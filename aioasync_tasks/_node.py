@@ -236,6 +236,8 @@ class Node:
         self._lifecycle = asyncio.Lock()
         self._started = False
         self._stopped = False
+        self._stop_deadline: asyncio.Timeout | None = None
+        """The bound of a stop in progress, which a later ``stop(timeout=…)`` can shorten."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -293,8 +295,15 @@ class Node:
         PENDING for any node, and the node deregisters. Idempotent.
 
         ``timeout`` bounds the whole stop; when it runs out the remaining tasks are cancelled
-        and released as a lost node's would be.
+        and released as a lost node's would be. Called while a stop is in progress, a shorter
+        ``timeout`` shortens it (a second Ctrl-C), and the call returns when it is done.
         """
+        deadline = self._stop_deadline
+        if deadline is not None and timeout is not None and not deadline.expired():
+            when = asyncio.get_running_loop().time() + timeout
+            current = deadline.when()
+            if current is None or when < current:
+                deadline.reschedule(when)
         async with self._lifecycle:
             if self._stopped:
                 return
@@ -303,11 +312,14 @@ class Node:
             if supervisor is not None and worker is not None:
                 worker.shutdown()
                 try:
-                    await asyncio.wait_for(asyncio.shield(supervisor), timeout)
+                    async with asyncio.timeout(timeout) as self._stop_deadline:
+                        await asyncio.shield(supervisor)
                 except TimeoutError:
                     self._logger.warning("stop timed out; cancelling the remaining tasks")
                     supervisor.cancel()
                     await asyncio.gather(supervisor, return_exceptions=True)
+                finally:
+                    self._stop_deadline = None
             if self._owns_engine:
                 await self._engine.dispose()
 
@@ -459,7 +471,14 @@ class Node:
         elif connection is not None and not isinstance(connection, AsyncConnection):
             raise ConfigurationError("connection must be an AsyncConnection")
         backend = self._ready()
-        return await backend.insert_many(new, connection)
+        ids = await backend.insert_many(new, connection)
+        self._wake_local()
+        return ids
+
+    def _wake_local(self) -> None:
+        """Let this node's own claimer look at once (other nodes hear a NOTIFY, or poll)."""
+        if self._worker is not None:
+            self._worker.wake()
 
     # -- controlling ------------------------------------------------------------------------
 
@@ -474,6 +493,8 @@ class Node:
         task_id = _check_task_id(task_id)
         backend = self._ready()
         result = await backend.operate(task_id, operation, force=force, group=group)
+        if result.outcome.changed:
+            self._wake_local()
         worker = self._worker
         if result.outcome.stop and worker is not None and result.owner == worker.node_id:
             worker.stop_local(task_id, lost=result.outcome.state is None)
@@ -563,18 +584,15 @@ class Node:
         backend = self._ready()
         await backend.set_group(group, paused=True)
         if stop_running:
-            results = await backend.pause_running_in_group(group)
             worker = self._worker
-            if worker is not None:
-                for result in results:
-                    if result.owner == worker.node_id:
-                        for execution in list(worker.executions.values()):
-                            if execution.claimed.group == group:
-                                worker.stop_local(execution.task_id, lost=False)
+            for task_id, result in await backend.pause_running_in_group(group):
+                if worker is not None and result.owner == worker.node_id:
+                    worker.stop_local(task_id, lost=False)
 
     async def resume_group(self, group: str) -> None:
         """Claim from ``group`` again."""
         await self._ready().set_group(_check_group(group), paused=False)
+        self._wake_local()
 
     async def set_group_limits(
         self,
@@ -592,6 +610,7 @@ class Node:
         await self._ready().set_group(
             group, max_running=max_running, max_running_per_user=max_running_per_user
         )
+        self._wake_local()
 
     async def get_groups(self) -> list[Group]:
         """Every group with tasks or settings, and its settings."""

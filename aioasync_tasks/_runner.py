@@ -142,19 +142,25 @@ class Execution:
         cancelled = False
         generator: TaskGenerator | None = None
         loop = asyncio.get_running_loop()
+        deadline: asyncio.Timeout | None = None
         try:
             async with asyncio.timeout(None) as deadline:
                 self._deadline = deadline
-                if self.reason is not None:  # stopped before it started
-                    self._arm(0.0 if self.lost else self.task_type.stop_timeout)
-                if self.task_type.timeout is not None and not self.cleanup:
-                    self._timer = loop.call_later(
-                        self.task_type.timeout, self.request_stop, StopReason.TIMEOUT
-                    )
-                generator = start(self.claimed.context, self.stop)
-                final = await self._drive(generator)
+                try:
+                    if self.reason is not None:  # stopped before it started
+                        self._arm(0.0 if self.lost else self.task_type.stop_timeout)
+                    if self.task_type.timeout is not None and not self.cleanup:
+                        self._timer = loop.call_later(
+                            self.task_type.timeout, self.request_stop, StopReason.TIMEOUT
+                        )
+                    generator = start(self.claimed.context, self.stop)
+                    final = await self._drive(generator)
+                finally:
+                    # A stop request arriving later (while the completion is written) must
+                    # not reschedule a finished Timeout: that raises RuntimeError.
+                    self._deadline = None
         except TimeoutError as exc:
-            if self._deadline is not None and self._deadline.expired():
+            if deadline is not None and deadline.expired():
                 cancelled = True
                 if not self.lost:
                     self._log.warning("task ignored stop for its grace period: cancelled")

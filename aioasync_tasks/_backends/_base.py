@@ -21,6 +21,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, LiteralString
 
+import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -888,7 +889,7 @@ class Backend:
                     " WHERE name = :name",
                     params,
                 )
-            if fields.get("paused") is False:
+            if not values["paused"]:  # resumed, or limits changed: there may be room now
                 await self._notify(conn, "wake")
         return Group(
             name, bool(values["paused"]), values["max_running"], values["max_running_per_user"]
@@ -905,7 +906,7 @@ class Backend:
             )
             return [Group(r[0], bool(r[1]), r[2], r[3]) for r in result]
 
-    async def pause_running_in_group(self, group: str) -> list[OperationResult]:
+    async def pause_running_in_group(self, group: str) -> list[tuple[int, OperationResult]]:
         """Pause every RUNNING task of ``group`` (for ``pause_group(stop_running=True)``)."""
         async with self.read() as conn:
             result = await self._exec(
@@ -917,21 +918,36 @@ class Backend:
         results = []
         for task_id in ids:
             try:
-                results.append(await self.operate(task_id, Operation.PAUSE))
+                results.append((task_id, await self.operate(task_id, Operation.PAUSE)))
             except (TaskNotFound, SQLAlchemyError):
                 continue
         return results
 
 
 class _Transaction:
-    """``async with backend.write() as conn``: one transaction, committed on success."""
+    """``async with backend.write() as conn``: one transaction, committed on success.
+
+    The transaction is shielded from cancellation, which is delivered when it is over: a
+    statement cancelled in flight makes SQLAlchemy terminate the connection, and with aiosqlite
+    that leaves a close task behind that never ends and hangs the event loop's shutdown.
+    Transactions are short, so a node stopping (or a cancelled caller) waits for at most one.
+    """
 
     def __init__(self, backend: Backend, *, write: bool) -> None:
         self._backend = backend
         self._write = write
         self._conn: AsyncConnection | None = None
+        self._shield = anyio.CancelScope(shield=True)
 
     async def __aenter__(self) -> AsyncConnection:
+        self._shield.__enter__()
+        try:
+            return await self._begin()
+        except BaseException as exc:
+            self._shield.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def _begin(self) -> AsyncConnection:
         try:
             conn = await self._backend.engine.connect()
         except DBAPIError as exc:
@@ -960,7 +976,10 @@ class _Transaction:
             else:
                 await conn.rollback()
         finally:
-            await conn.close()
+            try:
+                await conn.close()
+            finally:
+                self._shield.__exit__(None, None, None)
 
 
 def _split_sql(sql: str) -> list[str]:

@@ -1,0 +1,10 @@
+"""``python -m aioasync_tasks``: the command line (see ``_cli``)."""
+
+import sys
+
+from ._cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

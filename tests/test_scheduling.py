@@ -1,0 +1,299 @@
+"""Scheduling (SPEC §5): priority, delays, retries with back-off, fair share across users,
+group limits, paused groups and pluggable policies — in-process, on both backends.
+
+The cluster-wide limits under concurrent claims from several processes are tested in
+``test_limits_multiprocess.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from _db import DbTarget
+from _helpers import make_node, raw_engine, wait_for
+
+from aioasync_tasks import (
+    Fifo,
+    Report,
+    SchedulingPolicy,
+    State,
+    TaskRegistry,
+    current_task,
+)
+from aioasync_tasks._runner import Backoff
+
+
+class Recorder:
+    """A task type that records the order tasks start in and waits until released."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.release = asyncio.Event()
+        self.registry = TaskRegistry()
+        self.registry.register_task("job", self.job)
+
+    async def job(self, context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        info = current_task()
+        assert info is not None
+        self.started.append(info.id)
+        release = asyncio.ensure_future(self.release.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([release, stopped], return_when=asyncio.FIRST_COMPLETED)
+        release.cancel()
+        stopped.cancel()
+        if not stop.is_set():
+            yield Report.finished()
+
+
+async def _create_all(
+    db: DbTarget, recorder: Recorder, items: list[dict[str, object]]
+) -> list[int]:
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        return await client.create_tasks(items)
+
+
+async def test_fair_share_serves_a_small_user_before_a_big_backlog(db: DbTarget) -> None:
+    """User A creates 1,000 tasks, then user B 10: all of B's start before A's 50th."""
+    recorder = Recorder()
+    recorder.release.set()  # tasks finish at once: the node keeps claiming
+    a_ids = await _create_all(db, recorder, [{"type": "job", "user": "a"}] * 1000)
+    b_ids = await _create_all(db, recorder, [{"type": "job", "user": "b"}] * 10)
+    async with make_node(db, recorder.registry, concurrency=4) as node:
+        await wait_for(lambda: set(b_ids) <= set(recorder.started), what="all of B's tasks started")
+        last_b = max(recorder.started.index(i) for i in b_ids)
+        a_first = [i for i in recorder.started[:last_b] if i in set(a_ids)]
+        assert len(a_first) < 50, f"{len(a_first)} of A's tasks started before B's last"
+        await node.pause_group("default")
+
+
+async def test_fifo_policy_serves_the_backlog_in_order(db: DbTarget) -> None:
+    """The same workload under Fifo: A's older tasks go first (the policy is what decides)."""
+    recorder = Recorder()
+    recorder.release.set()
+    a_ids = await _create_all(db, recorder, [{"type": "job", "user": "a"}] * 30)
+    b_ids = await _create_all(db, recorder, [{"type": "job", "user": "b"}] * 3)
+    async with make_node(db, recorder.registry, concurrency=1, policy=Fifo()):
+        await wait_for(lambda: set(b_ids) <= set(recorder.started), what="B's tasks started")
+    assert recorder.started[:30] == a_ids
+
+
+async def test_priority_goes_first_then_oldest(db: DbTarget) -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    ids = await _create_all(
+        db,
+        recorder,
+        [
+            {"type": "job", "priority": 0},
+            {"type": "job", "priority": 5},
+            {"type": "job", "priority": -1},
+            {"type": "job", "priority": 5},
+            {"type": "job", "priority": 1},
+        ],
+    )
+    async with make_node(db, recorder.registry, concurrency=1):
+        await wait_for(lambda: len(recorder.started) == 5, what="all tasks started")
+    assert recorder.started == [ids[1], ids[3], ids[4], ids[0], ids[2]]
+
+
+class VipFirst(SchedulingPolicy):
+    """The documented custom policy: users named vip-* before everyone, then fair share."""
+
+    order_by = (
+        "CASE WHEN user_name LIKE 'vip-%' THEN 0 ELSE 1 END,"
+        " handoff DESC, priority DESC, user_running + user_rank, id"
+    )
+
+
+async def test_custom_policy_changes_the_claim_order(db: DbTarget) -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    plain = await _create_all(db, recorder, [{"type": "job", "user": "joe", "priority": 9}] * 3)
+    vip = await _create_all(db, recorder, [{"type": "job", "user": "vip-ann"}] * 3)
+    async with make_node(db, recorder.registry, concurrency=1, policy=VipFirst()):
+        await wait_for(lambda: len(recorder.started) == 6, what="all tasks started")
+    assert recorder.started == vip + plain
+
+
+async def test_run_at_is_never_early_and_wakes_the_node_when_due(db: DbTarget) -> None:
+    """A delayed task starts at its due time (database clock) even with a long poll interval:
+    the claimer sleeps until the next due time, not until the next poll."""
+    recorder = Recorder()
+    recorder.release.set()
+    async with make_node(db, recorder.registry, concurrency=2, poll_interval=600.0) as node:
+        await node.create_task("job")  # the claimer runs once and goes idle
+        await wait_for(lambda: len(recorder.started) == 1, what="the first task")
+        run_at = datetime.now(UTC) + timedelta(seconds=0.5)
+        delayed = await node.create_task("job", run_at=run_at)
+        await wait_for(lambda: delayed in recorder.started, what="the delayed task")
+        task = await node.get_task(delayed)
+        assert task.started_at is not None
+        assert task.started_at >= task.run_at
+
+
+async def test_paused_group_is_not_claimed_until_resumed(db: DbTarget) -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    async with make_node(db, recorder.registry, concurrency=2) as node:
+        await node.pause_group("batch")
+        held = await node.create_task("job", group="batch")
+        free = await node.create_task("job", group="other")
+        await wait_for(lambda: free in recorder.started, what="the other group's task")
+        assert node._worker is not None
+        assert await node._worker.claim_once() == 0
+        assert (await node.get_task(held)).state is State.PENDING
+        groups = {g.name: g for g in await node.get_groups()}
+        assert groups["batch"].paused
+        await node.resume_group("batch")
+        await wait_for(lambda: held in recorder.started, what="the resumed group's task")
+
+
+async def test_pause_group_with_stop_running_pauses_its_running_tasks(db: DbTarget) -> None:
+    recorder = Recorder()
+    async with make_node(db, recorder.registry, concurrency=3) as node:
+        ids = [await node.create_task("job", group="g") for _ in range(2)]
+        other = await node.create_task("job", group="h")
+        await wait_for(lambda: len(recorder.started) == 3, what="three running tasks")
+        await node.pause_group("g", stop_running=True)
+
+        async def paused() -> bool:
+            return all([(await node.get_task(i)).state is State.PAUSED for i in ids])
+
+        await wait_for(paused, what="the group's tasks paused")
+        assert (await node.get_task(other)).state is State.RUNNING
+        recorder.release.set()
+
+
+async def test_group_limits_cap_running_tasks_per_group_and_per_user(db: DbTarget) -> None:
+    recorder = Recorder()
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        await client.set_group_limits("capped", max_running=3)
+        await client.set_group_limits("per-user", max_running_per_user=2)
+        capped = await client.create_tasks([{"type": "job", "group": "capped"}] * 6)
+        per_user = await client.create_tasks(
+            [{"type": "job", "group": "per-user", "user": u} for u in "xxxxyyy"]
+        )
+    async with make_node(db, recorder.registry, concurrency=20) as node:
+        await wait_for(lambda: len(recorder.started) == 3 + 4, what="the limits to fill")
+        assert node._worker is not None
+        assert await node._worker.claim_once() == 0  # nothing more fits
+        running = set(recorder.started)
+        assert len(running & set(capped)) == 3
+        by_user = [i for i in per_user if i in running]
+        assert len([i for i in by_user if i in per_user[:4]]) == 2
+        assert len([i for i in by_user if i in per_user[4:]]) == 2
+        groups = {g.name: g for g in await node.get_groups()}
+        assert groups["capped"].max_running == 3
+        assert groups["per-user"].max_running_per_user == 2
+        # Lifting a limit lets the rest run.
+        await node.set_group_limits("capped", max_running=None)
+        await wait_for(lambda: set(capped) <= set(recorder.started), what="the capped rest")
+        recorder.release.set()
+
+
+async def test_moved_pending_task_obeys_its_new_groups_limit(db: DbTarget) -> None:
+    recorder = Recorder()
+    async with make_node(db, recorder.registry, concurrency=10) as node:
+        await node.set_group_limits("narrow", max_running=1)
+        first = await node.create_task("job", group="narrow")
+        await wait_for(lambda: first in recorder.started, what="the first task")
+        await node.pause_group("wide")
+        moved = await node.create_task("job", group="wide")
+        await node.change_task_group(moved, "narrow")
+        assert node._worker is not None
+        assert await node._worker.claim_once() == 0
+        assert (await node.get_task(moved)).group == "narrow"
+        recorder.release.set()
+        await wait_for(lambda: moved in recorder.started, what="the moved task, after the first")
+
+
+def test_backoff_is_full_jitter_bounded_by_the_cap() -> None:
+    backoff = Backoff(base=2.0, cap=10.0)
+    assert backoff.delay(1, rng=lambda: 0.0) == 0.0
+    assert backoff.delay(1, rng=lambda: 1.0) == 2.0
+    assert backoff.delay(2, rng=lambda: 1.0) == 4.0
+    assert backoff.delay(3, rng=lambda: 0.5) == 4.0
+    assert backoff.delay(10, rng=lambda: 1.0) == 10.0
+
+
+@pytest.mark.parametrize("attempts", [3])
+async def test_retries_keep_the_error_and_back_off_within_bounds(
+    db: DbTarget, attempts: int
+) -> None:
+    """Each failed attempt is delayed by at most the back-off ceiling (checked on the database
+    clock: run_at against updated_at of the same write), and the last error is kept."""
+    registry = TaskRegistry()
+    seen: list[int] = []
+
+    @registry.task("flaky", max_attempts=attempts)
+    async def flaky(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        info = current_task()
+        assert info is not None
+        seen.append(info.attempt)
+        yield Report.failed(f"attempt {info.attempt} failed")
+
+    engine = raw_engine(db)
+    base, cap = 0.2, 0.3
+    try:
+        async with make_node(db, registry, retry_base=base, retry_cap=cap) as node:
+            task_id = await node.create_task("flaky")
+            delays: list[float] = []
+
+            async def sample() -> bool:
+                async with engine.connect() as conn:
+                    row = (
+                        await conn.execute(
+                            sa.text(
+                                "SELECT state, attempts, run_at, updated_at FROM aioasync_tasks"
+                                " WHERE id = :id"
+                            ),
+                            {"id": task_id},
+                        )
+                    ).one()
+                if row[0] == "pending" and row[1] > 0:
+                    delay = _seconds(row[2]) - _seconds(row[3])
+                    if not delays or delays[-1] != delay:
+                        delays.append(delay)
+                return row[0] == "failed"
+
+            await wait_for(sample, interval=0.005, what="the task to fail for good")
+            task = await node.get_task(task_id)
+    finally:
+        await engine.dispose()
+    assert seen == [1, 2, 3]
+    assert task.attempts == attempts
+    assert task.error == f"attempt {attempts} failed"
+    for delay in delays:
+        assert -0.002 <= delay <= cap + 0.002, delays
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    assert isinstance(value, float | int)
+    return float(value)
+
+
+async def test_per_task_max_attempts_overrides_the_type(db: DbTarget) -> None:
+    registry = TaskRegistry()
+
+    @registry.task("fails", max_attempts=5)
+    async def fails(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report.failed("no")
+
+    async with make_node(db, registry) as node:
+        task_id = await node.create_task("fails", max_attempts=2)
+
+        async def failed() -> bool:
+            return (await node.get_task(task_id)).state is State.FAILED
+
+        await wait_for(failed, what="FAILED")
+        task = await node.get_task(task_id)
+        assert (task.attempts, task.max_attempts) == (2, 2)
+        await node.run_task(task_id)  # a fresh series
+        await wait_for(failed, what="FAILED again")
+        assert (await node.get_task(task_id)).attempts == 2
