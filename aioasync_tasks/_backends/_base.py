@@ -213,6 +213,8 @@ class Backend:
     lock_rows: LiteralString = ""
     """Appended to row-locking SELECTs (``FOR UPDATE`` on PostgreSQL)."""
     skip_locked: LiteralString = ""
+    share_lock: LiteralString = ""
+    """Appended to a SELECT that must keep the row from being deleted until commit."""
 
     def _qualify(self, table: str) -> str:
         return table
@@ -435,7 +437,12 @@ class Backend:
         if f.types is not None:
             clauses.append(self._in("type", ":types"))
             params["types"] = list(f.types)
-        if f.states is not None:
+        if f.states is not None and len(f.states) == 1:
+            # "state = x", not "state = ANY([x])": only an equality lets PostgreSQL read the
+            # (state, id) index in id order for ORDER BY id DESC LIMIT (SAOP scans are unordered).
+            clauses.append("state = :state")
+            params["state"] = f.states[0].value
+        elif f.states is not None:
             clauses.append(self._in("state", ":states"))
             params["states"] = [s.value for s in f.states]
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
@@ -493,6 +500,8 @@ class Backend:
             if not o.changed and w.group is None:
                 continue
             attempts = 0 if o.reset_attempts else w.row.attempts
+            if w.handoff:
+                attempts -= 1  # a graceful hand-off is not a failed attempt: restarts are invisible
             updates.append(
                 {
                     "id": w.row.id,
@@ -573,6 +582,8 @@ class Backend:
             return ClaimResult([], None)
         params = {"node": node_id, "types": list(types), "limit": limit}
         async with self.write() as conn:
+            if not await self._node_registered(conn, node_id):
+                return ClaimResult([], None)
             await self._lock_limited_groups(conn)
             result = await self._exec(conn, self._claim_statement(policy.order_by), params)
             rows = sorted(result, key=lambda r: (not r[7], -r[8], r[0]))
@@ -582,6 +593,17 @@ class Backend:
                 next_due = due.scalar()
         claimed = [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
         return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
+
+    async def _node_registered(self, conn: AsyncConnection, node_id: int) -> bool:
+        """Whether the node's row still exists, kept (share lock) until the claim commits.
+
+        Fencing: a node another node has declared dead (its row deleted and its tasks released)
+        claims nothing more under its old id, even before its own heartbeat tells it so.
+        """
+        result = await self._exec(
+            conn, "SELECT id FROM {nodes} WHERE id = :id" + self.share_lock, {"id": node_id}
+        )
+        return result.first() is not None
 
     async def _lock_limited_groups(self, conn: AsyncConnection) -> None:
         """Dialect hook: serialise claimers of groups with limits (PostgreSQL)."""
@@ -663,6 +685,8 @@ class Backend:
         if limit <= 0 or not types:
             return []
         async with self.write() as conn:
+            if not await self._node_registered(conn, node_id):
+                return []
             result = await self._exec(
                 conn,
                 self._cleanup_claim_statement(),
