@@ -179,6 +179,8 @@ class Execution:
     async def _drive(self, generator: TaskGenerator) -> Report | None:
         """Iterate the generator; return its terminal report, or None when it returned."""
         async for report in generator:
+            if self.lost:  # e.g. it caught the cancellation of a fenced node and yielded again
+                return None  # nothing may be written for a lost task: the row is not ours
             if not isinstance(report, Report):
                 raise TypeError(f"a task must yield Report objects, not {type(report).__name__}")
             if report.terminal:

@@ -21,6 +21,7 @@ class PostgresBackend(Backend):
     now = "now()"
     lock_rows = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
+    share_lock = " FOR KEY SHARE"
 
     def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
         super().__init__(engine, schema)
