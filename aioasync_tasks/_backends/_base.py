@@ -621,15 +621,10 @@ class Backend:
         types = self._in("type", ":types")
         queue_order: LiteralString = "handoff DESC, priority DESC, id"
         ready: LiteralString = "state = 'pending' AND run_at <= {now} AND " + types
+        queues = self._queue_index
         return (
             # Every (group, user) queue with pending tasks: a loose scan of the queue index.
-            "WITH RECURSIVE pairs(group_name, user_name) AS ("
-            " SELECT group_name, user_name FROM {tasks} WHERE id = (SELECT id FROM {tasks}"
-            " WHERE state = 'pending' ORDER BY group_name, user_name LIMIT 1)"
-            " UNION ALL SELECT n.group_name, n.user_name FROM pairs p JOIN {tasks} n"
-            " ON n.id = (SELECT id FROM {tasks} WHERE state = 'pending'"
-            " AND (group_name, user_name) > (p.group_name, p.user_name)"
-            " ORDER BY group_name, user_name LIMIT 1)),"
+            "WITH RECURSIVE pairs(group_name, user_name) AS (" + self._pairs_scan() + "),"
             # What runs now, per queue and per group (all nodes).
             " active AS (SELECT group_name, user_name, count(*) AS n FROM {tasks}"
             " WHERE state IN ('running', 'canceling') GROUP BY group_name, user_name),"
@@ -647,7 +642,11 @@ class Backend:
             # Each open queue's first due task; the best `limit` queues hold the best tasks.
             " heads AS (SELECT h.id, h.handoff, h.priority, h.run_at, h.group_name, h.user_name,"
             " op.user_running, 1 AS user_rank FROM open_pairs op JOIN {tasks} h"
-            " ON h.id = (SELECT id FROM {tasks} WHERE " + ready + " AND group_name = op.group_name"
+            " ON h.id = (SELECT id FROM "
+            + queues
+            + " WHERE "
+            + ready
+            + " AND group_name = op.group_name"
             " AND user_name = op.user_name ORDER BY " + queue_order + " LIMIT 1)),"
             " top_pairs AS (SELECT group_name, user_name FROM heads"
             " ORDER BY " + order_by + " LIMIT :limit),"
@@ -670,6 +669,22 @@ class Backend:
             + order_by
             + " LIMIT :limit) "
             + self._claim_update()
+        )
+
+    _queue_index: LiteralString = "{tasks}"
+    """The tasks table, read through the queue index (SQLite must be told to use it)."""
+
+    def _pairs_scan(self) -> LiteralString:
+        """SQL of the recursive CTE ``pairs(group_name, user_name)``: one row per (group, user)
+        queue with pending tasks, each found by one seek in the queue index."""
+        return (
+            "SELECT group_name, user_name FROM {tasks} WHERE id = (SELECT id FROM "
+            + self._queue_index
+            + " WHERE state = 'pending' ORDER BY group_name, user_name LIMIT 1)"
+            " UNION ALL SELECT n.group_name, n.user_name FROM pairs p JOIN {tasks} n"
+            " ON n.id = (SELECT id FROM " + self._queue_index + " WHERE state = 'pending'"
+            " AND (group_name, user_name) > (p.group_name, p.user_name)"
+            " ORDER BY group_name, user_name LIMIT 1)"
         )
 
     def _queue_tasks(self, ready: LiteralString, queue_order: LiteralString) -> LiteralString:

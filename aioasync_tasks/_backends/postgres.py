@@ -88,6 +88,17 @@ class PostgresBackend(Backend):
     def _seconds_until(self, column: LiteralString) -> LiteralString:
         return "EXTRACT(EPOCH FROM (" + column + " - " + self.now + "))"
 
+    def _pairs_scan(self) -> LiteralString:
+        # LATERAL lets each step read the next queue's key straight from the index.
+        return (
+            "(SELECT group_name, user_name FROM {tasks} WHERE state = 'pending'"
+            " ORDER BY group_name, user_name LIMIT 1)"
+            " UNION ALL SELECT n.group_name, n.user_name FROM pairs p CROSS JOIN LATERAL"
+            " (SELECT group_name, user_name FROM {tasks} WHERE state = 'pending'"
+            " AND (group_name, user_name) > (p.group_name, p.user_name)"
+            " ORDER BY group_name, user_name LIMIT 1) n"
+        )
+
     def _queue_tasks(self, ready: LiteralString, queue_order: LiteralString) -> LiteralString:
         return (
             "CROSS JOIN LATERAL (SELECT id, handoff, priority, run_at, group_name, user_name"

@@ -58,10 +58,38 @@ class SqliteBackend(Backend):
     def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
         return column + " IN " + param
 
+    # Without statistics SQLite may pick the (state, id) index and sort the whole backlog.
+    _queue_index = "{tasks} INDEXED BY aioasync_tasks_queue_idx"
+
+    def _pairs_scan(self) -> LiteralString:
+        # SQLite seeks a row-value range on its first column only; the next queue is either
+        # the next user of the same group or the first user of the next group.
+        def first(condition: LiteralString) -> LiteralString:
+            return (
+                "(SELECT id FROM "
+                + self._queue_index
+                + " WHERE state = 'pending' AND "
+                + condition
+                + " ORDER BY group_name, user_name LIMIT 1)"
+            )
+
+        return (
+            "SELECT group_name, user_name FROM {tasks} WHERE id = "
+            + first("1")
+            + " UNION ALL SELECT n.group_name, n.user_name FROM pairs p JOIN {tasks} n ON n.id ="
+            " COALESCE("
+            + first("group_name = p.group_name AND user_name > p.user_name")
+            + ", "
+            + first("group_name > p.group_name")
+            + ")"
+        )
+
     def _queue_tasks(self, ready: LiteralString, queue_order: LiteralString) -> LiteralString:
         # No LATERAL in SQLite: a correlated `id IN (… LIMIT n)` looks the rows up by id.
         return (
-            "JOIN {tasks} c ON c.id IN (SELECT id FROM {tasks} WHERE "
+            "JOIN {tasks} c ON c.id IN (SELECT id FROM "
+            + self._queue_index
+            + " WHERE "
             + ready
             + " AND group_name = op.group_name AND user_name = op.user_name"
             " ORDER BY " + queue_order + " LIMIT :limit)"
