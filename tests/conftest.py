@@ -19,10 +19,11 @@ SQLite targets are a fresh file under ``tmp_path``; PostgreSQL targets are a fre
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from _cluster import Cluster, open_cluster
 from _db import (
     DbTarget,
     PgServer,
@@ -102,3 +103,10 @@ def sqlite_db(tmp_path: Path) -> DbTarget:
 def pg_db(pg_server: PgServer) -> Iterator[DbTarget]:
     """A fresh PostgreSQL schema; skipped when PostgreSQL is unavailable."""
     yield from _pg_target(pg_server)
+
+
+@pytest.fixture
+async def cluster(db: DbTarget) -> AsyncIterator[Cluster]:
+    """Node processes on the test database (see ``_cluster``)."""
+    async with open_cluster(db) as result:
+        yield result

@@ -13,179 +13,27 @@ which keeps the library's default heartbeat to measure stop delivery on each bac
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
 import signal
 import statistics
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
-from _db import DbTarget
-from _helpers import make_node, wait_for
-from _ledger import LedgerReader, Step, create_tables, duplicates, ledger_engine
-from nodeproc import build_registry, counter_context
+from _cluster import BOUND, Cluster
+from _helpers import wait_for
+from _ledger import Step, duplicates
+from nodeproc import counter_context
 
-from aioasync_tasks import Node, State, Task, TaskNotFound
+from aioasync_tasks import State, Task
 
 pytestmark = pytest.mark.slow
 
-NODEPROC = Path(__file__).with_name("nodeproc.py")
-FAST_PROCESS = {
-    "heartbeat": 0.3,
-    "node_timeout": 1.5,
-    "poll_interval": 0.05,
-    "stop_timeout": 30.0,
-}
-"""Timings of the node processes: quick heartbeats and rescues."""
-READY_TIMEOUT = 60.0
-"""Bound on a node process starting (imports and migrations on a busy 2-core machine)."""
-EXIT_TIMEOUT = 60.0
-BOUND = 60.0
-"""Generous bound on waiting for what other processes do."""
 PAUSE_SAMPLES = int(os.environ.get("AIOASYNC_TASKS_TEST_PAUSE_SAMPLES", "1"))
 """How many pause latencies the pause test measures (raise it to collect figures)."""
 PHASE_STEPS = 250
 """Up to this many 20 ms steps before a pause: about one default heartbeat interval."""
-
-
-class NodeProcess:
-    """One ``nodeproc.py`` process. Its stderr (the node's log) goes to the test's output."""
-
-    def __init__(self, db: DbTarget, name: str, options: dict[str, Any]) -> None:
-        self.db = db
-        self.name = name
-        self.options = options
-        self.node_id = 0
-        self.output = b""
-        self._proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def proc(self) -> asyncio.subprocess.Process:
-        assert self._proc is not None
-        return self._proc
-
-    async def start(self) -> int:
-        """Start the process and wait until its node runs; returns the node id."""
-        args = [sys.executable, str(NODEPROC), "--url", self.db.url, "--name", self.name]
-        if self.db.schema is not None:
-            args += ["--schema", self.db.schema]
-        for key, value in self.options.items():
-            args += ["--" + key.replace("_", "-"), str(value)]
-        self._proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(READY_TIMEOUT):
-            line = await self.proc.stdout.readline()
-        if not line.startswith(b"READY "):
-            await self.close()
-            raise AssertionError(f"node process {self.name} did not start: {line!r}")
-        self.node_id = int(line.split()[1])
-        return self.node_id
-
-    def kill(self) -> None:
-        """SIGKILL: the node gets no chance to release anything."""
-        self.proc.kill()
-
-    def terminate(self) -> None:
-        """SIGTERM: the node stops gracefully and hands its tasks off."""
-        self.proc.send_signal(signal.SIGTERM)
-
-    async def wait(self) -> int:
-        """Wait for the process to exit; returns its exit code."""
-        async with asyncio.timeout(EXIT_TIMEOUT):
-            out, _ = await self.proc.communicate()
-        self.output += out
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-    async def stop(self) -> None:
-        """Stop gracefully and check that the process exited 0 after a clean stop."""
-        self.terminate()
-        code = await self.wait()
-        assert code == 0, f"node process {self.name} exited with {code}: {self.output!r}"
-        assert self.output.splitlines()[-1] == b"STOPPED", self.output
-
-    async def close(self) -> None:
-        """Kill the process if it still runs and reap it."""
-        if self._proc is None:
-            return
-        if self._proc.returncode is None:
-            self._proc.kill()
-        await self._proc.communicate()
-
-
-@dataclass
-class Cluster:
-    """The test's database, a client-only node on it, the ledger, and the node processes."""
-
-    db: DbTarget
-    client: Node
-    ledger: LedgerReader
-    processes: list[NodeProcess]
-
-    async def start(self, **options: Any) -> NodeProcess:
-        process = NodeProcess(self.db, f"proc{len(self.processes)}", {**FAST_PROCESS, **options})
-        self.processes.append(process)
-        await process.start()
-        return process
-
-    async def start_many(self, count: int, **options: Any) -> list[NodeProcess]:
-        return list(await asyncio.gather(*(self.start(**options) for _ in range(count))))
-
-    async def close(self) -> None:
-        for process in self.processes:
-            await process.close()
-
-    async def task(self, task_id: int) -> Task:
-        return await self.client.get_task(task_id)
-
-    async def states(self, task_ids: list[int]) -> dict[int, State]:
-        return {t: (await self.task(t)).state for t in task_ids}
-
-    def all_in(self, task_ids: list[int], *states: State) -> Callable[[], Awaitable[bool]]:
-        async def check() -> bool:
-            current = await self.states(task_ids)
-            return all(state in states for state in current.values())
-
-        return check
-
-    def steps_at_least(self, task_ids: list[int], count: int) -> Callable[[], Awaitable[bool]]:
-        async def check() -> bool:
-            counts = await self.ledger.step_counts()
-            return all(counts.get(t, 0) >= count for t in task_ids)
-
-        return check
-
-    def gone(self, task_id: int) -> Callable[[], Awaitable[bool]]:
-        async def check() -> bool:
-            try:
-                await self.task(task_id)
-            except TaskNotFound:
-                return True
-            return False
-
-        return check
-
-
-@pytest.fixture
-async def cluster(db: DbTarget) -> AsyncIterator[Cluster]:
-    engine = ledger_engine(db.url, db.schema)
-    try:
-        async with make_node(db, build_registry(), concurrency=0) as client:  # migrates
-            await create_tables(engine)
-            result = Cluster(db, client, LedgerReader(engine), [])
-            try:
-                yield result
-            finally:
-                await result.close()
-    finally:
-        await engine.dispose()
 
 
 def checkpoint(task: Task) -> int:
