@@ -285,9 +285,13 @@ class Node:
 
     async def _supervise(self, worker: Worker, ready: asyncio.Future[None]) -> None:
         _current_node.set(self)  # inherited by every task the node runs
-        async with anyio.create_task_group() as group:
-            await group.start(worker.run)
-            ready.set_result(None)
+        try:
+            async with anyio.create_task_group() as group:
+                await group.start(worker.run)
+                ready.set_result(None)
+        except Exception:
+            self._logger.exception("the node's services failed; it runs no more tasks")
+            raise
 
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a bound, not a cancel scope
         """Stop gracefully: no more claims, every running task is asked to stop and gets its

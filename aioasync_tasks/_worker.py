@@ -85,6 +85,7 @@ class Worker:
         self._next_due: float | None = None
         self.fenced = asyncio.Event()
         """Set each time the node found itself declared dead (for tests)."""
+        self._heartbeat_bound = max(config.heartbeat_interval, config.node_timeout / 4)
         self._types = registry.names
         self._cleanup_types = [t.name for t in registry if t.has_cleanup]
 
@@ -222,9 +223,12 @@ class Worker:
             return
         sent = time.monotonic()
         try:
-            owned = await self.backend.heartbeat(self.node_id)
-        except DatabaseError as exc:
-            self.log.warning("heartbeat failed: %s", exc)
+            # Bounded: a hung connection (a partition that drops packets) must not keep the
+            # node from noticing that its lease is running out.
+            async with asyncio.timeout(self._heartbeat_bound):
+                owned = await self.backend.heartbeat(self.node_id)
+        except (DatabaseError, TimeoutError) as exc:
+            self.log.warning("heartbeat failed: %s", exc or "no answer in time")
             self._check_lease()
             return
         if owned is None:
