@@ -114,11 +114,10 @@ class Worker:
                     await services.start(self._listen_loop)
                 async with anyio.create_task_group() as runs:
                     self._runs = runs
-                    claimer = anyio.CancelScope()
-                    runs.start_soon(self._claim_loop, claimer)
+                    runs.start_soon(self._claim_loop)
                     task_status.started()
                     await self._shutdown.wait()
-                    claimer.cancel()
+                    self.wake()  # the claimer finishes its claim in flight, then exits
                     for execution in list(self.executions.values()):
                         execution.request_stop(StopReason.SHUTDOWN)
                 services.cancel_scope.cancel()
@@ -141,19 +140,20 @@ class Worker:
 
     # -- claimer ----------------------------------------------------------------------------
 
-    async def _claim_loop(self, scope: anyio.CancelScope) -> None:
-        with scope:
-            while True:
-                self._wake.clear()
-                try:
-                    await self.claim_once()
-                except DatabaseError as exc:
-                    self.log.warning("claim failed: %s", exc)
-                wait = self.config.poll_interval * (0.9 + 0.2 * random.random())
-                if self._next_due is not None:
-                    wait = min(wait, self._next_due)
-                with anyio.move_on_after(wait):
-                    await self._wake.wait()
+    async def _claim_loop(self) -> None:
+        # Never cancelled mid-claim: a claim cut short after its commit would leave tasks
+        # claimed with nobody to run them. It ends at the first look after shutdown().
+        while not self._shutdown.is_set():
+            self._wake.clear()
+            try:
+                await self.claim_once()
+            except DatabaseError as exc:
+                self.log.warning("claim failed: %s", exc)
+            wait = self.config.poll_interval * (0.9 + 0.2 * random.random())
+            if self._next_due is not None:
+                wait = min(wait, self._next_due)
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
 
     async def claim_once(self) -> int:
         """Claim tasks (and cleanups) for the free slots; returns how many were started."""
@@ -193,6 +193,10 @@ class Worker:
                 group=claimed.group,
             ),
         )
+        if self._shutdown.is_set():
+            # Claimed by a claim that was in flight when the node began to stop (a transaction
+            # is not cancelled halfway): the task starts stopped and is handed back at once.
+            execution.request_stop(StopReason.SHUTDOWN)
         self.executions[claimed.id] = execution
         assert self._runs is not None
         self._runs.start_soon(self._execute, execution)

@@ -810,16 +810,20 @@ class Backend:
         return [Owned(r[0], State(r[1]), StopRequest(r[2]) if r[2] else None) for r in result]
 
     async def deregister(self, node_id: int) -> None:
-        """Remove the node's row, releasing whatever it still owns as a lost node would."""
+        """Remove the node's row at the end of a graceful stop. Whatever it still owns (a task
+        claimed while it began to stop, or cancelled by ``stop(timeout=…)``) is handed back
+        like any task the shutdown stopped, without using up an attempt."""
         async with self.write() as conn:
-            await self._release_nodes(conn, [node_id])
+            await self._release_nodes(conn, [node_id], graceful=True)
 
     async def release(self, node_id: int) -> None:
         """Release every task still owned by ``node_id`` (event NODE_LOST), keeping the row."""
         async with self.write() as conn:
             await self._release_tasks(conn, [node_id])
 
-    async def _release_tasks(self, conn: AsyncConnection, node_ids: Sequence[int]) -> int:
+    async def _release_tasks(
+        self, conn: AsyncConnection, node_ids: Sequence[int], *, graceful: bool = False
+    ) -> int:
         result = await self._exec(
             conn,
             "SELECT "
@@ -833,23 +837,26 @@ class Backend:
         rows = [_Locked.from_row(r) for r in result]
         writes: list[_Write] = []
         for row in rows:
+            handoff = graceful and row.state is State.RUNNING
             outcome = apply_event(
                 row.state,
                 row.requested,
-                Event.NODE_LOST,
+                Event.STOPPED if handoff else Event.NODE_LOST,
                 has_cleanup=row.has_cleanup,
                 can_retry=row.attempts < row.max_attempts,
             )
             if outcome is not None:
                 error = "node lost" if outcome.state is State.FAILED else None
-                writes.append(_Write(row, outcome, None, error=error))
+                writes.append(_Write(row, outcome, None, error=error, handoff=handoff))
         await self._write(conn, writes)
         if writes:
             await self._notify(conn, "wake")
         return len(writes)
 
-    async def _release_nodes(self, conn: AsyncConnection, node_ids: Sequence[int]) -> int:
-        count = await self._release_tasks(conn, node_ids)
+    async def _release_nodes(
+        self, conn: AsyncConnection, node_ids: Sequence[int], *, graceful: bool = False
+    ) -> int:
+        count = await self._release_tasks(conn, node_ids, graceful=graceful)
         await self._exec(
             conn, "DELETE FROM {nodes} WHERE " + self._in("id", ":nodes"), {"nodes": list(node_ids)}
         )
