@@ -1,0 +1,321 @@
+"""The queries of the PostgreSQL backend use indexes on a big table (SPEC §7).
+
+100,000 tasks are created through ``create_tasks`` and spread over users, groups, types and
+states; the statements the library really runs are captured from the node's engine (a
+``before_cursor_execute`` listener) while the public methods run, and then EXPLAINed with the
+parameters they ran with. No plan may read ``aioasync_tasks`` with a Seq Scan: not the claim and
+cleanup claim (on 100,000 PENDING rows, and on a realistic mix), not ``get_tasks`` or
+``count_tasks`` with one filter on user, group or state.
+
+A plan is checked twice: the custom plan PostgreSQL makes for these parameter values, and the
+generic plan it may switch to once asyncpg's prepared statement has run a few times
+(``plan_cache_mode = force_generic_plan``). For ``get_tasks`` on a rare filter value whose rows
+are all old, the index must also serve the filter itself (an ``Index Cond`` on the column): a
+walk of the primary key backwards with a ``Filter`` would read nearly the whole table to find
+its page. The table is VACUUMed and ANALYZEd first, as autovacuum would have done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from _db import DbTarget
+from _helpers import make_node, raw_engine, wait_for
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aioasync_tasks import Node, Report, State, TaskRegistry
+
+pytestmark = pytest.mark.postgres_only
+
+TABLE = "aioasync_tasks"
+ROWS = 100_000
+BATCH = 10_000
+USERS = 50
+GROUPS = 20
+TYPES = [f"type{i}" for i in range(5)]
+CLEANUP_TYPE = TYPES[0]
+WORKER_CONCURRENCY = 10
+
+Captured = tuple[str, Any]
+"""A statement as the driver received it, and its parameters."""
+
+
+def build_registry() -> TaskRegistry:
+    registry = TaskRegistry()
+
+    async def wait_for_stop(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report(context=context)
+        await stop.wait()  # hold the slot; handed back as PENDING when the node stops
+
+    async def cleanup(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report.finished()
+
+    for name in TYPES:
+        registry.register_task(name, wait_for_stop, cleanup if name == CLEANUP_TYPE else None)
+    return registry
+
+
+async def fill(node: Node) -> int:
+    """Create ``ROWS`` PENDING tasks over users, groups and types; returns the first id."""
+    first: int | None = None
+    for start in range(0, ROWS, BATCH):
+        ids = await node.create_tasks(
+            [
+                {
+                    "type": TYPES[i % len(TYPES)],
+                    "context": '{"step": 0}',
+                    "user": f"u{i % USERS:02d}",
+                    "group": f"g{i % GROUPS:02d}",
+                    "priority": 1 if i % 10 == 0 else 0,
+                }
+                for i in range(start, start + BATCH)
+            ]
+        )
+        first = ids[0] if first is None else first
+    assert first is not None
+    return first
+
+
+MIXED_STATES = """
+UPDATE aioasync_tasks SET
+  state = CASE
+    WHEN id - :first < 1500 THEN 'failed'
+    WHEN id - :first < 2500 THEN 'deleting'
+    WHEN id - :first < 90000 THEN 'finished'
+    WHEN id - :first < 92000 THEN 'paused'
+    WHEN id - :first < 93000 THEN 'init'
+    WHEN id - :first < 94000 THEN 'running'
+    WHEN id - :first < 94200 THEN 'canceling'
+    ELSE 'pending' END,
+  requested = CASE WHEN id - :first BETWEEN 94000 AND 94199 THEN 'pause' END,
+  node_id = CASE WHEN id - :first BETWEEN 93000 AND 94199 THEN 1 END,
+  error = CASE WHEN id - :first < 1500 THEN 'boom' END,
+  done_at = CASE WHEN id - :first < 90000 THEN now() END,
+  group_name = CASE WHEN id - :first < 1000 THEN 'archive' ELSE group_name END,
+  user_name = CASE WHEN id - :first BETWEEN 1000 AND 1999 THEN 'early' ELSE user_name END
+"""
+"""History: mostly FINISHED; the oldest 1.5 % FAILED and 1 % DELETING; the newest rows PAUSED,
+INIT, RUNNING, CANCELING and PENDING. Group ``archive`` and user ``early`` own 1 % each, all old."""
+
+
+async def set_mixed_states(engine: AsyncEngine, first: int) -> None:
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(MIXED_STATES.replace(":first", str(int(first))))
+    await vacuum_analyze(engine)
+
+
+async def vacuum_analyze(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await autocommit.exec_driver_sql(f"VACUUM ANALYZE {TABLE}")  # not in a transaction
+
+
+class Capture:
+    """Records every statement an engine sends to the driver."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.statements: list[Captured] = []
+        self._engine = engine.sync_engine
+
+    def _record(self, *args: Any) -> None:
+        _conn, _cursor, statement, parameters, _context, _executemany = args
+        self.statements.append((statement, parameters))
+
+    def __enter__(self) -> Capture:
+        event.listen(self._engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._record)
+
+    def find(self, predicate: Callable[[str], bool]) -> list[Captured]:
+        return [(s, p) for s, p in self.statements if predicate(s)]
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def render(plan: dict[str, Any], depth: int = 0) -> str:
+    """One line per plan node, for failure messages."""
+    parts = [plan["Node Type"], plan.get("Relation Name", ""), plan.get("Index Name", "")]
+    for key in ("Index Cond", "Filter"):
+        if key in plan:
+            parts.append(f"{key}: {plan[key]}")
+    lines = ["  " * depth + " ".join(p for p in parts if p)]
+    lines += [render(child, depth + 1) for child in plan.get("Plans", [])]
+    return "\n".join(lines)
+
+
+def task_index_scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's index scans of the tasks table (its indexes are named ``aioasync_tasks_*``)."""
+    return [
+        node
+        for node in plan_nodes(plan)
+        if node["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+        and node.get("Index Name", "").startswith(TABLE + "_")
+    ]
+
+
+def check_uses_index(plan: dict[str, Any], what: str, *, filter_column: str | None = None) -> None:
+    """No Seq Scan of the tasks table; an index scan of it; with ``filter_column``, an index
+    serving that column (an ``Index Cond`` on it, not only a ``Filter``)."""
+    text = render(plan)
+    seq_scans = [
+        n
+        for n in plan_nodes(plan)
+        if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == TABLE
+    ]
+    assert not seq_scans, f"{what}: Seq Scan on {TABLE}\n{text}"
+    scans = task_index_scans(plan)
+    assert scans, f"{what}: no index scan of {TABLE}\n{text}"
+    if filter_column is not None:
+        served = [n for n in scans if filter_column in n.get("Index Cond", "")]
+        assert served, f"{what}: no index serves the filter on {filter_column}\n{text}"
+
+
+def sql_literal(value: object) -> str:
+    """A literal for EXECUTE (the values are the test's own: text, ints, lists of text)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list | tuple):
+        return "ARRAY[" + ", ".join(sql_literal(v) for v in value) + "]::text[]"
+    raise TypeError(f"no literal for {value!r}")
+
+
+def _plan_of(value: Any) -> dict[str, Any]:
+    document = json.loads(value) if isinstance(value, str) else value
+    plan: dict[str, Any] = document[0]["Plan"]
+    return plan
+
+
+async def explain(engine: AsyncEngine, captured: Captured) -> dict[str, Any]:
+    """The custom plan of a captured statement with the parameters it ran with."""
+    statement, parameters = captured
+    async with engine.connect() as conn:
+        result = await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters)
+        plan = _plan_of(result.scalar_one())
+        await conn.rollback()
+    return plan
+
+
+async def explain_generic(engine: AsyncEngine, captured: Captured) -> dict[str, Any]:
+    """The generic plan of a captured statement, as a reused prepared statement may run it."""
+    statement, parameters = captured
+    args = ", ".join(sql_literal(v) for v in parameters)
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        await conn.exec_driver_sql("PREPARE captured AS " + statement)
+        result = await conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE captured({args})")
+        plan = _plan_of(result.scalar_one())
+        await conn.rollback()  # the settings are session-wide: do not leave them in the pool
+        await conn.exec_driver_sql("DEALLOCATE captured")
+        await conn.exec_driver_sql("RESET plan_cache_mode")
+    return plan
+
+
+async def check_both_plans(
+    engine: AsyncEngine, captured: Captured, what: str, *, filter_column: str | None = None
+) -> None:
+    check_uses_index(await explain(engine, captured), what, filter_column=filter_column)
+    # A generic plan cannot know the value is rare: only "no Seq Scan" is required of it.
+    check_uses_index(await explain_generic(engine, captured), f"{what} (generic plan)")
+
+
+def is_claim(statement: str) -> bool:
+    return "SET state = 'running'" in statement and "RETURNING" in statement
+
+
+def is_cleanup_claim(statement: str) -> bool:
+    return (
+        "state = 'deleting' AND node_id IS NULL" in statement
+        and statement.lstrip().startswith(("UPDATE", "WITH"))
+        and "RETURNING" in statement
+    )
+
+
+async def capture_claims(db: DbTarget, registry: TaskRegistry) -> tuple[Captured, Captured]:
+    """Run a worker node until it has claimed once; return its claim and cleanup claim."""
+    worker = make_node(db, registry, concurrency=WORKER_CONCURRENCY)
+    with Capture(worker.engine) as capture:
+        async with worker:
+            await wait_for(
+                lambda: bool(capture.find(is_claim) and capture.find(is_cleanup_claim)),
+                timeout=60,
+                what="the worker's claim and cleanup claim",
+            )
+            # Graceful stop: the claimed tasks go back to PENDING.
+    claims, cleanups = capture.find(is_claim), capture.find(is_cleanup_claim)
+    return claims[0], cleanups[0]
+
+
+async def test_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
+    registry = build_registry()
+    engine = raw_engine(db)
+    try:
+        async with make_node(db, registry, concurrency=0) as client:
+            first = await fill(client)
+            await client.pause_group("g02")
+            await client.set_group_limits("g01", max_running=5, max_running_per_user=2)
+            assert await client.count_tasks(states=[State.PENDING]) == ROWS
+            await vacuum_analyze(engine)
+            claim, cleanup_claim = await capture_claims(db, registry)
+            assert await client.count_tasks(states=[State.PENDING]) == ROWS  # handed back
+
+            await check_both_plans(engine, claim, "claim, 100k pending")
+            await check_both_plans(engine, cleanup_claim, "cleanup claim, 100k pending")
+
+            await set_mixed_states(engine, first)
+            await check_both_plans(engine, claim, "claim, mixed states")
+            await check_both_plans(engine, cleanup_claim, "cleanup claim, mixed states")
+    finally:
+        await engine.dispose()
+
+
+QUERIES: list[tuple[str, dict[str, Any], str | None]] = [
+    # (label, filter, column an index must serve for get_tasks: rare values, all old rows)
+    ("user", {"user": "u07"}, None),
+    ("rare old user", {"user": "early"}, "user_name"),
+    ("group", {"group": "g03"}, None),
+    ("rare old group", {"group": "archive"}, "group_name"),
+    ("pending", {"states": [State.PENDING]}, None),
+    ("running", {"states": [State.RUNNING]}, None),
+    ("rare old state", {"states": [State.FAILED]}, "state"),
+    ("deleting", {"states": [State.DELETING]}, "state"),
+]
+
+
+async def test_task_queries_use_indexes(db: DbTarget) -> None:
+    engine = raw_engine(db)
+    try:
+        async with make_node(db, build_registry(), concurrency=0) as client:
+            first = await fill(client)
+            await set_mixed_states(engine, first)
+            assert await client.count_tasks(states=[State.FAILED]) == 1500
+            assert await client.count_tasks(group="archive") == 1000
+            for label, filters, column in QUERIES:
+                with Capture(client.engine) as capture:
+                    page = await client.get_tasks(**filters)
+                    count = await client.count_tasks(**filters)
+                assert len(page) == min(count, 100)
+                assert count > 0
+                selects = capture.find(lambda s: TABLE in s and s.lstrip().startswith("SELECT"))
+                assert len(selects) == 2, selects
+                get_sql, count_sql = selects
+                assert "ORDER BY id DESC" in get_sql[0]
+                assert "count(" in count_sql[0]
+                await check_both_plans(engine, get_sql, f"get_tasks {label}", filter_column=column)
+                await check_both_plans(engine, count_sql, f"count_tasks {label}")
+    finally:
+        await engine.dispose()
