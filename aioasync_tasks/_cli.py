@@ -114,7 +114,7 @@ def _state(task: Task) -> str:
 
 def _short(text: str, width: int) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _value(value: object) -> str:

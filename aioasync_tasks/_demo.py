@@ -257,7 +257,7 @@ async def delete_matmul(context: str, stop: asyncio.Event) -> AsyncIterator[Repo
 DEMO_DB = "sqlite+aiosqlite:///aioasync_tasks_demo.db"
 DEMO_SCHEMA = "aioasync_tasks_demo"
 DEMO_TIMEOUT = 120.0
-"""Seconds the demo may take in all before it gives up (it needs about 15)."""
+"""Seconds the demo may take in all before it gives up (it needs about 10)."""
 WORKER_CONCURRENCY = 8
 _OUR_TABLES = frozenset({TASKS, NODES, GROUPS, VERSIONS})
 _SHORT_STATE = {
@@ -307,7 +307,11 @@ async def _check_and_reset(url: str, schema: str | None) -> None:
                     f"{where} has other tables ({', '.join(sorted(foreign))}); the demo wipes "
                     "its database: give it another --db"
                 )
-            qualify = (lambda t: f'"{schema}".{t}') if schema else (lambda t: t)
+            prefix = engine.dialect.identifier_preparer.quote_schema(schema) + "." if schema else ""
+
+            def qualify(table: str) -> str:
+                return prefix + table
+
             if TASKS in names:
                 others = await conn.scalar(
                     sa.text(
