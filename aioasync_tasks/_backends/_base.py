@@ -178,6 +178,10 @@ class _Write:
     delay: float = 0.0
     group: str | None = None
     handoff: bool = False
+    """Handed back by a graceful shutdown: claimed first by the next node."""
+    refund: bool = False
+    """Stopped on request (pause, shutdown): the attempt it was claimed for is given back, so
+    pauses and restarts never use up a task's retries."""
 
 
 class Backend:
@@ -185,6 +189,9 @@ class Backend:
 
     dialect: str
     supports_notify = False
+    cancellable_statements = True
+    """Whether a statement may be cancelled in flight (a bound on it is then safe). Not with
+    aiosqlite: SQLAlchemy terminates the connection, and its close can hang or leak."""
     _timestamp = Timestamp()
 
     def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
@@ -500,8 +507,11 @@ class Backend:
             if not o.changed and w.group is None:
                 continue
             attempts = 0 if o.reset_attempts else w.row.attempts
-            if w.handoff:
-                attempts -= 1  # a graceful hand-off is not a failed attempt: restarts are invisible
+            delay = w.delay if o.retry else -1.0  # negative: run_at is kept
+            if o.state is State.DELETING and w.row.state is not State.DELETING:
+                delay = 0.0  # a deleted task's cleanup is due now, not at its old run_at
+            if w.refund:
+                attempts -= 1
             updates.append(
                 {
                     "id": w.row.id,
@@ -513,7 +523,7 @@ class Backend:
                     "group": w.group if w.group is not None else w.row.group,
                     "context": w.context,
                     "error": w.error,
-                    "delay": w.delay if o.retry else -1.0,
+                    "delay": delay,
                     "done": o.state in (State.FINISHED, State.FAILED),
                 }
             )
@@ -764,6 +774,8 @@ class Backend:
                         error=c.error,
                         delay=c.delay,
                         handoff=c.event is Event.STOPPED and outcome.state is State.PENDING,
+                        refund=c.event is Event.STOPPED
+                        and outcome.state in (State.PENDING, State.PAUSED),
                     )
                 )
             await self._write(conn, writes)
@@ -847,7 +859,9 @@ class Backend:
             )
             if outcome is not None:
                 error = "node lost" if outcome.state is State.FAILED else None
-                writes.append(_Write(row, outcome, None, error=error, handoff=handoff))
+                writes.append(
+                    _Write(row, outcome, None, error=error, handoff=handoff, refund=handoff)
+                )
         await self._write(conn, writes)
         if writes:
             await self._notify(conn, "wake")
