@@ -64,11 +64,23 @@ def _engine_from_url(url: str) -> AsyncEngine:
     return create_async_engine(parsed)
 
 
-def _check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+INT32_MAX = 2**31 - 1
+"""The largest value of an INTEGER column (priority, attempts, limits) on PostgreSQL."""
+INT64_MAX = 2**63 - 1
+"""The largest task id (BIGINT) and offset."""
+
+
+def _check_int(
+    name: str, value: object, *, minimum: int = -INT32_MAX - 1, maximum: int = INT32_MAX
+) -> int:
+    """An int in ``[minimum, maximum]`` (the column's range by default), checked before any
+    I/O: an out-of-range value would otherwise fail in the driver, or only on one backend."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError(f"{name} must be an int, not {type(value).__name__}")
-    if minimum is not None and value < minimum:
+    if value < minimum:
         raise ConfigurationError(f"{name} must be at least {minimum}, not {value}")
+    if value > maximum:
+        raise ConfigurationError(f"{name} must be at most {maximum}, not {value}")
     return value
 
 
@@ -91,7 +103,7 @@ def _check_text(name: str, value: object, *, allow_empty: bool) -> str:
 
 
 def _check_task_id(task_id: object) -> int:
-    return _check_int("task_id", task_id, minimum=1)
+    return _check_int("task_id", task_id, minimum=1, maximum=INT64_MAX)
 
 
 def _check_group(group: object) -> str:
@@ -299,7 +311,7 @@ class Node:
         PENDING for any node, and the node deregisters. Idempotent.
 
         ``timeout`` bounds the whole stop; when it runs out the remaining tasks are cancelled
-        and released as a lost node's would be. Called while a stop is in progress, a shorter
+        and handed back from their last checkpoints. Called while a stop is in progress, a shorter
         ``timeout`` shortens it (a second Ctrl-C), and the call returns when it is done.
         """
         deadline = self._stop_deadline
@@ -548,7 +560,7 @@ class Node:
             group=None if group is None else _check_group(group),
             types=_check_types(types),
             states=_check_states(states),
-            offset=_check_int("offset", offset, minimum=0),
+            offset=_check_int("offset", offset, minimum=0, maximum=INT64_MAX),
             limit=100 if limit is None else int(limit),
         )
 

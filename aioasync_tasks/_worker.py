@@ -85,7 +85,11 @@ class Worker:
         self._next_due: float | None = None
         self.fenced = asyncio.Event()
         """Set each time the node found itself declared dead (for tests)."""
-        self._heartbeat_bound = max(config.heartbeat_interval, config.node_timeout / 4)
+        self._heartbeat_bound = (
+            max(config.heartbeat_interval, config.node_timeout / 4)
+            if backend.cancellable_statements
+            else None  # SQLite: waits for the write lock end within its busy timeout
+        )
         self._types = registry.names
         self._cleanup_types = [t.name for t in registry if t.has_cleanup]
 

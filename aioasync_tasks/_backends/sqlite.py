@@ -34,7 +34,14 @@ def configure_engine(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        except Exception as exc:
+            # Connections opening a new file at once race to switch it to WAL, and the losers
+            # get "database is locked" at once (this switch does not wait). The mode belongs
+            # to the file, so the winner's switch applies to every connection.
+            if "locked" not in str(exc):
+                raise
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
