@@ -138,15 +138,6 @@ def _check_types(types: object) -> tuple[str, ...] | None:
         raise ConfigurationError(f"bad types: {exc}") from exc
 
 
-def _check_limit(limit: object) -> int | None:
-    if limit is None:
-        return None
-    value = _check_int("limit", limit, minimum=0)
-    if value > 1_000_000:
-        raise ConfigurationError(f"limit must be at most 1000000, not {value}")
-    return value
-
-
 def _check_policy(policy: object) -> SchedulingPolicy:
     if policy is None:
         return FairShare()
@@ -469,6 +460,7 @@ class Node:
                 raise ConfigurationError(f"tasks[{index}] has no 'type'")
             new.append(self._new_task(**item))
         if not new:
+            self._ready()
             return []
         return await self._insert(new, connection, session)
 
@@ -551,17 +543,13 @@ class Node:
         offset: object = 0,
         limit: object = 100,
     ) -> TaskFilter:
-        if limit is not None:
-            limit = _check_int("limit", limit, minimum=1)
-            if limit > MAX_PAGE_SIZE:
-                raise ConfigurationError(f"limit must be at most {MAX_PAGE_SIZE}, not {limit}")
         return TaskFilter(
             user=None if user is None else _check_text("user", user, allow_empty=True),
             group=None if group is None else _check_group(group),
             types=_check_types(types),
             states=_check_states(states),
             offset=_check_int("offset", offset, minimum=0, maximum=INT64_MAX),
-            limit=100 if limit is None else int(limit),
+            limit=_check_int("limit", limit, minimum=1, maximum=MAX_PAGE_SIZE),
         )
 
     async def get_tasks(
@@ -597,6 +585,8 @@ class Node:
         """Claim nothing more from ``group``; with ``stop_running=True`` also pause its running
         tasks."""
         group = _check_group(group)
+        if not isinstance(stop_running, bool):
+            raise ConfigurationError("stop_running must be a bool")
         backend = self._ready()
         await backend.set_group(group, paused=True)
         if stop_running:

@@ -23,6 +23,8 @@ class TaskObject(Protocol):
 
 
 MAX_TYPE_NAME = 200
+MAX_ATTEMPTS = 2**31 - 1
+"""The largest ``max_attempts`` (an INTEGER column)."""
 
 
 def check_type_name(name: object) -> str:
@@ -74,8 +76,10 @@ class TaskType:
         check_type_name(self.name)
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
             raise ConfigurationError(f"max_attempts must be an int, not {self.max_attempts!r}")
-        if self.max_attempts < 1:
-            raise ConfigurationError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
+            raise ConfigurationError(
+                f"max_attempts must be from 1 to {MAX_ATTEMPTS}, not {self.max_attempts}"
+            )
         _positive("stop_timeout", self.stop_timeout)
         _positive("timeout", self.timeout, allow_none=True)
         if self.factory is not None:

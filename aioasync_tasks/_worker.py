@@ -85,11 +85,6 @@ class Worker:
         self._next_due: float | None = None
         self.fenced = asyncio.Event()
         """Set each time the node found itself declared dead (for tests)."""
-        self._heartbeat_bound = (
-            max(config.heartbeat_interval, config.node_timeout / 4)
-            if backend.cancellable_statements
-            else None  # SQLite: waits for the write lock end within its busy timeout
-        )
         self._types = registry.names
         self._cleanup_types = [t.name for t in registry if t.has_cleanup]
 
@@ -112,16 +107,21 @@ class Worker:
             async with anyio.create_task_group() as services:
                 await services.start(self.committer.run)
                 services.start_soon(self._heartbeat_loop)
+                services.start_soon(self._lease_loop)
                 services.start_soon(self._rescue_loop)
                 services.start_soon(self._stop_poll_loop)
                 if self.backend.supports_notify:
                     await services.start(self._listen_loop)
                 async with anyio.create_task_group() as runs:
                     self._runs = runs
-                    runs.start_soon(self._claim_loop)
+                    claimer_done = anyio.Event()
+                    runs.start_soon(self._claim_loop, claimer_done)
                     task_status.started()
                     await self._shutdown.wait()
-                    self.wake()  # the claimer finishes its claim in flight, then exits
+                    # The claimer finishes its claim in flight and exits first, so that no task
+                    # handed back below can be claimed again by this node on its way out.
+                    self.wake()
+                    await claimer_done.wait()
                     for execution in list(self.executions.values()):
                         execution.request_stop(StopReason.SHUTDOWN)
                 services.cancel_scope.cancel()
@@ -144,20 +144,23 @@ class Worker:
 
     # -- claimer ----------------------------------------------------------------------------
 
-    async def _claim_loop(self) -> None:
+    async def _claim_loop(self, done: anyio.Event) -> None:
         # Never cancelled mid-claim: a claim cut short after its commit would leave tasks
         # claimed with nobody to run them. It ends at the first look after shutdown().
-        while not self._shutdown.is_set():
-            self._wake.clear()
-            try:
-                await self.claim_once()
-            except DatabaseError as exc:
-                self.log.warning("claim failed: %s", exc)
-            wait = self.config.poll_interval * (0.9 + 0.2 * random.random())
-            if self._next_due is not None:
-                wait = min(wait, self._next_due)
-            with anyio.move_on_after(wait):
-                await self._wake.wait()
+        try:
+            while not self._shutdown.is_set():
+                self._wake.clear()
+                try:
+                    await self.claim_once()
+                except DatabaseError as exc:
+                    self.log.warning("claim failed: %s", exc)
+                wait = self.config.poll_interval * (0.9 + 0.2 * random.random())
+                if self._next_due is not None:
+                    wait = min(wait, self._next_due)
+                with anyio.move_on_after(wait):
+                    await self._wake.wait()
+        finally:
+            done.set()
 
     async def claim_once(self) -> int:
         """Claim tasks (and cleanups) for the free slots; returns how many were started."""
@@ -231,12 +234,11 @@ class Worker:
             return
         sent = time.monotonic()
         try:
-            # Bounded: a hung connection (a partition that drops packets) must not keep the
-            # node from noticing that its lease is running out.
-            async with asyncio.timeout(self._heartbeat_bound):
-                owned = await self.backend.heartbeat(self.node_id)
-        except (DatabaseError, TimeoutError) as exc:
-            self.log.warning("heartbeat failed: %s", exc or "no answer in time")
+            # Not cancelled when slow (a statement cut off mid-flight can leave its connection
+            # stuck); the lease loop acts on an expiring lease meanwhile.
+            owned = await self.backend.heartbeat(self.node_id)
+        except DatabaseError as exc:
+            self.log.warning("heartbeat failed: %s", exc)
             self._check_lease()
             return
         if owned is None:
@@ -247,6 +249,12 @@ class Worker:
             await self._recover_lease()
             return
         self._deliver(owned, sent)
+
+    async def _lease_loop(self) -> None:
+        """Act on an expiring lease on time, even while a heartbeat is still waiting."""
+        while True:
+            await anyio.sleep(max(self._lease_deadline - time.monotonic(), 0.05))
+            self._check_lease()
 
     def _check_lease(self) -> None:
         if self.lease_valid() or self._lease_lost:

@@ -23,7 +23,7 @@ from aioasync_tasks import Node, State, Task, TaskNotFound
 NODEPROC = Path(__file__).with_name("nodeproc.py")
 FAST_PROCESS = {
     "heartbeat": 0.3,
-    "node_timeout": 1.5,
+    "node_timeout": 3.0,
     "poll_interval": 0.05,
     "stop_timeout": 30.0,
 }

@@ -15,7 +15,7 @@ from aioasync_tasks import Node, TaskRegistry
 
 FAST = {
     "heartbeat_interval": 0.2,
-    "node_timeout": 1.0,
+    "node_timeout": 5.0,
     "poll_interval": 0.05,
     "retry_base": 0.01,
     "retry_cap": 0.05,

@@ -7,7 +7,7 @@ node in the test process. The task types of ``nodeproc`` write a ledger into the
 a step was repeated only when its checkpoint was not yet durable (after a kill -9), and that no
 task ever ran on two nodes at once.
 
-Node processes use fast timings (heartbeat 0.3 s, node timeout 1.5 s) except the pause test,
+Node processes use fast timings (heartbeat 0.3 s, node timeout 3 s) except the pause test,
 which keeps the library's default heartbeat to measure stop delivery on each backend.
 """
 

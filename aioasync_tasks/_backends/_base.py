@@ -189,9 +189,6 @@ class Backend:
 
     dialect: str
     supports_notify = False
-    cancellable_statements = True
-    """Whether a statement may be cancelled in flight (a bound on it is then safe). Not with
-    aiosqlite: SQLAlchemy terminates the connection, and its close can hang or leak."""
     _timestamp = Timestamp()
 
     def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:

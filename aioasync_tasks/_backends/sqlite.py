@@ -57,7 +57,6 @@ class SqliteBackend(Backend):
     dialect = "sqlite"
     now = "((julianday('now') - 2440587.5) * 86400.0)"
     expanding_lists = True
-    cancellable_statements = False  # and a local file cannot hang like a lost network peer
 
     def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
         super().__init__(engine, schema)
