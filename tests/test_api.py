@@ -1,0 +1,140 @@
+"""The public API is exactly the documented one (STYLE 1: a facade with an explicit ``__all__``).
+
+Adding or removing a public name is a decision: it changes this list, the reference docs and the
+changelog together.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+
+import aioasync_tasks
+from aioasync_tasks import (
+    AsyncTasksError,
+    ConfigurationError,
+    DatabaseError,
+    DuplicateTaskType,
+    InvalidTransition,
+    NodeNotStarted,
+    NodeStopped,
+    Operation,
+    SchemaError,
+    State,
+    TaskNotFound,
+    UnknownTaskType,
+)
+
+PUBLIC_API = [
+    "MAX_PAGE_SIZE",
+    "AsyncTasksError",
+    "ConfigurationError",
+    "DatabaseError",
+    "DuplicateTaskType",
+    "FairShare",
+    "Fifo",
+    "Group",
+    "InvalidTransition",
+    "Node",
+    "NodeInfo",
+    "NodeNotStarted",
+    "NodeStopped",
+    "Operation",
+    "Phase",
+    "Report",
+    "SchedulingPolicy",
+    "SchemaError",
+    "State",
+    "StopRequest",
+    "Task",
+    "TaskInfo",
+    "TaskNotFound",
+    "TaskRegistry",
+    "TaskType",
+    "UnknownTaskType",
+    "current_node",
+    "current_task",
+    "metadata",
+]
+
+EXCEPTIONS = {
+    # name: the documented parents besides AsyncTasksError
+    "AsyncTasksError": (Exception,),
+    "TaskNotFound": (LookupError,),
+    "InvalidTransition": (),
+    "UnknownTaskType": (LookupError,),
+    "DuplicateTaskType": (),
+    "ConfigurationError": (ValueError,),
+    "NodeNotStarted": (),
+    "NodeStopped": (),
+    "SchemaError": (),
+    "DatabaseError": (),
+}
+
+
+def test_all_is_exactly_the_documented_api() -> None:
+    assert aioasync_tasks.__all__ == PUBLIC_API
+    assert len(set(PUBLIC_API)) == len(PUBLIC_API)
+
+
+def test_every_public_name_is_importable() -> None:
+    namespace: dict[str, object] = {}
+    exec("from aioasync_tasks import *", namespace)  # the star import itself
+    del namespace["__builtins__"]
+    assert sorted(namespace) == sorted(PUBLIC_API)
+    for name in PUBLIC_API:
+        assert getattr(aioasync_tasks, name) is namespace[name]
+
+
+def test_no_public_name_is_left_out_of_all() -> None:
+    """Everything the package exposes without an underscore is in ``__all__`` (submodules are
+    private: they all start with an underscore)."""
+    exposed = {
+        name
+        for name, value in vars(aioasync_tasks).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert exposed == set(PUBLIC_API)
+
+
+@pytest.mark.parametrize("name", sorted(EXCEPTIONS))
+def test_every_exception_derives_from_the_root(name: str) -> None:
+    error = getattr(aioasync_tasks, name)
+    assert name in PUBLIC_API
+    assert inspect.isclass(error)
+    assert issubclass(error, AsyncTasksError)
+    for parent in EXCEPTIONS[name]:
+        assert issubclass(error, parent)
+    assert error.__module__.startswith("aioasync_tasks")
+
+
+def test_every_public_exception_is_listed() -> None:
+    errors = {
+        name
+        for name in PUBLIC_API
+        if inspect.isclass(getattr(aioasync_tasks, name))
+        and issubclass(getattr(aioasync_tasks, name), BaseException)
+    }
+    assert errors == set(EXCEPTIONS)
+
+
+def test_exceptions_carry_their_fields() -> None:
+    not_found = TaskNotFound(7)
+    assert not_found.task_id == 7
+    assert "7" in str(not_found)
+
+    invalid = InvalidTransition(8, State.FINISHED, Operation.PAUSE)
+    assert (invalid.task_id, invalid.state, invalid.operation) == (
+        8,
+        State.FINISHED,
+        Operation.PAUSE,
+    )
+    assert "finished" in str(invalid)
+    assert "pause" in str(invalid)
+
+    assert UnknownTaskType("x").type == "x"
+    assert DuplicateTaskType("y").type == "y"
+    for error in (ConfigurationError, NodeNotStarted, NodeStopped, SchemaError, DatabaseError):
+        assert isinstance(error("message"), AsyncTasksError)
