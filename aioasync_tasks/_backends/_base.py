@@ -274,6 +274,13 @@ class Backend:
     def read(self) -> _Transaction:
         return _Transaction(self, write=False)
 
+    single_statement_autocommit = False
+    """Whether a write of one statement runs without BEGIN/COMMIT (one round trip)."""
+
+    def single(self) -> _Transaction:
+        """For a write that is one statement, and so atomic on its own."""
+        return _Transaction(self, write=True, autocommit=self.single_statement_autocommit)
+
     # -- schema -----------------------------------------------------------------------------
 
     async def schema_version(self) -> int | None:
@@ -378,7 +385,7 @@ class Backend:
         wake = any(t.state is State.PENDING for t in new_tasks)
         if connection is not None:
             return await self._insert(connection, params, wake)
-        async with self.write() as conn:
+        async with self.single() if len(params) == 1 else self.write() as conn:
             return await self._insert(conn, params, wake)
 
     async def _insert(
@@ -990,9 +997,10 @@ class _Transaction:
     Transactions are short, so a node stopping (or a cancelled caller) waits for at most one.
     """
 
-    def __init__(self, backend: Backend, *, write: bool) -> None:
+    def __init__(self, backend: Backend, *, write: bool, autocommit: bool = False) -> None:
         self._backend = backend
         self._write = write
+        self._autocommit = autocommit
         self._conn: AsyncConnection | None = None
         self._shield = anyio.CancelScope(shield=True)
 
@@ -1013,9 +1021,11 @@ class _Transaction:
             raise DatabaseError(str(exc)) from exc
         self._conn = conn
         options: dict[str, Any] = {"aioasync_write": self._write}
+        if self._autocommit:
+            options["isolation_level"] = "AUTOCOMMIT"
         conn = await conn.execution_options(**options)
         try:
-            await conn.begin()
+            await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
         except DBAPIError as exc:
             await conn.close()
             raise DatabaseError(str(exc.orig)) from exc

@@ -72,6 +72,21 @@ class PostgresBackend(Backend):
         " has_cleanup, run_at, ord) ORDER BY v.ord RETURNING id"
     )
 
+    single_statement_autocommit = True
+
+    async def _insert(
+        self, conn: AsyncConnection, params: list[dict[str, Any]], wake: bool
+    ) -> list[int]:
+        if len(params) != 1 or not wake:
+            return await super()._insert(conn, params, wake)
+        # One statement: the insert and its wake-up (delivered when it commits).
+        result = await self._exec(
+            conn,
+            "WITH ins AS (" + self._INSERT + ") SELECT id, pg_notify(:channel, 'wake') FROM ins",
+            {**params[0], "channel": self.channel},
+        )
+        return [result.scalar_one()]
+
     async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
         columns = {key: [p[key] for p in params] for key in params[0]}
         result = await self._exec(conn, self._INSERT_MANY, columns)
