@@ -78,7 +78,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop_poll = asyncio.Event()
         self._shutdown = asyncio.Event()
-        self._runs: anyio.abc.TaskGroup | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        """The asyncio tasks of the executions (plain tasks: an anyio task group's spawn
+        costs several times more, and a node may start thousands per second)."""
         self._fencing = False
         self._lease_deadline = 0.0
         self._lease_lost = False
@@ -112,10 +114,9 @@ class Worker:
                 services.start_soon(self._stop_poll_loop)
                 if self.backend.supports_notify:
                     await services.start(self._listen_loop)
-                async with anyio.create_task_group() as runs:
-                    self._runs = runs
+                try:
                     claimer_done = anyio.Event()
-                    runs.start_soon(self._claim_loop, claimer_done)
+                    services.start_soon(self._claim_loop, claimer_done)
                     task_status.started()
                     await self._shutdown.wait()
                     # The claimer finishes its claim in flight and exits first, so that no task
@@ -124,6 +125,10 @@ class Worker:
                     await claimer_done.wait()
                     for execution in list(self.executions.values()):
                         execution.request_stop(StopReason.SHUTDOWN)
+                    while self._running:
+                        await asyncio.wait(set(self._running))
+                finally:
+                    await self._cancel_executions()  # only left when stop() ran out of time
                 services.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
@@ -205,12 +210,24 @@ class Worker:
             # is not cancelled halfway): the task starts stopped and is handed back at once.
             execution.request_stop(StopReason.SHUTDOWN)
         self.executions[claimed.id] = execution
-        assert self._runs is not None
-        self._runs.start_soon(self._execute, execution)
+        task = asyncio.get_running_loop().create_task(self._execute(execution))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _cancel_executions(self) -> None:
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        if running:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(running)
 
     async def _execute(self, execution: Execution) -> None:
         try:
             await execution.run()
+        except Exception:  # a bug of the runner itself: never lose it silently
+            self.log.exception("the runner of task %s failed", execution.task_id)
+            raise
         finally:
             if self.executions.get(execution.task_id) is execution:
                 del self.executions[execution.task_id]
