@@ -17,6 +17,7 @@ from _db import DbTarget
 from _helpers import make_node, raw_engine, wait_for
 
 from aioasync_tasks import (
+    FairShare,
     Fifo,
     Report,
     SchedulingPolicy,
@@ -297,3 +298,48 @@ async def test_per_task_max_attempts_overrides_the_type(db: DbTarget) -> None:
         await node.run_task(task_id)  # a fresh series
         await wait_for(failed, what="FAILED again")
         assert (await node.get_task(task_id)).attempts == 2
+
+
+@pytest.mark.postgres_only
+async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> None:
+    """The limit is exact by construction: a claimer holds the group's row lock until it
+    commits, so a second claimer waits and then counts the first one's claims. Here the first
+    claim is held open on purpose while the second starts. The two nodes run different task
+    types, so without the lock the second would see none of the first's claims (they are not
+    committed) and take two more tasks of its own type."""
+    recorder = Recorder()
+    recorder.registry.register_task("other", recorder.job)
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        await client.set_group_limits("g", max_running=2)
+        await client.create_tasks([{"type": t, "group": "g"} for t in ("job", "other") * 2])
+        backend = client._backend
+        first_node = await backend.register_node("first", 10, ["job"])
+        second_node = await backend.register_node("second", 10, ["other"])
+        policy = FairShare()
+        async with backend.write() as conn:
+            assert await backend._prepare_claim(conn, first_node)
+            result = await conn.execute(
+                backend._sql(backend._claim_statement(policy.order_by)),
+                {"node": first_node, "types": ["job"], "limit": 10},
+            )
+            assert len(result.all()) == 2
+            second = asyncio.create_task(backend.claim(second_node, ["other"], 10, policy))
+            probe = raw_engine(db)
+
+            async def second_waits_or_is_done() -> bool:
+                if second.done():
+                    return True
+                async with probe.connect() as conn2:
+                    waiting = await conn2.execute(
+                        sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    )
+                    return bool(waiting.scalar())
+
+            try:
+                await wait_for(second_waits_or_is_done, what="the second claim to run or wait")
+            finally:
+                await probe.dispose()
+        claimed = await second
+        assert claimed.claimed == []
+        running = await client.count_tasks(group="g", states=[State.RUNNING])
+        assert running == 2

@@ -596,9 +596,8 @@ class Backend:
             return ClaimResult([], None)
         params = {"node": node_id, "types": list(types), "limit": limit}
         async with self.write() as conn:
-            if not await self._node_registered(conn, node_id):
+            if not await self._prepare_claim(conn, node_id):
                 return ClaimResult([], None)
-            await self._lock_limited_groups(conn)
             result = await self._exec(conn, self._claim_statement(policy.order_by), params)
             rows = sorted(result, key=lambda r: (not r[7], -r[8], r[0]))
             next_due = None
@@ -619,8 +618,11 @@ class Backend:
         )
         return result.first() is not None
 
-    async def _lock_limited_groups(self, conn: AsyncConnection) -> None:
-        """Dialect hook: serialise claimers of groups with limits (PostgreSQL)."""
+    async def _prepare_claim(self, conn: AsyncConnection, node_id: int) -> bool:
+        """Whether the node may claim (its row exists); PostgreSQL also locks the rows of the
+        groups with limits here, so that the claim statement that follows sees every claim
+        that committed before it (see ``claim``)."""
+        return await self._node_registered(conn, node_id)
 
     def _seconds_until(self, column: LiteralString) -> LiteralString:
         return column + " - " + self.now

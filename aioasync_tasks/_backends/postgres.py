@@ -93,12 +93,17 @@ class PostgresBackend(Backend):
         # Ids come from the sequence in the order the rows are inserted (ORDER BY ord).
         return sorted(row[0] for row in result)
 
-    async def _lock_limited_groups(self, conn: AsyncConnection) -> None:
-        await self._exec(
+    async def _prepare_claim(self, conn: AsyncConnection, node_id: int) -> bool:
+        # One round trip: share-lock our node row (fencing) and lock the limited groups.
+        result = await self._exec(
             conn,
-            "SELECT name FROM {groups} WHERE max_running IS NOT NULL"
-            " OR max_running_per_user IS NOT NULL ORDER BY name FOR UPDATE",
+            "SELECT (SELECT count(*) FROM (SELECT id FROM {nodes} WHERE id = :id"
+            " FOR KEY SHARE) me), (SELECT count(*) FROM (SELECT name FROM {groups}"
+            " WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL"
+            " ORDER BY name FOR UPDATE) limited)",
+            {"id": node_id},
         )
+        return bool(result.one()[0])
 
     def _seconds_until(self, column: LiteralString) -> LiteralString:
         return "EXTRACT(EPOCH FROM (" + column + " - " + self.now + "))"
