@@ -4,6 +4,7 @@ processes sharing the file."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, LiteralString
 
 from sqlalchemy import event
@@ -67,6 +68,23 @@ class SqliteBackend(Backend):
 
     # Without statistics SQLite may pick the (state, id) index and sort the whole backlog.
     _queue_index = "{tasks} INDEXED BY aioasync_tasks_queue_idx"
+
+    _INSERT_CHUNK = 1_000
+    """Rows per multi-row INSERT (8 parameters a row, well below SQLite's 32,766)."""
+
+    async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
+        # One INSERT … VALUES (…), (…) … RETURNING per chunk; row i's parameters are `name_i`.
+        head, values = self._INSERT.removesuffix(" RETURNING id").split(" VALUES ", 1)
+        ids: list[int] = []
+        for start in range(0, len(params), self._INSERT_CHUNK):
+            chunk = params[start : start + self._INSERT_CHUNK]
+            rows = ", ".join(re.sub(r":(\w+)", rf":\1_{i}", values) for i in range(len(chunk)))
+            numbered = {
+                f"{key}_{i}": value for i, row in enumerate(chunk) for key, value in row.items()
+            }
+            result = await self._exec(conn, head + " VALUES " + rows + " RETURNING id", numbered)
+            ids.extend(sorted(r[0] for r in result))  # autoincrement ids follow the VALUES order
+        return ids
 
     def _pairs_scan(self) -> LiteralString:
         # SQLite seeks a row-value range on its first column only; the next queue is either
