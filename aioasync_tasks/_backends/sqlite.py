@@ -139,15 +139,23 @@ class SqliteBackend(Backend):
     async def _checkpoint(
         self, conn: AsyncConnection, node_id: int, contexts: dict[int, str]
     ) -> set[int]:
+        # One UPDATE … FROM (VALUES …) per chunk, as PostgreSQL does with arrays.
         accepted: set[int] = set()
-        for task_id, context in contexts.items():
+        items = list(contexts.items())
+        for start in range(0, len(items), self._INSERT_CHUNK):
+            chunk = items[start : start + self._INSERT_CHUNK]
+            rows = ", ".join(f"(:id_{i}, :context_{i})" for i in range(len(chunk)))
+            params: dict[str, Any] = {"node": node_id}
+            for i, (task_id, context) in enumerate(chunk):
+                params[f"id_{i}"] = task_id
+                params[f"context_{i}"] = context
             result = await self._exec(
                 conn,
-                "UPDATE {tasks} SET context = :context, updated_at = {now} WHERE id = :id"
-                " AND node_id = :node AND state IN ('running', 'canceling', 'deleting')"
-                " RETURNING id",
-                {"id": task_id, "context": context, "node": node_id},
+                "WITH v(id, context) AS (VALUES " + rows + ") UPDATE {tasks}"
+                " SET context = v.context, updated_at = {now} FROM v"
+                " WHERE {tasks}.id = v.id AND node_id = :node"
+                " AND state IN ('running', 'canceling', 'deleting') RETURNING {tasks}.id",
+                params,
             )
-            if result.first() is not None:
-                accepted.add(task_id)
+            accepted.update(r[0] for r in result)
         return accepted
