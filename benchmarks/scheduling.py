@@ -1,0 +1,140 @@
+"""Scheduling cost (SPEC §5): claims with fair share and group limits on a large backlog.
+
+100,000 pending tasks spread over 1,000 users and 10 groups — ``--spread queues`` puts every
+user in every group (10,000 (group, user) queues, 10 tasks each), ``--spread users`` puts each
+user in one group (1,000 queues, 100 tasks each). Then:
+
+- **claim of 10**: the time of one claim statement of up to 10 tasks (the node's whole claim
+  transaction), repeated; p50/p99 for ``FairShare`` and ``Fifo``;
+- **drain**: a node in this process (concurrency 100) runs no-op tasks until ``--drain`` of
+  them have finished, without limits and with ``max_running`` / ``max_running_per_user`` on
+  every group; tasks/s.
+
+The claim walks every non-empty (group, user) queue, so its cost grows with the number of
+queues, not with the number of tasks.
+
+    python benchmarks/scheduling.py --backend postgres
+    python benchmarks/scheduling.py --backend postgres --spread users
+    python benchmarks/scheduling.py --backend sqlite
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+from aioasync_tasks import FairShare, Fifo, Node, Report, SchedulingPolicy, State, TaskRegistry
+
+USERS = 1_000
+GROUPS = 10
+BATCH = 10_000
+
+
+def registry() -> TaskRegistry:
+    tasks = TaskRegistry()
+
+    @tasks.task("noop")
+    async def noop(context: str, stop: asyncio.Event) -> Any:
+        yield Report.finished()
+
+    return tasks
+
+
+def spec(i: int, spread: str) -> dict[str, Any]:
+    user = i % USERS
+    group = (i // USERS) % GROUPS if spread == "queues" else user % GROUPS
+    return {"type": "noop", "user": f"user{user}", "group": f"group{group}"}
+
+
+async def fill(node: Node, n: int, spread: str) -> None:
+    for start in range(0, n, BATCH):
+        await node.create_tasks([spec(i, spread) for i in range(start, min(n, start + BATCH))])
+
+
+async def time_claims(node: Node, policy: SchedulingPolicy, rounds: int) -> list[float]:
+    backend = node._backend
+    node_id = await backend.register_node("bench-claimer", 10, ["noop"])
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        result = await backend.claim(node_id, ["noop"], 10, policy)
+        times.append((time.perf_counter() - started) * 1000)
+        assert len(result.claimed) == 10, result
+    await backend.deregister(node_id)  # hands the claimed tasks back
+    return times
+
+
+async def drain(db: c.BenchDb, count: int, deadline: float) -> float:
+    async with Node(db.url, registry=registry(), concurrency=100, **db.node_kwargs()) as node:
+        started = time.perf_counter()
+        while await node.count_tasks(states=[State.FINISHED]) < count:
+            if time.perf_counter() > deadline:
+                raise TimeoutError("drain did not finish in time")
+            await asyncio.sleep(0.05)
+        return count / (time.perf_counter() - started)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    deadline = time.perf_counter() + args.timeout - 30
+    results: dict[str, Any] = {}
+    async with c.bench_db(args.backend, args.dsn, prefix="bench_sched") as db:
+        async with Node(db.url, registry=registry(), concurrency=0, **db.node_kwargs()) as client:
+            started = time.perf_counter()
+            await fill(client, args.n, args.spread)
+            results["fill_s"] = time.perf_counter() - started
+            rows = []
+            for policy in (FairShare(), Fifo()):
+                times = await time_claims(client, policy, args.rounds)
+                name = type(policy).__name__
+                results[f"claim10_{name}_ms"] = {
+                    "p50": c.percentile(times, 50),
+                    "p99": c.percentile(times, 99),
+                }
+                rows.append([name, c.percentile(times, 50), c.percentile(times, 99), len(times)])
+            c.print_table(
+                f"claim of 10 ({args.backend}, {args.n:,} pending, {args.spread} spread, "
+                f"load {c.load_average()})",
+                ["policy", "p50 ms", "p99 ms", "claims"],
+                rows,
+            )
+        drain_rows = []
+        free = await drain(db, args.drain, deadline)
+        results["drain_free_per_s"] = free
+        drain_rows.append(["none", free])
+        async with Node(db.url, registry=registry(), concurrency=0, **db.node_kwargs()) as client:
+            for g in range(GROUPS):
+                await client.set_group_limits(
+                    f"group{g}", max_running=args.max_running, max_running_per_user=2
+                )
+        limited = await drain(db, 2 * args.drain, deadline)
+        results["drain_limited_per_s"] = limited
+        drain_rows.append([f"max_running={args.max_running}, per user 2, each group", limited])
+        c.print_table(
+            f"drain with a node of concurrency 100 ({args.backend}, {args.drain:,} tasks each)",
+            ["limits", "tasks/s"],
+            drain_rows,
+        )
+    c.emit_json("scheduling", args.backend, results, n=args.n, spread=args.spread)
+
+
+def main() -> None:
+    parser = c.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=100_000, help="pending tasks (default 100000)")
+    parser.add_argument("--spread", choices=("queues", "users"), default="queues")
+    parser.add_argument("--rounds", type=int, default=50, help="claims timed per policy")
+    parser.add_argument("--drain", type=int, default=10_000, help="tasks per drain run")
+    parser.add_argument("--max-running", type=int, default=5, help="per-group limit")
+    args = parser.parse_args()
+    c.run_main(lambda: _main(args), args.timeout)
+
+
+if __name__ == "__main__":
+    main()
