@@ -10,7 +10,7 @@ out=${1:-$(mktemp -d /tmp/aioasync_bench.XXXXXX)}
 mkdir -p "$out"
 echo "results in $out; load: $(cat /proc/loadavg)"
 for backend in postgres sqlite; do
-    for bench in raw_baseline drain create latency checkpoints scale; do
+    for bench in raw_baseline drain create latency checkpoints scale scheduling; do
         extra=""
         # SQLite has no NOTIFY: its latency is its poll interval; show the default and 50 ms.
         if [ "$bench" = latency ] && [ "$backend" = sqlite ]; then
