@@ -244,6 +244,12 @@ _SECONDS = click.FloatRange(min=0, min_open=True)
 @click.argument("registry", metavar="MODULE:REGISTRY")
 @click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--name", default=None, help="Node name shown by `nodes` [default: host:pid].")
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    help="Run only tasks of this group (repeatable) [default: every group].",
+)
 @click.option("--heartbeat-interval", type=_SECONDS, default=5.0, show_default=True)
 @click.option("--node-timeout", type=_SECONDS, default=30.0, show_default=True)
 @click.option("--poll-interval", type=_SECONDS, default=1.0, show_default=True)
@@ -260,6 +266,7 @@ def worker(
     registry: str,
     concurrency: int,
     name: str | None,
+    groups: tuple[str, ...],
     heartbeat_interval: float,
     node_timeout: float,
     poll_interval: float,
@@ -279,6 +286,7 @@ def worker(
     options = {
         "concurrency": concurrency,
         "name": name,
+        "groups": groups or None,
         "heartbeat_interval": heartbeat_interval,
         "node_timeout": node_timeout,
         "poll_interval": poll_interval,

@@ -138,6 +138,17 @@ def _check_types(types: object) -> tuple[str, ...] | None:
         raise ConfigurationError(f"bad types: {exc}") from exc
 
 
+def _check_groups(groups: object) -> tuple[str, ...] | None:
+    if groups is None:
+        return None
+    if isinstance(groups, str) or not isinstance(groups, Iterable):
+        raise ConfigurationError("groups must be a list of group names")
+    names = tuple(_check_group(g) for g in groups)
+    if not names:
+        raise ConfigurationError("groups must name at least one group (None: all groups)")
+    return names
+
+
 def _check_policy(policy: object) -> SchedulingPolicy:
     if policy is None:
         return FairShare()
@@ -170,6 +181,8 @@ class Node:
     - ``name`` (host:pid): shown in ``get_nodes()``.
     - ``policy`` (``FairShare()``): the claim order; ``Fifo()`` or your own
       ``SchedulingPolicy`` subclass.
+    - ``groups`` (None: all): run only tasks of these groups (a worker dedicated to some
+      queues). Cleanup handlers of deleted tasks run on any node that has the type.
     - ``logger``: the application's logger (default ``logging.getLogger("aioasync_tasks")``).
     """
 
@@ -191,6 +204,7 @@ class Node:
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
         name: str | None = None,
         policy: SchedulingPolicy | None = None,
+        groups: Iterable[str] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
@@ -229,6 +243,7 @@ class Node:
             ),
             name=None if name is None else _check_text("name", name, allow_empty=False),
             policy=_check_policy(policy),
+            groups=_check_groups(groups),
         )
         self.max_context_bytes = _check_int("max_context_bytes", max_context_bytes, minimum=1)
         self.auto_migrate = bool(auto_migrate)

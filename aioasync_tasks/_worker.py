@@ -54,6 +54,7 @@ class WorkerConfig:
     backoff: Backoff
     name: str | None
     policy: SchedulingPolicy
+    groups: tuple[str, ...] | None
 
 
 class Worker:
@@ -175,7 +176,9 @@ class Worker:
         cleaning = len(self.executions) - running
         node_id = self.node_id
         free = self.config.concurrency - running
-        result = await self.backend.claim(node_id, self._types, free, self.config.policy)
+        result = await self.backend.claim(
+            node_id, self._types, free, self.config.policy, self.config.groups
+        )
         claimed = result.claimed
         self._next_due = result.next_due
         cleanups = await self.backend.claim_cleanups(

@@ -443,6 +443,28 @@ async def test_worker_runs_tasks_and_stops_on_sigterm(
         await client.stop()
 
 
+async def test_worker_runs_only_its_groups(db: DbTarget, start_worker: StartWorker) -> None:
+    client = make_node(db, _test_registry(), concurrency=0)
+    await client.start()
+    try:
+        worker = await start_worker("--group", "mine", "--group", "ours")
+        mine = await client.create_task("shout", "a", group="mine")
+        ours = await client.create_task("shout", "b", group="ours")
+        other = await client.create_task("shout", "c", group="theirs")
+
+        async def finished() -> bool:
+            assert worker.process.returncode is None, worker.text()
+            states = [(await client.get_task(t)).state for t in (mine, ours)]
+            return states == [State.FINISHED, State.FINISHED]
+
+        await wait_for(finished, timeout=60, what="the worker to run its groups' tasks")
+        worker.process.send_signal(signal.SIGTERM)
+        assert await _exit_code(worker) == 0, worker.text()
+        assert (await client.get_task(other)).state is State.PENDING
+    finally:
+        await client.stop()
+
+
 async def test_worker_second_signal_forces_the_stop(
     db: DbTarget, start_worker: StartWorker
 ) -> None:

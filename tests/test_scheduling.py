@@ -17,6 +17,7 @@ from _db import DbTarget
 from _helpers import make_node, raw_engine, wait_for
 
 from aioasync_tasks import (
+    ConfigurationError,
     FairShare,
     Fifo,
     Report,
@@ -343,3 +344,23 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         assert claimed.claimed == []
         running = await client.count_tasks(group="g", states=[State.RUNNING])
         assert running == 2
+
+
+async def test_a_node_can_be_dedicated_to_some_groups(db: DbTarget) -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        other = await client.create_task("job", group="other")
+        mine = await client.create_task("job", group="mine")
+    async with make_node(db, recorder.registry, concurrency=4, groups=["mine"]) as node:
+        await wait_for(lambda: mine in recorder.started, what="the dedicated group's task")
+        assert node._worker is not None
+        assert await node._worker.claim_once() == 0
+        assert (await node.get_task(other)).state is State.PENDING
+    assert recorder.started == [mine]
+
+
+@pytest.mark.parametrize("groups", [[], "mine", [""], [3]])
+def test_groups_option_is_validated(sqlite_db: DbTarget, groups: object) -> None:
+    with pytest.raises(ConfigurationError):
+        make_node(sqlite_db, TaskRegistry(), groups=groups)

@@ -582,10 +582,16 @@ class Backend:
     )
 
     async def claim(
-        self, node_id: int, types: Sequence[str], limit: int, policy: SchedulingPolicy
+        self,
+        node_id: int,
+        types: Sequence[str],
+        limit: int,
+        policy: SchedulingPolicy,
+        groups: Sequence[str] | None = None,
     ) -> ClaimResult:
-        """Claim up to ``limit`` due PENDING tasks of ``types`` for ``node_id`` (event CLAIM), in
-        the ``policy``'s order, skipping paused groups and never exceeding group limits.
+        """Claim up to ``limit`` due PENDING tasks of ``types`` (and of ``groups``, when given)
+        for ``node_id`` (event CLAIM), in the ``policy``'s order, skipping paused groups and
+        never exceeding group limits.
 
         Exactness of the limits: on PostgreSQL the claim first locks the rows of the groups
         that have limits (``FOR UPDATE``, in name order), so claimers that could exceed one
@@ -594,11 +600,14 @@ class Backend:
         """
         if limit <= 0 or not types:
             return ClaimResult([], None)
-        params = {"node": node_id, "types": list(types), "limit": limit}
+        params: dict[str, Any] = {"node": node_id, "types": list(types), "limit": limit}
+        if groups is not None:
+            params["groups"] = list(groups)
+        statement = self._claim_statement(policy.order_by, only_groups=groups is not None)
         async with self.write() as conn:
             if not await self._prepare_claim(conn, node_id):
                 return ClaimResult([], None)
-            result = await self._exec(conn, self._claim_statement(policy.order_by), params)
+            result = await self._exec(conn, statement, params)
             rows = sorted(result, key=lambda r: (not r[7], -r[8], r[0]))
             next_due = None
             if len(rows) < limit:
@@ -633,7 +642,9 @@ class Backend:
             " WHERE state = 'pending' AND run_at > {now} AND " + self._in("type", ":types")
         )
 
-    def _claim_statement(self, order_by: LiteralString) -> LiteralString:
+    def _claim_statement(
+        self, order_by: LiteralString, *, only_groups: bool = False
+    ) -> LiteralString:
         types = self._in("type", ":types")
         queue_order: LiteralString = "handoff DESC, priority DESC, id"
         ready: LiteralString = "state = 'pending' AND run_at <= {now} AND " + types
@@ -653,7 +664,8 @@ class Backend:
             " LEFT JOIN active a ON a.group_name = p.group_name AND a.user_name = p.user_name"
             " LEFT JOIN group_active ga ON ga.group_name = p.group_name"
             " WHERE NOT COALESCE(g.paused, false)"
-            " AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))"
+            + (" AND " + self._in("p.group_name", ":groups") if only_groups else "")
+            + " AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))"
             " AND (g.max_running_per_user IS NULL OR g.max_running_per_user > COALESCE(a.n, 0))),"
             # Each open queue's first due task; the best `limit` queues hold the best tasks.
             " heads AS (SELECT h.id, h.handoff, h.priority, h.run_at, h.group_name, h.user_name,"
