@@ -371,7 +371,6 @@ class _Script:
     handoff: dict[int, int] = field(default_factory=dict)
     """Task id → number of runs it had when its worker was told to stop."""
     reported: set[int] = field(default_factory=set)
-    old_node: int = 0
     old_worker: int = 0
 
 
@@ -692,7 +691,7 @@ class Demo:
             return
         node_id = max(candidates, key=lambda n: len(running[n]))
         number = self.worker_of_node[node_id]
-        script.old_node, script.old_worker = node_id, number
+        script.old_worker = number
         script.handoff = {
             t.id: len(json.loads(t.context).get("runs", [])) for t in running[node_id]
         }

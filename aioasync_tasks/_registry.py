@@ -7,19 +7,13 @@ import inspect
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ._errors import ConfigurationError, DuplicateTaskType, UnknownTaskType
 from ._report import Report
 
 TaskGenerator = AsyncIterator[Report]
 TaskFunction = Callable[[str, asyncio.Event], TaskGenerator]
-
-
-class TaskObject(Protocol):
-    """A class-based task (the seed's ``ITask``): built fresh by its factory for each run."""
-
-    def running(self, context: str, stop: asyncio.Event) -> TaskGenerator: ...
 
 
 MAX_TYPE_NAME = 200

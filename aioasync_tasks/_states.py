@@ -97,8 +97,6 @@ class Event(enum.StrEnum):
 ACTIVE_STATES = frozenset({State.RUNNING, State.CANCELING})
 """States in which a node owns and executes the task's generator."""
 
-TERMINAL_STATES = frozenset({State.FINISHED, State.FAILED})
-
 
 @dataclass(frozen=True, slots=True)
 class Outcome:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -225,9 +225,6 @@ class Backend:
 
     async def _notify(self, conn: AsyncConnection, payload: str) -> None:
         """Tell the other nodes (PostgreSQL NOTIFY); a no-op where not supported."""
-
-    def _begin_write(self, conn: AsyncConnection) -> AsyncConnection:
-        return conn
 
     def _to_db_time(self, value: datetime) -> Any:
         return self._timestamp.process_bind_param(value, self.engine.dialect)
@@ -576,10 +573,6 @@ class Backend:
             return OperationResult(outcome, row.node_id)
 
     # -- execution --------------------------------------------------------------------------
-
-    _CLAIMED_COLUMNS: LiteralString = (
-        "id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority"
-    )
 
     async def claim(
         self,
@@ -1072,6 +1065,3 @@ def _split_sql(sql: str) -> list[str]:
         if statement:
             statements.append(statement)
     return statements
-
-
-StatementFactory = Callable[[], LiteralString]
