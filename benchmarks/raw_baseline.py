@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import sqlite3
 import sys
 import time
@@ -170,6 +171,7 @@ async def _pg_worker(dsn: str, table: str, node_id: int, slots: int, shape: str)
     await conn.execute("SELECT 1")
     print("READY", flush=True)
     sys.stdin.readline()  # "go"
+    _GO_CPU[0] = _cpu()
     done = 0
     try:
         while True:
@@ -191,6 +193,7 @@ async def _pg_worker(dsn: str, table: str, node_id: int, slots: int, shape: str)
                     await conn.executemany(finish_one, [(r[0],) for r in locked])
             done += len(ids)
     finally:
+        _report_done(done)
         await conn.close()
 
 
@@ -202,6 +205,7 @@ def _sqlite_worker(path: str, table: str, node_id: int, slots: int) -> int:
     finish = _SQLITE_FINISH.format(t=table, now=SQLITE_NOW)
     print("READY", flush=True)
     sys.stdin.readline()
+    _GO_CPU[0] = _cpu()
     done = 0
     try:
         while True:
@@ -216,7 +220,24 @@ def _sqlite_worker(path: str, table: str, node_id: int, slots: int) -> int:
             conn.execute("COMMIT")
             done += len(ids)
     finally:
+        _report_done(done)
         conn.close()
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _report_done(done: int) -> None:
+    """Say how many rows this worker finished and the CPU it used since "go", then keep the
+    connection open until the driver closes our stdin: the driver reads the server's CPU
+    time while our backend process still lives."""
+    print(f"DONE {done} {_cpu() - _GO_CPU[0]:.4f}", flush=True)
+    sys.stdin.read()
+
+
+_GO_CPU = [0.0]
 
 
 def _worker_main(argv: list[str]) -> None:
@@ -230,10 +251,9 @@ def _worker_main(argv: list[str]) -> None:
     parser.add_argument("--shape", default="minimal")
     a = parser.parse_args(argv)
     if a.backend == "postgres":
-        done = asyncio.run(_pg_worker(a.target, a.table, a.node, a.slots, a.shape))
+        asyncio.run(_pg_worker(a.target, a.table, a.node, a.slots, a.shape))
     else:
-        done = _sqlite_worker(a.target, a.table, a.node, a.slots)
-    print(f"DONE {done}", flush=True)
+        _sqlite_worker(a.target, a.table, a.node, a.slots)
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -285,21 +305,29 @@ async def run_baseline(
                 line = await asyncio.wait_for(proc.stdout.readline(), 60)
                 if not line.startswith(b"READY"):
                     raise RuntimeError(f"raw worker did not start: {line!r}")
+            pg_cpu0 = c.postgres_cpu_seconds()
             wall0 = time.monotonic()
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write(b"go\n")
                 await proc.stdin.drain()
             per_proc = []
+            client_cpu = 0.0
             for proc in procs:
                 assert proc.stdout is not None
                 remaining = max(1.0, deadline - time.monotonic())
-                out = await asyncio.wait_for(proc.stdout.read(), remaining)
-                await proc.wait()
-                per_proc += [
-                    int(x.split()[1]) for x in out.decode().splitlines() if x.startswith("DONE")
-                ]
+                line = await asyncio.wait_for(proc.stdout.readline(), remaining)
+                if not line.startswith(b"DONE"):
+                    raise RuntimeError(f"raw worker failed: {line!r}")
+                per_proc.append(int(line.split()[1]))
+                client_cpu += float(line.split()[2])
             wall = time.monotonic() - wall0
+            pg_cpu = c.postgres_cpu_seconds() - pg_cpu0  # the workers' backends still live
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                await asyncio.wait_for(proc.wait(), 30)
+
         finally:
             for proc in procs:
                 if proc.returncode is None:
@@ -319,7 +347,14 @@ async def run_baseline(
         "wall_seconds": round(wall, 4),
         "tasks_per_s": round(n / seconds, 1) if seconds else None,
         "per_process": per_proc,
+        "client_cpu_seconds": round(client_cpu, 3),
+        "postgres_cpu_seconds": round(pg_cpu, 3) if backend == "postgres" else None,
     }
+
+
+def _share(part: float | None, whole: float) -> str:
+    """CPU over wall time (100% = one core)."""
+    return "-" if part is None or not whole else f"{100 * part / whole:.0f}%"
 
 
 def parse_config(text: str) -> tuple[int, int]:
@@ -343,9 +378,17 @@ async def _main(args: argparse.Namespace) -> None:
         results.append(r)
     c.print_table(
         f"raw baseline ({args.backend}, n={args.n}, shape={args.shape}, loadavg at start {load})",
-        ["P", "C", "tasks/s", "seconds", "wall s"],
+        ["P", "C", "tasks/s", "seconds", "wall s", "workers CPU", "postgres CPU"],
         [
-            [r["processes"], r["concurrency"], r["tasks_per_s"], r["seconds"], r["wall_seconds"]]
+            [
+                r["processes"],
+                r["concurrency"],
+                r["tasks_per_s"],
+                r["seconds"],
+                r["wall_seconds"],
+                _share(r["client_cpu_seconds"], r["wall_seconds"]),
+                _share(r["postgres_cpu_seconds"], r["wall_seconds"]),
+            ]
             for r in results
         ],
     )

@@ -321,7 +321,7 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
             assert await backend._prepare_claim(conn, first_node)
             result = await conn.execute(
                 backend._sql(backend._claim_statement(policy.order_by)),
-                {"node": first_node, "types": ["job"], "limit": 10},
+                {"node": first_node, "types": ["job"], "limit": 10, "pool": 30},
             )
             assert len(result.all()) == 2
             second = asyncio.create_task(backend.claim(second_node, ["other"], 10, policy))

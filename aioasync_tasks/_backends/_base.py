@@ -593,7 +593,12 @@ class Backend:
         """
         if limit <= 0 or not types:
             return ClaimResult([], None)
-        params: dict[str, Any] = {"node": node_id, "types": list(types), "limit": limit}
+        params: dict[str, Any] = {
+            "node": node_id,
+            "types": list(types),
+            "limit": limit,
+            "pool": limit * self.claim_pool_factor,
+        }
         if groups is not None:
             params["groups"] = list(groups)
         statement = self._claim_statement(policy.order_by, only_groups=groups is not None)
@@ -670,7 +675,7 @@ class Backend:
             + " AND group_name = op.group_name"
             " AND user_name = op.user_name ORDER BY " + queue_order + " LIMIT 1)),"
             " top_pairs AS (SELECT group_name, user_name FROM heads"
-            " ORDER BY " + order_by + " LIMIT :limit),"
+            " ORDER BY " + order_by + " LIMIT :pool),"
             # Up to `limit` due tasks of each of those queues, ranked within their queue.
             " candidates AS (SELECT c.id, c.handoff, c.priority, c.run_at, c.group_name,"
             " c.user_name, op.user_running, op.group_room, op.user_room,"
@@ -685,12 +690,18 @@ class Backend:
             " user_running, user_rank, group_room,"
             " row_number() OVER (PARTITION BY group_name ORDER BY " + order_by + ") AS group_rank"
             " FROM candidates WHERE user_room IS NULL OR user_rank <= user_room),"
-            " chosen AS (SELECT id FROM allowed WHERE group_room IS NULL"
-            " OR group_rank <= group_room ORDER BY "
+            # `pool` candidates in policy order (`pick`); the claim takes the first `limit` of
+            # them it can lock, so rows another claimer holds are skipped past, not lost.
+            " chosen AS (SELECT id, row_number() OVER (ORDER BY " + order_by + ") AS pick"
+            " FROM allowed WHERE group_room IS NULL OR group_rank <= group_room ORDER BY "
             + order_by
-            + " LIMIT :limit) "
+            + " LIMIT :pool) "
             + self._claim_update()
         )
+
+    claim_pool_factor = 1
+    """Candidates a claim considers per task it may take (more where claimers skip each
+    other's locked rows)."""
 
     _queue_index: LiteralString = "{tasks}"
     """The tasks table, read through the queue index (SQLite must be told to use it)."""
@@ -709,7 +720,7 @@ class Backend:
         )
 
     def _queue_tasks(self, ready: LiteralString, queue_order: LiteralString) -> LiteralString:
-        """SQL joining each open queue ``op`` to its first ``:limit`` ready tasks as ``c``."""
+        """SQL joining each open queue ``op`` to its first ``:pool`` ready tasks as ``c``."""
         raise NotImplementedError
 
     def _claim_update(self) -> LiteralString:

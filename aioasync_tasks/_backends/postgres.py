@@ -20,6 +20,7 @@ class PostgresBackend(Backend):
     supports_notify = True
     now = "now()"
     lock_rows = " FOR UPDATE"
+    claim_pool_factor = 3  # concurrent claimers choose alike; SKIP LOCKED then skips past
     skip_locked = " SKIP LOCKED"
     share_lock = " FOR KEY SHARE"
 
@@ -123,7 +124,7 @@ class PostgresBackend(Backend):
         return (
             "CROSS JOIN LATERAL (SELECT id, handoff, priority, run_at, group_name, user_name"
             " FROM {tasks} WHERE " + ready + " AND group_name = op.group_name"
-            " AND user_name = op.user_name ORDER BY " + queue_order + " LIMIT :limit) c"
+            " AND user_name = op.user_name ORDER BY " + queue_order + " LIMIT :pool) c"
         )
 
     def _claim_update(self) -> LiteralString:
@@ -132,8 +133,9 @@ class PostgresBackend(Backend):
         return (
             "UPDATE {tasks} t SET state = 'running', node_id = :node, attempts = t.attempts + 1,"
             " handoff = false, started_at = COALESCE(t.started_at, {now}), updated_at = {now}"
-            " FROM (SELECT id FROM {tasks} WHERE id IN (SELECT id FROM chosen)"
-            " AND state = 'pending' FOR UPDATE SKIP LOCKED) k"
+            " FROM (SELECT r.id FROM {tasks} r JOIN chosen c ON c.id = r.id"
+            " WHERE r.state = 'pending' ORDER BY c.pick LIMIT :limit"
+            " FOR UPDATE OF r SKIP LOCKED) k"
             " WHERE t.id = k.id" + _RETURN_CLAIMED
         )
 

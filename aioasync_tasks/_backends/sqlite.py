@@ -117,7 +117,7 @@ class SqliteBackend(Backend):
             + " WHERE "
             + ready
             + " AND group_name = op.group_name AND user_name = op.user_name"
-            " ORDER BY " + queue_order + " LIMIT :limit)"
+            " ORDER BY " + queue_order + " LIMIT :pool)"
         )
 
     def _claim_update(self) -> LiteralString:
@@ -125,7 +125,7 @@ class SqliteBackend(Backend):
         return (
             "UPDATE {tasks} SET state = 'running', node_id = :node, attempts = attempts + 1,"
             " handoff = false, started_at = COALESCE(started_at, {now}), updated_at = {now}"
-            " WHERE id IN (SELECT id FROM chosen)" + _RETURN_CLAIMED
+            " WHERE id IN (SELECT id FROM chosen ORDER BY pick LIMIT :limit)" + _RETURN_CLAIMED
         )
 
     def _cleanup_claim_statement(self) -> LiteralString:
