@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import make_node as make_fast_node
-from _helpers import raw_engine, wait_for
+from _helpers import make_node, raw_engine, wait_for
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -34,12 +33,6 @@ from aioasync_tasks import (
 
 BOUND = 30.0
 """Generous bound on waiting for a condition (never a timing assertion)."""
-
-
-def make_node(db: DbTarget, registry: TaskRegistry | None = None, **options: Any) -> Node:
-    """A node with the fast test timings but a long ``node_timeout``: nothing here needs a
-    quick rescue, and on a loaded machine a one-second lease can run out for real."""
-    return make_fast_node(db, registry, **{"node_timeout": 60.0, **options})
 
 
 @pytest.fixture
