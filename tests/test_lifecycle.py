@@ -13,7 +13,7 @@ import anyio
 import pytest
 from _db import DbTarget
 from _helpers import make_node, raw_engine, wait_for
-from sqlalchemy import text
+from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import (
@@ -29,6 +29,16 @@ from aioasync_tasks import (
 
 BOUND = 30.0
 """Generous bound on waiting for a condition (never a timing assertion)."""
+
+
+async def task_row(raw: AsyncEngine, task_id: int) -> RowMapping:
+    """A task's row as stored, read behind the library's back."""
+    async with raw.connect() as conn:
+        result = await conn.execute(
+            text("SELECT state, context, node_id, handoff FROM aioasync_tasks WHERE id = :id"),
+            {"id": task_id},
+        )
+        return result.mappings().one()
 
 
 def echo_registry() -> TaskRegistry:
@@ -204,19 +214,7 @@ async def test_graceful_stop_hands_off_to_another_node(db: DbTarget, raw: AsyncE
         await wait_for(lambda: len(steps) >= 3, timeout=BOUND, what="a few steps on node A")
     assert not node_a.running
 
-    async with raw.connect() as conn:
-        row = (
-            (
-                await conn.execute(
-                    text(
-                        "SELECT state, context, node_id, handoff FROM aioasync_tasks WHERE id = :id"
-                    ),
-                    {"id": task_id},
-                )
-            )
-            .mappings()
-            .one()
-        )
+    row = await task_row(raw, task_id)
     assert await node_rows(raw) == 0
     assert row["state"] == "pending"
     assert row["node_id"] is None
@@ -333,19 +331,7 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
             await asyncio.gather(stopping, return_exceptions=True)
 
     assert stop_at_start == [True]
-    async with raw.connect() as conn:
-        row = (
-            (
-                await conn.execute(
-                    text(
-                        "SELECT state, context, node_id, handoff FROM aioasync_tasks WHERE id = :id"
-                    ),
-                    {"id": task_id},
-                )
-            )
-            .mappings()
-            .one()
-        )
+    row = await task_row(raw, task_id)
     assert row["state"] == "pending"
     assert row["node_id"] is None
     assert bool(row["handoff"]) is True

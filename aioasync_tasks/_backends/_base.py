@@ -397,10 +397,8 @@ class Backend:
         return ids
 
     async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
-        ids: list[int] = []
-        for p in params:
-            ids.append((await self._exec(conn, self._INSERT, p)).scalar_one())
-        return ids
+        """Dialect hook: insert several rows in few statements; the ids in input order."""
+        raise NotImplementedError
 
     def _to_task(self, row: Row[*tuple[Any, ...]]) -> Task:
         return Task(
