@@ -3,31 +3,43 @@
 A runner hands its write to the committer and waits; the committer writes everything that is
 waiting in one go (one statement for the checkpoints, one short transaction for the
 completions) and answers each runner with whether its write was accepted — it is not when the
-row is no longer owned by the node (rescued, force-deleted, fenced). While a flush is in
-flight new writes queue up, so batches grow with load and latency stays one round trip when
-idle. A failed flush (database unreachable) is retried: a checkpoint is durable before the task
-resumes, or the task does not resume.
+row is no longer the execution's (rescued, force-deleted, fenced, claimed again: every write
+carries the claim's token). While a flush is in flight new writes queue up, so batches grow
+with load and latency stays one round trip when idle.
+
+Failures are kept apart (docs/explanation.md, "Faults"):
+
+- a *transient* failure (connection lost, server restarting, pool exhausted) is retried with
+  back-off until it goes through — a checkpoint is durable before its task resumes, or the task
+  does not resume; a node that cannot write for its lease stops its tasks meanwhile;
+- a failure of the *data* (a value the database refuses) is narrowed down to the writes that
+  cause it by writing each alone: a refused checkpoint fails its own task, with the reason; a
+  refused completion is written again without its context, with the reason as its error; the
+  other writes of the batch go through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 
 import anyio
 import anyio.abc
 
 from ._backends import Backend
-from ._backends._base import Completion
+from ._backends._base import Checkpoint, Completion
 from ._errors import DatabaseError
+from ._validation import clean_error_text
 
-RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)
+RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 @dataclass(slots=True)
 class _Batch:
-    contexts: dict[int, str] = field(default_factory=dict)
+    contexts: dict[int, Checkpoint] = field(default_factory=dict)
     context_waiters: dict[int, asyncio.Future[bool]] = field(default_factory=dict)
     completions: list[Completion] = field(default_factory=list)
     completion_waiters: dict[int, asyncio.Future[bool]] = field(default_factory=dict)
@@ -39,7 +51,13 @@ class _Batch:
 class Committer:
     """Buffers owner-bound writes per node id and flushes them in batches."""
 
-    def __init__(self, backend: Backend, *, cleanup_attempts: int, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        cleanup_attempts: int,
+        logger: logging.Logger,
+    ) -> None:
         self._backend = backend
         self._cleanup_attempts = cleanup_attempts
         self._log = logger
@@ -55,10 +73,12 @@ class Committer:
         self._pending.set()
         return batch
 
-    async def checkpoint(self, node_id: int, task_id: int, context: str) -> bool:
-        """Store ``context`` for a task run by ``node_id``; True once durable and accepted."""
+    async def checkpoint(self, node_id: int, task_id: int, token: int, context: str) -> bool:
+        """Store ``context`` for the execution of ``task_id`` holding ``token`` on ``node_id``;
+        True once durable and accepted, False when the row is no longer the execution's.
+        Raises ``DatabaseError`` when the database refuses this value."""
         batch = self._batch(node_id)
-        batch.contexts[task_id] = context
+        batch.contexts[task_id] = Checkpoint(token, context)
         waiter = batch.context_waiters.get(task_id)
         if waiter is None:
             waiter = batch.context_waiters[task_id] = asyncio.get_running_loop().create_future()
@@ -89,19 +109,16 @@ class Committer:
                 await self._flush(node_id, batch)
 
     async def _flush(self, node_id: int, batch: _Batch) -> None:
-        attempt = 0
-        while True:
-            try:
-                accepted = await self._backend.checkpoint(node_id, batch.contexts)
-                done = await self._backend.complete(
-                    node_id, batch.completions, cleanup_attempts=self._cleanup_attempts
-                )
-                break
-            except DatabaseError as exc:
-                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-                attempt += 1
-                self._log.warning("flush failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+        contexts = batch.contexts
+        try:
+            accepted = await self._retry(lambda: self._backend.checkpoint(node_id, contexts))
+        except DatabaseError:
+            accepted = await self._checkpoints_one_by_one(node_id, batch)
+        completions = batch.completions
+        try:
+            done = await self._retry(lambda: self._complete(node_id, completions))
+        except DatabaseError:
+            done = await self._completions_one_by_one(node_id, completions)
         self.flushes += 1
         for task_id, waiter in batch.context_waiters.items():
             if not waiter.done():
@@ -109,3 +126,58 @@ class Committer:
         for task_id, waiter in batch.completion_waiters.items():
             if not waiter.done():
                 waiter.set_result(task_id in done)
+
+    async def _complete(self, node_id: int, completions: list[Completion]) -> set[int]:
+        return await self._backend.complete(
+            node_id, completions, cleanup_attempts=self._cleanup_attempts
+        )
+
+    async def _retry(self, write: Callable[[], Awaitable[set[int]]]) -> set[int]:
+        """``write()``, retried with back-off while it fails for want of the database; a
+        failure of the data is raised."""
+        attempt = 0
+        while True:
+            try:
+                result = await write()
+            except DatabaseError as exc:
+                if not exc.transient:
+                    raise
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+                attempt += 1
+                self._log.warning("flush failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+            else:
+                return result
+
+    async def _checkpoints_one_by_one(self, node_id: int, batch: _Batch) -> set[int]:
+        accepted: set[int] = set()
+        for task_id, checkpoint in batch.contexts.items():
+            try:
+                accepted |= await self._retry(
+                    functools.partial(self._backend.checkpoint, node_id, {task_id: checkpoint})
+                )
+            except DatabaseError as exc:
+                self._log.warning("checkpoint of task %s refused: %s", task_id, exc)
+                waiter = batch.context_waiters.get(task_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(exc)
+        return accepted
+
+    async def _completions_one_by_one(
+        self, node_id: int, completions: list[Completion]
+    ) -> set[int]:
+        done: set[int] = set()
+        for completion in completions:
+            try:
+                done |= await self._retry(functools.partial(self._complete, node_id, [completion]))
+                continue
+            except DatabaseError as exc:
+                error = clean_error_text(f"the task's final write was refused: {exc}")
+                self._log.warning("final write of task %s refused: %s", completion.task_id, exc)
+            # Without the refused values: the task's state still moves on, with the reason.
+            bare = replace(completion, context=None, error=error)
+            try:
+                done |= await self._retry(functools.partial(self._complete, node_id, [bare]))
+            except DatabaseError as exc:
+                self._log.error("final write of task %s refused again: %s", completion.task_id, exc)
+        return done

@@ -78,4 +78,13 @@ class SchemaError(AsyncTasksError):
 
 
 class DatabaseError(AsyncTasksError):
-    """The database driver failed; the original exception is ``__cause__``."""
+    """The database driver failed; the original exception is ``__cause__``.
+
+    ``transient`` tells whether the failure was one of connectivity or load (connection lost,
+    server shutting down, pool exhausted, lock timeout, deadlock) that a retry may cure, as
+    opposed to one of the data (a value the database refuses), which no retry will.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

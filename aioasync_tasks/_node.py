@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -63,6 +64,12 @@ def _engine_from_url(url: str) -> AsyncEngine:
         )
     return create_async_engine(parsed)
 
+
+STOP_MARGIN = 5.0
+"""Seconds ``stop(timeout=t)`` may take beyond ``t``: abandoning executions that ignore
+cancellation, deregistering and closing the connection pool, each bounded."""
+DISPOSE_TIMEOUT = 1.5
+"""The bound of closing the connection pool at the end of a stop."""
 
 INT32_MAX = 2**31 - 1
 """The largest value of an INTEGER column (priority, attempts, limits) on PostgreSQL."""
@@ -184,6 +191,8 @@ class Node:
     - ``groups`` (None: all): run only tasks of these groups (a worker dedicated to some
       queues). Cleanup handlers of deleted tasks run on any node that has the type.
     - ``logger``: the application's logger (default ``logging.getLogger("aioasync_tasks")``).
+    - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats;
+      tests inject their own to make a lease run out without waiting.
     """
 
     def __init__(
@@ -206,6 +215,7 @@ class Node:
         policy: SchedulingPolicy | None = None,
         groups: Iterable[str] | None = None,
         logger: logging.Logger | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
             self._engine = url_or_engine
@@ -231,6 +241,9 @@ class Node:
                 "node_timeout must be at least twice heartbeat_interval, or live nodes are "
                 "declared dead"
             )
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("clock must be a callable returning seconds")
+        self.max_context_bytes = _check_int("max_context_bytes", max_context_bytes, minimum=1)
         self._worker_config = WorkerConfig(
             concurrency=self.concurrency,
             cleanup_concurrency=cleanup_concurrency if self.concurrency else 0,
@@ -244,8 +257,9 @@ class Node:
             name=None if name is None else _check_text("name", name, allow_empty=False),
             policy=_check_policy(policy),
             groups=_check_groups(groups),
+            max_context_bytes=self.max_context_bytes,
+            clock=clock or time.monotonic,
         )
-        self.max_context_bytes = _check_int("max_context_bytes", max_context_bytes, minimum=1)
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
         self._backend: Backend = backend_for(self._engine, schema)
@@ -270,7 +284,23 @@ class Node:
 
     @property
     def running(self) -> bool:
-        return self._started and not self._stopped
+        """Whether the node is started and not stopped — by ``stop()``, or on its own when a
+        service of it kept crashing (see ``failure``)."""
+        supervisor = self._supervisor
+        return self._started and not self._stopped and (supervisor is None or not supervisor.done())
+
+    @property
+    def failure(self) -> str | None:
+        """Why the node stopped on its own (a service it could not recover), or None."""
+        worker = self._worker
+        return worker.failure if worker is not None else None
+
+    async def wait_stopped(self) -> None:
+        """Return when the node has stopped: by ``stop()``, or on its own (``failure``).
+        Returns at once for a client-only or unstarted node."""
+        supervisor = self._supervisor
+        if supervisor is not None:
+            await asyncio.wait([supervisor])
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the tables; returns the migration versions applied."""
@@ -292,12 +322,20 @@ class Node:
             if self.concurrency > 0:
                 worker = Worker(self._backend, self.registry, self._worker_config, self._logger)
                 ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._supervisor = asyncio.create_task(
+                supervisor = asyncio.create_task(
                     self._supervise(worker, ready), name="aioasync_tasks-node"
                 )
-                await asyncio.wait([ready, self._supervisor], return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    await asyncio.wait([ready, supervisor], return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    # Cancelled while starting: stop what was started, leave nothing behind.
+                    worker.shutdown()
+                    supervisor.cancel()
+                    await asyncio.wait([supervisor])
+                    raise
                 if not ready.done():
-                    self._supervisor.result()  # raises what went wrong
+                    supervisor.result()  # raises what went wrong
+                self._supervisor = supervisor
                 self._worker = worker
             self._started = True
 
@@ -308,8 +346,9 @@ class Node:
                 await group.start(worker.run)
                 ready.set_result(None)
         except Exception:
+            if not ready.done():
+                raise  # start() reports it
             self._logger.exception("the node's services failed; it runs no more tasks")
-            raise
 
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a bound, not a cancel scope
         """Stop gracefully: no more claims, every running task is asked to stop and gets its
@@ -330,20 +369,29 @@ class Node:
             if self._stopped:
                 return
             self._stopped = True
-            supervisor, worker = self._supervisor, self._worker
-            if supervisor is not None and worker is not None:
-                worker.shutdown()
-                try:
-                    async with asyncio.timeout(timeout) as self._stop_deadline:
-                        await asyncio.shield(supervisor)
-                except TimeoutError:
-                    self._logger.warning("stop timed out; cancelling the remaining tasks")
-                    supervisor.cancel()
-                    await asyncio.gather(supervisor, return_exceptions=True)
-                finally:
-                    self._stop_deadline = None
-            if self._owns_engine:
-                await self._engine.dispose()
+            try:
+                await self._stop_worker(timeout)
+            finally:
+                if self._owns_engine:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(DISPOSE_TIMEOUT):
+                        await self._engine.dispose()
+
+    async def _stop_worker(self, timeout: float | None) -> None:  # noqa: ASYNC109 - a bound
+        supervisor, worker = self._supervisor, self._worker
+        if supervisor is None or worker is None:
+            return
+        worker.shutdown()
+        try:
+            async with asyncio.timeout(timeout) as self._stop_deadline:
+                await asyncio.wait([supervisor])
+        except TimeoutError:
+            self._logger.warning("stop timed out; cancelling the remaining tasks")
+            supervisor.cancel()
+            # Executions that ignore cancellation are abandoned after a moment and the node
+            # deregisters with a bound of its own: the whole wait is bounded here too.
+            await asyncio.wait([supervisor], timeout=STOP_MARGIN - DISPOSE_TIMEOUT)
+        finally:
+            self._stop_deadline = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -602,13 +650,11 @@ class Node:
         group = _check_group(group)
         if not isinstance(stop_running, bool):
             raise ConfigurationError("stop_running must be a bool")
-        backend = self._ready()
-        await backend.set_group(group, paused=True)
-        if stop_running:
-            worker = self._worker
-            for task_id, result in await backend.pause_running_in_group(group):
-                if worker is not None and result.owner == worker.node_id:
-                    worker.stop_local(task_id, lost=False)
+        stopped = await self._ready().pause_group(group, stop_running=stop_running)
+        worker = self._worker
+        for task_id, owner in stopped:
+            if worker is not None and owner == worker.node_id:
+                worker.stop_local(task_id, lost=False)
 
     async def resume_group(self, group: str) -> None:
         """Claim from ``group`` again."""

@@ -4,8 +4,10 @@ An ``Execution`` owns the ``stop`` event handed to the generator and a deadline:
 request sets ``stop`` and arms the grace period (``stop_timeout``); when it runs out the
 generator is cancelled at its current ``await``. Each checkpoint goes through the committer and
 the generator resumes only once it is durable. The runner's last word is one ``Completion``,
-which the state rules turn into the next state; a lost task (rescued, force-deleted, fenced)
-writes nothing more.
+which the state rules turn into the next state. Every write carries the claim's token, so a
+write of an execution that lost its task (rescued, force-deleted, fenced, its lease run out)
+changes nothing; a lost execution's last word is NODE_LOST, which releases the row if it is
+still the execution's own (docs/explanation.md, "Claim tokens").
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from dataclasses import dataclass
 
 from ._backends._base import Claimed, Completion
 from ._committer import Committer
+from ._errors import ConfigurationError, DatabaseError
 from ._registry import TaskGenerator, TaskType
 from ._report import Phase, Report
 from ._states import Event
 from ._task import TaskInfo, _current
+from ._validation import clean_error_text
 
 
 class StopReason(enum.Enum):
@@ -59,7 +63,9 @@ class Execution:
         committer: Committer,
         backoff: Backoff,
         lease_valid: Callable[[], bool],
+        max_context_bytes: int,
         logger: logging.LoggerAdapter[logging.Logger],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.claimed = claimed
         self.task_type = task_type
@@ -67,11 +73,12 @@ class Execution:
         self.cleanup = cleanup
         self.stop = asyncio.Event()
         self.reason: StopReason | None = None
-        self.claimed_at = time.monotonic()
+        self.claimed_at = clock()
         self.done = asyncio.Event()
         self._committer = committer
         self._backoff = backoff
         self._lease_valid = lease_valid
+        self._max_context_bytes = max_context_bytes
         self._log = logger
         self._deadline: asyncio.Timeout | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -79,6 +86,10 @@ class Execution:
     @property
     def task_id(self) -> int:
         return self.claimed.id
+
+    @property
+    def token(self) -> int:
+        return self.claimed.token
 
     @property
     def lost(self) -> bool:
@@ -120,22 +131,21 @@ class Execution:
         token = _current.set(info)
         try:
             completion = await self._execute()
-            if completion is not None and not self.lost:
-                accepted = await self._committer.complete(self.node_id, completion)
-                if accepted:
-                    self._log.info("task %s", completion.event.value)
-                else:
-                    self._log.warning(
-                        "task's final write (%s) rejected: it is no longer owned by this node",
-                        completion.event.value,
-                    )
+            accepted = await self._committer.complete(self.node_id, completion)
+            if accepted:
+                self._log.info("task %s", completion.event.value)
+            elif not self.lost:
+                self._log.warning(
+                    "task's final write (%s) rejected: it is no longer owned by this node",
+                    completion.event.value,
+                )
         finally:
             _current.reset(token)
             if self._timer is not None:
                 self._timer.cancel()
             self.done.set()
 
-    async def _execute(self) -> Completion | None:
+    async def _execute(self) -> Completion:
         start = self.task_type.start_deleting if self.cleanup else self.task_type.start_running
         final: Report | None = None
         error: str | None = None
@@ -173,7 +183,9 @@ class Execution:
             if generator is not None:
                 await self._close(generator)
         if self.lost:
-            return None
+            # Releases the row only if it is still this execution's (its lease ran out while
+            # its node's row survived); a row rescued or claimed again is left alone.
+            return Completion(self.claimed.id, self.token, Event.NODE_LOST)
         return self._completion(final, error, cancelled)
 
     async def _drive(self, generator: TaskGenerator) -> Report | None:
@@ -183,12 +195,16 @@ class Execution:
                 return None  # nothing may be written for a lost task: the row is not ours
             if not isinstance(report, Report):
                 raise TypeError(f"a task must yield Report objects, not {type(report).__name__}")
+            self._check_size(report.context)
             if report.terminal:
                 return report
             if report.context is not None:
-                accepted = await self._committer.checkpoint(
-                    self.node_id, self.claimed.id, report.context
-                )
+                try:
+                    accepted = await self._committer.checkpoint(
+                        self.node_id, self.claimed.id, self.token, report.context
+                    )
+                except DatabaseError as exc:  # the database refused this value: fail the task
+                    raise DatabaseError(f"the checkpoint could not be stored: {exc}") from exc
                 if not accepted:
                     self._log.warning("checkpoint rejected: task no longer owned; stopping it")
                     self.request_stop(StopReason.LOST)
@@ -199,6 +215,16 @@ class Execution:
             if self.lost:
                 return None
         return None
+
+    def _check_size(self, context: str | None) -> None:
+        if context is None:
+            return
+        size = len(context.encode("utf-8"))
+        if size > self._max_context_bytes:
+            raise ConfigurationError(
+                f"the task yielded a context of {size} bytes, more than "
+                f"max_context_bytes={self._max_context_bytes}"
+            )
 
     async def _close(self, generator: TaskGenerator) -> None:
         aclose = getattr(generator, "aclose", None)
@@ -240,4 +266,11 @@ class Execution:
         delay = 0.0
         if event in (Event.FAILED, Event.CLEANUP_FAILED):
             delay = self._backoff.delay(self.claimed.attempts)
-        return Completion(self.claimed.id, event, context=context, error=error, delay=delay)
+        return Completion(
+            self.claimed.id,
+            self.token,
+            event,
+            context=context,
+            error=None if error is None else clean_error_text(error),
+            delay=delay,
+        )

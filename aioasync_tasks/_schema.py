@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The newest migration this library knows."""
 
 TASKS = "aioasync_tasks"
@@ -83,6 +83,14 @@ tasks_table = sa.Table(
     sa.Column("started_at", Timestamp(), nullable=True),
     sa.Column("done_at", Timestamp(), nullable=True),
     sa.Column("run_at", Timestamp(), nullable=False),
+    sa.Column(
+        # Raised by every claim; every later write of that execution must carry it
+        # (docs/explanation.md, "Claim tokens").
+        "token",
+        sa.Integer(),
+        nullable=False,
+        server_default="0",
+    ),
     sa.CheckConstraint(
         "state IN ('init', 'pending', 'running', 'canceling', 'paused', 'finished', "
         "'failed', 'deleting')",
@@ -120,6 +128,9 @@ nodes_table = sa.Table(
     sa.Column("types", sa.Text(), nullable=False),
     sa.Column("started_at", Timestamp(), nullable=False),
     sa.Column("heartbeat_at", Timestamp(), nullable=False),
+    # The node's own liveness settings: others judge it by these, never by their own.
+    sa.Column("heartbeat_interval", sa.Double(), nullable=False, server_default="5.0"),
+    sa.Column("node_timeout", sa.Double(), nullable=False, server_default="30.0"),
     sqlite_autoincrement=True,  # a fenced node's old id never comes back for another node
 )
 

@@ -191,8 +191,9 @@ def apply_event(
     """The outcome of a system ``event`` on a task in ``(state, requested)``.
 
     ``can_retry`` says whether the task has attempts left (for FAILED, NODE_LOST and
-    CLEANUP_FAILED). None means the event does not apply to that state: the write is stale (for
-    instance the user deleted the task meanwhile) and must change nothing.
+    CLEANUP_FAILED; for a DELETING task, attempts of its cleanup). None means the event does
+    not apply to that state: the write is stale (for instance the user deleted the task
+    meanwhile) and must change nothing.
     """
     if event is Event.CLAIM:
         return Outcome(State.RUNNING, owned=True) if state is State.PENDING else None
@@ -206,7 +207,9 @@ def apply_event(
         return Outcome(State.DELETING, retry=True) if can_retry else Outcome(State.FAILED)
 
     if state is State.DELETING and event is Event.NODE_LOST:
-        return Outcome(State.DELETING)
+        # The cleanup's node was lost (or gave the cleanup back): any node may take it again,
+        # unless its attempts are used up — a cleanup that crashes its process ends FAILED.
+        return Outcome(State.DELETING) if can_retry else Outcome(State.FAILED)
     if state not in ACTIVE_STATES:
         return None
     if state is State.CANCELING and requested is StopRequest.DELETE:

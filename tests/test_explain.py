@@ -182,15 +182,19 @@ def check_uses_index(plan: dict[str, Any], what: str, *, filter_column: str | No
 
 
 def sql_literal(value: object) -> str:
-    """A literal for EXECUTE (the values are the test's own: text, ints, lists of text)."""
+    """A literal for EXECUTE (the values are the test's own: text, ints, lists of text; an
+    empty list is left for the statement's own cast to type)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list | tuple) and not value:
+        return "'{}'"
     if isinstance(value, list | tuple):
-        return "ARRAY[" + ", ".join(sql_literal(v) for v in value) + "]::text[]"
+        cast = "" if all(isinstance(v, int) for v in value) else "::text[]"
+        return "ARRAY[" + ", ".join(sql_literal(v) for v in value) + "]" + cast
     raise TypeError(f"no literal for {value!r}")
 
 
@@ -234,7 +238,7 @@ async def check_both_plans(
 
 
 def is_claim(statement: str) -> bool:
-    return "SET state = 'running'" in statement and "RETURNING" in statement
+    return " chosen AS (" in statement and "RETURNING" in statement
 
 
 def is_cleanup_claim(statement: str) -> bool:

@@ -292,15 +292,18 @@ async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
 
             async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
                 await worker_a.heartbeat_once()
-            # The heartbeat found the row gone: the generator was cancelled before it returned,
-            # the task was released, and A registered again under a new id.
+            # The heartbeat found the row gone: A stopped its task at once and registered again
+            # under a new id, waiting for nothing; the generator was cancelled.
             assert worker_a.fenced.is_set()
-            assert witness.cancelled == [task_id]
             a_new = node_a.id
             assert a_new is not None
             assert a_new != a_old
             assert await node_ids(raw) == [a_new]
-            assert worker_a.executions == {}
+            await wait_for(lambda: not worker_a.executions, timeout=BOUND, what="the execution")
+            assert witness.cancelled == [task_id]
+            # The row still named the old id and the execution's claim token: the execution's
+            # last word released it (NODE_LOST); a rescue finds nothing left to do.
+            assert await worker_a.rescue_once() == 0
             fenced_row = await read_row(raw, task_id)
             assert fenced_row is not None
             # The generator's write after its cancellation ("late") never landed.
@@ -308,10 +311,10 @@ async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
 
             # Writes still bound to the old id are rejected and change nothing.
             committer = worker_a.committer
-            assert await committer.checkpoint(a_old, task_id, "later") is False
+            assert await committer.checkpoint(a_old, task_id, 1, "later") is False
             assert (
                 await committer.complete(
-                    a_old, Completion(task_id, Event.FINISHED, context="finished late")
+                    a_old, Completion(task_id, 1, Event.FINISHED, context="finished late")
                 )
                 is False
             )

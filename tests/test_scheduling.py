@@ -26,6 +26,7 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
+from aioasync_tasks._backends._base import _CLAIM_STATES
 from aioasync_tasks._runner import Backoff
 
 
@@ -314,14 +315,22 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         await client.set_group_limits("g", max_running=2)
         await client.create_tasks([{"type": t, "group": "g"} for t in ("job", "other") * 2])
         backend = client._backend
-        first_node = await backend.register_node("first", 10, ["job"])
-        second_node = await backend.register_node("second", 10, ["other"])
+        liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
+        first_node = await backend.register_node("first", 10, ["job"], **liveness)
+        second_node = await backend.register_node("second", 10, ["other"], **liveness)
         policy = FairShare()
         async with backend.write() as conn:
             assert await backend._prepare_claim(conn, first_node)
             result = await conn.execute(
                 backend._sql(backend._claim_statement(policy.order_by)),
-                {"node": first_node, "types": ["job"], "limit": 10, "pool": 30},
+                {
+                    "node": first_node,
+                    "types": ["job"],
+                    "limit": 10,
+                    "pool": 30,
+                    "busy": [],
+                    **_CLAIM_STATES,
+                },
             )
             assert len(result.all()) == 2
             second = asyncio.create_task(backend.claim(second_node, ["other"], 10, policy))

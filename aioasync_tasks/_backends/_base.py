@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any, LiteralString
 
-import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import DatabaseError, SchemaError, TaskNotFound
@@ -40,6 +38,7 @@ from .._states import (
     apply_operation,
 )
 from .._task import Task
+from ._transaction import WRAPPED, Transaction, cancel_safe, database_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +75,8 @@ class Claimed:
     context: str
     attempts: int
     max_attempts: int
+    token: int
+    """The claim's token: every later write of this execution must carry it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +92,25 @@ class Completion:
     """The end of one execution, reported by its runner."""
 
     task_id: int
+    token: int
     event: Event
     context: str | None = None
     error: str | None = None
     delay: float = 0.0
     """Back-off in seconds, used when the outcome is a retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A context to store for the execution that holds ``token``."""
+
+    token: int
+    context: str
+
+
+CHECKPOINT_STATES = [State.RUNNING.value, State.CANCELING.value, State.DELETING.value]
+"""The states in which an execution may store a checkpoint (its task runs, or is being
+cleaned up)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +136,8 @@ class NodeInfo:
     types: tuple[str, ...]
     started_at: datetime
     heartbeat_at: datetime
+    heartbeat_interval: float
+    node_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +147,7 @@ class Owned:
     id: int
     state: State
     requested: StopRequest | None
+    token: int
 
 
 TASK_COLUMNS: LiteralString = (
@@ -137,7 +155,7 @@ TASK_COLUMNS: LiteralString = (
     "max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at"
 )
 _LOCK_COLUMNS: LiteralString = (
-    "id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name"
+    "id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token"
 )
 
 
@@ -151,6 +169,7 @@ class _Locked:
     max_attempts: int
     node_id: int | None
     group: str
+    token: int
 
     @classmethod
     def from_row(cls, row: Row[*tuple[Any, ...]]) -> _Locked:
@@ -163,6 +182,7 @@ class _Locked:
             max_attempts=row[5],
             node_id=row[6],
             group=row[7],
+            token=row[8],
         )
 
 
@@ -182,6 +202,46 @@ class _Write:
     refund: bool = False
     """Stopped on request (pause, shutdown): the attempt it was claimed for is given back, so
     pauses and restarts never use up a task's retries."""
+
+
+def _claim_states(from_state: State, event: Event) -> dict[str, str]:
+    """The states a claim statement moves a row between, as bound parameters, taken from the
+    state table (the claim is one of its events, not a rule of its own written in SQL)."""
+    outcome = apply_event(from_state, None, event, has_cleanup=True)
+    assert outcome is not None
+    assert outcome.state is not None
+    assert outcome.owned
+    return {"from_state": from_state.value, "to_state": outcome.state.value}
+
+
+_CLAIM_STATES = _claim_states(State.PENDING, Event.CLAIM)
+_CLEANUP_CLAIM_STATES = _claim_states(State.DELETING, Event.CLEANUP_CLAIM)
+
+RETURN_CLAIMED: LiteralString = (
+    " RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff,"
+    " priority, token"
+)
+"""What a claim statement returns of each row it took (read by ``_claimed``)."""
+
+
+def _lost_error(row: _Locked, outcome: Outcome) -> str | None:
+    """The error stored when a task whose node was lost fails for good."""
+    if outcome.state is not State.FAILED:
+        return None
+    return "cleanup: node lost" if row.state is State.DELETING else "node lost"
+
+
+def _claimed(row: Row[*tuple[Any, ...]]) -> Claimed:
+    return Claimed(
+        id=row.id,
+        type=row.type,
+        user=row.user_name,
+        group=row.group_name,
+        context=row.context,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        token=row.token,
+    )
 
 
 class Backend:
@@ -261,25 +321,26 @@ class Backend:
     ) -> sa.CursorResult[*tuple[Any, ...]]:
         try:
             return await conn.execute(self._sql(template), params)
-        except DBAPIError as exc:
-            raise DatabaseError(str(exc.orig)) from exc
+        except WRAPPED as exc:
+            raise database_error(exc) from exc
 
-    def write(self) -> _Transaction:
+    def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
-        return _Transaction(self, write=True)
+        return Transaction(self.engine, write=True)
 
-    def read(self) -> _Transaction:
-        return _Transaction(self, write=False)
+    def read(self) -> Transaction:
+        return Transaction(self.engine, write=False)
 
     single_statement_autocommit = False
     """Whether a write of one statement runs without BEGIN/COMMIT (one round trip)."""
 
-    def single(self) -> _Transaction:
+    def single(self) -> Transaction:
         """For a write that is one statement, and so atomic on its own."""
-        return _Transaction(self, write=True, autocommit=self.single_statement_autocommit)
+        return Transaction(self.engine, write=True, autocommit=self.single_statement_autocommit)
 
     # -- schema -----------------------------------------------------------------------------
 
+    @cancel_safe
     async def schema_version(self) -> int | None:
         """The applied migration version, or None when the schema is empty."""
         async with self.read() as conn:
@@ -292,6 +353,7 @@ class Backend:
             value = result.scalar()
             return int(value) if value is not None else None
 
+    @cancel_safe
     async def migrate(self) -> list[int]:
         """Apply the missing migrations; returns the versions applied."""
         applied: list[int] = []
@@ -361,6 +423,7 @@ class Backend:
         " COALESCE(:run_at, {now})) RETURNING id"
     )
 
+    @cancel_safe
     async def insert_many(
         self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
     ) -> list[int]:
@@ -382,8 +445,36 @@ class Backend:
         wake = any(t.state is State.PENDING for t in new_tasks)
         if connection is not None:
             return await self._insert(connection, params, wake)
-        async with self.single() if len(params) == 1 else self.write() as conn:
-            return await self._insert(conn, params, wake)
+        if len(params) == 1:
+            async with self.single() as conn:
+                return await self._insert(conn, params, wake)
+        return await self._insert_in_chunks(params, wake)
+
+    rows_per_transaction: int | None = None
+    """The most rows ``create_tasks`` inserts in one transaction of its own (None: all). On
+    SQLite a transaction holds the database's write lock, which every node's heartbeat needs."""
+
+    async def _insert_in_chunks(self, params: list[dict[str, Any]], wake: bool) -> list[int]:
+        size = self.rows_per_transaction or len(params)
+        ids: list[int] = []
+        for start in range(0, len(params), size):
+            try:
+                async with self.write() as conn:
+                    ids += await self._insert(conn, params[start : start + size], wake)
+            except DatabaseError as exc:
+                if not ids:
+                    raise
+                raise DatabaseError(
+                    f"{exc} ({len(ids)} of {len(params)} tasks were created before the failure,"
+                    f" ids {ids[0]}..{ids[-1]})",
+                    transient=exc.transient,
+                ) from exc
+            if start + size < len(params):
+                await self._let_others_write()
+        return ids
+
+    async def _let_others_write(self) -> None:
+        """Between two chunks of a bulk insert: a pause long enough for the other writers."""
 
     async def _insert(
         self, conn: AsyncConnection, params: list[dict[str, Any]], wake: bool
@@ -421,6 +512,7 @@ class Backend:
             run_at=self._from_db_time(row[16]),
         )
 
+    @cancel_safe
     async def get_task(self, task_id: int) -> Task:
         async with self.read() as conn:
             result = await self._exec(
@@ -454,6 +546,7 @@ class Backend:
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         return where, params
 
+    @cancel_safe
     async def get_tasks(self, f: TaskFilter) -> list[Task]:
         where, params = self._filter_sql(f)
         params |= {"limit": f.limit, "offset": f.offset}
@@ -464,6 +557,7 @@ class Backend:
             result = await self._exec(conn, template, params)
             return [self._to_task(row) for row in result]
 
+    @cancel_safe
     async def count_tasks(self, f: TaskFilter) -> int:
         where, params = self._filter_sql(f)
         async with self.read() as conn:
@@ -491,7 +585,7 @@ class Backend:
         " context = COALESCE(:context, context), error = COALESCE(:error, error),"
         " run_at = CASE WHEN {delay} < 0 THEN run_at ELSE {plus_delay} END,"
         " done_at = CASE WHEN :done THEN {now} ELSE done_at END,"
-        " updated_at = {now} WHERE id = :id"
+        " updated_at = {now} WHERE id = :id AND token = :token AND state = :expected"
     )
 
     async def _write(self, conn: AsyncConnection, writes: Iterable[_Write]) -> None:
@@ -524,6 +618,8 @@ class Backend:
                     "error": w.error,
                     "delay": delay,
                     "done": o.state in (State.FINISHED, State.FAILED),
+                    "token": w.row.token,
+                    "expected": w.row.state.value,
                 }
             )
         if removed:
@@ -538,6 +634,7 @@ class Backend:
             "{delay}", self._float(":delay")
         )
 
+    @cancel_safe
     async def operate(
         self,
         task_id: int,
@@ -546,8 +643,16 @@ class Backend:
         force: bool = False,
         group: str | None = None,
     ) -> OperationResult:
-        """Apply a user operation to one task, atomically (SPEC §4)."""
+        """Apply a user operation to one task, atomically (docs/explanation.md, "States")."""
         async with self.write() as conn:
+            if group is not None:
+                # Taken in the order claims take it (group, then task): a task moved into a
+                # limited group is counted by the next claim, never by neither.
+                await self._exec(
+                    conn,
+                    "SELECT name FROM {groups} WHERE name = :name" + self.lock_rows,
+                    {"name": group},
+                )
             rows = await self._lock(conn, [task_id])
             if not rows:
                 raise TaskNotFound(task_id)
@@ -572,13 +677,15 @@ class Backend:
 
     # -- execution --------------------------------------------------------------------------
 
-    async def claim(
+    @cancel_safe
+    async def claim(  # noqa: PLR0917 - private, one argument per part of the claim
         self,
         node_id: int,
         types: Sequence[str],
         limit: int,
         policy: SchedulingPolicy,
         groups: Sequence[str] | None = None,
+        busy: Sequence[int] = (),
     ) -> ClaimResult:
         """Claim up to ``limit`` due PENDING tasks of ``types`` (and of ``groups``, when given)
         for ``node_id`` (event CLAIM), in the ``policy``'s order, skipping paused groups and
@@ -588,6 +695,8 @@ class Backend:
         that have limits (``FOR UPDATE``, in name order), so claimers that could exceed one
         run one after the other, and the claim statement's fresh snapshot (READ COMMITTED)
         counts every task the previous claimer took. On SQLite the write lock does the same.
+        A task whose group changed since the statement's snapshot is skipped under its row
+        lock, and so is every task in ``busy`` (the node still runs an execution of it).
         """
         if limit <= 0 or not types:
             return ClaimResult([], None)
@@ -596,6 +705,8 @@ class Backend:
             "types": list(types),
             "limit": limit,
             "pool": limit * self.claim_pool_factor,
+            "busy": list(busy),
+            **_CLAIM_STATES,
         }
         if groups is not None:
             params["groups"] = list(groups)
@@ -604,12 +715,12 @@ class Backend:
             if not await self._prepare_claim(conn, node_id):
                 return ClaimResult([], None)
             result = await self._exec(conn, statement, params)
-            rows = sorted(result, key=lambda r: (not r[7], -r[8], r[0]))
+            rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
             next_due = None
             if len(rows) < limit:
                 due = await self._exec(conn, self._next_due_statement(), {"types": list(types)})
                 next_due = due.scalar()
-        claimed = [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        claimed = [_claimed(r) for r in rows]
         return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
 
     async def _node_registered(self, conn: AsyncConnection, node_id: int) -> bool:
@@ -690,7 +801,8 @@ class Backend:
             " FROM candidates WHERE user_room IS NULL OR user_rank <= user_room),"
             # `pool` candidates in policy order (`pick`); the claim takes the first `limit` of
             # them it can lock, so rows another claimer holds are skipped past, not lost.
-            " chosen AS (SELECT id, row_number() OVER (ORDER BY " + order_by + ") AS pick"
+            " chosen AS (SELECT id, group_name,"
+            " row_number() OVER (ORDER BY " + order_by + ") AS pick"
             " FROM allowed WHERE group_room IS NULL OR group_rank <= group_room ORDER BY "
             + order_by
             + " LIMIT :pool) "
@@ -725,7 +837,10 @@ class Backend:
         """The UPDATE that takes the ``chosen`` rows (event CLAIM: PENDING → RUNNING)."""
         raise NotImplementedError
 
-    async def claim_cleanups(self, node_id: int, types: Sequence[str], limit: int) -> list[Claimed]:
+    @cancel_safe
+    async def claim_cleanups(
+        self, node_id: int, types: Sequence[str], limit: int, busy: Sequence[int] = ()
+    ) -> list[Claimed]:
         """Claim unowned, due DELETING tasks to run their cleanup handler (CLEANUP_CLAIM)."""
         if limit <= 0 or not types:
             return []
@@ -735,34 +850,45 @@ class Backend:
             result = await self._exec(
                 conn,
                 self._cleanup_claim_statement(),
-                {"node": node_id, "types": list(types), "limit": limit},
+                {
+                    "node": node_id,
+                    "types": list(types),
+                    "limit": limit,
+                    "busy": list(busy),
+                    **_CLEANUP_CLAIM_STATES,
+                },
             )
-            rows = sorted(result, key=lambda r: r[0])
-        return [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+            rows = sorted(result, key=lambda r: r.id)
+        return [_claimed(r) for r in rows]
 
     def _cleanup_claim_statement(self) -> LiteralString:
         raise NotImplementedError
 
-    async def checkpoint(self, node_id: int, contexts: dict[int, str]) -> set[int]:
-        """Store checkpoints of tasks this node runs; returns the ids whose write was accepted
-        (rows still owned by ``node_id``: running, canceling, or deleting for a cleanup handler).
-        One statement per batch."""
+    @cancel_safe
+    async def checkpoint(self, node_id: int, contexts: Mapping[int, Checkpoint]) -> set[int]:
+        """Store checkpoints of executions on ``node_id``; returns the ids whose write was
+        accepted: rows still owned by ``node_id`` under the execution's claim token, running,
+        canceling, or deleting for a cleanup handler. One statement per batch."""
         if not contexts:
             return set()
         async with self.write() as conn:
             return await self._checkpoint(conn, node_id, contexts)
 
     async def _checkpoint(
-        self, conn: AsyncConnection, node_id: int, contexts: dict[int, str]
+        self, conn: AsyncConnection, node_id: int, contexts: Mapping[int, Checkpoint]
     ) -> set[int]:
         raise NotImplementedError
 
+    @cancel_safe
     async def complete(
         self, node_id: int, completions: Sequence[Completion], *, cleanup_attempts: int
     ) -> set[int]:
         """Apply the ends of executions on ``node_id``; returns the accepted task ids.
 
-        Rows no longer owned by ``node_id`` (rescued, force-deleted, fenced) are left alone.
+        A completion applies only to the row its execution claimed: still owned by ``node_id``
+        under the same claim token. Any other (rescued, force-deleted, fenced, claimed again
+        since) is left alone, so a completion retried after its first try committed, or sent
+        by an execution that lost its task, changes nothing.
         """
         if not completions:
             return set()
@@ -773,7 +899,12 @@ class Backend:
             wake = False
             for row in rows:
                 c = by_id[row.id]
-                cleanup = c.event in (Event.CLEANUP_FINISHED, Event.CLEANUP_FAILED)
+                if row.token != c.token:
+                    continue
+                cleanup = c.event in (
+                    Event.CLEANUP_FINISHED,
+                    Event.CLEANUP_FAILED,
+                ) or (c.event is Event.NODE_LOST and row.state is State.DELETING)
                 limit = cleanup_attempts if cleanup else row.max_attempts
                 outcome = apply_event(
                     row.state,
@@ -785,13 +916,14 @@ class Backend:
                 if outcome is None:
                     continue
                 wake = wake or outcome.state in (State.PENDING, State.DELETING)
+                lost = c.event is Event.NODE_LOST
                 writes.append(
                     _Write(
                         row,
                         outcome,
                         node_id,
                         context=c.context,
-                        error=c.error,
+                        error=_lost_error(row, outcome) if lost else c.error,
                         delay=c.delay,
                         handoff=c.event is Event.STOPPED and outcome.state is State.PENDING,
                         refund=c.event is Event.STOPPED
@@ -805,16 +937,33 @@ class Backend:
 
     # -- nodes ------------------------------------------------------------------------------
 
-    async def register_node(self, name: str, concurrency: int, types: Sequence[str]) -> int:
+    @cancel_safe
+    async def register_node(
+        self,
+        name: str,
+        concurrency: int,
+        types: Sequence[str],
+        *,
+        heartbeat_interval: float,
+        node_timeout: float,
+    ) -> int:
         async with self.write() as conn:
             result = await self._exec(
                 conn,
-                "INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at)"
-                " VALUES (:name, :concurrency, :types, {now}, {now}) RETURNING id",
-                {"name": name, "concurrency": concurrency, "types": json.dumps(list(types))},
+                "INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at,"
+                " heartbeat_interval, node_timeout) VALUES (:name, :concurrency, :types,"
+                " {now}, {now}, :heartbeat_interval, :node_timeout) RETURNING id",
+                {
+                    "name": name,
+                    "concurrency": concurrency,
+                    "types": json.dumps(list(types)),
+                    "heartbeat_interval": heartbeat_interval,
+                    "node_timeout": node_timeout,
+                },
             )
             return int(result.scalar_one())
 
+    @cancel_safe
     async def heartbeat(self, node_id: int) -> list[Owned] | None:
         """Renew the node's row and read the tasks it owns; None when the row is gone
         (the node was declared dead: it must fence itself)."""
@@ -828,6 +977,7 @@ class Backend:
                 return None
             return await self._owned(conn, node_id)
 
+    @cancel_safe
     async def owned(self, node_id: int) -> list[Owned]:
         """The tasks a node owns, with pending stop requests (for the stop poll)."""
         async with self.read() as conn:
@@ -836,32 +986,76 @@ class Backend:
     async def _owned(self, conn: AsyncConnection, node_id: int) -> list[Owned]:
         result = await self._exec(
             conn,
-            "SELECT id, state, requested FROM {tasks} WHERE node_id = :id",
+            "SELECT id, state, requested, token FROM {tasks} WHERE node_id = :id",
             {"id": node_id},
         )
-        return [Owned(r[0], State(r[1]), StopRequest(r[2]) if r[2] else None) for r in result]
+        return [
+            Owned(r.id, State(r.state), StopRequest(r.requested) if r.requested else None, r.token)
+            for r in result
+        ]
 
-    async def deregister(self, node_id: int) -> None:
+    @cancel_safe
+    async def deregister(self, node_id: int, *, cleanup_attempts: int) -> None:
         """Remove the node's row at the end of a graceful stop. Whatever it still owns (a task
         claimed while it began to stop, or cancelled by ``stop(timeout=…)``) is handed back
         like any task the shutdown stopped, without using up an attempt."""
         async with self.write() as conn:
-            await self._release_nodes(conn, [node_id], graceful=True)
+            await self._release_nodes(
+                conn, [node_id], graceful=True, cleanup_attempts=cleanup_attempts
+            )
 
-    async def release(self, node_id: int) -> None:
-        """Release every task still owned by ``node_id`` (event NODE_LOST), keeping the row."""
+    @cancel_safe
+    async def release_claims(self, node_id: int, claims: Mapping[int, int]) -> int:
+        """Hand back tasks ``node_id`` claimed but never ran (``claims``: task id → token):
+        a claim that came back after the node's lease ran out, or a row the node found it owns
+        without an execution. Each goes back as a hand-off, with its attempt refunded."""
+        if not claims:
+            return 0
         async with self.write() as conn:
-            await self._release_tasks(conn, [node_id])
+            rows = await self._lock(conn, list(claims), owner=node_id)
+            writes = []
+            for row in rows:
+                if row.token != claims[row.id]:
+                    continue
+                cleanup = row.state is State.DELETING
+                outcome = apply_event(
+                    row.state,
+                    row.requested,
+                    Event.NODE_LOST if cleanup else Event.STOPPED,
+                    has_cleanup=row.has_cleanup,
+                    can_retry=True,
+                )
+                if outcome is not None:
+                    handoff = outcome.state is State.PENDING
+                    writes.append(_Write(row, outcome, None, handoff=handoff, refund=True))
+            await self._write(conn, writes)
+            if writes:
+                await self._notify(conn, "wake")
+            return len(writes)
 
     async def _release_tasks(
-        self, conn: AsyncConnection, node_ids: Sequence[int], *, graceful: bool = False
+        self,
+        conn: AsyncConnection,
+        node_ids: Sequence[int],
+        *,
+        graceful: bool = False,
+        cleanup_attempts: int,
+        orphans: bool = False,
     ) -> int:
+        """Release the tasks of ``node_ids`` (NODE_LOST; STOPPED for a graceful stop), and with
+        ``orphans`` also every owned task whose node row no longer exists."""
+        where: LiteralString = self._in("node_id", ":nodes")
+        if orphans:
+            where = (
+                "(" + where + " OR (node_id IS NOT NULL AND NOT EXISTS"
+                " (SELECT 1 FROM {nodes} n WHERE n.id = {tasks}.node_id)))"
+            )
         result = await self._exec(
             conn,
             "SELECT "
             + _LOCK_COLUMNS
             + " FROM {tasks} WHERE "
-            + self._in("node_id", ":nodes")
+            + where
             + " ORDER BY id"
             + self.lock_rows,
             {"nodes": list(node_ids)},
@@ -870,17 +1064,19 @@ class Backend:
         writes: list[_Write] = []
         for row in rows:
             handoff = graceful and row.state is State.RUNNING
+            limit = cleanup_attempts if row.state is State.DELETING else row.max_attempts
             outcome = apply_event(
                 row.state,
                 row.requested,
                 Event.STOPPED if handoff else Event.NODE_LOST,
                 has_cleanup=row.has_cleanup,
-                can_retry=row.attempts < row.max_attempts,
+                can_retry=graceful or row.attempts < limit,
             )
             if outcome is not None:
-                error = "node lost" if outcome.state is State.FAILED else None
+                refund = graceful and (handoff or row.state is State.DELETING)
+                error = _lost_error(row, outcome)
                 writes.append(
-                    _Write(row, outcome, None, error=error, handoff=handoff, refund=handoff)
+                    _Write(row, outcome, None, error=error, handoff=handoff, refund=refund)
                 )
         await self._write(conn, writes)
         if writes:
@@ -888,93 +1084,121 @@ class Backend:
         return len(writes)
 
     async def _release_nodes(
-        self, conn: AsyncConnection, node_ids: Sequence[int], *, graceful: bool = False
+        self,
+        conn: AsyncConnection,
+        node_ids: Sequence[int],
+        *,
+        graceful: bool = False,
+        cleanup_attempts: int,
+        orphans: bool = False,
     ) -> int:
-        count = await self._release_tasks(conn, node_ids, graceful=graceful)
-        await self._exec(
-            conn, "DELETE FROM {nodes} WHERE " + self._in("id", ":nodes"), {"nodes": list(node_ids)}
+        count = await self._release_tasks(
+            conn, node_ids, graceful=graceful, cleanup_attempts=cleanup_attempts, orphans=orphans
         )
+        if node_ids:
+            await self._exec(
+                conn,
+                "DELETE FROM {nodes} WHERE " + self._in("id", ":nodes"),
+                {"nodes": list(node_ids)},
+            )
         return count
 
-    async def rescue(self, node_timeout: float) -> int:
-        """Declare nodes whose heartbeat is older than ``node_timeout`` seconds dead: release
-        their tasks (NODE_LOST) and remove their rows. Returns the number of tasks released."""
+    @cancel_safe
+    async def rescue(self, node_id: int, *, cleanup_attempts: int) -> int:
+        """Declare dead every other node whose heartbeat is older than its own ``node_timeout``
+        (database clock): release its tasks (NODE_LOST) and remove its row. Tasks owned by a
+        node whose row is gone are released too. ``node_id`` — the rescuer — never rescues
+        itself. Returns the number of tasks released."""
         async with self.write() as conn:
             result = await self._exec(
                 conn,
-                "SELECT id FROM {nodes} WHERE heartbeat_at < "
-                + self._plus_seconds(":neg")
+                "SELECT id FROM {nodes} WHERE id <> :me AND heartbeat_at < "
+                + self._plus_seconds("-node_timeout")
                 + " ORDER BY id"
                 + self.lock_rows
                 + self.skip_locked,
-                {"neg": -node_timeout},
+                {"me": node_id},
             )
             dead = [r[0] for r in result]
-            if not dead:
-                return 0
-            return await self._release_nodes(conn, dead)
+            return await self._release_nodes(
+                conn, dead, cleanup_attempts=cleanup_attempts, orphans=True
+            )
 
+    @cancel_safe
     async def get_nodes(self) -> list[NodeInfo]:
         async with self.read() as conn:
             result = await self._exec(
                 conn,
-                "SELECT id, name, concurrency, types, started_at, heartbeat_at FROM {nodes}"
-                " ORDER BY id",
+                "SELECT id, name, concurrency, types, started_at, heartbeat_at,"
+                " heartbeat_interval, node_timeout FROM {nodes} ORDER BY id",
             )
             return [
                 NodeInfo(
-                    r[0],
-                    r[1],
-                    r[2],
-                    tuple(json.loads(r[3])),
-                    self._from_db_time(r[4]),
-                    self._from_db_time(r[5]),
+                    r.id,
+                    r.name,
+                    r.concurrency,
+                    tuple(json.loads(r.types)),
+                    self._from_db_time(r.started_at),
+                    self._from_db_time(r.heartbeat_at),
+                    float(r.heartbeat_interval),
+                    float(r.node_timeout),
                 )
                 for r in result
             ]
 
     # -- groups -----------------------------------------------------------------------------
 
+    _GROUP_DEFAULTS: Mapping[str, Any] = {
+        "paused": False,
+        "max_running": None,
+        "max_running_per_user": None,
+    }
+
+    @cancel_safe
     async def set_group(self, name: str, **fields: Any) -> Group:
         """Create or update a group's row with ``fields`` (paused, max_running, …)."""
-        defaults = {"paused": False, "max_running": None, "max_running_per_user": None}
         async with self.write() as conn:
-            current = await self._exec(
-                conn,
-                "SELECT paused, max_running, max_running_per_user FROM {groups}"
-                " WHERE name = :name" + self.lock_rows,
-                {"name": name},
-            )
-            row = current.first()
-            values = (
-                dict(defaults)
-                if row is None
-                else {"paused": bool(row[0]), "max_running": row[1], "max_running_per_user": row[2]}
-            )
-            values.update(fields)
-            params = {"name": name, **values}
-            if row is None:
-                await self._exec(
-                    conn,
-                    "INSERT INTO {groups} (name, paused, max_running, max_running_per_user,"
-                    " updated_at) VALUES (:name, :paused, :max_running, :max_running_per_user,"
-                    " {now})",
-                    params,
-                )
-            else:
-                await self._exec(
-                    conn,
-                    "UPDATE {groups} SET paused = :paused, max_running = :max_running,"
-                    " max_running_per_user = :max_running_per_user, updated_at = {now}"
-                    " WHERE name = :name",
-                    params,
-                )
-            if not values["paused"]:  # resumed, or limits changed: there may be room now
+            group = await self._set_group(conn, name, fields)
+            if not group.paused:  # resumed, or limits changed: there may be room now
                 await self._notify(conn, "wake")
+        return group
+
+    async def _set_group(
+        self, conn: AsyncConnection, name: str, fields: Mapping[str, Any]
+    ) -> Group:
+        # An upsert: two nodes setting a new group at once both succeed, one after the other.
+        await self._exec(
+            conn,
+            "INSERT INTO {groups} (name, paused, max_running, max_running_per_user, updated_at)"
+            " VALUES (:name, :paused, :max_running, :max_running_per_user, {now})"
+            " ON CONFLICT (name) DO NOTHING",
+            {"name": name, **self._GROUP_DEFAULTS},
+        )
+        current = await self._exec(
+            conn,
+            "SELECT paused, max_running, max_running_per_user FROM {groups}"
+            " WHERE name = :name" + self.lock_rows,
+            {"name": name},
+        )
+        row = current.one()
+        values = {
+            "paused": bool(row.paused),
+            "max_running": row.max_running,
+            "max_running_per_user": row.max_running_per_user,
+            **fields,
+        }
+        await self._exec(
+            conn,
+            "UPDATE {groups} SET paused = :paused, max_running = :max_running,"
+            " max_running_per_user = :max_running_per_user, updated_at = {now}"
+            " WHERE name = :name",
+            {"name": name, **values},
+        )
         return Group(
             name, bool(values["paused"]), values["max_running"], values["max_running_per_user"]
         )
 
+    @cancel_safe
     async def get_groups(self) -> list[Group]:
         """Every group that has tasks or settings, with its settings (defaults when unset)."""
         async with self.read() as conn:
@@ -986,91 +1210,34 @@ class Backend:
             )
             return [Group(r[0], bool(r[1]), r[2], r[3]) for r in result]
 
-    async def pause_running_in_group(self, group: str) -> list[tuple[int, OperationResult]]:
-        """Pause every RUNNING task of ``group`` (for ``pause_group(stop_running=True)``)."""
-        async with self.read() as conn:
+    @cancel_safe
+    async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]:
+        """Pause ``group``; with ``stop_running`` also pause every task of it that runs now, in
+        the same transaction (all or nothing). Returns the stopped tasks with their owners."""
+        async with self.write() as conn:
+            await self._set_group(conn, group, {"paused": True})
+            if not stop_running:
+                return []
             result = await self._exec(
                 conn,
-                "SELECT id FROM {tasks} WHERE group_name = :group AND state = 'running'",
-                {"group": group},
+                "SELECT " + _LOCK_COLUMNS + " FROM {tasks} WHERE group_name = :group"
+                " AND state = :state ORDER BY id" + self.lock_rows,
+                {"group": group, "state": State.RUNNING.value},
             )
-            ids = [r[0] for r in result]
-        results = []
-        for task_id in ids:
-            try:
-                results.append((task_id, await self.operate(task_id, Operation.PAUSE)))
-            except (TaskNotFound, SQLAlchemyError):
-                continue
-        return results
-
-
-class _Transaction:
-    """``async with backend.write() as conn``: one transaction, committed on success.
-
-    The transaction is shielded from cancellation, which is delivered when it is over: a
-    statement cancelled in flight makes SQLAlchemy terminate the connection, and with aiosqlite
-    that leaves a close task behind that never ends and hangs the event loop's shutdown.
-    Transactions are short, so a node stopping (or a cancelled caller) waits for at most one.
-    """
-
-    def __init__(self, backend: Backend, *, write: bool, autocommit: bool = False) -> None:
-        self._backend = backend
-        self._write = write
-        self._autocommit = autocommit
-        self._conn: AsyncConnection | None = None
-        self._shield = anyio.CancelScope(shield=True)
-
-    async def __aenter__(self) -> AsyncConnection:
-        self._shield.__enter__()
-        try:
-            return await self._begin()
-        except BaseException as exc:
-            self._shield.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-
-    async def _begin(self) -> AsyncConnection:
-        try:
-            conn = await self._backend.engine.connect()
-        except DBAPIError as exc:
-            raise DatabaseError(str(exc.orig)) from exc
-        except OSError as exc:
-            raise DatabaseError(str(exc)) from exc
-        self._conn = conn
-        options: dict[str, Any] = {"aioasync_write": self._write}
-        if self._autocommit:
-            options["isolation_level"] = "AUTOCOMMIT"
-        conn = await conn.execution_options(**options)
-        try:
-            await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
-        except DBAPIError as exc:
-            await conn.close()
-            raise DatabaseError(str(exc.orig)) from exc
-        return conn
-
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        conn = self._conn
-        assert conn is not None
-        try:
-            if exc_type is None:
-                try:
-                    await conn.commit()
-                except DBAPIError as error:
-                    raise DatabaseError(str(error.orig)) from error
-            else:
-                await conn.rollback()
-        finally:
-            try:
-                await conn.close()
-            finally:
-                self._shield.__exit__(None, None, None)
+            writes = []
+            for row in (_Locked.from_row(r) for r in result):
+                outcome = apply_operation(
+                    row.state, row.requested, Operation.PAUSE, has_cleanup=row.has_cleanup
+                )
+                writes.append(_Write(row, outcome, row.node_id))
+            await self._write(conn, writes)
+            stopped = [(w.row.id, w.row.node_id) for w in writes if w.row.node_id is not None]
+            for owner in sorted({owner for _, owner in stopped}):
+                await self._notify(conn, f"stop:{owner}")
+            return stopped
 
 
 def _split_sql(sql: str) -> list[str]:
     """Split a migration file into statements (they contain no semicolons inside)."""
-    statements = []
-    for chunk in sql.split(";"):
-        lines = [line for line in chunk.splitlines() if not line.strip().startswith("--")]
-        statement = "\n".join(lines).strip()
-        if statement:
-            statements.append(statement)
-    return statements
+    code = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+    return [statement.strip() for statement in code.split(";") if statement.strip()]

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, LiteralString
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._base import Backend
-
-_RETURN_CLAIMED: LiteralString = (
-    " RETURNING t.id, t.type, t.user_name, t.group_name, t.context, t.attempts,"
-    " t.max_attempts, t.handoff, t.priority"
-)
+from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
 
 
 class PostgresBackend(Backend):
@@ -128,36 +124,46 @@ class PostgresBackend(Backend):
         )
 
     def _claim_update(self) -> LiteralString:
-        # The state is checked again under the row lock: a row another node claimed since
-        # this statement's snapshot is skipped, not claimed twice.
+        # State and group are checked again under the row lock: a row another node claimed,
+        # or that was moved to another group, since this statement's snapshot is skipped.
         return (
-            "UPDATE {tasks} t SET state = 'running', node_id = :node, attempts = t.attempts + 1,"
-            " handoff = false, started_at = COALESCE(t.started_at, {now}), updated_at = {now}"
-            " FROM (SELECT r.id FROM {tasks} r JOIN chosen c ON c.id = r.id"
-            " WHERE r.state = 'pending' ORDER BY c.pick LIMIT :limit"
+            "UPDATE {tasks} t SET state = :to_state, node_id = :node,"
+            " attempts = t.attempts + 1, token = t.token + 1, handoff = false,"
+            " started_at = COALESCE(t.started_at, {now}), updated_at = {now}"
+            " FROM (SELECT r.id AS claim_id FROM {tasks} r JOIN chosen c ON c.id = r.id"
+            " WHERE r.state = :from_state AND r.group_name = c.group_name"
+            " AND NOT (r.id = ANY(CAST(:busy AS bigint[]))) ORDER BY c.pick LIMIT :limit"
             " FOR UPDATE OF r SKIP LOCKED) k"
-            " WHERE t.id = k.id" + _RETURN_CLAIMED
+            " WHERE t.id = k.claim_id" + RETURN_CLAIMED
         )
 
     def _cleanup_claim_statement(self) -> LiteralString:
         return (
-            "UPDATE {tasks} t SET node_id = :node, attempts = t.attempts + 1, updated_at = {now}"
-            " FROM (SELECT id FROM {tasks} WHERE state = 'deleting' AND node_id IS NULL"
-            " AND run_at <= {now} AND type = ANY(:types)"
+            "UPDATE {tasks} t SET state = :to_state, node_id = :node,"
+            " attempts = t.attempts + 1, token = t.token + 1, updated_at = {now}"
+            " FROM (SELECT id AS claim_id FROM {tasks} WHERE state = 'deleting'"
+            " AND node_id IS NULL AND run_at <= {now} AND type = ANY(:types)"
+            " AND state = :from_state AND NOT (id = ANY(CAST(:busy AS bigint[])))"
             " ORDER BY run_at, id LIMIT :limit FOR UPDATE SKIP LOCKED) c"
-            " WHERE t.id = c.id" + _RETURN_CLAIMED
+            " WHERE t.id = c.claim_id" + RETURN_CLAIMED
         )
 
     async def _checkpoint(
-        self, conn: AsyncConnection, node_id: int, contexts: dict[int, str]
+        self, conn: AsyncConnection, node_id: int, contexts: Mapping[int, Checkpoint]
     ) -> set[int]:
         result = await self._exec(
             conn,
             "UPDATE {tasks} t SET context = v.context, updated_at = {now}"
-            " FROM unnest(CAST(:ids AS bigint[]), CAST(:contexts AS text[])) AS v(id, context)"
-            " WHERE t.id = v.id AND t.node_id = :node"
-            " AND t.state IN ('running', 'canceling', 'deleting')"
-            " RETURNING t.id",
-            {"ids": list(contexts), "contexts": list(contexts.values()), "node": node_id},
+            " FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]),"
+            " CAST(:contexts AS text[])) AS v(id, token, context)"
+            " WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node"
+            " AND t.state = ANY(:states) RETURNING t.id",
+            {
+                "ids": list(contexts),
+                "tokens": [c.token for c in contexts.values()],
+                "contexts": [c.context for c in contexts.values()],
+                "node": node_id,
+                "states": CHECKPOINT_STATES,
+            },
         )
         return {row[0] for row in result}

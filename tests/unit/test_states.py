@@ -207,7 +207,9 @@ EVENTS: dict[tuple[State, StopRequest | None, Event], Expected] = {
     (S.DELETING, None, E.DISCARD): None,
     (S.DELETING, None, E.FAILED): None,
     (S.DELETING, None, E.STOPPED): None,
-    (S.DELETING, None, E.NODE_LOST): Outcome(S.DELETING),  # owned → unowned
+    (S.DELETING, None, E.NODE_LOST): Retry(
+        yes=Outcome(S.DELETING), no=Outcome(S.FAILED)
+    ),  # owned → unowned, or FAILED when its cleanup attempts are used up
     (S.DELETING, None, E.CLEANUP_CLAIM): Outcome(S.DELETING, owned=True),
     (S.DELETING, None, E.CLEANUP_FINISHED): GONE,
     (S.DELETING, None, E.CLEANUP_FAILED): Retry(

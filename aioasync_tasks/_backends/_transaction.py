@@ -1,0 +1,154 @@
+"""Transactions of the storage layer, safe to cancel, and the wrapping of driver errors.
+
+Every public method of a backend runs as its own asyncio task (``cancel_safe``): a caller
+cancelled at any ``await`` — ``asyncio.timeout``, ``wait_for``, ``Task.cancel`` or an anyio
+cancel scope — stops waiting, but the statement in flight and its COMMIT or ROLLBACK still run
+to the end. A statement cut off mid-flight can leave its connection stuck, and on SQLite keep
+the database's write lock held by this process, so every writer of every process would wait
+for the busy timeout (docs/explanation.md, "Cancellation").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .._errors import DatabaseError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+"""PostgreSQL error classes a retry may cure: connection exception, transaction rollback
+(serialization failure, deadlock), insufficient resources, operator intervention (shutdown,
+statement timeout), system error."""
+_TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})
+"""Lock not available, object in use."""
+_TRANSIENT_SQLITE = ("locked", "busy", "disk i/o", "unable to open")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of connectivity or load, which a retry may cure, rather than
+    one of the data, which no retry will."""
+    if isinstance(exc, PoolTimeoutError | OSError | ConnectionError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        sqlstate = getattr(orig, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+        if isinstance(orig, sqlite3.Error) or type(orig).__module__.startswith("sqlalchemy"):
+            message = str(orig).lower()
+            if any(word in message for word in _TRANSIENT_SQLITE):
+                return True
+        # No SQLSTATE: the driver's own failure (connection closed, another operation in
+        # progress) is transient; a refused value is a data error.
+        name = type(orig).__name__
+        return name in ("InterfaceError", "InternalClientError") or (
+            name == "OperationalError" and sqlstate is None and not isinstance(orig, sqlite3.Error)
+        )
+    return False
+
+
+def database_error(exc: BaseException) -> DatabaseError:
+    """A ``DatabaseError`` for a driver failure, never with an empty message."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    text = str(orig).strip() or type(orig).__name__
+    return DatabaseError(text, transient=is_transient(exc))
+
+
+WRAPPED = (SQLAlchemyError, OSError, UnicodeError)
+"""What the storage layer turns into ``DatabaseError``: driver, pool and connection failures,
+and a text the driver cannot encode."""
+
+
+def cancel_safe(
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Awaitable[_T]]:
+    """Run ``method`` as a task of its own that a cancelled caller does not interrupt: the
+    caller's cancellation is delivered once the transaction is over (committed or rolled
+    back), or, if the caller is cancelled again meanwhile, the transaction ends alone."""
+
+    @functools.wraps(method)
+    async def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(_retrieve)
+                await asyncio.wait([task])
+            raise
+
+    return run
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume the outcome of a transaction whose caller was cancelled (nobody awaits it)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class Transaction:
+    """``async with Transaction(engine, write=…) as conn``: one transaction, committed when
+    the block succeeds, rolled back otherwise; driver failures become ``DatabaseError``."""
+
+    def __init__(self, engine: AsyncEngine, *, write: bool, autocommit: bool = False) -> None:
+        self._engine = engine
+        self._write = write
+        self._autocommit = autocommit
+        self._conn: AsyncConnection | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        try:
+            conn = await self._engine.connect()
+        except WRAPPED as exc:
+            raise database_error(exc) from exc
+        self._conn = conn
+        options: dict[str, Any] = {"aioasync_write": self._write}
+        if self._autocommit:
+            options["isolation_level"] = "AUTOCOMMIT"
+        try:
+            conn = await conn.execution_options(**options)
+            await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
+        except WRAPPED as exc:
+            await self._close(conn)
+            raise database_error(exc) from exc
+        return conn
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            if exc_type is None:
+                await conn.commit()
+            else:
+                await conn.rollback()
+        except WRAPPED as error:
+            await self._close(conn)
+            if exc_type is None:
+                raise database_error(error) from error
+            return  # the block's own exception propagates
+        await self._close(conn)
+
+    @staticmethod
+    async def _close(conn: AsyncConnection) -> None:
+        try:
+            await conn.close()
+        except WRAPPED:
+            try:
+                await conn.invalidate()
+            except WRAPPED:
+                return  # the connection is gone either way
