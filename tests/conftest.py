@@ -10,6 +10,9 @@ Fixtures
     The same, for one backend only.
 ``pg_server``
     Session-scoped :class:`_db.PgServer` (found or started once); skips when unavailable.
+``pg_proxy`` / ``pg_proxy_db``
+    A fault-injecting :class:`_faults.PgProxy` in front of ``pg_server`` (closed after the
+    test), and ``pg_db`` (same fresh schema) with its URL through that proxy.
 
 SQLite targets are a fresh file under ``tmp_path``; PostgreSQL targets are a fresh schema
 ``t_<12 hex>`` created before the test and dropped (CASCADE) after it.  Connect with::
@@ -33,6 +36,7 @@ from _db import (
     drop_schema,
     new_schema_name,
 )
+from _faults import PgProxy
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -103,6 +107,21 @@ def sqlite_db(tmp_path: Path) -> DbTarget:
 def pg_db(pg_server: PgServer) -> Iterator[DbTarget]:
     """A fresh PostgreSQL schema; skipped when PostgreSQL is unavailable."""
     yield from _pg_target(pg_server)
+
+
+@pytest.fixture
+def pg_proxy(pg_server: PgServer) -> Iterator[PgProxy]:
+    """A :class:`_faults.PgProxy` in front of the session's server; every connection through it
+    is reset when the test ends."""
+    with PgProxy.for_url(pg_server.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def pg_proxy_db(pg_db: DbTarget, pg_proxy: PgProxy) -> DbTarget:
+    """``pg_db`` through ``pg_proxy``: same schema, URL on the proxy's port.  The proxy closes
+    before the schema is dropped (which goes to the server directly)."""
+    return pg_proxy.target(pg_db)
 
 
 @pytest.fixture
