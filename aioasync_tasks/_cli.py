@@ -29,7 +29,13 @@ import click
 import sqlalchemy as sa
 from sqlalchemy import make_url
 
-from ._errors import AsyncTasksError, ConfigurationError, DatabaseError, TaskNotFound
+from ._errors import (
+    AsyncTasksError,
+    ConfigurationError,
+    DatabaseError,
+    NodeStopped,
+    TaskNotFound,
+)
 from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry
 from ._schema import SCHEMA_VERSION
@@ -212,7 +218,16 @@ async def _work(settings: Settings, registry: TaskRegistry, options: dict[str, A
             ", ".join(registry.names),
             node.concurrency,
         )
-        received = await signals.get()
+        signalled = asyncio.create_task(signals.get())
+        ended = asyncio.create_task(node.wait_stopped())
+        await asyncio.wait({signalled, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if not signalled.done():
+            signalled.cancel()
+            # The node stopped on its own (a service it could not recover): exit non-zero, so
+            # that a process manager restarts the worker.
+            raise NodeStopped(f"the node stopped on its own: {node.failure}")
+        ended.cancel()
+        received = signalled.result()
         _log.info(
             "%s: stopping gracefully, handing running tasks back from their checkpoints "
             "(send it again to stop at once)",

@@ -1,5 +1,5 @@
 """The executing part of a node: its row, its services and its running tasks
-(docs/explanation.md, "Nodes, leases and fencing").
+(docs/explanation.md, "A node is cut off").
 
 Services, each a loop around a ``*_once`` method that tests can call directly, each supervised
 (a crash is logged with its traceback and the service restarts with back-off; a service that
@@ -139,7 +139,7 @@ class Worker:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the services until ``shutdown()`` (or a service is given up), then stop
-        gracefully (docs/explanation.md, "Graceful stop")."""
+        gracefully (docs/explanation.md, "A node shuts down gracefully")."""
         await self.register()
         try:
             async with anyio.create_task_group() as services:

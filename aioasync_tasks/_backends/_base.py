@@ -643,7 +643,8 @@ class Backend:
         force: bool = False,
         group: str | None = None,
     ) -> OperationResult:
-        """Apply a user operation to one task, atomically (docs/explanation.md, "States")."""
+        """Apply a user operation to one task, atomically (docs/explanation.md, "States and
+        transitions")."""
         async with self.write() as conn:
             if group is not None:
                 # Taken in the order claims take it (group, then task): a task moved into a
