@@ -1,4 +1,5 @@
-"""Database URLs: from the URL a user gives to an engine.
+"""Database URLs: from the URL a user gives to an engine, and from an engine's URL to the place
+named in a ``DatabaseError``.
 
 PostgreSQL URLs as managed services hand them out carry libpq parameters
 (``postgresql://u:p@host/db?sslmode=require``), which asyncpg does not take as they are: each
@@ -15,11 +16,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import make_url
+from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, DatabaseError
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 """libpq's ``sslmode`` values, which asyncpg's ``ssl`` takes by the same names."""
@@ -235,3 +236,40 @@ def engine_from_url(url: str) -> AsyncEngine:
         return create_async_engine(parsed, connect_args=connect_args)
     except ArgumentError as exc:
         raise ConfigurationError(f"bad database URL {_hide_password(url)!r}: {exc}") from exc
+
+
+# -- DatabaseError messages -------------------------------------------------------------------
+
+
+def describe_database(url: URL) -> str:
+    """Where a database is, without credentials: ``PostgreSQL at host:port/db``."""
+    if url.get_backend_name() == "sqlite":
+        return f"SQLite at {url.database}"
+    host: object = url.host or url.query.get("host") or "localhost"
+    if isinstance(host, tuple):
+        host = ",".join(host)
+    port = f":{url.port}" if url.port else ("" if "host" in url.query else ":5432")
+    return f"PostgreSQL at {host}{port}/{url.database or ''}"
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``TypeName: message``, from the driver's own exception where there is one, and the type
+    name alone when the message is empty (a timeout)."""
+    driver: BaseException = exc
+    for _ in range(3):
+        # SQLAlchemy's DBAPIError → the DB-API error → (asyncpg, emulated by SQLAlchemy) the
+        # driver's own exception, whose type name says the most (UniqueViolationError …)
+        original = getattr(driver, "orig", None)
+        if not isinstance(original, BaseException):
+            break
+        driver = original
+    text = str(driver).strip()
+    name = type(driver).__name__
+    return f"{name}: {text}" if text else name
+
+
+def database_error(exc: BaseException, url: URL, what: str) -> DatabaseError:
+    """A ``DatabaseError`` saying what failed, where, and the driver's words:
+    ``could not connect to PostgreSQL at 127.0.0.1:5999/test: ConnectionRefusedError: …``.
+    Raise it ``from exc``."""
+    return DatabaseError(f"{what} {describe_database(url)}: {describe_exception(exc)}")

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import DatabaseError, SchemaError, TaskNotFound
+from .._errors import SchemaError, TaskNotFound
 from .._scheduling import SchedulingPolicy
 from .._schema import GROUPS, NODES, SCHEMA_VERSION, TASKS, VERSIONS, Timestamp
 from .._states import (
@@ -40,6 +40,7 @@ from .._states import (
     apply_operation,
 )
 from .._task import Task
+from .._urls import database_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +263,8 @@ class Backend:
         try:
             return await conn.execute(self._sql(template), params)
         except DBAPIError as exc:
-            raise DatabaseError(str(exc.orig)) from exc
+            verb = template.split(None, 1)[0].upper()
+            raise database_error(exc, self.engine.url, f"{verb} failed on") from exc
 
     def write(self) -> _Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
@@ -1029,12 +1031,11 @@ class _Transaction:
             raise
 
     async def _begin(self) -> AsyncConnection:
+        url = self._backend.engine.url
         try:
             conn = await self._backend.engine.connect()
-        except DBAPIError as exc:
-            raise DatabaseError(str(exc.orig)) from exc
-        except OSError as exc:
-            raise DatabaseError(str(exc)) from exc
+        except (DBAPIError, OSError) as exc:
+            raise database_error(exc, url, "could not connect to") from exc
         self._conn = conn
         options: dict[str, Any] = {"aioasync_write": self._write}
         if self._autocommit:
@@ -1044,7 +1045,7 @@ class _Transaction:
             await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
         except DBAPIError as exc:
             await conn.close()
-            raise DatabaseError(str(exc.orig)) from exc
+            raise database_error(exc, url, "could not begin a transaction on") from exc
         return conn
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -1055,7 +1056,8 @@ class _Transaction:
                 try:
                     await conn.commit()
                 except DBAPIError as error:
-                    raise DatabaseError(str(error.orig)) from error
+                    url = self._backend.engine.url
+                    raise database_error(error, url, "could not commit on") from error
             else:
                 await conn.rollback()
         finally:
