@@ -209,10 +209,13 @@ def clean_error_text(text: str, limit: int = MAX_ERROR_LENGTH) -> str:
     text = text.replace("\x00", "\\x00")
     if len(text) <= limit:
         return text
-    # The marker's length depends on the count it shows; size it for the largest count first.
+    # The marker's length depends on the count it shows: size it for the largest count, then
+    # keep the characters that fewer digits leave room for (a few steps at most).
     keep = limit - len(_cut_marker(len(text)))
     if keep < 2:
         return text[:limit]
+    while keep + 1 + len(_cut_marker(len(text) - keep - 1)) <= limit:
+        keep += 1
     head = keep - keep // 2
     tail = keep // 2
     return text[:head] + _cut_marker(len(text) - keep) + text[len(text) - tail :]
