@@ -298,7 +298,7 @@ def test_the_driver_exception_is_found_under_sqlalchemy_wrappers() -> None:
             self.orig = orig
 
     driver = UniqueViolationError("duplicate key value")
-    wrapped = DBAPIError("INSERT …", None, Emulated("duplicate key value", driver))  # type: ignore[arg-type]
+    wrapped = DBAPIError("INSERT …", None, Emulated("duplicate key value", driver))
     assert describe_exception(wrapped) == "UniqueViolationError: duplicate key value"
 
 
