@@ -27,12 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._cli import table
 from ._errors import AsyncTasksError, InvalidTransition, TaskNotFound
-from ._node import MAX_PAGE_SIZE, Node, _engine_from_url
+from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry
 from ._report import Report
 from ._schema import GROUPS, NODES, TASKS, VERSIONS
 from ._states import State
 from ._task import Task, TaskInfo, current_node, current_task
+from ._urls import engine_from_url
 
 registry = TaskRegistry()
 """The seed's task types: ``dot`` and ``matmul``."""
@@ -292,7 +293,7 @@ def demo_database(url: str | None, schema: str | None) -> tuple[str, str | None]
 
 async def _check_and_reset(url: str, schema: str | None) -> None:
     """Empty the demo database — but only if it holds nothing but an earlier demo's tasks."""
-    engine: AsyncEngine = _engine_from_url(url)
+    engine: AsyncEngine = engine_from_url(url)
     where = f"schema {schema!r}" if schema else "this database"
     try:
         async with engine.connect() as conn:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -17,19 +16,34 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
-from sqlalchemy import make_url
-from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import Backend, backend_for
 from ._backends._base import Group, NewTask, NodeInfo, TaskFilter
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
-from ._registry import TaskFunction, TaskRegistry, TaskType, check_type_name
+from ._registry import TaskFunction, TaskRegistry, TaskType
 from ._runner import Backoff
-from ._scheduling import FairShare, SchedulingPolicy
+from ._scheduling import SchedulingPolicy
 from ._states import Operation, State
 from ._task import Task, _current_node
+from ._urls import engine_from_url
+from ._validation import (
+    INT64_MAX,
+    check_context,
+    check_group,
+    check_groups,
+    check_int,
+    check_name,
+    check_policy,
+    check_schema,
+    check_seconds,
+    check_states,
+    check_task_id,
+    check_type_name,
+    check_types,
+    check_user,
+)
 from ._worker import Worker, WorkerConfig
 
 MAX_PAGE_SIZE = 1000
@@ -38,132 +52,11 @@ DEFAULT_MAX_CONTEXT_BYTES = 1024 * 1024
 _CREATE_KEYS = frozenset(
     {"type", "context", "user", "group", "auto_run", "priority", "run_at", "max_attempts"}
 )
-
-
-def _engine_from_url(url: str) -> AsyncEngine:
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigurationError(f"not a database URL: {url!r}") from exc
-    drivers = {
-        "postgresql": "postgresql+asyncpg",
-        "postgres": "postgresql+asyncpg",
-        "sqlite": "sqlite+aiosqlite",
-    }
-    if parsed.drivername in drivers:
-        parsed = parsed.set(drivername=drivers[parsed.drivername])
-    if parsed.drivername not in ("postgresql+asyncpg", "sqlite+aiosqlite"):
-        raise ConfigurationError(
-            f"unsupported database URL scheme {parsed.drivername!r}: use postgresql+asyncpg:// "
-            "or sqlite+aiosqlite:///path"
-        )
-    if parsed.drivername == "sqlite+aiosqlite" and parsed.database in (None, "", ":memory:"):
-        raise ConfigurationError(
-            "SQLite needs a file (sqlite+aiosqlite:///path/to/tasks.db): an in-memory database "
-            "cannot be shared between connections or nodes"
-        )
-    return create_async_engine(parsed)
-
-
 STOP_MARGIN = 5.0
 """Seconds ``stop(timeout=t)`` may take beyond ``t``: abandoning executions that ignore
 cancellation, deregistering and closing the connection pool, each bounded."""
 DISPOSE_TIMEOUT = 1.5
 """The bound of closing the connection pool at the end of a stop."""
-
-INT32_MAX = 2**31 - 1
-"""The largest value of an INTEGER column (priority, attempts, limits) on PostgreSQL."""
-INT64_MAX = 2**63 - 1
-"""The largest task id (BIGINT) and offset."""
-
-
-def _check_int(
-    name: str, value: object, *, minimum: int = -INT32_MAX - 1, maximum: int = INT32_MAX
-) -> int:
-    """An int in ``[minimum, maximum]`` (the column's range by default), checked before any
-    I/O: an out-of-range value would otherwise fail in the driver, or only on one backend."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ConfigurationError(f"{name} must be at least {minimum}, not {value}")
-    if value > maximum:
-        raise ConfigurationError(f"{name} must be at most {maximum}, not {value}")
-    return value
-
-
-def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be positive, not {value}")
-    return float(value)
-
-
-def _check_text(name: str, value: object, *, allow_empty: bool) -> str:
-    if not isinstance(value, str):
-        raise ConfigurationError(f"{name} must be a str, not {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise ConfigurationError(f"{name} must not be empty")
-    if "\x00" in value:
-        raise ConfigurationError(f"{name} must not contain NUL characters")
-    return value
-
-
-def _check_task_id(task_id: object) -> int:
-    return _check_int("task_id", task_id, minimum=1, maximum=INT64_MAX)
-
-
-def _check_group(group: object) -> str:
-    return _check_text("group", group, allow_empty=False)
-
-
-def _check_states(states: object) -> tuple[State, ...] | None:
-    if states is None:
-        return None
-    if isinstance(states, str | State) or not isinstance(states, Iterable):
-        raise ConfigurationError("states must be a list of State values")
-    result = []
-    for state in states:
-        try:
-            result.append(State(state))
-        except ValueError:
-            known = ", ".join(s.value for s in State)
-            raise ConfigurationError(f"unknown state {state!r}; known: {known}") from None
-    return tuple(result)
-
-
-def _check_types(types: object) -> tuple[str, ...] | None:
-    if types is None:
-        return None
-    if isinstance(types, str) or not isinstance(types, Iterable):
-        raise ConfigurationError("types must be a list of task type names")
-    try:
-        return tuple(check_type_name(t) for t in types)
-    except ConfigurationError:
-        raise
-    except Exception as exc:
-        raise ConfigurationError(f"bad types: {exc}") from exc
-
-
-def _check_groups(groups: object) -> tuple[str, ...] | None:
-    if groups is None:
-        return None
-    if isinstance(groups, str) or not isinstance(groups, Iterable):
-        raise ConfigurationError("groups must be a list of group names")
-    names = tuple(_check_group(g) for g in groups)
-    if not names:
-        raise ConfigurationError("groups must name at least one group (None: all groups)")
-    return names
-
-
-def _check_policy(policy: object) -> SchedulingPolicy:
-    if policy is None:
-        return FairShare()
-    if not isinstance(policy, SchedulingPolicy) or not isinstance(
-        getattr(policy, "order_by", None), str
-    ):
-        raise ConfigurationError("policy must be a SchedulingPolicy with an order_by")
-    return policy
 
 
 class Node:
@@ -221,7 +114,7 @@ class Node:
             self._engine = url_or_engine
             self._owns_engine = False
         elif isinstance(url_or_engine, str):
-            self._engine = _engine_from_url(url_or_engine)
+            self._engine = engine_from_url(url_or_engine)
             self._owns_engine = True
         else:
             raise ConfigurationError(
@@ -230,12 +123,12 @@ class Node:
         if registry is not None and not isinstance(registry, TaskRegistry):
             raise ConfigurationError("registry must be a TaskRegistry")
         if schema is not None:
-            _check_text("schema", schema, allow_empty=False)
+            schema = check_schema(schema)
         self.registry = registry if registry is not None else TaskRegistry()
-        self.concurrency = _check_int("concurrency", concurrency, minimum=0)
-        cleanup_concurrency = _check_int("cleanup_concurrency", cleanup_concurrency, minimum=0)
-        heartbeat_interval = _check_seconds("heartbeat_interval", heartbeat_interval)
-        node_timeout = _check_seconds("node_timeout", node_timeout)
+        self.concurrency = check_int("concurrency", concurrency, minimum=0)
+        cleanup_concurrency = check_int("cleanup_concurrency", cleanup_concurrency, minimum=0)
+        heartbeat_interval = check_seconds("heartbeat_interval", heartbeat_interval)
+        node_timeout = check_seconds("node_timeout", node_timeout)
         if node_timeout < 2 * heartbeat_interval:
             raise ConfigurationError(
                 "node_timeout must be at least twice heartbeat_interval, or live nodes are "
@@ -243,20 +136,20 @@ class Node:
             )
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds")
-        self.max_context_bytes = _check_int("max_context_bytes", max_context_bytes, minimum=1)
+        self.max_context_bytes = check_int("max_context_bytes", max_context_bytes, minimum=1)
         self._worker_config = WorkerConfig(
             concurrency=self.concurrency,
             cleanup_concurrency=cleanup_concurrency if self.concurrency else 0,
             heartbeat_interval=heartbeat_interval,
             node_timeout=node_timeout,
-            poll_interval=_check_seconds("poll_interval", poll_interval),
-            cleanup_attempts=_check_int("cleanup_attempts", cleanup_attempts, minimum=1),
+            poll_interval=check_seconds("poll_interval", poll_interval),
+            cleanup_attempts=check_int("cleanup_attempts", cleanup_attempts, minimum=1),
             backoff=Backoff(
-                _check_seconds("retry_base", retry_base), _check_seconds("retry_cap", retry_cap)
+                check_seconds("retry_base", retry_base), check_seconds("retry_cap", retry_cap)
             ),
-            name=None if name is None else _check_text("name", name, allow_empty=False),
-            policy=_check_policy(policy),
-            groups=_check_groups(groups),
+            name=None if name is None else check_name("name", name),
+            policy=check_policy(policy),
+            groups=check_groups(groups),
             max_context_bytes=self.max_context_bytes,
             clock=clock or time.monotonic,
         )
@@ -441,13 +334,7 @@ class Node:
         max_attempts: object = None,
     ) -> NewTask:
         task_type = self.registry.get(check_type_name(type))
-        _check_text("context", context, allow_empty=True)
-        assert isinstance(context, str)
-        size = len(context.encode("utf-8", "surrogatepass"))
-        if size > self.max_context_bytes:
-            raise ConfigurationError(
-                f"context is {size} bytes, more than max_context_bytes={self.max_context_bytes}"
-            )
+        context = check_context(context, self.max_context_bytes)
         if not isinstance(auto_run, bool):
             raise ConfigurationError("auto_run must be a bool")
         if run_at is not None and (not isinstance(run_at, datetime) or run_at.utcoffset() is None):
@@ -455,14 +342,14 @@ class Node:
         attempts = (
             task_type.max_attempts
             if max_attempts is None
-            else _check_int("max_attempts", max_attempts, minimum=1)
+            else check_int("max_attempts", max_attempts, minimum=1)
         )
         return NewTask(
             type=task_type.name,
             context=context,
-            user=_check_text("user", user, allow_empty=True),
-            group=_check_group(group),
-            priority=_check_int("priority", priority),
+            user=check_user(user),
+            group=check_group(group),
+            priority=check_int("priority", priority),
             max_attempts=attempts,
             has_cleanup=task_type.has_cleanup,
             state=State.PENDING if auto_run else State.INIT,
@@ -561,7 +448,7 @@ class Node:
         force: bool = False,
         group: str | None = None,
     ) -> None:
-        task_id = _check_task_id(task_id)
+        task_id = check_task_id(task_id)
         backend = self._ready()
         result = await backend.operate(task_id, operation, force=force, group=group)
         if result.outcome.changed:
@@ -587,14 +474,14 @@ class Node:
 
     async def change_task_group(self, task_id: int, group: str) -> None:
         """Move a task to another group (queue); allowed in every state but DELETING."""
-        group = _check_group(group)
+        group = check_group(group)
         await self._operate(task_id, Operation.CHANGE_GROUP, group=group)
 
     # -- querying ---------------------------------------------------------------------------
 
     async def get_task(self, task_id: int) -> Task:
         """A snapshot of one task; ``TaskNotFound`` when there is none."""
-        task_id = _check_task_id(task_id)
+        task_id = check_task_id(task_id)
         return await self._ready().get_task(task_id)
 
     def _filter(  # noqa: PLR0917 - private, mirrors the public filters
@@ -607,12 +494,12 @@ class Node:
         limit: object = 100,
     ) -> TaskFilter:
         return TaskFilter(
-            user=None if user is None else _check_text("user", user, allow_empty=True),
-            group=None if group is None else _check_group(group),
-            types=_check_types(types),
-            states=_check_states(states),
-            offset=_check_int("offset", offset, minimum=0, maximum=INT64_MAX),
-            limit=_check_int("limit", limit, minimum=1, maximum=MAX_PAGE_SIZE),
+            user=None if user is None else check_user(user),
+            group=None if group is None else check_group(group),
+            types=check_types(types),
+            states=check_states(states),
+            offset=check_int("offset", offset, minimum=0, maximum=INT64_MAX),
+            limit=check_int("limit", limit, minimum=1, maximum=MAX_PAGE_SIZE),
         )
 
     async def get_tasks(
@@ -647,7 +534,7 @@ class Node:
     async def pause_group(self, group: str, *, stop_running: bool = False) -> None:
         """Claim nothing more from ``group``; with ``stop_running=True`` also pause its running
         tasks."""
-        group = _check_group(group)
+        group = check_group(group)
         if not isinstance(stop_running, bool):
             raise ConfigurationError("stop_running must be a bool")
         stopped = await self._ready().pause_group(group, stop_running=stop_running)
@@ -658,7 +545,7 @@ class Node:
 
     async def resume_group(self, group: str) -> None:
         """Claim from ``group`` again."""
-        await self._ready().set_group(_check_group(group), paused=False)
+        await self._ready().set_group(check_group(group), paused=False)
         self._wake_local()
 
     async def set_group_limits(
@@ -669,11 +556,11 @@ class Node:
         max_running_per_user: int | None = None,
     ) -> None:
         """Store cluster-wide limits for ``group`` (None: no limit); every node obeys them."""
-        group = _check_group(group)
+        group = check_group(group)
         if max_running is not None:
-            _check_int("max_running", max_running, minimum=1)
+            check_int("max_running", max_running, minimum=1)
         if max_running_per_user is not None:
-            _check_int("max_running_per_user", max_running_per_user, minimum=1)
+            check_int("max_running_per_user", max_running_per_user, minimum=1)
         await self._ready().set_group(
             group, max_running=max_running, max_running_per_user=max_running_per_user
         )

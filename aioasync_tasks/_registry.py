@@ -11,22 +11,15 @@ from typing import Any
 
 from ._errors import ConfigurationError, DuplicateTaskType, UnknownTaskType
 from ._report import Report
+from ._validation import INT32_MAX, MAX_NAME_LENGTH, check_type_name
 
 TaskGenerator = AsyncIterator[Report]
 TaskFunction = Callable[[str, asyncio.Event], TaskGenerator]
 
 
-MAX_TYPE_NAME = 200
-MAX_ATTEMPTS = 2**31 - 1
+MAX_TYPE_NAME = MAX_NAME_LENGTH
+MAX_ATTEMPTS = INT32_MAX
 """The largest ``max_attempts`` (an INTEGER column)."""
-
-
-def check_type_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise ConfigurationError(f"task type must be a str, not {type(name).__name__}")
-    if not name.strip() or len(name) > MAX_TYPE_NAME:
-        raise ConfigurationError(f"task type must be 1 to {MAX_TYPE_NAME} characters, not blank")
-    return name
 
 
 def _check_generator_function(fn: object, what: str) -> None:

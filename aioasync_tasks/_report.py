@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from ._errors import ConfigurationError
+from ._validation import check_text
 
 
 class Phase(enum.StrEnum):
@@ -23,8 +24,10 @@ class Phase(enum.StrEnum):
 class Report:
     """One checkpoint or final word of a running task.
 
-    ``context`` None keeps the stored context. ``delete`` (terminal phases only) removes the
-    task's row instead of keeping it FINISHED or FAILED. ``error`` is the failure text.
+    ``context`` None keeps the stored context; a context with a NUL character or a lone
+    surrogate cannot be stored and is refused here, so the task that yields it fails alone with
+    a clear error. ``delete`` (terminal phases only) removes the task's row instead of keeping it
+    FINISHED or FAILED. ``error`` is the failure text: any ``str``, made storable when stored.
     """
 
     context: str | None = None
@@ -33,16 +36,16 @@ class Report:
     error: str | None = None
 
     def __post_init__(self) -> None:
-        if self.context is not None and not isinstance(self.context, str):
-            raise ConfigurationError(
-                f"Report context must be a str or None, not {type(self.context).__name__}"
-            )
+        if self.context is not None:
+            check_text("Report context", self.context, allow_empty=True)
         if not isinstance(self.phase, Phase):
             raise ConfigurationError(f"Report phase must be a Phase, not {self.phase!r}")
         if self.delete and self.phase is Phase.NORMAL:
             raise ConfigurationError("delete=True is only meaningful on a terminal report")
         if self.error is not None and self.phase is not Phase.FAILED:
             raise ConfigurationError("error is only meaningful on a failed report")
+        if self.error is not None and not isinstance(self.error, str):
+            raise ConfigurationError(f"Report error must be a str, not {type(self.error).__name__}")
 
     @classmethod
     def finished(cls, context: str | None = None, *, delete: bool = False) -> Report:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, raw_engine
+from _helpers import make_node, raw_engine, wait_for
 from sqlalchemy import create_engine
 
 from aioasync_tasks import (
@@ -50,6 +50,12 @@ EXISTING = object()
 """Stands for the id of a task that exists (an INIT task)."""
 NAIVE = datetime(2030, 1, 1, 12, 0)  # naive on purpose
 MISSING_ID = 10**12
+LONE = "\ud800"
+"""A lone surrogate: a str that cannot be encoded as UTF-8 (no driver can send it)."""
+NAME_LIMIT = 200
+"""``MAX_NAME_LENGTH``: the longest user, group, type and node name, on every backend."""
+UNSTORABLE = {"nul": "a\x00b", "lone surrogate": f"a{LONE}b"}
+"""Texts no backend can store: each text argument refuses them before any I/O."""
 
 
 async def _running(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
@@ -87,6 +93,9 @@ def call(method: str, *args: Any, **kwargs: Any) -> Callable[[Node, int], Awaita
     return invoke
 
 
+BAD_GROUPS = ["", "   ", None, 5, "g\x00", f"g{LONE}", "g" * (NAME_LIMIT + 1)]
+
+
 def _cases() -> dict[str, list[Case]]:
     cases: dict[str, list[Case]] = {}
 
@@ -101,6 +110,9 @@ def _cases() -> dict[str, list[Case]]:
         ("empty", ""),
         ("blank", "   "),
         ("too long", "t" * 201),
+        ("too long in emoji", "\U0001f600" * 201),
+        ("nul", "t\x00"),
+        ("lone surrogate", f"t{LONE}"),
     ]:
         add("create_task", f"type {name}", value)
     add("create_task", "type unknown", "nope", error=UnknownTaskType)
@@ -111,13 +123,15 @@ def _cases() -> dict[str, list[Case]]:
         ("bytes", b"x"),
         ("list", ["x"]),
         ("nul", "a\x00b"),
+        ("lone surrogate", f"a{LONE}b"),
+        ("only a lone surrogate", LONE),
         ("oversized", "x" * (MAX_CONTEXT + 1)),
         ("oversized in bytes", "é" * (MAX_CONTEXT // 2 + 1)),  # fewer chars than the limit
     ]:
         add("create_task", f"context {name}", "t", value)
     for field, values in {
-        "user": [5, None, b"u", "a\x00"],
-        "group": ["", "   ", None, 5, "g\x00"],
+        "user": [5, None, b"u", "a\x00", LONE, "u" * (NAME_LIMIT + 1)],
+        "group": ["", "   ", None, 5, "g\x00", f"g{LONE}", "g" * (NAME_LIMIT + 1)],
         "auto_run": ["yes", 1, None],
         "priority": ["1", True, 1.5, None, 2**31, -(2**31) - 1],
         "run_at": [NAIVE, "2030-01-01T00:00:00+00:00", 0, date(2030, 1, 1)],
@@ -148,6 +162,12 @@ def _cases() -> dict[str, list[Case]]:
         ("a bad group", [good, {"type": "t", "group": ""}]),
     ]:
         add("create_tasks", name, value)
+    for field in ("context", "user", "group", "type"):
+        for what, text in UNSTORABLE.items():
+            add("create_tasks", f"a {what} in {field}", [good, {"type": "t", field: text}])
+    for field in ("user", "group", "type"):
+        long = {"type": "t", field: "x" * (NAME_LIMIT + 1)}
+        add("create_tasks", f"a {field} over {NAME_LIMIT} characters", [good, long])
     add("create_tasks", "an unknown type", [good, {"type": "nope"}], error=UnknownTaskType)
     add("create_tasks", "a bad connection", [good], connection="a connection")
 
@@ -167,8 +187,8 @@ def _cases() -> dict[str, list[Case]]:
     add("delete_task", "missing id, forced", MISSING_ID, force=True, error=TaskNotFound)
     for value in bad_ids:
         add("change_task_group", f"id {value!r}", value, "g")
-    for value in ["", "   ", None, 5, "g\x00"]:
-        add("change_task_group", f"group {value!r}", EXISTING, value)
+    for value in BAD_GROUPS:
+        add("change_task_group", f"group {value!r}"[:60], EXISTING, value)
     add("change_task_group", "missing id", MISSING_ID, "g", error=TaskNotFound)
 
     # queries: filters, paging
@@ -187,6 +207,14 @@ def _cases() -> dict[str, list[Case]]:
         ("types empty name", {"types": [""]}),
         ("types int item", {"types": [5]}),
         ("types int", {"types": 5}),
+        ("user nul", {"user": "a\x00"}),
+        ("user lone surrogate", {"user": LONE}),
+        ("user too long", {"user": "u" * (NAME_LIMIT + 1)}),
+        ("group nul", {"group": "g\x00"}),
+        ("group lone surrogate", {"group": LONE}),
+        ("group too long", {"group": "g" * (NAME_LIMIT + 1)}),
+        ("types nul", {"types": ["t\x00"]}),
+        ("types lone surrogate", {"types": [LONE]}),
     ]
     for name, kwargs in filters:
         add("get_tasks", name, **kwargs)
@@ -208,8 +236,8 @@ def _cases() -> dict[str, list[Case]]:
 
     # groups
     for method in ("pause_group", "resume_group", "set_group_limits"):
-        for value in ["", "   ", None, 5, "g\x00"]:
-            add(method, f"group {value!r}", value)
+        for value in BAD_GROUPS:
+            add(method, f"group {value!r}"[:60], value)
     for field in ("max_running", "max_running_per_user"):
         for value in [0, -1, True, "3", 1.5, 2**31]:
             add("set_group_limits", f"{field} {value!r}", "g", **{field: value})
@@ -302,6 +330,50 @@ async def test_good_arguments_next_to_the_bad_ones_work(db: DbTarget) -> None:
         await node.resume_group("h")
 
 
+@pytest.mark.parametrize("char", ["n", "\U0001f600"], ids=["ascii", "4-byte"])
+async def test_names_at_the_limit_round_trip(db: DbTarget, char: str) -> None:
+    """200 characters is accepted for user, group, type and node name on both backends — even
+    in 4-byte characters, which PostgreSQL's indexes (group and user in one row) must hold."""
+    name = char * NAME_LIMIT
+    registry = _registry()
+    registry.register_task(name, _running)
+    async with make_node(db, registry, concurrency=1, name=name, groups=["other"]) as node:
+        task_id = await node.create_task(name, "ctx", user=name, group=name)
+        [other] = await node.create_tasks([{"type": name, "user": name, "group": name}])
+        task = await node.get_task(task_id)
+        assert (task.type, task.user, task.group) == (name, name, name)
+        assert await node.count_tasks(user=name, group=name, types=[name]) == 2
+        assert [t.id for t in await node.get_tasks(user=name)] == [other, task_id]
+        await node.set_group_limits(name, max_running=1, max_running_per_user=1)
+        await node.pause_group(name)
+        assert [g.name for g in await node.get_groups()] == [name]
+        await node.resume_group(name)
+        await node.change_task_group(task_id, name[:-1] + "x")
+        assert [n.name for n in await node.get_nodes()] == [name]
+
+
+async def test_unstorable_texts_are_refused_on_both_backends_alike(db: DbTarget) -> None:
+    """A 201-character name, a NUL and a lone surrogate are refused with the argument named —
+    the same on SQLite (which would store them) and PostgreSQL (whose driver would fail)."""
+    async with make_node(db, _registry(), concurrency=0) as node:
+        before = await _tables(db)
+        for argument in ("user", "group"):
+            with pytest.raises(ConfigurationError, match=f"^{argument} must be at most 200 "):
+                await node.create_task("t", **{argument: "x" * (NAME_LIMIT + 1)})
+        calls: dict[str, Callable[[str], Awaitable[Any]]] = {
+            "context": lambda text: node.create_task("t", text),
+            "user": lambda text: node.create_task("t", user=text),
+            "group": lambda text: node.create_tasks([{"type": "t", "group": text}]),
+            "task type": lambda text: node.create_tasks([{"type": text}]),
+        }
+        for argument, create in calls.items():
+            with pytest.raises(ConfigurationError, match=f"^{argument} must not contain NUL"):
+                await create(UNSTORABLE["nul"])
+            with pytest.raises(ConfigurationError, match=f"^{argument} is not valid Unicode"):
+                await create(UNSTORABLE["lone surrogate"])
+        assert await _tables(db) == before
+
+
 # -- the Node constructor ---------------------------------------------------------------------
 
 
@@ -333,8 +405,17 @@ CONSTRUCTOR_CASES: list[tuple[str, dict[str, Any]]] = [
     ("max_context_bytes str", {"max_context_bytes": "1MiB"}),
     ("name empty", {"name": ""}),
     ("name int", {"name": 5}),
+    ("name nul", {"name": "n\x00"}),
+    ("name lone surrogate", {"name": f"n{LONE}"}),
+    ("name too long", {"name": "n" * (NAME_LIMIT + 1)}),
+    ("groups a str", {"groups": "g"}),
+    ("groups empty", {"groups": []}),
+    ("groups item nul", {"groups": ["g\x00"]}),
+    ("groups item lone surrogate", {"groups": [LONE]}),
+    ("groups item too long", {"groups": ["g" * (NAME_LIMIT + 1)]}),
     ("schema on SQLite", {"schema": "tenant"}),
     ("schema empty", {"schema": ""}),
+    ("schema not an identifier", {"schema": "a :b"}),
 ]
 
 
@@ -345,6 +426,26 @@ def test_node_rejects_bad_options(tmp_path: Path, options: dict[str, Any]) -> No
     with pytest.raises(ConfigurationError):
         Node(_sqlite_url(tmp_path), **options)
     assert not (tmp_path / "tasks.db").exists()  # no I/O
+
+
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["a :b", "a-b", "a.b", 'a"b', "1abc", "", " a", "a\x00", f"a{LONE}", "a" * 64, "pg_x", 5, b"a"],
+)
+def test_schema_must_be_a_plain_identifier(schema: Any) -> None:
+    """The schema is spliced (quoted) into every statement: only plain identifiers, refused
+    before anything connects (a schema named ``a :b`` used to break every statement)."""
+    with pytest.raises(ConfigurationError, match="schema"):
+        Node(PG_URL, schema=schema)
+
+
+@pytest.mark.parametrize("schema", ["a", "_", "Tenant_1", "a" * 63, "public"])
+async def test_plain_identifier_schemas_are_accepted(schema: str) -> None:
+    node = Node(PG_URL, schema=schema)
+    await node.stop()  # it never connected
 
 
 @pytest.mark.parametrize(
@@ -466,6 +567,12 @@ async def test_register_task_after_start_is_refused(db: DbTarget) -> None:
         lambda: Report(phase=Phase.FINISHED, error="finished with an error"),
         lambda: Report.finished(context=1),  # type: ignore[arg-type]
         lambda: Report.failed(context=["x"]),  # type: ignore[arg-type]
+        lambda: Report(context="a\x00b"),
+        lambda: Report(context=f"a{LONE}b"),
+        lambda: Report.finished(context="\x00"),
+        lambda: Report.failed("boom", context=LONE),
+        lambda: Report.failed(5),  # type: ignore[arg-type]
+        lambda: Report.failed(b"boom"),  # type: ignore[arg-type]
     ],
     ids=[
         "context int",
@@ -477,6 +584,12 @@ async def test_register_task_after_start_is_refused(db: DbTarget) -> None:
         "error on finished",
         "finished context int",
         "failed context list",
+        "context nul",
+        "context lone surrogate",
+        "finished context nul",
+        "failed context lone surrogate",
+        "failed error int",
+        "failed error bytes",
     ],
 )
 def test_report_validation(make: Callable[[], Report]) -> None:
@@ -498,6 +611,32 @@ def test_good_reports() -> None:
     assert (failed.phase, failed.error, failed.context) == (Phase.FAILED, "boom", "c")
     assert Report.failed().error  # a failure always has a text
     assert not Report(context="c").terminal
+    anything = f"a\x00b{LONE}" + "x" * 100_000  # any str: cleaned when it is stored
+    assert Report.failed(anything).error == anything
+
+
+async def test_a_task_yielding_an_unstorable_context_fails_alone(db: DbTarget) -> None:
+    """``Report(context=...)`` with a NUL raises in the task's own code, so that task fails with
+    a clear error and the node and its other tasks carry on."""
+    registry = _registry()
+
+    @registry.task("nul")
+    async def _nul(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report(context="a\x00b")
+
+    async with make_node(db, registry, concurrency=2) as node:
+        bad = await node.create_task("nul", "kept")
+        good = await node.create_task("t")
+        done = {bad: State.FAILED, good: State.FINISHED}
+        await wait_for(lambda: _states_are(node, done), what=f"states {done}")
+        task = await node.get_task(bad)
+        assert task.context == "kept"
+        assert task.error is not None
+        assert "ConfigurationError: Report context must not contain NUL characters" in task.error
+
+
+async def _states_are(node: Node, states: dict[int, State]) -> bool:
+    return {i: (await node.get_task(i)).state for i in states} == states
 
 
 # -- TaskRegistry -----------------------------------------------------------------------------

@@ -322,7 +322,8 @@ class Backend:
         try:
             return await conn.execute(self._sql(template), params)
         except WRAPPED as exc:
-            raise database_error(exc) from exc
+            verb = template.split(None, 1)[0].upper()
+            raise database_error(exc, self.engine.url, f"{verb} failed on") from exc
 
     def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -62,11 +63,41 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def database_error(exc: BaseException) -> DatabaseError:
-    """A ``DatabaseError`` for a driver failure, never with an empty message."""
-    orig = exc.orig if isinstance(exc, DBAPIError) else exc
-    text = str(orig).strip() or type(orig).__name__
-    return DatabaseError(text, transient=is_transient(exc))
+def describe_database(url: URL) -> str:
+    """Where a database is, without credentials: ``PostgreSQL at host:port/db``."""
+    if url.get_backend_name() == "sqlite":
+        return f"SQLite at {url.database}"
+    host: object = url.host or url.query.get("host") or "localhost"
+    if isinstance(host, tuple):
+        host = ",".join(host)
+    port = f":{url.port}" if url.port else ("" if "host" in url.query else ":5432")
+    return f"PostgreSQL at {host}{port}/{url.database or ''}"
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``TypeName: message``, from the driver's own exception where there is one, and the type
+    name alone when the message is empty (a timeout)."""
+    driver: BaseException = exc
+    for _ in range(3):
+        # SQLAlchemy's DBAPIError → the DB-API error → (asyncpg, emulated by SQLAlchemy) the
+        # driver's own exception, whose type name says the most (UniqueViolationError …)
+        original = getattr(driver, "orig", None)
+        if not isinstance(original, BaseException):
+            break
+        driver = original
+    text = str(driver).strip()
+    name = type(driver).__name__
+    return f"{name}: {text}" if text else name
+
+
+def database_error(exc: BaseException, url: URL, what: str) -> DatabaseError:
+    """A ``DatabaseError`` saying what failed, where, and the driver's words:
+    ``could not connect to PostgreSQL at 127.0.0.1:5999/test: ConnectionRefusedError: …``.
+    Raise it ``from exc``."""
+    return DatabaseError(
+        f"{what} {describe_database(url)}: {describe_exception(exc)}",
+        transient=is_transient(exc),
+    )
 
 
 WRAPPED = (SQLAlchemyError, OSError, UnicodeError)
@@ -112,10 +143,11 @@ class Transaction:
         self._conn: AsyncConnection | None = None
 
     async def __aenter__(self) -> AsyncConnection:
+        url = self._engine.url
         try:
             conn = await self._engine.connect()
         except WRAPPED as exc:
-            raise database_error(exc) from exc
+            raise database_error(exc, url, "could not connect to") from exc
         self._conn = conn
         options: dict[str, Any] = {"aioasync_write": self._write}
         if self._autocommit:
@@ -125,7 +157,7 @@ class Transaction:
             await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
         except WRAPPED as exc:
             await self._close(conn)
-            raise database_error(exc) from exc
+            raise database_error(exc, url, "could not begin a transaction on") from exc
         return conn
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -139,7 +171,7 @@ class Transaction:
         except WRAPPED as error:
             await self._close(conn)
             if exc_type is None:
-                raise database_error(error) from error
+                raise database_error(error, self._engine.url, "could not commit on") from error
             return  # the block's own exception propagates
         await self._close(conn)
 
