@@ -104,9 +104,30 @@ class Committer:
         """Flush everything waiting now, retrying while the database is unreachable."""
         self._pending.clear()
         batches, self._batches = self._batches, {}
-        for node_id, batch in batches.items():
-            if batch:
-                await self._flush(node_id, batch)
+        waiting = list(batches.items())
+        try:
+            while waiting:
+                node_id, batch = waiting[0]
+                if batch:
+                    await self._flush(node_id, batch)
+                waiting.pop(0)
+        except BaseException:
+            # A crash (or the node's stop) must not lose what was not written: it waits for the
+            # next flush, after the restart. Writing it twice is harmless (claim tokens).
+            for node_id, batch in waiting:
+                self._requeue(node_id, batch)
+            raise
+
+    def _requeue(self, node_id: int, batch: _Batch) -> None:
+        """Put an unwritten batch back in front of what arrived since."""
+        newer = self._batches.get(node_id)
+        if newer is not None:
+            batch.contexts.update(newer.contexts)
+            batch.context_waiters.update(newer.context_waiters)
+            batch.completions.extend(newer.completions)
+            batch.completion_waiters.update(newer.completion_waiters)
+        self._batches[node_id] = batch
+        self._pending.set()
 
     async def _flush(self, node_id: int, batch: _Batch) -> None:
         contexts = batch.contexts
