@@ -140,7 +140,8 @@ class Worker:
     ) -> None:
         """Run the services until ``shutdown()`` (or a service is given up), then stop
         gracefully (docs/explanation.md, "A node shuts down gracefully")."""
-        await self.register()
+        with anyio.CancelScope(shield=True):  # a row registered is a row deregistered below
+            await self.register()
         try:
             async with anyio.create_task_group() as services:
                 for name, service in (
