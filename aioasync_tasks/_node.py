@@ -52,6 +52,9 @@ DEFAULT_MAX_CONTEXT_BYTES = 1024 * 1024
 _CREATE_KEYS = frozenset(
     {"type", "context", "user", "group", "auto_run", "priority", "run_at", "max_attempts"}
 )
+IDLE_TRANSACTION_FRACTION = 0.25
+"""A write transaction of the node idle for this part of ``node_timeout`` is ended by the
+server (PostgreSQL)."""
 STOP_MARGIN = 5.0
 """Seconds ``stop(timeout=t)`` may take beyond ``t``: abandoning executions that ignore
 cancellation, deregistering and closing the connection pool, each bounded."""
@@ -156,6 +159,9 @@ class Node:
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
         self._backend: Backend = backend_for(self._engine, schema)
+        # A node cut off inside a transaction: the server ends it well before the node's peers
+        # may rescue its tasks, which would otherwise wait on its row locks.
+        self._backend.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
         self._worker: Worker | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()

@@ -327,7 +327,14 @@ class Backend:
 
     def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
-        return Transaction(self.engine, write=True)
+        return Transaction(self.engine, write=True, setup=self._write_setup)
+
+    _write_setup: str | None = None
+
+    def bound_idle_transactions(self, seconds: float) -> None:
+        """Dialect hook: have the server end a write transaction of ours that stays idle for
+        ``seconds`` — its node was cut off in the middle of it — so that the row locks it
+        holds never keep a rescuer from the node's tasks."""
 
     def read(self) -> Transaction:
         return Transaction(self.engine, write=False)

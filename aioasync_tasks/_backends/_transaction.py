@@ -136,10 +136,19 @@ class Transaction:
     """``async with Transaction(engine, write=…) as conn``: one transaction, committed when
     the block succeeds, rolled back otherwise; driver failures become ``DatabaseError``."""
 
-    def __init__(self, engine: AsyncEngine, *, write: bool, autocommit: bool = False) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        write: bool,
+        autocommit: bool = False,
+        setup: str | None = None,
+    ) -> None:
         self._engine = engine
         self._write = write
         self._autocommit = autocommit
+        self._setup = setup
+        """A statement run first in the transaction (a ``SET LOCAL``)."""
         self._conn: AsyncConnection | None = None
 
     async def __aenter__(self) -> AsyncConnection:
@@ -155,6 +164,8 @@ class Transaction:
         try:
             conn = await conn.execution_options(**options)
             await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
+            if self._setup is not None:
+                await conn.exec_driver_sql(self._setup)
         except WRAPPED as exc:
             await self._close(conn)
             raise database_error(exc, url, "could not begin a transaction on") from exc

@@ -28,6 +28,11 @@ class PostgresBackend(Backend):
             engine.dialect.identifier_preparer.quote_identifier(schema) if schema else None
         )
 
+    def bound_idle_transactions(self, seconds: float) -> None:
+        # SET LOCAL: only our own transactions, never the application's on the same engine.
+        milliseconds = max(int(seconds * 1000), 1)
+        self._write_setup = f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"
+
     def _qualify(self, table: str) -> str:
         return f"{self._quoted_schema}.{table}" if self._quoted_schema else table
 
