@@ -35,7 +35,7 @@ class TaskNotFound(AsyncTasksError, LookupError):
 
 
 class InvalidTransition(AsyncTasksError):
-    """The operation is not allowed from the task's current state (SPEC §4)."""
+    """The operation is not allowed from the task's current state (docs/explanation.md)."""
 
     def __init__(self, task_id: int | None, state: State, operation: Operation) -> None:
         target = f"task {task_id}" if task_id is not None else "task"

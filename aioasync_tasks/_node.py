@@ -1,5 +1,5 @@
 """``Node``: the one object an application uses — it manages tasks and, unless it is a client
-only, runs them (SPEC §2).
+only, runs them (docs/reference.md, "Node").
 
 ``start()`` and ``stop()`` may be called from different asyncio tasks: the node's services run
 in a supervisor task that the node creates and owns, never in the caller's task.

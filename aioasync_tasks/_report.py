@@ -1,4 +1,4 @@
-"""``Report``: what a task's generator yields to the runner (SPEC §3)."""
+"""``Report``: what a task's generator yields to the runner (docs/reference.md, "Reports")."""
 
 from __future__ import annotations
 

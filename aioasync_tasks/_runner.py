@@ -1,4 +1,5 @@
-"""Running one task's generator (or its cleanup handler) by the protocol of SPEC §3.
+"""Running one task's generator (or its cleanup handler) by the task protocol
+(docs/how-to.md, "Write a task and its checkpoints").
 
 An ``Execution`` owns the ``stop`` event handed to the generator and a deadline: the first stop
 request sets ``stop`` and arms the grace period (``stop_timeout``); when it runs out the

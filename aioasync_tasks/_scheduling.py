@@ -1,4 +1,5 @@
-"""Scheduling policies: the order in which a node claims due tasks (SPEC §5).
+"""Scheduling policies: the order in which a node claims due tasks (docs/explanation.md,
+"Claims").
 
 A claim considers every (group, user) queue of due PENDING tasks that its group's state allows —
 the group is not paused, and neither ``max_running`` of the group nor ``max_running_per_user``

@@ -1,4 +1,5 @@
-"""The task state machine of SPEC §4, as data and pure functions.
+"""The task state machine (docs/explanation.md, "States and transitions"), as data and
+pure functions.
 
 This module imports no database and no concurrency library. The backends ask it what a user
 operation or a system event does to a task in a given ``(state, requested)`` and then apply the
