@@ -1037,10 +1037,7 @@ class Backend:
                 if outcome is not None:
                     handoff = outcome.state is State.PENDING
                     writes.append(_Write(row, outcome, None, handoff=handoff, refund=True))
-            await self._write(conn, writes)
-            if writes:
-                await self._notify(conn, "wake")
-            return len(writes)
+            return await self._write_and_wake(conn, writes)
 
     async def _release_tasks(
         self,
@@ -1087,6 +1084,10 @@ class Backend:
                 writes.append(
                     _Write(row, outcome, None, error=error, handoff=handoff, refund=refund)
                 )
+        return await self._write_and_wake(conn, writes)
+
+    async def _write_and_wake(self, conn: AsyncConnection, writes: list[_Write]) -> int:
+        """Apply ``writes`` of tasks given back to the queue, and wake the claimers."""
         await self._write(conn, writes)
         if writes:
             await self._notify(conn, "wake")

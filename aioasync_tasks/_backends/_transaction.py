@@ -11,6 +11,7 @@ for the busy timeout (docs/explanation.md, "Cancellation").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine
@@ -110,7 +111,8 @@ def cancel_safe(
 ) -> Callable[_P, Awaitable[_T]]:
     """Run ``method`` as a task of its own that a cancelled caller does not interrupt: the
     caller's cancellation is delivered once the transaction is over (committed or rolled
-    back), or, if the caller is cancelled again meanwhile, the transaction ends alone."""
+    back). Transactions are short, so the caller waits for at most one; a caller that must not
+    wait even that long (a stop whose time is up) abandons the task that called."""
 
     @functools.wraps(method)
     async def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -118,18 +120,16 @@ def cancel_safe(
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            if not task.done():
-                task.add_done_callback(_retrieve)
-                await asyncio.wait([task])
+            while not task.done():
+                # Cancelled again (an anyio cancel scope cancels until its task leaves it): the
+                # transaction still ends first, as inside a shielded scope.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # consumed: the caller's cancellation is what it gets
             raise
 
     return run
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Consume the outcome of a transaction whose caller was cancelled (nobody awaits it)."""
-    if not task.cancelled():
-        task.exception()
 
 
 class Transaction:
