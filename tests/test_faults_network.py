@@ -1,0 +1,818 @@
+"""Real network faults between a node and PostgreSQL, and what the engine makes of them.
+
+Each test puts a node behind a fault-injecting proxy (``_faultcases.FaultProxy``), injects one
+fault — a COMMIT whose reply is lost, a stall longer than the lease, a claim that returns after
+the lease ran out, every connection reset mid-drain — and then checks the outcome from two
+sides: the database's own ledger (``History``: every committed change of every task row, by a
+trigger) and a witness written inside the tasks (``Witness``: every execution and every step,
+with the moment its checkpoint's ``yield`` returned). Every test checks that no two executions
+of a task overlapped in time, that no checkpoint a ``yield`` returned from was lost, and that no
+row is left RUNNING/CANCELING/DELETING without a live owner.
+
+The docstring of each scenario says why it fails on the engine before claim tokens (2086912);
+``test_a_node_cut_off_inside_a_transaction_is_still_rescued`` is an engine bug of today's code
+(xfail, strict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+from _db import DbTarget, PgServer
+from _faultcases import (
+    CHECKPOINT_SQL,
+    CLAIM_SQL,
+    HEARTBEAT_SQL,
+    WRITE_SQL,
+    FaultProxy,
+    History,
+    Witness,
+    counter_context,
+    counter_registry,
+    node_ids,
+    orphans,
+    task_rows,
+)
+from _helpers import make_node, raw_engine, wait_for
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aioasync_tasks import Node, Report, TaskRegistry
+from aioasync_tasks._errors import DatabaseError
+from aioasync_tasks._worker import Worker
+
+pytestmark = pytest.mark.postgres_only
+
+BOUND = 20.0
+"""Generous bound on waiting for a condition (never a timing assertion)."""
+QUIET = {"heartbeat_interval": 30.0, "node_timeout": 60.0, "poll_interval": 30.0}
+"""A node that claims only when woken and heartbeats (and rescues) only at start: in a short
+test its only transactions are the ones the test causes."""
+
+
+@pytest.fixture
+def fault_proxy(pg_server: PgServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy.for_url(pg_server.url)
+    assert isinstance(proxy, FaultProxy)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def proxied(pg_db: DbTarget, fault_proxy: FaultProxy) -> DbTarget:
+    """``pg_db`` through ``fault_proxy``."""
+    return fault_proxy.target(pg_db)
+
+
+@pytest.fixture
+async def raw(pg_db: DbTarget) -> AsyncIterator[AsyncEngine]:
+    """A direct engine of the test's own (never through the proxy)."""
+    engine = raw_engine(pg_db)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def running(proxy: FaultProxy, *nodes: Node) -> AsyncIterator[None]:
+    """Start ``nodes`` in order; at the end release the proxy and stop them (bounded), so that
+    a failing test fails instead of hanging in ``stop()``."""
+    async with AsyncExitStack() as stack:
+
+        async def stop(node: Node) -> None:
+            proxy.release()
+            await node.stop(timeout=BOUND)
+
+        for node in nodes:
+            await node.start()
+            stack.push_async_callback(stop, node)
+        yield
+
+
+def worker_of(node: Node) -> Worker:
+    worker = node._worker
+    assert worker is not None
+    return worker
+
+
+async def setup(pg_db: DbTarget, raw: AsyncEngine, registry: TaskRegistry) -> tuple[Node, History]:
+    """A client-only node straight to the server (creates and controls tasks, never through
+    the proxy) and the history trigger, installed once the client migrated the schema."""
+    client = make_node(pg_db, registry, concurrency=0)
+    await client.start()
+    assert pg_db.schema is not None
+    history = History(raw, pg_db.schema)
+    await history.install()
+    return client, history
+
+
+async def all_in(raw: AsyncEngine, ids: list[int], state: str) -> bool:
+    rows = await task_rows(raw, ids)
+    return len(rows) == len(ids) and all(row.state == state for row in rows.values())
+
+
+class ClaimProbe:
+    """Counts the claims a worker's claimer made (wrapping ``claim_once``), to wait until it is
+    idle before arming a fault meant for the next claim."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.begun = 0
+        self.ended = 0
+        claim_once = worker.claim_once
+
+        async def probe() -> int:
+            self.begun += 1
+            try:
+                return await claim_once()
+            finally:
+                self.ended += 1
+
+        worker.claim_once = probe  # type: ignore[method-assign]
+
+    async def quiet(self, for_seconds: float = 0.3) -> None:
+        """Wait until no claim ran for ``for_seconds``."""
+        seen = -1
+        since = time.monotonic()
+        deadline = since + BOUND
+        while True:
+            if self.begun != seen or self.begun != self.ended:
+                seen, since = self.begun, time.monotonic()
+            elif time.monotonic() - since >= for_seconds:
+                return
+            assert time.monotonic() < deadline, "the claimer never went quiet"
+            await asyncio.sleep(0.01)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# -- 1. a lost COMMIT reply of a completion --------------------------------------------------
+
+
+async def test_lost_commit_reply_of_a_completion_never_lands_on_the_next_attempt(
+    fault_proxy: FaultProxy,
+    proxied: DbTarget,
+    pg_db: DbTarget,
+    raw: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The transaction applying a FAILED completion (attempts left) commits, but its reply is
+    lost: the row is PENDING (attempt 1 used, retry due at once), the committer sees a reset
+    connection and retries the completion.
+
+    The retry must change nothing: the node does not claim the task again while it still has
+    the execution waiting for that answer, and the retried write is guarded by the claim
+    token. The row then moves as the state table says — running 1 → pending 1 → running 2 →
+    finished 2 — and the two executions never overlap.
+
+    On 2086912 the node's claim did not skip tasks it still ran and writes were guarded by the
+    owner only: the NOTIFY of the committed completion woke the claimer, which claimed attempt 2
+    on the same node; the retried FAILED then applied to attempt 2's row (same owner, RUNNING),
+    sending it back to PENDING while attempt 2 ran, and attempt 3 started beside it.
+    """
+    witness = Witness()
+    registry = TaskRegistry()
+    gate = asyncio.Event()
+
+    async def flaky(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        run = witness.begin(0)
+        outcome = "failed"
+        try:
+            if run.attempt == 1:
+                await gate.wait()
+                yield Report.failed("attempt 1 fails")
+                return
+            for i in range(1, 6):
+                await asyncio.sleep(0.05)
+                yield Report(context=f'{{"i": {i}}}')
+            outcome = "finished"
+            yield Report.finished()
+        finally:
+            witness.end(run, outcome)
+
+    registry.register_task("flaky", flaky, max_attempts=3)
+    client, history = await setup(pg_db, raw, registry)
+    # Two slots, so that the claimer really claims (with one free slot) while attempt 1 waits
+    # for its completion; it claims only when woken, and nothing else commits meanwhile.
+    node = make_node(
+        proxied, registry, name="a", concurrency=2, retry_base=0.01, retry_cap=0.01, **QUIET
+    )
+    caplog.set_level(logging.WARNING, logger="aioasync_tasks")
+    async with running(fault_proxy, client, node):
+        task_id = await client.create_task("flaky", '{"i": 0}')
+        await wait_for(lambda: witness.started([task_id]), timeout=BOUND, what="attempt 1")
+        fault = fault_proxy.drop_commit_after(WRITE_SQL)
+        gate.set()
+        await fault.wait(BOUND)
+        await wait_for(
+            lambda: all_in(raw, [task_id], "finished"), timeout=BOUND, what="the task to finish"
+        )
+        assert await orphans(raw, [node]) == []
+        node_id = node.id
+
+    assert fault.fired == 1
+    await history.assert_path(
+        task_id,
+        [
+            ("pending", 0, 0),
+            ("running", 1, 1),
+            ("pending", 1, 1),  # attempt 1 failed (committed, reply lost); retry due
+            ("running", 2, 2),
+            ("finished", 2, 2),
+        ],
+    )
+    row = (await task_rows(raw, [task_id]))[task_id]
+    assert (row.state, row.attempts, row.error) == ("finished", 2, "attempt 1 fails")
+    # The committer did retry the completion, and the retry was rejected.
+    assert any("final write (failed) rejected" in r.getMessage() for r in caplog.records)
+    runs = [(r.node_id, r.attempt, r.token, r.outcome) for r in witness.runs]
+    assert runs == [(node_id, 1, 1, "failed"), (node_id, 2, 2, "finished")]
+    witness.assert_no_overlap()
+    witness.assert_checkpoints_kept(await history.by_task())
+
+
+# -- 2. a lost COMMIT reply of a claim ----------------------------------------------------
+
+
+async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
+    fault_proxy: FaultProxy,
+    proxied: DbTarget,
+    pg_db: DbTarget,
+    raw: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The claim's transaction commits but its reply is lost: the rows are RUNNING, owned by the
+    node under the new token, and no execution runs them. The node's next heartbeats compare the
+    rows it owns with its executions and hand these back (attempt refunded); then each task runs
+    exactly once.
+
+    On 2086912 nothing reconciled: the node's own heartbeat kept its row alive, so no rescue
+    came either, and the tasks stayed RUNNING without a live owner for ever.
+    """
+    witness = Witness()
+    registry = counter_registry(witness)
+    client, history = await setup(pg_db, raw, registry)
+    node = make_node(
+        proxied, registry, name="a", heartbeat_interval=0.2, node_timeout=60.0, poll_interval=30
+    )
+    caplog.set_level(logging.WARNING, logger="aioasync_tasks")
+    await client.pause_group("g")
+    ids = await client.create_tasks(
+        [{"type": "counter", "context": counter_context(3), "group": "g"} for _ in range(5)]
+    )
+    async with running(fault_proxy, client, node):
+        # A's first claim found the group paused; no other claim comes until a wake-up.
+        await fault_proxy.settled(CLAIM_SQL)
+        await ClaimProbe(worker_of(node)).quiet()
+        fault = fault_proxy.drop_commit_after(CLAIM_SQL)
+        await client.resume_group("g")  # its NOTIFY wakes the claimer
+        await fault.wait(BOUND)
+
+        lost = await task_rows(raw, ids)
+        assert {(r.state, r.node_id, r.attempts) for r in lost.values()} == {
+            ("running", node.id, 1)
+        }
+        assert witness.runs == []
+        assert {row.id for row in await orphans(raw, [node])} == set(ids)
+        await wait_for(
+            lambda: all_in(raw, ids, "finished"), timeout=BOUND, what="the tasks to finish"
+        )
+        assert await orphans(raw, [node]) == []
+        node_id = node.id
+
+    assert fault.fired == 1
+    for task_id in ids:
+        await history.assert_path(
+            task_id,
+            [
+                ("pending", 0, 0),
+                ("running", 1, 1),  # the claim whose reply was lost
+                ("pending", 0, 1),  # handed back by a heartbeat, attempt refunded
+                ("running", 1, 2),
+                ("finished", 1, 2),
+            ],
+        )
+    assert any("without running them" in r.getMessage() for r in caplog.records)
+    assert sorted((r.task_id, r.node_id, r.token) for r in witness.runs) == [
+        (task_id, node_id, 2) for task_id in ids
+    ]
+    witness.assert_no_overlap()
+    witness.assert_checkpoints_kept(await history.by_task())
+    assert {row.step for row in (await task_rows(raw, ids)).values()} == {3}
+
+
+# -- 3. a stall longer than the lease -------------------------------------------------------
+
+
+async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_them(
+    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+) -> None:
+    """Node A (through the proxy, node_timeout 2 s) runs four tasks; the proxy holds all of A's
+    traffic at a moment when A has no transaction open. A's lease (¾ of its node_timeout, from
+    the send time of its last heartbeat) runs out first: A cancels its executions on its own,
+    while still cut off. Only then may node B (straight to the server, whose own node_timeout is
+    1 s) find A's heartbeat older than *A's* node_timeout, rescue the tasks and resume them from
+    their last checkpoints. When the stall ends A finds its row gone, fences itself, registers
+    again and claims new work; its late writes (checkpoints, NODE_LOST) change nothing.
+
+    On 2086912 the rescuer judged A by its own node_timeout: B rescued A's tasks after 1 s and
+    ran them while A — whose lease still had half a second to go — ran them too.
+    """
+    witness = Witness()
+    registry = counter_registry(witness, max_attempts=3)
+    client, history = await setup(pg_db, raw, registry)
+    tasks = 4
+    # As many slots as tasks: once they run, A's claimer has nothing to claim and sends nothing.
+    node_a = make_node(
+        proxied, registry, name="a", concurrency=tasks, heartbeat_interval=0.2, node_timeout=2.0
+    )
+    # B's own node_timeout is shorter than A's lease: B must judge A by A's node_timeout.
+    node_b = make_node(
+        pg_db,
+        registry,
+        name="b",
+        concurrency=tasks,
+        groups=["main"],
+        heartbeat_interval=0.2,
+        node_timeout=1.0,
+    )
+    async with running(fault_proxy, client, node_a):
+        worker_a = worker_of(node_a)
+        a_old = node_a.id
+        assert a_old is not None
+        ids = await client.create_tasks(
+            [
+                {"type": "counter", "context": counter_context(16, 0.05), "group": "main"}
+                for _ in range(tasks)
+            ]
+        )
+        await wait_for(
+            lambda: witness.started(ids, a_old) and len(witness.steps) >= 2 * tasks,
+            timeout=BOUND,
+            what="A to run every task",
+        )
+        async with running(fault_proxy, node_b):
+            b_id = node_b.id
+            assert b_id is not None
+            hold = fault_proxy.hold_when_idle()
+            await hold.wait(BOUND)
+
+            def a_stopped() -> bool:
+                return all(r.end is not None for r in witness.on_node(a_old))
+
+            await wait_for(a_stopped, timeout=BOUND, what="A to stop its tasks (lease)")
+            # A stopped its tasks by itself, while still cut off, before anyone rescued them.
+            assert fault_proxy.held
+            assert not worker_a.lease_valid()
+            assert not worker_a.fenced.is_set()
+            assert witness.on_node(b_id) == []
+            assert {r.outcome for r in witness.on_node(a_old)} <= {"cancelled", "closed"}
+
+            await wait_for(
+                lambda: witness.started(ids, b_id), timeout=BOUND, what="B to rescue the tasks"
+            )
+            fault_proxy.release()
+            await wait_for(worker_a.fenced.is_set, timeout=BOUND, what="A to fence itself")
+            a_new = node_a.id
+            assert a_new is not None
+            assert a_new != a_old
+            # A claims again: tasks of a group only A runs.
+            after = await client.create_tasks(
+                [
+                    {"type": "counter", "context": counter_context(2), "group": "after"}
+                    for _ in range(2)
+                ]
+            )
+            await wait_for(
+                lambda: all_in(raw, ids + after, "finished"),
+                timeout=BOUND,
+                what="every task to finish",
+            )
+            assert await orphans(raw, [node_a, node_b]) == []
+            assert sorted(await node_ids(raw)) == sorted([a_new, b_id])
+
+    assert {r.node_id for t in after for r in witness.runs_of(t)} == {a_new}
+    for task_id in ids:
+        assert [r.node_id for r in witness.runs_of(task_id)] == [a_old, b_id]
+        await history.assert_path(
+            task_id,
+            [
+                ("pending", 0, 0),
+                ("running", 1, 1),
+                ("pending", 1, 1),  # rescued by B: node lost, an attempt used
+                ("running", 2, 2),
+                ("finished", 2, 2),
+            ],
+        )
+    assert {row.step for row in (await task_rows(raw, ids)).values()} == {16}
+    witness.assert_no_overlap()
+    witness.assert_checkpoints_kept(await history.by_task())
+
+
+# -- 4. nodes with different node_timeouts ---------------------------------------------------
+
+
+async def test_a_node_is_judged_by_its_own_node_timeout(
+    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+) -> None:
+    """Node A (node_timeout 30 s) is cut off for 3 s; node B (node_timeout 1.5 s, heartbeat
+    0.3 s) looks for dead nodes many times meanwhile and sees A's heartbeat older than its own
+    timeout, but A is judged by the 30 s it registered with: B rescues nothing, A keeps its
+    row and its tasks, which finish on A once the stall ends.
+
+    On 2086912 the rescuer judged every node by its own node_timeout: B declared A dead after
+    1.5 s and ran A's tasks while A — whose lease is ¾ of 30 s — still ran them.
+    """
+    witness = Witness()
+    registry = counter_registry(witness, max_attempts=3)
+    client, history = await setup(pg_db, raw, registry)
+    tasks = 3
+    node_a = make_node(
+        proxied, registry, name="a", concurrency=tasks, heartbeat_interval=0.3, node_timeout=30
+    )
+    node_b = make_node(
+        pg_db, registry, name="b", concurrency=tasks, heartbeat_interval=0.3, node_timeout=1.5
+    )
+    async with running(fault_proxy, client, node_a):
+        a_id = node_a.id
+        assert a_id is not None
+        ids = await client.create_tasks(
+            [{"type": "counter", "context": counter_context(16, 0.05)} for _ in range(tasks)]
+        )
+        await wait_for(
+            lambda: witness.started(ids, a_id) and len(witness.steps) >= 2 * tasks,
+            timeout=BOUND,
+            what="A to run every task",
+        )
+        async with running(fault_proxy, node_b):
+            worker_b = worker_of(node_b)
+            rescues: list[int] = []
+            rescue_once = worker_b.rescue_once
+
+            async def counted() -> int:
+                released = await rescue_once()
+                rescues.append(released)
+                return released
+
+            worker_b.rescue_once = counted  # type: ignore[method-assign]
+            hold = fault_proxy.hold_when_idle()
+            await hold.wait(BOUND)
+            await asyncio.sleep(3.0)
+            async with raw.connect() as conn:
+                silent = await conn.scalar(
+                    text(
+                        "SELECT EXTRACT(EPOCH FROM now() - heartbeat_at) FROM aioasync_nodes"
+                        " WHERE id = :id"
+                    ),
+                    {"id": a_id},
+                )
+            # B looked for dead nodes many times and took nothing; A still runs its tasks.
+            assert witness.on_node(node_b.id or 0) == []
+            assert sum(rescues) == 0
+            assert len(rescues) >= 3
+            assert all(r.end is None for r in witness.on_node(a_id))
+            # A's row is still there, silent for longer than B's own node_timeout.
+            assert silent is not None
+            assert float(silent) > 1.5
+            fault_proxy.release()
+            await wait_for(
+                lambda: all_in(raw, ids, "finished"), timeout=BOUND, what="the tasks to finish"
+            )
+            assert await orphans(raw, [node_a, node_b]) == []
+            assert a_id in await node_ids(raw)
+            assert node_a.id == a_id
+            assert not worker_of(node_a).fenced.is_set()
+
+    assert sum(rescues) == 0
+    assert [(r.task_id, r.node_id) for r in witness.runs] == [(t, a_id) for t in ids]
+    for task_id in ids:
+        await history.assert_path(
+            task_id,
+            [
+                ("pending", 0, 0),
+                ("running", 1, 1),
+                ("finished", 1, 1),
+            ],
+        )
+    witness.assert_no_overlap()
+    witness.assert_checkpoints_kept(await history.by_task())
+
+
+# -- 5. a claim in flight when the lease runs out ---------------------------------------------
+
+
+async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
+    fault_proxy: FaultProxy,
+    proxied: DbTarget,
+    pg_db: DbTarget,
+    raw: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Node A's claim reaches the server and takes three tasks; its reply is held while A's
+    (injected) clock moves past the lease. When the claim returns — committed — A must not
+    start the tasks: it hands them back (attempt refunded) and they run later, on A after a
+    heartbeat renewed its lease, each exactly once, under the next claim's token.
+
+    On 2086912 there was no way to inject the clock (``Node(clock=…)``), and the claimer started
+    whatever a claim returned without looking at the lease again.
+    """
+    witness = Witness()
+    registry = counter_registry(witness)
+    client, history = await setup(pg_db, raw, registry)
+    clock = FakeClock()
+    node = make_node(
+        proxied,
+        registry,
+        name="a",
+        heartbeat_interval=0.2,
+        node_timeout=2.0,
+        poll_interval=30.0,
+        clock=clock,
+    )
+    caplog.set_level(logging.WARNING, logger="aioasync_tasks")
+    await client.pause_group("g")
+    ids = await client.create_tasks(
+        [{"type": "counter", "context": counter_context(3), "group": "g"} for _ in range(3)]
+    )
+    async with running(fault_proxy, client, node):
+        worker = worker_of(node)
+        # A's first claim found the group paused; no other claim comes until a wake-up.
+        await fault_proxy.settled(CLAIM_SQL)
+        await ClaimProbe(worker).quiet()
+        heartbeats = {"begun": 0, "ended": 0}
+        heartbeat_once = worker.heartbeat_once
+
+        async def traced() -> None:
+            heartbeats["begun"] += 1
+            try:
+                await heartbeat_once()
+            finally:
+                heartbeats["ended"] += 1
+
+        worker.heartbeat_once = traced  # type: ignore[method-assign]
+        hold = fault_proxy.hold_after(CLAIM_SQL)
+        await client.resume_group("g")
+        await hold.wait(BOUND)
+        # Let a heartbeat start (and wait on the hold) before the clock moves: the heartbeat
+        # loop is then stuck in it, so no heartbeat sent after the move can renew the lease
+        # before the claim returns.
+        await wait_for(
+            lambda: heartbeats["begun"] > heartbeats["ended"],
+            timeout=BOUND,
+            what="a heartbeat waiting on the hold",
+        )
+        clock.advance(10.0)  # far past the lease (1.5 s) on A's clock
+        assert not worker.lease_valid()
+        await asyncio.sleep(0.3)  # the lease watchdog acts
+        assert witness.runs == []
+        fault_proxy.release()
+        await wait_for(
+            lambda: all_in(raw, ids, "finished"), timeout=BOUND, what="the tasks to finish"
+        )
+        assert await orphans(raw, [node]) == []
+        node_id = node.id
+        assert not worker.fenced.is_set()
+
+    assert any("after the lease ran out" in r.getMessage() for r in caplog.records)
+    for task_id in ids:
+        await history.assert_path(
+            task_id,
+            [
+                ("pending", 0, 0),
+                ("running", 1, 1),  # the held claim: committed after the lease ran out
+                ("pending", 0, 1),  # handed back untouched, attempt refunded
+                ("running", 1, 2),
+                ("finished", 1, 2),
+            ],
+        )
+    # No execution under the late claim's token: the tasks ran once each, claimed again.
+    assert sorted((r.task_id, r.node_id, r.attempt, r.token) for r in witness.runs) == [
+        (task_id, node_id, 1, 2) for task_id in ids
+    ]
+    witness.assert_no_overlap()
+    witness.assert_checkpoints_kept(await history.by_task())
+
+
+# -- 6. every connection reset in the middle of a drain -----------------------------------
+
+
+async def test_reset_all_during_a_drain_loses_nothing_and_runs_nothing_twice(
+    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+) -> None:
+    """200 short tasks of three checkpointed steps drain on node A (through the proxy, 20
+    slots) and node B (straight to the server, 10 slots); every connection of A is reset three
+    times on the way: at a quarter done with ``reset_all()`` whenever it lands, at a half and
+    three quarters done at the moment one of A's claims commits (its reply is lost with
+    everything else A had in flight — other claims, checkpoints, completions, heartbeats, its
+    listener). Every task still finishes with each step's checkpoint committed in order, none
+    runs twice at once, and no row is left owned without an execution: the rows of the lost
+    claims are handed back by A's heartbeat.
+
+    On 2086912 the rows of a claim whose COMMIT reply was lost stayed RUNNING under A with no
+    execution; A's heartbeat kept them from being rescued, and the drain never ended.
+    """
+    witness = Witness()
+    registry = counter_registry(witness)
+    client, history = await setup(pg_db, raw, registry)
+    timings = {"heartbeat_interval": 0.2, "node_timeout": 60.0, "poll_interval": 0.05}
+    node_a = make_node(proxied, registry, name="a", concurrency=20, **timings)
+    node_b = make_node(pg_db, registry, name="b", concurrency=10, **timings)
+    total, steps = 200, 3
+    async with running(fault_proxy, client, node_a, node_b):
+        ids = await client.create_tasks(
+            [{"type": "counter", "context": counter_context(steps, 0.03)} for _ in range(total)]
+        )
+        resets = []
+        for fraction in (0.25, 0.5, 0.75):
+
+            def done(fraction: float = fraction) -> bool:
+                return sum(r.outcome == "finished" for r in witness.runs) >= fraction * total
+
+            await wait_for(done, timeout=BOUND, what=f"{fraction:.0%} of the drain")
+            if fraction == 0.25:
+                resets.append(fault_proxy.reset_all())
+            else:
+                fault = fault_proxy.reset_all_at_commit_after(CLAIM_SQL)
+                await fault.wait(BOUND)
+                resets.extend(fault.resets)
+        await wait_for(
+            lambda: all_in(raw, ids, "finished"), timeout=3 * BOUND, what="the drain to finish"
+        )
+        assert await orphans(raw, [node_a, node_b]) == []
+        a_id, b_id = node_a.id, node_b.id
+        assert a_id is not None
+        assert b_id is not None
+        assert sorted(await node_ids(raw)) == sorted([a_id, b_id])
+
+    assert all(count > 0 for count in resets), resets
+    rows = await task_rows(raw, ids)
+    assert {row.step for row in rows.values()} == {steps}
+    by_task = await history.by_task()
+    for task_id in ids:
+        # Every step's checkpoint was committed, in order, never rewound.
+        written = [c.step for c in by_task[task_id] if c.state == "running" and c.step]
+        assert sorted(set(written)) == list(range(1, steps + 1)), (task_id, written)
+        assert written == sorted(written), (task_id, written)
+    assert {r.node_id for r in witness.runs} <= {a_id, b_id}
+    witness.assert_no_overlap()
+    witness.assert_checkpoints_kept(by_task)
+    # The lost claims' rows were handed back (attempt refunded) and claimed again.
+    handed_back = [
+        t
+        for t in ids
+        if any(
+            a.state == "running" and b.state == "pending" and b.attempts == a.attempts - 1
+            for a, b in itertools.pairwise(by_task[t])
+        )
+    ]
+    assert handed_back, "no claim's rows were handed back"
+
+
+# -- a partition in the middle of a transaction ------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "statement", [CHECKPOINT_SQL, HEARTBEAT_SQL], ids=["in-checkpoint", "in-heartbeat"]
+)
+async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
+    fault_proxy: FaultProxy,
+    proxied: DbTarget,
+    pg_db: DbTarget,
+    raw: AsyncEngine,
+    statement: bytes,
+) -> None:
+    """Node A (through the proxy, node_timeout 2 s) is cut off just after a statement of one of
+    its write transactions reached the server — a checkpoint (row lock on a task) or its
+    heartbeat (row lock on its node row) — so that transaction stays open on the server, as it
+    does in a real partition until TCP keepalives notice (hours, by default). A stops its tasks
+    when its lease runs out; node B (straight to the server) must then rescue them once A's
+    heartbeat is older than A's node_timeout, and run them.
+
+    This needs the server to end A's open transaction (``idle_in_transaction_session_timeout``,
+    set by every write transaction of a node since 304a7e7). Before that, and on 2086912, B's
+    rescue either waited on the task row A's open checkpoint held (its ``SELECT … FOR UPDATE``
+    in ``Backend._release_tasks`` — and B's rescuer, holding A's node row, was stuck for every
+    other dead node too) or skipped A's node row, locked by A's open heartbeat (``rescue``:
+    ``FOR UPDATE SKIP LOCKED``): the tasks ran nowhere until the partition healed.
+    """
+    witness = Witness()
+    registry = counter_registry(witness, max_attempts=3)
+    client, history = await setup(pg_db, raw, registry)
+    tasks = 2
+    timings = {"heartbeat_interval": 0.2, "node_timeout": 2.0}
+    node_a = make_node(proxied, registry, name="a", concurrency=tasks, **timings)
+    node_b = make_node(pg_db, registry, name="b", concurrency=tasks, groups=["main"], **timings)
+    async with running(fault_proxy, client, node_a):
+        a_id = node_a.id
+        assert a_id is not None
+        ids = await client.create_tasks(
+            [
+                {"type": "counter", "context": counter_context(30, 0.05), "group": "main"}
+                for _ in range(tasks)
+            ]
+        )
+        await wait_for(
+            lambda: witness.started(ids, a_id) and len(witness.steps) >= 2 * tasks,
+            timeout=BOUND,
+            what="A to run every task",
+        )
+        async with running(fault_proxy, node_b):
+            b_id = node_b.id
+            assert b_id is not None
+            hold = fault_proxy.hold_after(statement)
+            await hold.wait(BOUND)
+            await wait_for(
+                lambda: all(r.end is not None for r in witness.on_node(a_id)),
+                timeout=BOUND,
+                what="A to stop its tasks (lease)",
+            )
+            assert fault_proxy.held
+            assert witness.on_node(b_id) == []
+            # A's node_timeout is 2 s: B rescues within a few of its heartbeats after that,
+            # while A is still cut off.
+            await wait_for(
+                lambda: witness.started(ids, b_id), timeout=6.0, what="B to rescue A's tasks"
+            )
+            assert fault_proxy.held
+            fault_proxy.release()
+            await wait_for(
+                lambda: all_in(raw, ids, "finished"), timeout=BOUND, what="the tasks to finish"
+            )
+            await wait_for(worker_of(node_a).fenced.is_set, timeout=BOUND, what="A to fence itself")
+            assert await orphans(raw, [node_a, node_b]) == []
+
+    assert {row.step for row in (await task_rows(raw, ids)).values()} == {30}
+    for task_id in ids:
+        assert [r.node_id for r in witness.runs_of(task_id)] == [a_id, b_id]
+    witness.assert_no_overlap()
+    witness.assert_checkpoints_kept(await history.by_task())
+
+
+# -- errors name their cause -----------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_connection_refused_raises_a_database_error_that_names_it(host: str) -> None:
+    """Starting a node against a port nobody listens on raises ``DatabaseError`` with a message
+    that says what failed (not an empty string), marked transient (a retry may cure it).
+
+    On 2086912 ``DatabaseError`` had no ``transient`` flag to tell it from a refused value."""
+    port = _closed_port()
+    node = Node(f"postgresql+asyncpg://postgres@{host}:{port}/test", concurrency=0)
+    with pytest.raises(DatabaseError) as info:
+        await node.start()
+    message = str(info.value)
+    assert message.strip(), repr(info.value)
+    assert str(port) in message or "refused" in message.lower(), message
+    assert info.value.transient is True
+    await node.stop()
+
+
+async def test_a_reset_connection_raises_a_database_error_that_names_it(
+    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+) -> None:
+    """A statement whose connection is reset before it runs raises ``DatabaseError`` with a
+    non-empty message, transient; the next call goes through on a fresh connection.
+
+    On 2086912 ``DatabaseError`` had no ``transient`` flag."""
+    registry = counter_registry(Witness())
+    client, _ = await setup(pg_db, raw, registry)
+    node = make_node(proxied, registry, concurrency=0)
+    async with running(fault_proxy, client, node):
+        task_id = await client.create_task("counter", counter_context(1))
+        fault = fault_proxy.reset_on(rb"^SELECT id, type, user_name")
+        with pytest.raises(DatabaseError) as info:
+            await node.get_task(task_id)
+        assert fault.fired == 1
+        assert str(info.value).strip(), repr(info.value)
+        assert info.value.transient is True
+        assert (await node.get_task(task_id)).id == task_id
