@@ -108,10 +108,8 @@ class Worker:
         costs several times more, and a node may start thousands per second)."""
         self._lease_deadline = 0.0
         self._lease_lost = False
-        self._claims = 0
-        """Claims begun so far; with ``_claiming``, tells the heartbeat whether a claim may
-        have committed rows that no execution holds yet."""
         self._claiming = False
+        """A claim is in flight: it may have committed rows that no execution holds yet."""
         self._next_due: float | None = None
         self.fenced = asyncio.Event()
         """Set each time the node found itself declared dead (for tests)."""
@@ -255,7 +253,6 @@ class Worker:
         """Claim tasks (and cleanups) for the free slots; returns how many were started."""
         if not self._may_claim():
             return 0
-        self._claims += 1
         self._claiming = True
         try:
             started = await self._claim_tasks()
@@ -357,7 +354,6 @@ class Worker:
 
     async def heartbeat_once(self) -> None:
         sent = self._clock()
-        claims, claiming = self._claims, self._claiming
         try:
             # Not cancelled when slow (a statement cut off mid-flight can leave its connection
             # stuck); the lease watchdog acts on an expiring lease meanwhile.
@@ -375,7 +371,9 @@ class Worker:
             self.log.info("database reachable again: claiming again")
             self.wake()
         self._deliver(owned, sent)
-        if not (claiming or self._claiming) and claims == self._claims:
+        if not self._claiming:
+            # Every claim that committed before the heartbeat read the rows has returned and
+            # started its executions by now, except one whose reply was lost.
             await self._reconcile(owned)
 
     async def _lease_loop(self) -> None:
