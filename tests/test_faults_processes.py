@@ -78,12 +78,12 @@ BULK_BUG = (
 @pytest.mark.xfail(strict=True, reason=BULK_BUG)
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 async def test_bulk_create_does_not_cost_a_node_its_lease(cluster: Cluster) -> None:
-    """Two node processes (heartbeat 0.5 s, node timeout 3 s) run long counter tasks (four
-    each, a step every 0.05 s) while a third process creates 300,000 tasks in one
-    ``create_tasks`` call. The nodes keep their
-    leases throughout: the same two node rows all along (none rescued, none fenced and
-    registered anew), every task still RUNNING on its first attempt and still checkpointing
-    during the insert, and the ledger shows each task's steps done once, in order, on one node.
+    """Three node processes (heartbeat 0.5 s, node timeout 3 s) run long counter tasks (four
+    each, a step every 0.05 s) while another process creates 300,000 tasks in one
+    ``create_tasks`` call. The nodes keep their leases throughout: the same three node rows all
+    along (none rescued, none fenced and registered anew), every task still RUNNING on its first
+    attempt and still checkpointing during the insert, and the ledger shows each task's steps
+    done once, in order, on one node.
 
     Fails on 2086912: ``create_tasks`` inserted every row in one transaction, holding SQLite's
     write lock for many seconds; no heartbeat could be written, the nodes' leases ran out (their
@@ -93,12 +93,12 @@ async def test_bulk_create_does_not_cost_a_node_its_lease(cluster: Cluster) -> N
     database for too long" during the insert and their tasks are stopped as lost and retried;
     the same nodes and tasks for 30 s without the insert never lose their lease."""
     # Four tasks a node, a step (a ledger row and a checkpoint) every 0.05 s: busy nodes.
-    nodes = await cluster.start_many(2, heartbeat=0.5, node_timeout=3.0, concurrency=4)
+    nodes = await cluster.start_many(3, heartbeat=0.5, node_timeout=3.0, concurrency=4)
     node_ids = sorted(n.node_id for n in nodes)
     ids = await cluster.client.create_tasks(
         [
             {"type": "counter", "context": json.dumps({"i": 0, "n": 100_000, "delay": 0.05})}
-            for _ in range(8)
+            for _ in range(12)
         ]
     )
     await wait_for(cluster.steps_at_least(ids, 3), timeout=BOUND, what="every task under way")
