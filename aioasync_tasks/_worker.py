@@ -59,6 +59,8 @@ STABLE_AFTER = 60.0
 ABANDON_AFTER = 1.0
 """Seconds ``stop()`` waits, once its time is up, for cancelled executions to end; an execution
 that ignores cancellation longer is abandoned (its row is handed back all the same)."""
+MAX_HEARTBEATS = 3
+"""Heartbeats in flight at once at most (each holds a connection while it waits)."""
 DEREGISTER_TIMEOUT = 2.0
 """The bound of the last statement of a stop: removing the node's row."""
 
@@ -110,6 +112,7 @@ class Worker:
         self._lease_lost = False
         self._claiming = False
         """A claim is in flight: it may have committed rows that no execution holds yet."""
+        self._fencing = False
         self._next_due: float | None = None
         self.fenced = asyncio.Event()
         """Set each time the node found itself declared dead (for tests)."""
@@ -348,16 +351,35 @@ class Worker:
     # -- heartbeat, stop requests, fencing, reconciliation ----------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await self.heartbeat_once()
-            await anyio.sleep(self.config.heartbeat_interval)
+        """A heartbeat every ``heartbeat_interval``, whether or not the previous one has come
+        back: a heartbeat kept waiting (a busy SQLite file, a slow server) does not hold back
+        the next, so the lease is lost only when none of them gets through in time. At most
+        ``MAX_HEARTBEATS`` are in flight."""
+        loop = asyncio.get_running_loop()
+        beats: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                began = loop.time()
+                if len(beats) < MAX_HEARTBEATS:
+                    beats.add(loop.create_task(self.heartbeat_once()))
+                await asyncio.wait(beats, timeout=self.config.heartbeat_interval)
+                for beat in [b for b in beats if b.done()]:
+                    beats.discard(beat)
+                    beat.result()  # a crash of the heartbeat is the service's crash
+                await anyio.sleep(max(self.config.heartbeat_interval - (loop.time() - began), 0))
+        finally:
+            for beat in beats:
+                beat.cancel()
 
     async def heartbeat_once(self) -> None:
         sent = self._clock()
+        node_id = self.node_id
         try:
             # Not cancelled when slow (a statement cut off mid-flight can leave its connection
             # stuck); the lease watchdog acts on an expiring lease meanwhile.
-            owned = await self.backend.heartbeat(self.node_id)
+            owned = await self.backend.heartbeat(node_id)
+            if node_id != self.node_id or self._fencing:
+                return  # sent before the node fenced itself: it says nothing of the new id
             if owned is None:
                 await self._fence()
                 return
@@ -365,8 +387,10 @@ class Worker:
             self.log.warning("heartbeat failed: %s", exc)
             self._check_lease()
             return
-        self._lease_deadline = sent + self.config.node_timeout * LEASE_FRACTION
-        if self._lease_lost:
+        self._lease_deadline = max(
+            self._lease_deadline, sent + self.config.node_timeout * LEASE_FRACTION
+        )
+        if self._lease_lost and self.lease_valid():
             self._lease_lost = False
             self.log.info("database reachable again: claiming again")
             self.wake()
@@ -398,7 +422,11 @@ class Worker:
         self.log.error("node row is gone (declared dead): stopping all tasks at once")
         for execution in list(self.executions.values()):
             execution.request_stop(StopReason.LOST)
-        await self.register()
+        self._fencing = True
+        try:
+            await self.register()
+        finally:
+            self._fencing = False
         self._lease_lost = False
         self.fenced.set()
         self.wake()

@@ -67,15 +67,6 @@ async def start_fault_node(cluster: Cluster, **options: Any) -> FaultNode:
 BULK = 300_000
 
 
-BULK_BUG = (
-    "engine bug: SqliteBackend._let_others_write pauses 0.11 s between 5,000-row transactions, "
-    "which lets one or two waiting writers in, not every heartbeat: on a 2-core machine a chunk "
-    "holds the write lock ~0.45 s, heartbeats miss window after window and the nodes lose their "
-    "leases (node_timeout=3, heartbeat_interval=0.5)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BULK_BUG)
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 async def test_bulk_create_does_not_cost_a_node_its_lease(cluster: Cluster) -> None:
     """Three node processes (heartbeat 0.5 s, node timeout 3 s) run long counter tasks (four
@@ -89,9 +80,12 @@ async def test_bulk_create_does_not_cost_a_node_its_lease(cluster: Cluster) -> N
     write lock for many seconds; no heartbeat could be written, the nodes' leases ran out (their
     tasks stopped as lost) and the other node rescued them.
 
-    Fails on 2059b25 too (see ``BULK_BUG``): in every run the nodes log "lost contact with the
-    database for too long" during the insert and their tasks are stopped as lost and retried;
-    the same nodes and tasks for 30 s without the insert never lose their lease."""
+    Failed on 2059b25 too, whose chunks paused 0.11 s between 5,000-row transactions: SQLite's
+    busy handler makes a writer that has waited long retry only every 100 ms, behind every
+    newcomer, so heartbeats missed window after window; in every run the nodes logged "lost
+    contact with the database for too long" and their tasks were stopped as lost and retried.
+    Now our writers retry a locked BEGIN every 2 ms and a chunk pauses as long as it held the
+    lock. The same nodes and tasks for 30 s without the insert never lose their lease."""
     # Four tasks a node, a step (a ledger row and a checkpoint) every 0.05 s: busy nodes.
     nodes = await cluster.start_many(3, heartbeat=0.5, node_timeout=3.0, concurrency=4)
     node_ids = sorted(n.node_id for n in nodes)

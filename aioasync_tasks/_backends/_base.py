@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -327,9 +328,13 @@ class Backend:
 
     def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
-        return Transaction(self.engine, write=True, setup=self._write_setup)
+        return Transaction(
+            self.engine, write=True, setup=self._write_setup, busy_wait=self.busy_wait
+        )
 
     _write_setup: str | None = None
+    busy_wait: float | None = None
+    """Seconds a write transaction keeps trying to begin on a locked database (SQLite)."""
 
     def bound_idle_transactions(self, seconds: float) -> None:
         """Dialect hook: have the server end a write transaction of ours that stays idle for
@@ -466,6 +471,7 @@ class Backend:
         size = self.rows_per_transaction or len(params)
         ids: list[int] = []
         for start in range(0, len(params), size):
+            began = time.monotonic()
             try:
                 async with self.write() as conn:
                     ids += await self._insert(conn, params[start : start + size], wake)
@@ -478,11 +484,12 @@ class Backend:
                     transient=exc.transient,
                 ) from exc
             if start + size < len(params):
-                await self._let_others_write()
+                await self._let_others_write(time.monotonic() - began)
         return ids
 
-    async def _let_others_write(self) -> None:
-        """Between two chunks of a bulk insert: a pause long enough for the other writers."""
+    async def _let_others_write(self, held: float) -> None:
+        """Between two chunks of a bulk insert, which held the write lock for ``held`` seconds:
+        a pause long enough for the other writers."""
 
     async def _insert(
         self, conn: AsyncConnection, params: list[dict[str, Any]], wake: bool

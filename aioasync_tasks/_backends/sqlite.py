@@ -15,7 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
 
-BUSY_TIMEOUT_MS = 60_000
+BUSY_TIMEOUT_MS = 20
+"""SQLite's own wait for its lock, kept short: its busy handler makes a writer that has waited
+long retry only every 100 ms, behind every newcomer (a bulk insert, the application's writes);
+``SqliteBackend.busy_wait`` retries more often, for up to 60 s."""
 
 
 def configure_engine(engine: AsyncEngine) -> None:
@@ -54,6 +57,7 @@ def configure_engine(engine: AsyncEngine) -> None:
 
 class SqliteBackend(Backend):
     dialect = "sqlite"
+    busy_wait = 60.0
     now = "((julianday('now') - 2440587.5) * 86400.0)"
     expanding_lists = True
 
@@ -74,10 +78,10 @@ class SqliteBackend(Backend):
     """About 0.2 s of the write lock: a bulk ``create_tasks`` commits every 5,000 rows, so
     that no node's heartbeat waits behind it long enough to lose its lease."""
 
-    async def _let_others_write(self) -> None:
-        # A writer waiting in SQLite's busy handler retries every 100 ms at the slowest: a
-        # pause a little longer than that lets every waiting heartbeat in.
-        await asyncio.sleep(0.11)
+    async def _let_others_write(self, held: float) -> None:
+        # The lock is free at least as long as the chunk held it: every writer that waited
+        # meanwhile (retrying every few ms, see ``busy_wait``) gets in before the next chunk.
+        await asyncio.sleep(held)
 
     async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
         # One INSERT … VALUES (…), (…) … RETURNING per chunk; row i's parameters are `name_i`.
