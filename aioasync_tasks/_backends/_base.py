@@ -349,7 +349,12 @@ class Backend:
 
     def single(self) -> Transaction:
         """For a write that is one statement, and so atomic on its own."""
-        return Transaction(self.engine, write=True, autocommit=self.single_statement_autocommit)
+        return Transaction(
+            self.engine,
+            write=True,
+            autocommit=self.single_statement_autocommit,
+            busy_wait=self.busy_wait,
+        )
 
     # -- schema -----------------------------------------------------------------------------
 
