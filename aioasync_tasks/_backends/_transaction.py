@@ -183,7 +183,10 @@ class Transaction:
         except WRAPPED as exc:
             raise database_error(exc, url, "could not connect to") from exc
         self._conn = conn
-        options: dict[str, Any] = {"aioasync_write": self._write}
+        options: dict[str, Any] = {
+            "aioasync_write": self._write,
+            "aioasync_retry_busy": self._busy_wait is not None,
+        }
         if self._autocommit:
             options["isolation_level"] = "AUTOCOMMIT"
         try:

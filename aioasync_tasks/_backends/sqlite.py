@@ -15,10 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
 
-BUSY_TIMEOUT_MS = 20
-"""SQLite's own wait for its lock, kept short: its busy handler makes a writer that has waited
-long retry only every 100 ms, behind every newcomer (a bulk insert, the application's writes);
-``SqliteBackend.busy_wait`` retries more often, for up to 60 s."""
+BUSY_TIMEOUT_MS = 60_000
+SHORT_BUSY_TIMEOUT_MS = 20
+"""SQLite's own wait for its lock in a BEGIN of ours, kept short: its busy handler makes a
+writer that has waited long retry only every 100 ms, behind every newcomer (a bulk insert, the
+application's writes); ``SqliteBackend.busy_wait`` retries more often, for up to 60 s. Every
+other statement, and the application's own transactions on the engine, keep the long wait."""
 
 
 def configure_engine(engine: AsyncEngine) -> None:
@@ -49,8 +51,17 @@ def configure_engine(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("aioasync_write", True)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        options = conn.get_execution_options()
+        if not options.get("aioasync_retry_busy", False):
+            conn.exec_driver_sql(
+                "BEGIN IMMEDIATE" if options.get("aioasync_write", True) else "BEGIN"
+            )
+            return
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {SHORT_BUSY_TIMEOUT_MS}")
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        finally:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
 
