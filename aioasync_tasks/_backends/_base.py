@@ -328,13 +328,9 @@ class Backend:
 
     def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
-        return Transaction(
-            self.engine, write=True, setup=self._write_setup, busy_wait=self.busy_wait
-        )
+        return Transaction(self.engine, write=True, setup=self._write_setup)
 
     _write_setup: str | None = None
-    busy_wait: float | None = None
-    """Seconds a write transaction keeps trying to begin on a locked database (SQLite)."""
 
     def bound_idle_transactions(self, seconds: float) -> None:
         """Dialect hook: have the server end a write transaction of ours that stays idle for
@@ -349,12 +345,7 @@ class Backend:
 
     def single(self) -> Transaction:
         """For a write that is one statement, and so atomic on its own."""
-        return Transaction(
-            self.engine,
-            write=True,
-            autocommit=self.single_statement_autocommit,
-            busy_wait=self.busy_wait,
-        )
+        return Transaction(self.engine, write=True, autocommit=self.single_statement_autocommit)
 
     # -- schema -----------------------------------------------------------------------------
 

@@ -101,14 +101,6 @@ def database_error(exc: BaseException, url: URL, what: str) -> DatabaseError:
     )
 
 
-BUSY_RETRY_INTERVAL = 0.002
-"""Seconds between two tries of a BEGIN refused because an SQLite file is locked."""
-
-
-def _is_locked(exc: DBAPIError) -> bool:
-    return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig)
-
-
 WRAPPED = (SQLAlchemyError, OSError, UnicodeError)
 """What the storage layer turns into ``DatabaseError``: driver, pool and connection failures,
 and a text the driver cannot encode."""
@@ -151,42 +143,22 @@ class Transaction:
         write: bool,
         autocommit: bool = False,
         setup: str | None = None,
-        busy_wait: float | None = None,
     ) -> None:
         self._engine = engine
         self._write = write
         self._autocommit = autocommit
         self._setup = setup
         """A statement run first in the transaction (a ``SET LOCAL``)."""
-        self._busy_wait = busy_wait
-        """Seconds to keep retrying a BEGIN refused because the database is locked (SQLite)."""
         self._conn: AsyncConnection | None = None
 
     async def __aenter__(self) -> AsyncConnection:
-        loop = asyncio.get_running_loop()
-        deadline = None if self._busy_wait is None else loop.time() + self._busy_wait
-        while True:
-            try:
-                return await self._begin()
-            except DatabaseError as exc:
-                locked = isinstance(exc.__cause__, DBAPIError) and _is_locked(exc.__cause__)
-                if deadline is None or not locked or loop.time() > deadline:
-                    raise
-            # SQLite's own busy handler makes a writer that has waited long retry only every
-            # 100 ms, so it loses the lock to every newcomer; this loop keeps retrying often.
-            await asyncio.sleep(BUSY_RETRY_INTERVAL)
-
-    async def _begin(self) -> AsyncConnection:
         url = self._engine.url
         try:
             conn = await self._engine.connect()
         except WRAPPED as exc:
             raise database_error(exc, url, "could not connect to") from exc
         self._conn = conn
-        options: dict[str, Any] = {
-            "aioasync_write": self._write,
-            "aioasync_retry_busy": self._busy_wait is not None,
-        }
+        options: dict[str, Any] = {"aioasync_write": self._write}
         if self._autocommit:
             options["isolation_level"] = "AUTOCOMMIT"
         try:

@@ -16,11 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
 
 BUSY_TIMEOUT_MS = 60_000
-SHORT_BUSY_TIMEOUT_MS = 20
-"""SQLite's own wait for its lock in a BEGIN of ours, kept short: its busy handler makes a
-writer that has waited long retry only every 100 ms, behind every newcomer (a bulk insert, the
-application's writes); ``SqliteBackend.busy_wait`` retries more often, for up to 60 s. Every
-other statement, and the application's own transactions on the engine, keep the long wait."""
 
 
 def configure_engine(engine: AsyncEngine) -> None:
@@ -51,24 +46,14 @@ def configure_engine(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _begin(conn: Connection) -> None:
-        options = conn.get_execution_options()
-        if not options.get("aioasync_retry_busy", False):
-            conn.exec_driver_sql(
-                "BEGIN IMMEDIATE" if options.get("aioasync_write", True) else "BEGIN"
-            )
-            return
-        conn.exec_driver_sql(f"PRAGMA busy_timeout = {SHORT_BUSY_TIMEOUT_MS}")
-        try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        finally:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        write = conn.get_execution_options().get("aioasync_write", True)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
 
 
 class SqliteBackend(Backend):
     dialect = "sqlite"
-    busy_wait = 60.0
     now = "((julianday('now') - 2440587.5) * 86400.0)"
     expanding_lists = True
 
@@ -90,9 +75,9 @@ class SqliteBackend(Backend):
     that no node's heartbeat waits behind it long enough to lose its lease."""
 
     async def _let_others_write(self, held: float) -> None:
-        # The lock is free at least as long as the chunk held it: every writer that waited
-        # meanwhile (retrying every few ms, see ``busy_wait``) gets in before the next chunk.
-        await asyncio.sleep(held)
+        # The lock is free at least as long as the chunk held it (and longer than the 100 ms
+        # a long waiter sleeps in SQLite's busy handler), for the writers that waited meanwhile.
+        await asyncio.sleep(max(held, 0.11))
 
     async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
         # One INSERT … VALUES (…), (…) … RETURNING per chunk; row i's parameters are `name_i`.
