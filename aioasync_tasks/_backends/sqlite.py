@@ -5,17 +5,29 @@ processes sharing the file."""
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Mapping
+import json
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any, LiteralString
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import await_only
 
 from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
 
 BUSY_TIMEOUT_MS = 60_000
+"""How long a transaction of the application's waits for SQLite's write lock."""
+SHORT_BUSY_TIMEOUT_MS = 20
+"""How long SQLite itself waits for its lock in a write transaction of ours before we retry.
+
+SQLite's busy handler makes a writer that has waited long retry only every 100 ms, so it
+loses the lock to every newcomer: a node's heartbeat behind a bulk insert from another
+process would miss window after window and lose its lease. Our writes begin with SQLite
+waiting briefly and retry every ``BUSY_RETRY_INTERVAL``, for up to ``BUSY_TIMEOUT_MS`` in all
+(docs/explanation.md, "A bulk create on SQLite")."""
+BUSY_RETRY_INTERVAL = 0.002
 
 
 def configure_engine(engine: AsyncEngine) -> None:
@@ -46,10 +58,54 @@ def configure_engine(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("aioasync_write", True)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        # ``aioasync_write`` is set by the storage layer's own transactions; the application's
+        # transactions on the same engine have none.
+        ours = conn.get_execution_options().get("aioasync_write")
+        if ours is False:
+            conn.exec_driver_sql("BEGIN")
+        elif ours is None:
+            _set_busy_timeout(conn, BUSY_TIMEOUT_MS)
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            _set_busy_timeout(conn, SHORT_BUSY_TIMEOUT_MS)
+            _begin_immediate_retrying(conn)
 
     sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
+
+
+def _set_busy_timeout(conn: Connection, milliseconds: int) -> None:
+    # Remembered per driver connection, so that the PRAGMA runs only when the next transaction
+    # on a pooled connection wants the other timeout (a round trip to aiosqlite's thread).
+    info = conn.connection.info
+    if info.get("aioasync_busy_timeout", BUSY_TIMEOUT_MS) != milliseconds:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {milliseconds}")
+        info["aioasync_busy_timeout"] = milliseconds
+
+
+def _begin_immediate_retrying(conn: Connection) -> None:
+    # On the driver's cursor: a refused BEGIN is the expected case here, not a failed
+    # statement for SQLAlchemy to handle.
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    locked_error = conn.dialect.loaded_dbapi.OperationalError
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    try:
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+            except locked_error as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            else:
+                return
+            await_only(asyncio.sleep(BUSY_RETRY_INTERVAL))
+    finally:
+        cursor.close()
+
+
+def _json_rows(rows: Iterable[list[Any]]) -> str:
+    """Rows of values as one JSON array, for a statement that reads them with ``json_each``.
+    Text stays as it is (no ``\\u`` escapes but those JSON requires)."""
+    return json.dumps(list(rows), ensure_ascii=False, allow_nan=False)
 
 
 class SqliteBackend(Backend):
@@ -67,11 +123,8 @@ class SqliteBackend(Backend):
     # Without statistics SQLite may pick the (state, id) index and sort the whole backlog.
     _queue_index = "{tasks} INDEXED BY aioasync_tasks_queue_idx"
 
-    _INSERT_CHUNK = 1_000
-    """Rows per multi-row INSERT (8 parameters a row, well below SQLite's 32,766)."""
-
     rows_per_transaction = 5_000
-    """About 0.2 s of the write lock: a bulk ``create_tasks`` commits every 5,000 rows, so
+    """About 0.1 s of the write lock: a bulk ``create_tasks`` commits every 5,000 rows, so
     that no node's heartbeat waits behind it long enough to lose its lease."""
 
     async def _let_others_write(self, held: float) -> None:
@@ -79,19 +132,35 @@ class SqliteBackend(Backend):
         # a long waiter sleeps in SQLite's busy handler), for the writers that waited meanwhile.
         await asyncio.sleep(max(held, 0.11))
 
+    _INSERT_MANY: LiteralString = (
+        "INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,"
+        " attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,"
+        " run_at) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+        " json_extract(value, '$[2]'), json_extract(value, '$[3]'), NULL,"
+        " json_extract(value, '$[4]'), json_extract(value, '$[5]'), 0,"
+        " json_extract(value, '$[6]'), json_extract(value, '$[7]'), false, NULL, NULL, {now},"
+        " {now}, COALESCE(json_extract(value, '$[8]'), {now}) FROM json_each(:rows)"
+        " ORDER BY key RETURNING id"
+    )
+    _MANY_KEYS = (
+        "type",
+        "user",
+        "group",
+        "state",
+        "context",
+        "priority",
+        "max_attempts",
+        "has_cleanup",
+        "run_at",
+    )
+    """The order of the values of a row in ``_INSERT_MANY``'s JSON array."""
+
     async def _insert_batch(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
-        # One INSERT … VALUES (…), (…) … RETURNING per chunk; row i's parameters are `name_i`.
-        head, values = self._INSERT.removesuffix(" RETURNING id").split(" VALUES ", 1)
-        ids: list[int] = []
-        for start in range(0, len(params), self._INSERT_CHUNK):
-            chunk = params[start : start + self._INSERT_CHUNK]
-            rows = ", ".join(re.sub(r":(\w+)", rf":\1_{i}", values) for i in range(len(chunk)))
-            numbered = {
-                f"{key}_{i}": value for i, row in enumerate(chunk) for key, value in row.items()
-            }
-            result = await self._exec(conn, head + " VALUES " + rows + " RETURNING id", numbered)
-            ids.extend(sorted(r[0] for r in result))  # autoincrement ids follow the VALUES order
-        return ids
+        # The rows travel as one JSON array, like PostgreSQL's arrays for unnest: one statement
+        # with one parameter, whatever the number of rows (SQLite allows 32,766 parameters).
+        rows = _json_rows([p[key] for key in self._MANY_KEYS] for p in params)
+        result = await self._exec(conn, self._INSERT_MANY, {"rows": rows})
+        return sorted(r[0] for r in result)  # autoincrement ids follow the rows' order
 
     def _pairs_scan(self) -> LiteralString:
         # SQLite seeks a row-value range on its first column only; the next queue is either
@@ -148,24 +217,15 @@ class SqliteBackend(Backend):
     async def _checkpoint(
         self, conn: AsyncConnection, node_id: int, contexts: Mapping[int, Checkpoint]
     ) -> set[int]:
-        # One UPDATE … FROM (VALUES …) per chunk, as PostgreSQL does with arrays.
-        accepted: set[int] = set()
-        items = list(contexts.items())
-        for start in range(0, len(items), self._INSERT_CHUNK):
-            chunk = items[start : start + self._INSERT_CHUNK]
-            rows = ", ".join(f"(:id_{i}, :token_{i}, :context_{i})" for i in range(len(chunk)))
-            params: dict[str, Any] = {"node": node_id, "states": CHECKPOINT_STATES}
-            for i, (task_id, checkpoint) in enumerate(chunk):
-                params[f"id_{i}"] = task_id
-                params[f"token_{i}"] = checkpoint.token
-                params[f"context_{i}"] = checkpoint.context
-            result = await self._exec(
-                conn,
-                "WITH v(id, token, context) AS (VALUES " + rows + ") UPDATE {tasks}"
-                " SET context = v.context, updated_at = {now} FROM v"
-                " WHERE {tasks}.id = v.id AND {tasks}.token = v.token AND node_id = :node"
-                " AND state IN :states RETURNING {tasks}.id",
-                params,
-            )
-            accepted.update(r[0] for r in result)
-        return accepted
+        # One UPDATE … FROM the rows as a JSON array, as PostgreSQL does with arrays.
+        rows = _json_rows([task_id, c.token, c.context] for task_id, c in contexts.items())
+        result = await self._exec(
+            conn,
+            "WITH v(id, token, context) AS (SELECT json_extract(value, '$[0]'),"
+            " json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(:rows))"
+            " UPDATE {tasks} SET context = v.context, updated_at = {now} FROM v"
+            " WHERE {tasks}.id = v.id AND {tasks}.token = v.token AND node_id = :node"
+            " AND state IN :states RETURNING {tasks}.id",
+            {"rows": rows, "node": node_id, "states": CHECKPOINT_STATES},
+        )
+        return {r[0] for r in result}
