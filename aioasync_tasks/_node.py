@@ -271,8 +271,10 @@ class Node:
             try:
                 await self._stop_worker(timeout)
             finally:
-                if self._owns_engine:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(DISPOSE_TIMEOUT):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(DISPOSE_TIMEOUT):
+                    # Heartbeats cancelled on the way out still finish their transactions.
+                    await self._backend.in_flight.close(timeout=DISPOSE_TIMEOUT / 2)
+                    if self._owns_engine:
                         await self._engine.dispose()
 
     async def _stop_worker(self, timeout: float | None) -> None:  # noqa: ASYNC109 - a bound

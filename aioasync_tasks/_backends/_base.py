@@ -39,7 +39,7 @@ from .._states import (
     apply_operation,
 )
 from .._task import Task
-from ._transaction import WRAPPED, Transaction, cancel_safe, database_error
+from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +256,7 @@ class Backend:
         self.engine = engine
         self.schema = schema
         self._statements: dict[str, sa.TextClause] = {}
+        self.in_flight = InFlight()
 
     # -- dialect hooks ----------------------------------------------------------------------
 
@@ -328,7 +329,7 @@ class Backend:
 
     def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
-        return Transaction(self.engine, write=True, setup=self._write_setup)
+        return Transaction(self.engine, self.in_flight, write=True, setup=self._write_setup)
 
     _write_setup: str | None = None
 
@@ -338,14 +339,16 @@ class Backend:
         holds never keep a rescuer from the node's tasks."""
 
     def read(self) -> Transaction:
-        return Transaction(self.engine, write=False)
+        return Transaction(self.engine, self.in_flight, write=False)
 
     single_statement_autocommit = False
     """Whether a write of one statement runs without BEGIN/COMMIT (one round trip)."""
 
     def single(self) -> Transaction:
         """For a write that is one statement, and so atomic on its own."""
-        return Transaction(self.engine, write=True, autocommit=self.single_statement_autocommit)
+        return Transaction(
+            self.engine, self.in_flight, write=True, autocommit=self.single_statement_autocommit
+        )
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -1168,7 +1171,7 @@ class Backend:
     }
 
     @cancel_safe
-    async def set_group(self, name: str, **fields: Any) -> Group:
+    async def set_group(self, /, name: str, **fields: Any) -> Group:
         """Create or update a group's row with ``fields`` (paused, max_running, …)."""
         async with self.write() as conn:
             group = await self._set_group(conn, name, fields)

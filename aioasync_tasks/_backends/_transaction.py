@@ -15,14 +15,14 @@ import contextlib
 import functools
 import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .._errors import DatabaseError
+from .._errors import DatabaseError, NodeStopped
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -106,17 +106,48 @@ WRAPPED = (SQLAlchemyError, OSError, UnicodeError)
 and a text the driver cannot encode."""
 
 
+class InFlight:
+    """The operations of one backend still running. A node that stops closes it: it lets them
+    end (within a bound) before it disposes of the engine, and refuses new ones, since a
+    connection opened after the dispose would belong to no pool that anyone closes."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    def start(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        if self.closed:
+            coro.close()
+            raise NodeStopped("the node was stopped")
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a cancel scope
+        self.closed = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+class _Operations(Protocol):
+    in_flight: InFlight
+
+
+_S = TypeVar("_S", bound=_Operations)
+
+
 def cancel_safe(
-    method: Callable[_P, Coroutine[Any, Any, _T]],
-) -> Callable[_P, Awaitable[_T]]:
+    method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[_S, _P], Awaitable[_T]]:
     """Run ``method`` as a task of its own that a cancelled caller does not interrupt: the
     caller's cancellation is delivered once the transaction is over (committed or rolled
     back). Transactions are short, so the caller waits for at most one; a caller that must not
     wait even that long (a stop whose time is up) abandons the task that called."""
 
     @functools.wraps(method)
-    async def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        task = asyncio.ensure_future(method(*args, **kwargs))
+    async def run(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        task = self.in_flight.start(method(self, *args, **kwargs))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -133,18 +164,21 @@ def cancel_safe(
 
 
 class Transaction:
-    """``async with Transaction(engine, write=…) as conn``: one transaction, committed when
-    the block succeeds, rolled back otherwise; driver failures become ``DatabaseError``."""
+    """``async with Transaction(engine, in_flight, write=…) as conn``: one transaction,
+    committed when the block succeeds, rolled back otherwise; driver failures become
+    ``DatabaseError``."""
 
     def __init__(
         self,
         engine: AsyncEngine,
+        in_flight: InFlight,
         *,
         write: bool,
         autocommit: bool = False,
         setup: str | None = None,
     ) -> None:
         self._engine = engine
+        self._in_flight = in_flight
         self._write = write
         self._autocommit = autocommit
         self._setup = setup
@@ -186,9 +220,12 @@ class Transaction:
             return  # the block's own exception propagates
         await self._close(conn)
 
-    @staticmethod
-    async def _close(conn: AsyncConnection) -> None:
+    async def _close(self, conn: AsyncConnection) -> None:
         try:
+            if self._in_flight.closed:
+                # The node has stopped and may have disposed of the engine already: the driver's
+                # connection is closed, not returned to a pool that nobody will close.
+                await conn.invalidate()
             await conn.close()
         except WRAPPED:
             try:
