@@ -4,7 +4,6 @@ Tasks are async generators that yield ``Report`` checkpoints; every process that
 ``Node`` is an equal peer, and PostgreSQL (or SQLite) is the only coordinator.
 """
 
-from ._backends._base import Group, NodeInfo
 from ._errors import (
     AsyncTasksError,
     ConfigurationError,
@@ -17,13 +16,13 @@ from ._errors import (
     TaskNotFound,
     UnknownTaskType,
 )
+from ._models import Group, NodeInfo, Operation, State, StopRequest, Task, TaskInfo
 from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry, TaskType
 from ._report import Phase, Report
 from ._scheduling import FairShare, Fifo, SchedulingPolicy
 from ._schema import metadata
-from ._states import Operation, State, StopRequest
-from ._task import Task, TaskInfo, current_node, current_task
+from ._task import current_node, current_task
 
 __all__ = [
     "MAX_PAGE_SIZE",
@@ -56,3 +55,11 @@ __all__ = [
     "current_task",
     "metadata",
 ]
+
+for _name in __all__:
+    _value = globals()[_name]
+    if isinstance(_value, type):
+        # Reported as ``aioasync_tasks.Task`` in reprs, tracebacks and docs, not by the private
+        # module that defines it.
+        _value.__module__ = __name__
+del _name, _value

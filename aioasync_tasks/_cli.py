@@ -36,11 +36,10 @@ from ._errors import (
     NodeStopped,
     TaskNotFound,
 )
+from ._models import State, Task
 from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry
 from ._schema import SCHEMA_VERSION
-from ._states import State
-from ._task import Task
 
 DEFAULT_DB = "sqlite+aiosqlite:///aioasync_tasks.db"
 """The embedded default: a SQLite file in the working directory."""

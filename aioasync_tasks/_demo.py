@@ -27,12 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._cli import table
 from ._errors import AsyncTasksError, InvalidTransition, TaskNotFound
+from ._models import State, Task, TaskInfo
 from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry
 from ._report import Report
 from ._schema import GROUPS, NODES, TASKS, VERSIONS
-from ._states import State
-from ._task import Task, TaskInfo, current_node, current_task
+from ._task import current_node, current_task
 from ._urls import engine_from_url
 
 registry = TaskRegistry()

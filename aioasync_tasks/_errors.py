@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._states import Operation, State
+    from ._models import Operation, State
 
 
 class AsyncTasksError(Exception):

@@ -19,14 +19,14 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import Backend, backend_for
-from ._backends._base import Group, NewTask, NodeInfo, TaskFilter
+from ._backends._base import NewTask, TaskFilter
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
+from ._models import Group, NodeInfo, Operation, State, Task
 from ._registry import TaskFunction, TaskRegistry, TaskType
 from ._runner import Backoff
 from ._scheduling import SchedulingPolicy
-from ._states import Operation, State
-from ._task import Task, _current_node
+from ._task import _current_node
 from ._urls import engine_from_url
 from ._validation import (
     INT64_MAX,

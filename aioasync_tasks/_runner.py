@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from ._backends._base import Claimed, Completion
 from ._committer import Committer
 from ._errors import ConfigurationError, DatabaseError
+from ._models import TaskInfo
 from ._registry import TaskGenerator, TaskType
 from ._report import Phase, Report
 from ._states import Event
-from ._task import TaskInfo, _current
+from ._task import _current
 from ._validation import clean_error_text
 
 

@@ -30,48 +30,7 @@ import enum
 from dataclasses import dataclass
 
 from ._errors import InvalidTransition
-
-
-class State(enum.StrEnum):
-    """The visible state of a task. Every task is in exactly one."""
-
-    INIT = "init"
-    """Created with ``auto_run=False``. Left by the user: run, pause, delete."""
-    PENDING = "pending"
-    """Waiting to be claimed. Entered by run, retry, hand-off on shutdown, node lost.
-    Left by a node's claim (→ RUNNING) or the user (pause, delete)."""
-    RUNNING = "running"
-    """Owned and executed by one node. Left by the task's own end (finished, failed, stopped),
-    by the user (pause, delete → CANCELING) or by the rescue of a dead owner."""
-    CANCELING = "canceling"
-    """Running, with a pending stop request (``requested`` is pause or delete). Left when the
-    owner's generator ends, or when the owner is found dead."""
-    PAUSED = "paused"
-    """Stopped by the user, keeps its context. Left by the user: run (→ PENDING) or delete."""
-    FINISHED = "finished"
-    """Completed. Left only by delete."""
-    FAILED = "failed"
-    """Failed for good (attempts used up, or its cleanup failed). Left by run (→ PENDING, a fresh
-    series of attempts) or delete."""
-    DELETING = "deleting"
-    """Deleted by the user; its cleanup handler is queued or running on some node. Left when the
-    cleanup finishes (row removed) or fails for good (→ FAILED)."""
-
-
-class StopRequest(enum.StrEnum):
-    """Why a CANCELING task was asked to stop."""
-
-    PAUSE = "pause"
-    DELETE = "delete"
-
-
-class Operation(enum.StrEnum):
-    """A user operation on one task."""
-
-    RUN = "run"
-    PAUSE = "pause"
-    DELETE = "delete"
-    CHANGE_GROUP = "change group of"
+from ._models import Operation, State, StopRequest
 
 
 class Event(enum.StrEnum):

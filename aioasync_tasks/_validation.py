@@ -23,8 +23,8 @@ import re
 from collections.abc import Iterable
 
 from ._errors import ConfigurationError
+from ._models import State
 from ._scheduling import FairShare, SchedulingPolicy
-from ._states import State
 
 INT32_MAX = 2**31 - 1
 """The largest value of an INTEGER column (priority, attempts, limits) on PostgreSQL."""

@@ -44,10 +44,11 @@ from ._backends._base import Claimed, Owned
 from ._committer import Committer
 from ._errors import DatabaseError
 from ._logging import node_logger, task_logger
+from ._models import State
 from ._registry import TaskRegistry
 from ._runner import Backoff, Execution, StopReason
 from ._scheduling import SchedulingPolicy
-from ._states import ACTIVE_STATES, State
+from ._states import ACTIVE_STATES
 
 LEASE_FRACTION = 0.75
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)

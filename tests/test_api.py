@@ -138,3 +138,14 @@ def test_exceptions_carry_their_fields() -> None:
     assert DuplicateTaskType("y").type == "y"
     for error in (ConfigurationError, NodeNotStarted, NodeStopped, SchemaError, DatabaseError):
         assert isinstance(error("message"), AsyncTasksError)
+
+
+def test_public_classes_report_the_public_module() -> None:
+    """``aioasync_tasks.Group``, not ``aioasync_tasks._models.Group``, in reprs and docs; and
+    every public class is documented."""
+    classes = [getattr(aioasync_tasks, n) for n in PUBLIC_API]
+    for cls in [c for c in classes if inspect.isclass(c)]:
+        assert cls.__module__ == "aioasync_tasks", cls
+        doc = cls.__doc__ or ""
+        # (a dataclass without a docstring gets its signature as one)
+        assert doc and not doc.startswith(f"{cls.__name__}("), f"{cls.__name__} has no docstring"

@@ -27,18 +27,10 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import DatabaseError, SchemaError, TaskNotFound
+from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
 from .._scheduling import SchedulingPolicy
 from .._schema import GROUPS, NODES, SCHEMA_VERSION, TASKS, VERSIONS, Timestamp
-from .._states import (
-    Event,
-    Operation,
-    Outcome,
-    State,
-    StopRequest,
-    apply_event,
-    apply_operation,
-)
-from .._task import Task
+from .._states import Event, Outcome, apply_event, apply_operation
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
 
@@ -119,26 +111,6 @@ class OperationResult:
     outcome: Outcome
     owner: int | None
     """The node that ran the task before the operation (to be told to stop)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    name: str
-    paused: bool
-    max_running: int | None
-    max_running_per_user: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    id: int
-    name: str
-    concurrency: int
-    types: tuple[str, ...]
-    started_at: datetime
-    heartbeat_at: datetime
-    heartbeat_interval: float
-    node_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
