@@ -6,12 +6,12 @@ it stopped; it can fail at random (``fail_rate`` in its context) and is retried 
 ``aioasync_tasks.current_node()``, stores their ids in its checkpoint (so a restart never creates
 them twice), runs failed cells again, and collects the sums into the result matrix.
 
-The definitions live in the package, in ``aioasync_tasks/_demo.py``, so that
+The definitions live in the package, in the public module ``aioasync_tasks.samples``, so that
 ``aioasync-tasks demo`` can run them from an installed package; this file re-exports them.
-Run it, or start workers for it from this folder::
+Run it, or start workers for them::
 
     python examples/seed_tasks.py [--db sqlite+aiosqlite:///seed.db]
-    cd examples && aioasync-tasks worker seed_tasks:registry
+    aioasync-tasks worker aioasync_tasks.samples:registry
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from aioasync_tasks import Node, State
-from aioasync_tasks._demo import dot, matmul, registry
+from aioasync_tasks.samples import dot, matmul, registry
 
 __all__ = ["dot", "matmul", "registry"]
 

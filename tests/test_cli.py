@@ -20,7 +20,7 @@ from _helpers import make_node, wait_for
 
 from aioasync_tasks import Node, Report, State, Task, TaskRegistry
 from aioasync_tasks._cli import table
-from aioasync_tasks._demo import registry as seed_registry
+from aioasync_tasks.samples import registry as seed_registry
 
 pytestmark = pytest.mark.slow
 

@@ -27,6 +27,7 @@ from aioasync_tasks import (
     StopRequest,
     TaskRegistry,
     TaskType,
+    samples,
 )
 from aioasync_tasks._states import Event, Operation, Outcome, apply_event, apply_operation
 
@@ -274,11 +275,23 @@ def documented_callables() -> dict[str, object]:
     return found
 
 
+def reference_headings() -> set[str]:
+    """The names of the ``### `name` `` headings of reference.md."""
+    pattern = r"^#{2,4} `([\w.]+)`"
+    return {m.group(1) for m in re.finditer(pattern, reference_text(), flags=re.MULTILINE)}
+
+
 def test_reference_has_every_public_name() -> None:
-    text = reference_text()
-    headings = {m.group(1) for m in re.finditer(r"^#{2,4} `([\w.]+)`", text, flags=re.MULTILINE)}
+    headings = reference_headings()
     missing = [name for name in aioasync_tasks.__all__ if name not in headings]
     assert not missing, f"docs/reference.md has no '### `name`' heading for {missing}"
+
+
+def test_reference_has_every_sample() -> None:
+    headings = reference_headings()
+    missing = [name for name in samples.__all__ if f"samples.{name}" not in headings]
+    assert not missing, f"docs/reference.md has no '### `samples.name`' heading for {missing}"
+    assert plain_signature("cell_group", samples.cell_group) in reference_text()
 
 
 def test_reference_has_every_node_method_and_property() -> None:
