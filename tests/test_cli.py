@@ -12,14 +12,16 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _db import DbTarget
 from _helpers import make_node, wait_for
 
-from aioasync_tasks import Node, Report, State, Task, TaskRegistry
-from aioasync_tasks._cli import table
+from aioasync_tasks import Node, NodeInfo, Report, State, StopRequest, Task, TaskRegistry
+from aioasync_tasks._cli.output import table
 from aioasync_tasks.samples import registry as seed_registry
 
 pytestmark = pytest.mark.slow
@@ -309,6 +311,110 @@ async def test_nodes(db: DbTarget, client: Node) -> None:
     finally:
         await node.stop()
     assert expect_ok(await cli("nodes", db=db)).strip() == "no live nodes"
+
+
+# -- --json ---------------------------------------------------------------------------------
+
+
+async def cli_json(*args: str, db: DbTarget) -> Any:
+    """The JSON document a command prints with --json (and nothing else on stdout)."""
+    return json.loads(expect_ok(await cli(*args, "--json", db=db)))
+
+
+def task_from_json(document: dict[str, Any]) -> Task:
+    """The task a `tasks show/list --json` object describes: every field, parsed back."""
+    times = {"created_at", "updated_at", "started_at", "done_at", "run_at"}
+    values = {
+        name: datetime.fromisoformat(value) if name in times and value is not None else value
+        for name, value in document.items()
+    }
+    values["state"] = State(values["state"])
+    values["requested"] = values["requested"] and StopRequest(values["requested"])
+    return Task(**values)
+
+
+async def test_tasks_list_json(db: DbTarget, client: Node) -> None:
+    first = await client.create_task("dot", _dot(3), user="alice", group="math")
+    second = await client.create_task("dot", _dot(4), user="bob", auto_run=False)
+
+    document = await cli_json("tasks", "list", db=db)
+    assert list(document) == ["tasks", "total", "offset", "limit"]
+    assert (document["total"], document["offset"], document["limit"]) == (2, 0, 50)
+    assert [task_from_json(t) for t in document["tasks"]] == [
+        await client.get_task(second),
+        await client.get_task(first),
+    ]
+    assert document["tasks"][0]["state"] == "init"
+    assert document["tasks"][0]["run_at"].endswith("+00:00")  # ISO 8601, UTC
+
+    page = await cli_json("tasks", "list", "--limit", "1", "--offset", "1", db=db)
+    assert [t["id"] for t in page["tasks"]] == [first]
+    assert (page["total"], page["offset"], page["limit"]) == (2, 1, 1)
+    filtered = await cli_json("tasks", "list", "--user", "nobody", db=db)
+    assert filtered == {"tasks": [], "total": 0, "offset": 0, "limit": 50}
+
+
+async def test_tasks_show_json(db: DbTarget, client: Node) -> None:
+    task_id = await client.create_task("dot", _dot(2), user="alice", group="math")
+    await client.pause_task(task_id)
+    document = await cli_json("tasks", "show", str(task_id), db=db)
+    assert list(document) == [f.name for f in dataclasses.fields(Task)]
+    assert task_from_json(document) == await client.get_task(task_id)
+    assert document["state"] == "paused"
+    assert document["node"] is None
+    assert json.loads(document["context"])["a"] == [0, 1]
+
+
+async def test_json_error_is_one_line_and_no_json(db: DbTarget, client: Node) -> None:
+    result = await cli("tasks", "show", "424242", "--json", db=db)
+    assert result.code == 1
+    assert result.error_line == "aioasync-tasks: error: task 424242 not found"
+    assert result.out == ""
+
+
+async def test_groups_json(db: DbTarget, client: Node) -> None:
+    assert await cli_json("groups", db=db) == {"groups": []}
+    await client.create_task("dot", _dot(2), user="alice", group="math")
+    await client.create_task("dot", _dot(2), user="bob", group="math", auto_run=False)
+    await client.pause_group("math")
+    await client.set_group_limits("math", max_running=3, max_running_per_user=None)
+    assert await cli_json("groups", db=db) == {
+        "groups": [
+            {
+                "name": "math",
+                "paused": True,
+                "max_running": 3,
+                "max_running_per_user": None,
+                "pending": 1,
+                "running": 0,
+                "tasks": 2,
+            }
+        ]
+    }
+    assert await cli_json("groups", "limits", "math", db=db) == {
+        "name": "math",
+        "max_running": 3,
+        "max_running_per_user": None,
+    }
+    changed = await cli_json("groups", "limits", "math", "--max-running-per-user", "2", db=db)
+    assert changed == {"name": "math", "max_running": 3, "max_running_per_user": 2}
+
+
+async def test_nodes_json(db: DbTarget, client: Node) -> None:
+    assert await cli_json("nodes", db=db) == {"nodes": []}
+    node = make_node(db, seed_registry, concurrency=3, name="busy-bee")
+    await node.start()
+    try:
+        (found,) = (await cli_json("nodes", db=db))["nodes"]
+        (live,) = await client.get_nodes()
+    finally:
+        await node.stop()
+    assert list(found) == [f.name for f in dataclasses.fields(NodeInfo)]
+    found["types"] = tuple(found["types"])
+    found["started_at"] = datetime.fromisoformat(found["started_at"])
+    found["heartbeat_at"] = datetime.fromisoformat(found["heartbeat_at"])  # it moves on
+    assert NodeInfo(**found) == dataclasses.replace(live, heartbeat_at=found["heartbeat_at"])
+    assert (live.id, live.name, live.types) == (node.id, "busy-bee", ("dot", "matmul"))
 
 
 # -- worker ---------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ directory (blocks use SQLite files there). Fragments that cannot run use a ```te
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import re
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from aioasync_tasks import (
     Report,
     State,
     StopRequest,
+    Task,
     TaskRegistry,
     TaskType,
     samples,
@@ -292,6 +295,11 @@ def test_reference_has_every_sample() -> None:
     missing = [name for name in samples.__all__ if f"samples.{name}" not in headings]
     assert not missing, f"docs/reference.md has no '### `samples.name`' heading for {missing}"
     assert plain_signature("cell_group", samples.cell_group) in reference_text()
+
+
+def test_reference_json_example_is_a_task() -> None:
+    (block,) = [b for b in code_blocks(DOCS / "reference.md") if b.language == "json"]
+    assert list(json.loads(block.code)) == [f.name for f in dataclasses.fields(Task)]
 
 
 def test_reference_has_every_node_method_and_property() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import make_url
 
-from .._cli import table
+from .._cli.output import table
 from .._errors import AsyncTasksError, TaskNotFound
 from .._models import State, Task
 from .._node import MAX_PAGE_SIZE, Node
