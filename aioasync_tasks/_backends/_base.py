@@ -301,9 +301,10 @@ class Backend:
 
     def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
-        return Transaction(self.engine, self.in_flight, write=True, setup=self._write_setup)
+        return Transaction(self.engine, self.in_flight, write=True, options=self._write_options)
 
-    _write_setup: str | None = None
+    _write_options: Mapping[str, Any] = {}
+    """Execution options of the write transactions, for the dialect's ``begin`` listener."""
 
     def bound_idle_transactions(self, seconds: float) -> None:
         """Dialect hook: have the server end a write transaction of ours that stays idle for
@@ -319,7 +320,11 @@ class Backend:
     def single(self) -> Transaction:
         """For a write that is one statement, and so atomic on its own."""
         return Transaction(
-            self.engine, self.in_flight, write=True, autocommit=self.single_statement_autocommit
+            self.engine,
+            self.in_flight,
+            write=True,
+            autocommit=self.single_statement_autocommit,
+            options=self._write_options,
         )
 
     # -- schema -----------------------------------------------------------------------------
