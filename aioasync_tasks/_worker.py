@@ -34,7 +34,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -504,35 +503,25 @@ class Worker:
     async def _listen_loop(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        channel = getattr(self.backend, "channel", "")
         started = False
         while True:
             try:
-                async with self.backend.engine.connect() as conn:
-                    raw = await conn.get_raw_connection()
-                    driver: Any = raw.driver_connection
-                    closed = asyncio.Event()
-                    driver.add_termination_listener(lambda _conn, done=closed: done.set())
-                    await driver.add_listener(channel, self._on_notify)
-                    try:
-                        if started:
-                            self.wake()  # notifications may have been missed meanwhile
-                            self._stop_poll.set()
-                        else:
-                            started = True
-                            task_status.started()
-                        await closed.wait()
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await conn.invalidate()
-            except (DatabaseError, OSError, Exception) as exc:
+                async with self.backend.listen(self._on_notify) as lost:
+                    if started:
+                        self.wake()  # notifications may have been missed meanwhile
+                        self._stop_poll.set()
+                    else:
+                        started = True
+                        task_status.started()
+                    await lost.wait()
+            except DatabaseError as exc:
                 self.log.warning("listener connection failed: %s", exc)
             if not started:
                 started = True
                 task_status.started()
             await anyio.sleep(1.0)
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notify(self, payload: str) -> None:
         if payload == "wake":
             self.wake()
         elif payload.startswith("stop:") and payload[5:] == str(self.node_id):

@@ -13,10 +13,12 @@ subclasses fill in what differs (clock, arrays, locking, notifications).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -245,6 +247,14 @@ class Backend:
 
     def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
         raise NotImplementedError
+
+    def listen(
+        self, on_message: Callable[[str], None]
+    ) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Where ``supports_notify``: while inside, the database's notifications on this schema's
+        channel reach ``on_message`` (``wake``, ``stop:<node id>``); the event it yields is set
+        when the listening connection is lost. Raises ``DatabaseError`` when it cannot listen."""
+        raise NotImplementedError(f"{self.dialect} has no notifications")
 
     expanding_lists = False
     """Lists bound as ``IN :name`` expand to one parameter per item (no arrays in SQLite)."""

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, LiteralString
 
+import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
-from ._transaction import forget_session_values, set_session_value
+from ._transaction import WRAPPED, database_error, forget_session_values, set_session_value
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 """The execution option of our write transactions: the server's
@@ -80,6 +83,32 @@ class PostgresBackend(Backend):
 
     def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
         return column + " = ANY(" + param + ")"
+
+    @contextlib.asynccontextmanager
+    async def listen(self, on_message: Callable[[str], None]) -> AsyncIterator[asyncio.Event]:
+        # A connection of its own, out of the pool's rotation for as long as it listens; it is
+        # invalidated (closed) afterwards, never handed to another user of the pool.
+        try:
+            conn = await self.engine.connect()
+        except WRAPPED as exc:
+            raise database_error(exc, self.engine.url, "could not listen on") from exc
+        try:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            lost = asyncio.Event()
+            driver.add_termination_listener(lambda _conn: lost.set())
+            await driver.add_listener(
+                self.channel, lambda _conn, _pid, _channel, payload: on_message(payload)
+            )
+        except Exception as exc:  # asyncpg raises errors of its own here too
+            with anyio.CancelScope(shield=True):
+                await conn.invalidate()
+            raise database_error(exc, self.engine.url, "could not listen on") from exc
+        try:
+            yield lost
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.invalidate()
 
     async def _notify(self, conn: AsyncConnection, payload: str) -> None:
         # Delivered when the transaction commits, and only then.
