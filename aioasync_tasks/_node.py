@@ -18,8 +18,8 @@ from typing import Any, Self
 import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ._backends import Backend, backend_for
-from ._backends._base import NewTask, TaskFilter
+from ._backends import backend_for
+from ._backends._driver import Driver, NewTask, TaskFilter
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
 from ._models import Group, NodeInfo, Operation, State, Task
@@ -158,7 +158,7 @@ class Node:
         )
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
-        self._backend: Backend = backend_for(self._engine, schema)
+        self._backend: Driver = backend_for(self._engine, schema)
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
         self._backend.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
@@ -306,7 +306,7 @@ class Node:
     ) -> None:
         await self.stop()
 
-    def _ready(self) -> Backend:
+    def _ready(self) -> Driver:
         if self._stopped:
             raise NodeStopped("the node was stopped")
         if not self._started:

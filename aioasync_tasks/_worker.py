@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
-from ._backends import Backend
-from ._backends._base import Claimed, Owned
+from ._backends._driver import Claimed, Driver, Owned
 from ._committer import Committer
 from ._errors import DatabaseError
 from ._logging import node_logger, task_logger
@@ -87,7 +86,7 @@ class Worker:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Driver,
         registry: TaskRegistry,
         config: WorkerConfig,
         logger: logging.Logger,

@@ -33,96 +33,21 @@ from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
 from .._scheduling import SchedulingPolicy
 from .._schema import GROUPS, NODES, SCHEMA_VERSION, TASKS, VERSIONS, Timestamp
 from .._states import Event, Outcome, apply_event, apply_operation
+from ._driver import (
+    Checkpoint,
+    Claimed,
+    ClaimResult,
+    Completion,
+    NewTask,
+    OperationResult,
+    Owned,
+    TaskFilter,
+)
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
-
-
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    type: str
-    context: str
-    user: str
-    group: str
-    priority: int
-    max_attempts: int
-    has_cleanup: bool
-    state: State
-    run_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class TaskFilter:
-    user: str | None = None
-    group: str | None = None
-    types: tuple[str, ...] | None = None
-    states: tuple[State, ...] | None = None
-    offset: int = 0
-    limit: int = 100
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A task a node has just claimed (to run it, or to run its cleanup)."""
-
-    id: int
-    type: str
-    user: str
-    group: str
-    context: str
-    attempts: int
-    max_attempts: int
-    token: int
-    """The claim's token: every later write of this execution must carry it."""
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimResult:
-    claimed: list[Claimed]
-    next_due: float | None
-    """Seconds until the next delayed task of the claimed types is due (None: none, or the
-    claim was full and the claimer will look again anyway)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """The end of one execution, reported by its runner."""
-
-    task_id: int
-    token: int
-    event: Event
-    context: str | None = None
-    error: str | None = None
-    delay: float = 0.0
-    """Back-off in seconds, used when the outcome is a retry."""
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """A context to store for the execution that holds ``token``."""
-
-    token: int
-    context: str
-
 
 CHECKPOINT_STATES = [State.RUNNING.value, State.CANCELING.value, State.DELETING.value]
 """The states in which an execution may store a checkpoint (its task runs, or is being
 cleaned up)."""
-
-
-@dataclass(frozen=True, slots=True)
-class OperationResult:
-    outcome: Outcome
-    owner: int | None
-    """The node that ran the task before the operation (to be told to stop)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Owned:
-    """A task row as its owner sees it at a heartbeat."""
-
-    id: int
-    state: State
-    requested: StopRequest | None
-    token: int
 
 
 TASK_COLUMNS: LiteralString = (

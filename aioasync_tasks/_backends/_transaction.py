@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import URL
@@ -162,7 +162,7 @@ _S = TypeVar("_S", bound=_Operations)
 
 def cancel_safe(
     method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]],
-) -> Callable[Concatenate[_S, _P], Awaitable[_T]]:
+) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
     """Run ``method`` as a task of its own that a cancelled caller does not interrupt: the
     caller's cancellation is delivered once the transaction is over (committed or rolled
     back). Transactions are short, so the caller waits for at most one; a caller that must not

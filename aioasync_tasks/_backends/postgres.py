@@ -13,7 +13,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
+from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend
+from ._driver import Checkpoint
 from ._transaction import WRAPPED, database_error, forget_session_values, set_session_value
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"

@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
-from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
+from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend
+from ._driver import Checkpoint
 from ._transaction import set_session_value
 
 BUSY_TIMEOUT_MS = 60_000
