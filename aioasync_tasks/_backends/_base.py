@@ -21,17 +21,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from typing import Any, LiteralString
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import DatabaseError, SchemaError, TaskNotFound
+from .._errors import DatabaseError, TaskNotFound
 from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
 from .._scheduling import SchedulingPolicy
-from .._schema import GROUPS, NODES, SCHEMA_VERSION, TASKS, VERSIONS, Timestamp
+from .._schema import GROUPS, NODES, TASKS, VERSIONS, Timestamp
 from .._states import Event, Outcome, apply_event, apply_operation
 from ._driver import (
     Checkpoint,
@@ -43,6 +42,7 @@ from ._driver import (
     Owned,
     TaskFilter,
 )
+from ._migrations import check_version, migration_files, refuse_newer, split_sql
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
 CHECKPOINT_STATES = [State.RUNNING.value, State.CANCELING.value, State.DELETING.value]
@@ -290,15 +290,11 @@ class Backend:
             if exists:
                 result = await self._exec(conn, "SELECT max(version) FROM {versions}")
                 current = result.scalar() or 0
-            if current > SCHEMA_VERSION:
-                raise SchemaError(
-                    f"the database schema is version {current}, newer than this library's "
-                    f"{SCHEMA_VERSION}: upgrade aioasync-tasks"
-                )
-            for version, sql in self._migration_files():
+            refuse_newer(current)
+            for version, sql in migration_files(self.dialect):
                 if version <= current:
                     continue
-                for statement in _split_sql(sql):
+                for statement in split_sql(sql):
                     await conn.exec_driver_sql(statement)
                 await self._exec(
                     conn,
@@ -311,31 +307,8 @@ class Backend:
     async def _prepare_migration(self, conn: AsyncConnection) -> None:
         """Dialect hook: serialise concurrent migrations, point DDL at the schema."""
 
-    def _migration_files(self) -> list[tuple[int, str]]:
-        folder = resources.files("aioasync_tasks") / "_migrations" / self.dialect
-        return sorted(
-            (int(entry.name.split("_", 1)[0]), entry.read_text("utf-8"))
-            for entry in folder.iterdir()
-            if entry.name.endswith(".sql")
-        )
-
     async def check_schema(self) -> None:
-        version = await self.schema_version()
-        if version is None:
-            raise SchemaError(
-                "the aioasync_tasks tables are missing: run `aioasync-tasks migrate`, "
-                "`await node.migrate()`, or start the node with auto_migrate=True"
-            )
-        if version > SCHEMA_VERSION:
-            raise SchemaError(
-                f"the database schema is version {version}, newer than this library's "
-                f"{SCHEMA_VERSION}: upgrade aioasync-tasks"
-            )
-        if version < SCHEMA_VERSION:
-            raise SchemaError(
-                f"the database schema is version {version}, older than this library's "
-                f"{SCHEMA_VERSION}: run `aioasync-tasks migrate`"
-            )
+        check_version(await self.schema_version())
 
     # -- creating and reading tasks ---------------------------------------------------------
 
@@ -1163,9 +1136,3 @@ class Backend:
             for owner in sorted({owner for _, owner in stopped}):
                 await self._notify(conn, f"stop:{owner}")
             return stopped
-
-
-def _split_sql(sql: str) -> list[str]:
-    """Split a migration file into statements (they contain no semicolons inside)."""
-    code = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
-    return [statement.strip() for statement in code.split(";") if statement.strip()]
