@@ -13,8 +13,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend
+from ._base import CHECKPOINT_STATES, Backend
 from ._driver import Checkpoint
+from ._rows import RETURN_CLAIMED
 from ._transaction import WRAPPED, database_error, forget_session_values, set_session_value
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"

@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
-from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend
+from ._base import CHECKPOINT_STATES, Backend
 from ._driver import Checkpoint
+from ._rows import RETURN_CLAIMED
 from ._transaction import set_session_value
 
 BUSY_TIMEOUT_MS = 60_000
