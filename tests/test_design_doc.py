@@ -103,7 +103,7 @@ def _operation_cell(
 
 
 def operation_table() -> list[Row]:
-    """Every state × every user operation (and delete with ``force=True``)."""
+    """Every state, and every user operation (and delete with ``force=True``) on it."""
     header = ["from", "run", "pause", "delete", "delete, force", "change group"]
     table = [header]
     for state, requested in _rows():
