@@ -888,7 +888,11 @@ class Backend:
                 can_retry=graceful or row.attempts < limit,
             )
             if outcome is not None:
-                refund = graceful and (handoff or row.state is State.DELETING)
+                # A graceful stop gives back the attempt of whatever it hands back or pauses
+                # (a task whose pause it cut short), and of a cleanup it interrupted.
+                refund = graceful and (
+                    outcome.state in (State.PENDING, State.PAUSED) or row.state is State.DELETING
+                )
                 error = _lost_error(row, outcome)
                 writes.append(
                     _Write(row, outcome, None, error=error, handoff=handoff, refund=refund)
