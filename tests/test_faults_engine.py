@@ -762,6 +762,43 @@ async def test_stop_returns_with_a_task_that_swallows_cancellation(
     assert bool(row.handoff)
 
 
+async def test_a_stopped_node_leaves_no_connection_behind(db: DbTarget) -> None:
+    """A node that ran a task and stopped — its listener, heartbeats, claims and flushes
+    included — leaves nothing for the garbage collector: no connection that was never
+    returned to its pool (SQLAlchemy's ``SAWarning``), no unclosed socket or driver connection
+    (``ResourceWarning``).
+
+    Failed when the listener left its connection open if cancelled while it connected (a
+    node stopped or its start cancelled then): the collector's warning failed whichever later
+    test it ran in."""
+    registry = TaskRegistry()
+
+    @registry.task("noop")
+    async def noop(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report.finished()
+
+    node = make_node(db, registry)
+    await node.start()
+    try:
+        task_id = await node.create_task("noop")
+        await wait_for(all_in(node, [task_id], State.FINISHED), timeout=BOUND, what="the task")
+    finally:
+        await node.stop()
+    # And nodes whose start() is cancelled part-way (the listener may be connecting).
+    for delay in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1):
+        node = make_node(db, registry)
+        starting = asyncio.ensure_future(node.start())
+        await asyncio.sleep(delay)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await node.stop()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del node, starting
+        gc.collect()
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 async def test_calls_in_flight_when_a_node_stops_leave_no_connection_open(db: DbTarget) -> None:
     """Another connection holds SQLite's write lock while five ``pause_group`` calls (and the

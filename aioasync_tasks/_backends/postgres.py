@@ -95,22 +95,23 @@ class PostgresBackend(Backend):
         except WRAPPED as exc:
             raise database_error(exc, self.engine.url, "could not listen on") from exc
         try:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            lost = asyncio.Event()
-            driver.add_termination_listener(lambda _conn: lost.set())
-            await driver.add_listener(
-                self.channel, lambda _conn, _pid, _channel, payload: on_message(payload)
-            )
-        except Exception as exc:  # asyncpg raises errors of its own here too
-            with anyio.CancelScope(shield=True):
-                await conn.invalidate()
-            raise database_error(exc, self.engine.url, "could not listen on") from exc
-        try:
+            try:
+                raw = await conn.get_raw_connection()
+                driver: Any = raw.driver_connection
+                lost = asyncio.Event()
+                driver.add_termination_listener(lambda _conn: lost.set())
+                await driver.add_listener(
+                    self.channel, lambda _conn, _pid, _channel, payload: on_message(payload)
+                )
+            except Exception as exc:  # asyncpg raises errors of its own here too
+                raise database_error(exc, self.engine.url, "could not listen on") from exc
             yield lost
         finally:
+            # Whatever ends it (a lost connection, an error, the node's stop cancelling it
+            # half-way): the connection is closed, never left for the garbage collector.
             with anyio.CancelScope(shield=True):
                 await conn.invalidate()
+                await conn.close()
 
     async def _notify(self, conn: AsyncConnection, payload: str) -> None:
         # Delivered when the transaction commits, and only then.
