@@ -29,8 +29,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 import anyio.abc
 
-from ._backends import Backend
-from ._backends._base import Checkpoint, Completion
+from ._backends._driver import Checkpoint, Completion, Driver
 from ._errors import DatabaseError
 from ._validation import clean_error_text
 
@@ -53,7 +52,7 @@ class Committer:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Driver,
         *,
         cleanup_attempts: int,
         logger: logging.Logger,

@@ -16,14 +16,16 @@ class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
 
     def __init__(self, logger: logging.Logger, fields: dict[str, object]) -> None:
         super().__init__(logger, fields)
-        self._prefix = "[" + " ".join(f"{k}={v}" for k, v in fields.items()) + "] "
+        self._prefix: str | None = None
+        """Made at the first record: most tasks log nothing."""
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
-        extra = dict(self.extra or {})
-        extra.update(kwargs.get("extra") or {})
-        kwargs["extra"] = extra
+        fields = self.extra or {}
+        if self._prefix is None:
+            self._prefix = "[" + " ".join(f"{k}={v}" for k, v in fields.items()) + "] "
+        kwargs["extra"] = {**fields, **(kwargs.get("extra") or {})}
         return self._prefix + str(msg), kwargs
 
 

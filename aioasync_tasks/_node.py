@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypedDict, Unpack
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ._backends import Backend, backend_for
-from ._backends._base import NewTask, TaskFilter
+from ._backends import backend_for
+from ._backends._driver import Driver, NewTask, TaskFilter
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
 from ._models import Group, NodeInfo, Operation, State, Task
@@ -49,9 +49,21 @@ from ._worker import Worker, WorkerConfig
 MAX_PAGE_SIZE = 1000
 """The largest ``limit`` of ``get_tasks``."""
 DEFAULT_MAX_CONTEXT_BYTES = 1024 * 1024
-_CREATE_KEYS = frozenset(
-    {"type", "context", "user", "group", "auto_run", "priority", "run_at", "max_attempts"}
-)
+
+
+class TaskOptions(TypedDict, total=False):
+    """The options of a new task, for ``create_task(**options)`` and each mapping of
+    ``create_tasks`` (besides ``type`` and ``context``); the defaults are ``_new_task``'s."""
+
+    user: str
+    group: str
+    auto_run: bool
+    priority: int
+    run_at: datetime | None
+    max_attempts: int | None
+
+
+_OPTION_KEYS = TaskOptions.__optional_keys__
 IDLE_TRANSACTION_FRACTION = 0.25
 """A write transaction of the node idle for this part of ``node_timeout`` is ended by the
 server (PostgreSQL)."""
@@ -158,7 +170,7 @@ class Node:
         )
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
-        self._backend: Backend = backend_for(self._engine, schema)
+        self._backend: Driver = backend_for(self._engine, schema)
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
         self._backend.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
@@ -306,7 +318,7 @@ class Node:
     ) -> None:
         await self.stop()
 
-    def _ready(self) -> Backend:
+    def _ready(self) -> Driver:
         if self._stopped:
             raise NodeStopped("the node was stopped")
         if not self._started:
@@ -329,20 +341,16 @@ class Node:
 
     # -- creating ---------------------------------------------------------------------------
 
-    def _new_task(
-        self,
-        type: object,
-        context: object = "",
-        *,
-        user: object = "",
-        group: object = "default",
-        auto_run: object = True,
-        priority: object = 0,
-        run_at: object = None,
-        max_attempts: object = None,
-    ) -> NewTask:
+    def _new_task(self, type: object, context: object, options: Mapping[str, object]) -> NewTask:
+        # The defaults of ``TaskOptions`` live here, and only here.
         task_type = self.registry.get(check_type_name(type))
         context = check_context(context, self.max_context_bytes)
+        user = options.get("user", "")
+        group = options.get("group", "default")
+        auto_run = options.get("auto_run", True)
+        priority = options.get("priority", 0)
+        run_at = options.get("run_at")
+        max_attempts = options.get("max_attempts")
         if not isinstance(auto_run, bool):
             raise ConfigurationError("auto_run must be a bool")
         if run_at is not None and (not isinstance(run_at, datetime) or run_at.utcoffset() is None):
@@ -369,30 +377,21 @@ class Node:
         type: str,
         context: str = "",
         *,
-        user: str = "",
-        group: str = "default",
-        auto_run: bool = True,
-        priority: int = 0,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
         connection: AsyncConnection | None = None,
         session: AsyncSession | None = None,
+        **options: Unpack[TaskOptions],
     ) -> int:
-        """Create a task; returns its id. ``auto_run=False`` leaves it INIT until ``run_task``.
+        """Create a task; returns its id. ``options``: ``user`` (""), ``group`` ("default"),
+        ``auto_run`` (True; False leaves it INIT until ``run_task``), ``priority`` (0),
+        ``run_at`` (None: now), ``max_attempts`` (None: the task type's).
 
         With ``connection=`` or ``session=`` the task is inserted in the caller's transaction
         and exists only if that transaction commits (transactional outbox).
         """
-        new = self._new_task(
-            type,
-            context,
-            user=user,
-            group=group,
-            auto_run=auto_run,
-            priority=priority,
-            run_at=run_at,
-            max_attempts=max_attempts,
-        )
+        unknown = set(options) - _OPTION_KEYS
+        if unknown:
+            raise ConfigurationError(f"unknown options: {sorted(unknown)}")
+        new = self._new_task(type, context, options)
         ids = await self._insert([new], connection, session)
         return ids[0]
 
@@ -411,12 +410,12 @@ class Node:
         for index, item in enumerate(tasks):
             if not isinstance(item, Mapping):
                 raise ConfigurationError(f"tasks[{index}] must be a mapping")
-            unknown = set(item) - _CREATE_KEYS
+            unknown = set(item) - _OPTION_KEYS - {"type", "context"}
             if unknown:
                 raise ConfigurationError(f"tasks[{index}] has unknown keys: {sorted(unknown)}")
             if "type" not in item:
                 raise ConfigurationError(f"tasks[{index}] has no 'type'")
-            new.append(self._new_task(**item))
+            new.append(self._new_task(item["type"], item.get("context", ""), item))
         if not new:
             self._ready()
             return []

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._backends._base import Claimed, Completion
+from ._backends._driver import Claimed, Completion
 from ._committer import Committer
 from ._errors import ConfigurationError, DatabaseError
 from ._models import TaskInfo

@@ -34,13 +34,11 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import anyio.abc
 
-from ._backends import Backend
-from ._backends._base import Claimed, Owned
+from ._backends._driver import Claimed, Driver, Owned
 from ._committer import Committer
 from ._errors import DatabaseError
 from ._logging import node_logger, task_logger
@@ -88,7 +86,7 @@ class Worker:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Driver,
         registry: TaskRegistry,
         config: WorkerConfig,
         logger: logging.Logger,
@@ -105,6 +103,7 @@ class Worker:
         self.committer = Committer(backend, cleanup_attempts=config.cleanup_attempts, logger=logger)
         self._wake = asyncio.Event()
         self._stop_poll = asyncio.Event()
+        self._listening = asyncio.Event()
         self._shutdown = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         """The asyncio tasks of the executions (plain tasks: an anyio task group's spawn
@@ -155,7 +154,8 @@ class Worker:
                 ):
                     services.start_soon(self._supervised, name, service)
                 if self.backend.supports_notify:
-                    await services.start(self._listen_loop)
+                    services.start_soon(self._supervised, "listener", self._listen_loop)
+                    await self._listening.wait()
                 claimer_done = anyio.Event()
                 services.start_soon(self._run_claimer, claimer_done)
                 task_status.started()
@@ -501,38 +501,27 @@ class Worker:
 
     # -- listener (PostgreSQL) --------------------------------------------------------------
 
-    async def _listen_loop(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        channel = getattr(self.backend, "channel", "")
-        started = False
-        while True:
-            try:
-                async with self.backend.engine.connect() as conn:
-                    raw = await conn.get_raw_connection()
-                    driver: Any = raw.driver_connection
-                    closed = asyncio.Event()
-                    driver.add_termination_listener(lambda _conn, done=closed: done.set())
-                    await driver.add_listener(channel, self._on_notify)
-                    try:
-                        if started:
+    async def _listen_loop(self) -> None:
+        """Listen, and listen again a second after the connection is lost. Sets
+        ``_listening`` after the first try, so that the node starts once it would hear a
+        notification (or knows it cannot, and polls meanwhile)."""
+        try:
+            while True:
+                try:
+                    async with self.backend.listen(self._on_notify) as lost:
+                        if self._listening.is_set():
                             self.wake()  # notifications may have been missed meanwhile
                             self._stop_poll.set()
-                        else:
-                            started = True
-                            task_status.started()
-                        await closed.wait()
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await conn.invalidate()
-            except (DatabaseError, OSError, Exception) as exc:
-                self.log.warning("listener connection failed: %s", exc)
-            if not started:
-                started = True
-                task_status.started()
-            await anyio.sleep(1.0)
+                        self._listening.set()
+                        await lost.wait()
+                except DatabaseError as exc:
+                    self.log.warning("listener connection failed: %s", exc)
+                self._listening.set()
+                await anyio.sleep(1.0)
+        finally:
+            self._listening.set()  # a crash too: the node must not wait for it to start
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notify(self, payload: str) -> None:
         if payload == "wake":
             self.wake()
         elif payload.startswith("stop:") and payload[5:] == str(self.node_id):

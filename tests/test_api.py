@@ -148,4 +148,5 @@ def test_public_classes_report_the_public_module() -> None:
         assert cls.__module__ == "aioasync_tasks", cls
         doc = cls.__doc__ or ""
         # (a dataclass without a docstring gets its signature as one)
-        assert doc and not doc.startswith(f"{cls.__name__}("), f"{cls.__name__} has no docstring"
+        assert doc, f"{cls.__name__} has no docstring"
+        assert not doc.startswith(f"{cls.__name__}("), f"{cls.__name__} has no docstring"

@@ -142,6 +142,7 @@ def _cases() -> dict[str, list[Case]]:
         for value in values:
             add("create_task", f"{field} {value!r}"[:60], "t", **{field: value})
     add("create_task", "connection and session", "t", connection=object(), session=object())
+    add("create_task", "an unknown option", "t", colour="red")
 
     # create_tasks: the list and its items
     good = {"type": "t"}

@@ -15,6 +15,7 @@ Each test's docstring says why it fails on the engine before claim tokens and su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -503,6 +504,50 @@ async def test_a_crashing_service_is_logged_and_restarted(
     witness.assert_no_overlap()
 
 
+@pytest.mark.postgres_only
+async def test_a_crashing_listener_is_logged_and_restarted(
+    db: DbTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PostgreSQL listener fails to start with ``RuntimeError`` (not a driver error) three
+    times, then works: each crash is logged with its traceback as a crash of the listener
+    service, it restarts, and a task created afterwards is woken by NOTIFY (the node's poll
+    interval is 5 minutes, so nothing else would start it in time).
+
+    Failed before the listener was supervised like the other services: it swallowed every
+    exception and retried every second forever, never counted as a crash."""
+    caplog.set_level(logging.INFO, logger="aioasync_tasks")
+    witness = Witness()
+    registry = TaskRegistry()
+    add_counter(registry, witness)
+    node = make_node(db, registry, concurrency=2, poll_interval=300.0)
+    real_listen = node._backend.listen
+    calls = 0
+
+    def flaky_listen(on_message: Callable[[str], None]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            raise RuntimeError(f"injected listener crash #{calls}")
+        return real_listen(on_message)
+
+    node._backend.listen = flaky_listen  # type: ignore[method-assign]
+    await node.start()
+    try:
+        await wait_for(lambda: calls > 3, timeout=BOUND, what="the listener to restart")
+        await asyncio.sleep(0.5)  # it is listening
+        task_id = await node.create_task("counter", counter_context(2, 0.0))
+        await wait_for(all_in(node, [task_id], State.FINISHED), timeout=BOUND, what="the task")
+        assert node.running
+    finally:
+        async with asyncio.timeout(BOUND):
+            await node.stop()
+    crashes = [r for r in caplog.records if "the listener service crashed" in r.getMessage()]
+    assert len(crashes) == 3, [r.getMessage() for r in caplog.records]
+    for record in crashes:
+        assert record.exc_info is not None
+        assert record.exc_info[0] is RuntimeError
+
+
 async def test_a_service_that_keeps_crashing_stops_the_node(
     db: DbTarget, raw: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -717,6 +762,43 @@ async def test_stop_returns_with_a_task_that_swallows_cancellation(
     assert bool(row.handoff)
 
 
+async def test_a_stopped_node_leaves_no_connection_behind(db: DbTarget) -> None:
+    """A node that ran a task and stopped — its listener, heartbeats, claims and flushes
+    included — leaves nothing for the garbage collector: no connection that was never
+    returned to its pool (SQLAlchemy's ``SAWarning``), no unclosed socket or driver connection
+    (``ResourceWarning``).
+
+    Failed when the listener left its connection open if cancelled while it connected (a
+    node stopped or its start cancelled then): the collector's warning failed whichever later
+    test it ran in."""
+    registry = TaskRegistry()
+
+    @registry.task("noop")
+    async def noop(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report.finished()
+
+    node = make_node(db, registry)
+    await node.start()
+    try:
+        task_id = await node.create_task("noop")
+        await wait_for(all_in(node, [task_id], State.FINISHED), timeout=BOUND, what="the task")
+    finally:
+        await node.stop()
+    # And nodes whose start() is cancelled part-way (the listener may be connecting).
+    for delay in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1):
+        node = make_node(db, registry)
+        starting = asyncio.ensure_future(node.start())
+        await asyncio.sleep(delay)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await node.stop()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del node, starting
+        gc.collect()
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 async def test_calls_in_flight_when_a_node_stops_leave_no_connection_open(db: DbTarget) -> None:
     """Another connection holds SQLite's write lock while five ``pause_group`` calls (and the
@@ -752,6 +834,56 @@ async def test_calls_in_flight_when_a_node_stops_leave_no_connection_open(db: Db
         gc.collect()
     leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaked, [str(w.message) for w in leaked]
+
+
+async def test_a_pause_cut_short_by_stop_timeout_keeps_the_attempt(
+    db: DbTarget, raw: AsyncEngine
+) -> None:
+    """A task is paused (CANCELING) but swallows its cancellation; ``stop(timeout=0.5)``
+    abandons it and the node's deregistration releases the row: it ends PAUSED with its attempt
+    given back, as a pause that ended normally would — pausing never uses up a retry.
+
+    Failed before: the release counted it as node lost (PAUSED, attempts still 1)."""
+    registry = TaskRegistry()
+    checkpointed = asyncio.Event()
+    executions: list[asyncio.Task[Any]] = []
+    let_go = False
+
+    @registry.task("swallower", stop_timeout=0.2)
+    async def swallower(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        this = asyncio.current_task()
+        assert this is not None
+        executions.append(this)
+        yield Report(context="c1")
+        checkpointed.set()
+        while not let_go:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+        yield Report.finished()
+
+    node = make_node(db, registry)
+    await node.start()
+    try:
+        task_id = await node.create_task("swallower")
+        await asyncio.wait_for(checkpointed.wait(), BOUND)
+        await node.pause_task(task_id)
+        assert (await node.get_task(task_id)).state is State.CANCELING
+        async with asyncio.timeout(0.5 + 5.0):
+            await node.stop(timeout=0.5)
+    finally:
+        let_go = True
+        for execution in executions:
+            execution.cancel()
+        await asyncio.wait(executions, timeout=BOUND)
+        await node.stop()
+    async with raw.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT state, node_id, context, attempts FROM aioasync_tasks WHERE id = :id"),
+                {"id": task_id},
+            )
+        ).one()
+    assert (row.state, row.node_id, row.context, row.attempts) == ("paused", None, "c1", 0)
 
 
 # -- 8. pause_group(stop_running=True) racing tasks that finish -----------------------------

@@ -42,7 +42,7 @@ from _faultcases import (
 )
 from _helpers import make_node, raw_engine, wait_for
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, TaskRegistry
 from aioasync_tasks._errors import DatabaseError
@@ -816,3 +816,31 @@ async def test_a_reset_connection_raises_a_database_error_that_names_it(
         assert str(info.value).strip(), repr(info.value)
         assert info.value.transient is True
         assert (await node.get_task(task_id)).id == task_id
+
+
+async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
+    pg_db: DbTarget,
+) -> None:
+    """On an engine the application shares with its node (one connection, so both use the same
+    session): the node's write transactions run with ``idle_in_transaction_session_timeout``
+    at ¼ of the node timeout, and the application's own transactions on that engine — before,
+    between and after the node's — run with the server's default, never the node's bound."""
+    engine = create_async_engine(pg_db.url, pool_size=1, max_overflow=0)
+    node = Node(engine, schema=pg_db.schema, concurrency=0, heartbeat_interval=1, node_timeout=8)
+    show = text("SHOW idle_in_transaction_session_timeout")
+    try:
+        async with engine.begin() as conn:
+            default = (await conn.execute(show)).scalar_one()
+        await node.start()
+        for _ in range(3):
+            async with node._backend.write() as conn:  # the node's own write transaction
+                assert (await conn.execute(show)).scalar_one() == "2s"
+            await node.pause_group("g")
+            async with engine.begin() as conn:
+                assert (await conn.execute(show)).scalar_one() == default
+            async with engine.connect() as conn:
+                assert (await conn.execute(show)).scalar_one() == default
+                await conn.rollback()
+    finally:
+        await node.stop()
+        await engine.dispose()

@@ -22,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Node, Report, State, TaskNotFound, TaskRegistry, current_task
-from aioasync_tasks._backends._base import Completion
+from aioasync_tasks._backends._driver import Completion
 from aioasync_tasks._states import Event
 from aioasync_tasks._worker import Worker
 

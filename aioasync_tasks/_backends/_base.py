@@ -13,93 +13,37 @@ subclasses fill in what differs (clock, arrays, locking, notifications).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from typing import Any, LiteralString
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import DatabaseError, SchemaError, TaskNotFound
-from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
+from .._errors import DatabaseError, TaskNotFound
+from .._models import Group, NodeInfo, Operation, State, Task
 from .._scheduling import SchedulingPolicy
-from .._schema import GROUPS, NODES, SCHEMA_VERSION, TASKS, VERSIONS, Timestamp
+from .._schema import GROUPS, NODES, TASKS, VERSIONS, Timestamp
 from .._states import Event, Outcome, apply_event, apply_operation
+from . import _rows
+from ._driver import (
+    Checkpoint,
+    Claimed,
+    ClaimResult,
+    Completion,
+    NewTask,
+    OperationResult,
+    Owned,
+    TaskFilter,
+)
+from ._migrations import check_version, migration_files, refuse_newer, split_sql
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
-
-
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    type: str
-    context: str
-    user: str
-    group: str
-    priority: int
-    max_attempts: int
-    has_cleanup: bool
-    state: State
-    run_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class TaskFilter:
-    user: str | None = None
-    group: str | None = None
-    types: tuple[str, ...] | None = None
-    states: tuple[State, ...] | None = None
-    offset: int = 0
-    limit: int = 100
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A task a node has just claimed (to run it, or to run its cleanup)."""
-
-    id: int
-    type: str
-    user: str
-    group: str
-    context: str
-    attempts: int
-    max_attempts: int
-    token: int
-    """The claim's token: every later write of this execution must carry it."""
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimResult:
-    claimed: list[Claimed]
-    next_due: float | None
-    """Seconds until the next delayed task of the claimed types is due (None: none, or the
-    claim was full and the claimer will look again anyway)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """The end of one execution, reported by its runner."""
-
-    task_id: int
-    token: int
-    event: Event
-    context: str | None = None
-    error: str | None = None
-    delay: float = 0.0
-    """Back-off in seconds, used when the outcome is a retry."""
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """A context to store for the execution that holds ``token``."""
-
-    token: int
-    context: str
-
 
 CHECKPOINT_STATES = [State.RUNNING.value, State.CANCELING.value, State.DELETING.value]
 """The states in which an execution may store a checkpoint (its task runs, or is being
@@ -107,63 +51,10 @@ cleaned up)."""
 
 
 @dataclass(frozen=True, slots=True)
-class OperationResult:
-    outcome: Outcome
-    owner: int | None
-    """The node that ran the task before the operation (to be told to stop)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Owned:
-    """A task row as its owner sees it at a heartbeat."""
-
-    id: int
-    state: State
-    requested: StopRequest | None
-    token: int
-
-
-TASK_COLUMNS: LiteralString = (
-    "id, type, user_name, group_name, state, requested, context, priority, attempts, "
-    "max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at"
-)
-_LOCK_COLUMNS: LiteralString = (
-    "id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class _Locked:
-    id: int
-    state: State
-    requested: StopRequest | None
-    has_cleanup: bool
-    attempts: int
-    max_attempts: int
-    node_id: int | None
-    group: str
-    token: int
-
-    @classmethod
-    def from_row(cls, row: Row[*tuple[Any, ...]]) -> _Locked:
-        return cls(
-            id=row[0],
-            state=State(row[1]),
-            requested=StopRequest(row[2]) if row[2] else None,
-            has_cleanup=bool(row[3]),
-            attempts=row[4],
-            max_attempts=row[5],
-            node_id=row[6],
-            group=row[7],
-            token=row[8],
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class _Write:
     """One row change decided by the state rules, ready for the batched UPDATE."""
 
-    row: _Locked
+    row: _rows.Locked
     outcome: Outcome
     node_id: int | None
     context: str | None = None
@@ -190,31 +81,12 @@ def _claim_states(from_state: State, event: Event) -> dict[str, str]:
 _CLAIM_STATES = _claim_states(State.PENDING, Event.CLAIM)
 _CLEANUP_CLAIM_STATES = _claim_states(State.DELETING, Event.CLEANUP_CLAIM)
 
-RETURN_CLAIMED: LiteralString = (
-    " RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff,"
-    " priority, token"
-)
-"""What a claim statement returns of each row it took (read by ``_claimed``)."""
 
-
-def _lost_error(row: _Locked, outcome: Outcome) -> str | None:
+def _lost_error(row: _rows.Locked, outcome: Outcome) -> str | None:
     """The error stored when a task whose node was lost fails for good."""
     if outcome.state is not State.FAILED:
         return None
     return "cleanup: node lost" if row.state is State.DELETING else "node lost"
-
-
-def _claimed(row: Row[*tuple[Any, ...]]) -> Claimed:
-    return Claimed(
-        id=row.id,
-        type=row.type,
-        user=row.user_name,
-        group=row.group_name,
-        context=row.context,
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        token=row.token,
-    )
 
 
 class Backend:
@@ -246,6 +118,14 @@ class Backend:
     def _in(self, column: LiteralString, param: LiteralString) -> LiteralString:
         raise NotImplementedError
 
+    def listen(
+        self, on_message: Callable[[str], None]
+    ) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Where ``supports_notify``: while inside, the database's notifications on this schema's
+        channel reach ``on_message`` (``wake``, ``stop:<node id>``); the event it yields is set
+        when the listening connection is lost. Raises ``DatabaseError`` when it cannot listen."""
+        raise NotImplementedError(f"{self.dialect} has no notifications")
+
     expanding_lists = False
     """Lists bound as ``IN :name`` expand to one parameter per item (no arrays in SQLite)."""
     lock_rows: LiteralString = ""
@@ -262,11 +142,6 @@ class Backend:
 
     def _to_db_time(self, value: datetime) -> Any:
         return self._timestamp.process_bind_param(value, self.engine.dialect)
-
-    def _from_db_time(self, value: Any) -> datetime:
-        result = self._timestamp.process_result_value(value, self.engine.dialect)
-        assert result is not None
-        return result
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -301,9 +176,10 @@ class Backend:
 
     def write(self) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite)."""
-        return Transaction(self.engine, self.in_flight, write=True, setup=self._write_setup)
+        return Transaction(self.engine, self.in_flight, write=True, options=self._write_options)
 
-    _write_setup: str | None = None
+    _write_options: Mapping[str, Any] = {}
+    """Execution options of the write transactions, for the dialect's ``begin`` listener."""
 
     def bound_idle_transactions(self, seconds: float) -> None:
         """Dialect hook: have the server end a write transaction of ours that stays idle for
@@ -319,7 +195,11 @@ class Backend:
     def single(self) -> Transaction:
         """For a write that is one statement, and so atomic on its own."""
         return Transaction(
-            self.engine, self.in_flight, write=True, autocommit=self.single_statement_autocommit
+            self.engine,
+            self.in_flight,
+            write=True,
+            autocommit=self.single_statement_autocommit,
+            options=self._write_options,
         )
 
     # -- schema -----------------------------------------------------------------------------
@@ -350,15 +230,11 @@ class Backend:
             if exists:
                 result = await self._exec(conn, "SELECT max(version) FROM {versions}")
                 current = result.scalar() or 0
-            if current > SCHEMA_VERSION:
-                raise SchemaError(
-                    f"the database schema is version {current}, newer than this library's "
-                    f"{SCHEMA_VERSION}: upgrade aioasync-tasks"
-                )
-            for version, sql in self._migration_files():
+            refuse_newer(current)
+            for version, sql in migration_files(self.dialect):
                 if version <= current:
                     continue
-                for statement in _split_sql(sql):
+                for statement in split_sql(sql):
                     await conn.exec_driver_sql(statement)
                 await self._exec(
                     conn,
@@ -371,31 +247,8 @@ class Backend:
     async def _prepare_migration(self, conn: AsyncConnection) -> None:
         """Dialect hook: serialise concurrent migrations, point DDL at the schema."""
 
-    def _migration_files(self) -> list[tuple[int, str]]:
-        folder = resources.files("aioasync_tasks") / "_migrations" / self.dialect
-        return sorted(
-            (int(entry.name.split("_", 1)[0]), entry.read_text("utf-8"))
-            for entry in folder.iterdir()
-            if entry.name.endswith(".sql")
-        )
-
     async def check_schema(self) -> None:
-        version = await self.schema_version()
-        if version is None:
-            raise SchemaError(
-                "the aioasync_tasks tables are missing: run `aioasync-tasks migrate`, "
-                "`await node.migrate()`, or start the node with auto_migrate=True"
-            )
-        if version > SCHEMA_VERSION:
-            raise SchemaError(
-                f"the database schema is version {version}, newer than this library's "
-                f"{SCHEMA_VERSION}: upgrade aioasync-tasks"
-            )
-        if version < SCHEMA_VERSION:
-            raise SchemaError(
-                f"the database schema is version {version}, older than this library's "
-                f"{SCHEMA_VERSION}: run `aioasync-tasks migrate`"
-            )
+        check_version(await self.schema_version())
 
     # -- creating and reading tasks ---------------------------------------------------------
 
@@ -477,37 +330,18 @@ class Backend:
         """Dialect hook: insert several rows in few statements; the ids in input order."""
         raise NotImplementedError
 
-    def _to_task(self, row: Row[*tuple[Any, ...]]) -> Task:
-        return Task(
-            id=row[0],
-            type=row[1],
-            user=row[2],
-            group=row[3],
-            state=State(row[4]),
-            requested=StopRequest(row[5]) if row[5] else None,
-            context=row[6],
-            priority=row[7],
-            attempts=row[8],
-            max_attempts=row[9],
-            error=row[10],
-            node=row[11],
-            created_at=self._from_db_time(row[12]),
-            updated_at=self._from_db_time(row[13]),
-            started_at=None if row[14] is None else self._from_db_time(row[14]),
-            done_at=None if row[15] is None else self._from_db_time(row[15]),
-            run_at=self._from_db_time(row[16]),
-        )
-
     @cancel_safe
     async def get_task(self, task_id: int) -> Task:
         async with self.read() as conn:
             result = await self._exec(
-                conn, "SELECT " + TASK_COLUMNS + " FROM {tasks} WHERE id = :id", {"id": task_id}
+                conn,
+                "SELECT " + _rows.TASK_COLUMNS + " FROM {tasks} WHERE id = :id",
+                {"id": task_id},
             )
             row = result.first()
         if row is None:
             raise TaskNotFound(task_id)
-        return self._to_task(row)
+        return _rows.task(row)
 
     def _filter_sql(self, f: TaskFilter) -> tuple[str, dict[str, Any]]:
         clauses: list[str] = []
@@ -537,11 +371,11 @@ class Backend:
         where, params = self._filter_sql(f)
         params |= {"limit": f.limit, "offset": f.offset}
         # The filter shape picks one of a few cached statements; values stay parameters.
-        template = "SELECT " + TASK_COLUMNS + " FROM {tasks}" + where
+        template = "SELECT " + _rows.TASK_COLUMNS + " FROM {tasks}" + where
         template += " ORDER BY id DESC LIMIT :limit OFFSET :offset"
         async with self.read() as conn:
             result = await self._exec(conn, template, params)
-            return [self._to_task(row) for row in result]
+            return [_rows.task(row) for row in result]
 
     @cancel_safe
     async def count_tasks(self, f: TaskFilter) -> int:
@@ -554,8 +388,8 @@ class Backend:
 
     async def _lock(
         self, conn: AsyncConnection, ids: Sequence[int], owner: int | None = None
-    ) -> list[_Locked]:
-        template: LiteralString = "SELECT " + _LOCK_COLUMNS + " FROM {tasks} WHERE "
+    ) -> list[_rows.Locked]:
+        template: LiteralString = "SELECT " + _rows.LOCK_COLUMNS + " FROM {tasks} WHERE "
         template += self._in("id", ":ids")
         params: dict[str, Any] = {"ids": list(ids)}
         if owner is not None:
@@ -563,7 +397,7 @@ class Backend:
             params["owner"] = owner
         template += " ORDER BY id" + self.lock_rows
         result = await self._exec(conn, template, params)
-        return [_Locked.from_row(row) for row in result]
+        return [_rows.Locked.from_row(row) for row in result]
 
     _UPDATE: LiteralString = (
         "UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,"
@@ -707,7 +541,7 @@ class Backend:
             if len(rows) < limit:
                 due = await self._exec(conn, self._next_due_statement(), {"types": list(types)})
                 next_due = due.scalar()
-        claimed = [_claimed(r) for r in rows]
+        claimed = [_rows.claimed(r) for r in rows]
         return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
 
     async def _node_registered(self, conn: AsyncConnection, node_id: int) -> bool:
@@ -846,7 +680,7 @@ class Backend:
                 },
             )
             rows = sorted(result, key=lambda r: r.id)
-        return [_claimed(r) for r in rows]
+        return [_rows.claimed(r) for r in rows]
 
     def _cleanup_claim_statement(self) -> LiteralString:
         raise NotImplementedError
@@ -976,10 +810,7 @@ class Backend:
             "SELECT id, state, requested, token FROM {tasks} WHERE node_id = :id",
             {"id": node_id},
         )
-        return [
-            Owned(r.id, State(r.state), StopRequest(r.requested) if r.requested else None, r.token)
-            for r in result
-        ]
+        return [_rows.owned(r) for r in result]
 
     @cancel_safe
     async def deregister(self, node_id: int, *, cleanup_attempts: int) -> None:
@@ -1037,14 +868,14 @@ class Backend:
         result = await self._exec(
             conn,
             "SELECT "
-            + _LOCK_COLUMNS
+            + _rows.LOCK_COLUMNS
             + " FROM {tasks} WHERE "
             + where
             + " ORDER BY id"
             + self.lock_rows,
             {"nodes": list(node_ids)},
         )
-        rows = [_Locked.from_row(r) for r in result]
+        rows = [_rows.Locked.from_row(r) for r in result]
         writes: list[_Write] = []
         for row in rows:
             handoff = graceful and row.state is State.RUNNING
@@ -1057,7 +888,11 @@ class Backend:
                 can_retry=graceful or row.attempts < limit,
             )
             if outcome is not None:
-                refund = graceful and (handoff or row.state is State.DELETING)
+                # A graceful stop gives back the attempt of whatever it hands back or pauses
+                # (a task whose pause it cut short), and of a cleanup it interrupted.
+                refund = graceful and (
+                    outcome.state in (State.PENDING, State.PAUSED) or row.state is State.DELETING
+                )
                 error = _lost_error(row, outcome)
                 writes.append(
                     _Write(row, outcome, None, error=error, handoff=handoff, refund=refund)
@@ -1120,19 +955,7 @@ class Backend:
                 "SELECT id, name, concurrency, types, started_at, heartbeat_at,"
                 " heartbeat_interval, node_timeout FROM {nodes} ORDER BY id",
             )
-            return [
-                NodeInfo(
-                    r.id,
-                    r.name,
-                    r.concurrency,
-                    tuple(json.loads(r.types)),
-                    self._from_db_time(r.started_at),
-                    self._from_db_time(r.heartbeat_at),
-                    float(r.heartbeat_interval),
-                    float(r.node_timeout),
-                )
-                for r in result
-            ]
+            return [_rows.node(r) for r in result]
 
     # -- groups -----------------------------------------------------------------------------
 
@@ -1196,7 +1019,7 @@ class Backend:
                 " (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n"
                 " LEFT JOIN {groups} g ON g.name = n.name ORDER BY n.name",
             )
-            return [Group(r[0], bool(r[1]), r[2], r[3]) for r in result]
+            return [_rows.group(r) for r in result]
 
     @cancel_safe
     async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]:
@@ -1208,12 +1031,12 @@ class Backend:
                 return []
             result = await self._exec(
                 conn,
-                "SELECT " + _LOCK_COLUMNS + " FROM {tasks} WHERE group_name = :group"
+                "SELECT " + _rows.LOCK_COLUMNS + " FROM {tasks} WHERE group_name = :group"
                 " AND state = :state ORDER BY id" + self.lock_rows,
                 {"group": group, "state": State.RUNNING.value},
             )
             writes = []
-            for row in (_Locked.from_row(r) for r in result):
+            for row in (_rows.Locked.from_row(r) for r in result):
                 outcome = apply_operation(
                     row.state, row.requested, Operation.PAUSE, has_cleanup=row.has_cleanup
                 )
@@ -1223,9 +1046,3 @@ class Backend:
             for owner in sorted({owner for _, owner in stopped}):
                 await self._notify(conn, f"stop:{owner}")
             return stopped
-
-
-def _split_sql(sql: str) -> list[str]:
-    """Split a migration file into statements (they contain no semicolons inside)."""
-    code = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
-    return [statement.strip() for statement in code.split(";") if statement.strip()]

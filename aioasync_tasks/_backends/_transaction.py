@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import URL
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -106,6 +107,28 @@ WRAPPED = (SQLAlchemyError, OSError, UnicodeError)
 and a text the driver cannot encode."""
 
 
+def set_session_value(conn: Connection, name: str, value: object, statement: str) -> None:
+    """Run ``statement`` (a ``SET`` or ``PRAGMA`` giving ``name`` the value ``value``) unless the
+    driver connection has that value already. Called from a ``begin`` listener: the value is
+    remembered per pooled connection, so a connection that keeps serving the same kind of
+    transaction pays the round trip once, not at every transaction."""
+    info = conn.connection.info
+    key = f"aioasync_{name}"
+    if key in info and info[key] == value:
+        return
+    info.pop(key, None)  # unknown until the statement has run
+    conn.exec_driver_sql(statement)
+    info[key] = value
+
+
+def forget_session_values(conn: Connection) -> None:
+    """After a rollback: a ``SET`` in the transaction rolled back was undone (PostgreSQL)."""
+    if not conn.invalidated:
+        info = conn.connection.info
+        for key in [k for k in info if k.startswith("aioasync_")]:
+            del info[key]
+
+
 class InFlight:
     """The operations of one backend still running. A node that stops closes it: it lets them
     end (within a bound) before it disposes of the engine, and refuses new ones, since a
@@ -139,7 +162,7 @@ _S = TypeVar("_S", bound=_Operations)
 
 def cancel_safe(
     method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]],
-) -> Callable[Concatenate[_S, _P], Awaitable[_T]]:
+) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
     """Run ``method`` as a task of its own that a cancelled caller does not interrupt: the
     caller's cancellation is delivered once the transaction is over (committed or rolled
     back). Transactions are short, so the caller waits for at most one; a caller that must not
@@ -175,14 +198,14 @@ class Transaction:
         *,
         write: bool,
         autocommit: bool = False,
-        setup: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         self._engine = engine
         self._in_flight = in_flight
         self._write = write
         self._autocommit = autocommit
-        self._setup = setup
-        """A statement run first in the transaction (a ``SET LOCAL``)."""
+        self._options = options or {}
+        """More execution options, for the dialect's ``begin`` listener."""
         self._conn: AsyncConnection | None = None
 
     async def __aenter__(self) -> AsyncConnection:
@@ -192,14 +215,12 @@ class Transaction:
         except WRAPPED as exc:
             raise database_error(exc, url, "could not connect to") from exc
         self._conn = conn
-        options: dict[str, Any] = {"aioasync_write": self._write}
+        options: dict[str, Any] = {**self._options, "aioasync_write": self._write}
         if self._autocommit:
             options["isolation_level"] = "AUTOCOMMIT"
         try:
             conn = await conn.execution_options(**options)
             await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
-            if self._setup is not None:
-                await conn.exec_driver_sql(self._setup)
         except WRAPPED as exc:
             await self._close(conn)
             raise database_error(exc, url, "could not begin a transaction on") from exc

@@ -13,9 +13,13 @@ from typing import Any, LiteralString
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
-from ._base import CHECKPOINT_STATES, RETURN_CLAIMED, Backend, Checkpoint
+from ._base import CHECKPOINT_STATES, Backend
+from ._driver import Checkpoint
+from ._rows import RETURN_CLAIMED
+from ._transaction import set_session_value
 
 BUSY_TIMEOUT_MS = 60_000
 """How long a transaction of the application's waits for SQLite's write lock."""
@@ -41,10 +45,11 @@ def configure_engine(engine: AsyncEngine) -> None:
         return
 
     @event.listens_for(sync_engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
+    def _connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        record.info["aioasync_busy_timeout"] = BUSY_TIMEOUT_MS  # see set_session_value
         try:
             cursor.execute("PRAGMA journal_mode = WAL")
         except Exception as exc:
@@ -74,12 +79,7 @@ def configure_engine(engine: AsyncEngine) -> None:
 
 
 def _set_busy_timeout(conn: Connection, milliseconds: int) -> None:
-    # Remembered per driver connection, so that the PRAGMA runs only when the next transaction
-    # on a pooled connection wants the other timeout (a round trip to aiosqlite's thread).
-    info = conn.connection.info
-    if info.get("aioasync_busy_timeout", BUSY_TIMEOUT_MS) != milliseconds:
-        conn.exec_driver_sql(f"PRAGMA busy_timeout = {milliseconds}")
-        info["aioasync_busy_timeout"] = milliseconds
+    set_session_value(conn, "busy_timeout", milliseconds, f"PRAGMA busy_timeout = {milliseconds}")
 
 
 def _begin_immediate_retrying(conn: Connection) -> None:

@@ -1,0 +1,192 @@
+"""The driver protocol: the queue operations the engine asks of a database, and the values
+they take and return. ``Backend`` implements it for PostgreSQL and SQLite; a new database is
+added by implementing it (CONTRIBUTING.md, "Adding a database").
+
+Every operation is one short transaction of its own (or of the caller's, for
+``insert_many(connection=…)``), safe to cancel (``_transaction.cancel_safe``), and raises
+``DatabaseError`` for a failure of the database. Writes that belong to an execution carry its
+claim token and change nothing when the token is stale (docs/explanation.md, "Claim tokens").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
+from .._states import Event, Outcome
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from .._scheduling import SchedulingPolicy
+    from ._transaction import InFlight
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    type: str
+    context: str
+    user: str
+    group: str
+    priority: int
+    max_attempts: int
+    has_cleanup: bool
+    state: State
+    run_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    user: str | None = None
+    group: str | None = None
+    types: tuple[str, ...] | None = None
+    states: tuple[State, ...] | None = None
+    offset: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task a node has just claimed (to run it, or to run its cleanup)."""
+
+    id: int
+    type: str
+    user: str
+    group: str
+    context: str
+    attempts: int
+    max_attempts: int
+    token: int
+    """The claim's token: every later write of this execution must carry it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claimed: list[Claimed]
+    next_due: float | None
+    """Seconds until the next delayed task of the claimed types is due (None: none, or the
+    claim was full and the claimer will look again anyway)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The end of one execution, reported by its runner."""
+
+    task_id: int
+    token: int
+    event: Event
+    context: str | None = None
+    error: str | None = None
+    delay: float = 0.0
+    """Back-off in seconds, used when the outcome is a retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A context to store for the execution that holds ``token``."""
+
+    token: int
+    context: str
+
+
+@dataclass(frozen=True, slots=True)
+class OperationResult:
+    outcome: Outcome
+    owner: int | None
+    """The node that ran the task before the operation (to be told to stop)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """A task row as its owner sees it at a heartbeat."""
+
+    id: int
+    state: State
+    requested: StopRequest | None
+    token: int
+
+
+class Driver(Protocol):
+    """What the engine (``Node``, its worker, committer and runners) asks of a database."""
+
+    supports_notify: bool
+    """Whether ``listen`` works: notifications wake nodes at once (PostgreSQL); without them
+    nodes poll (SQLite)."""
+    in_flight: InFlight
+    """The operations still running; ``Node.stop`` closes it before disposing of the engine."""
+
+    def bound_idle_transactions(self, seconds: float) -> None:
+        """Have the server end a write transaction of ours left idle for ``seconds`` (its node
+        was cut off in the middle of it), so that its row locks never keep a rescuer out."""
+
+    def listen(
+        self, on_message: Callable[[str], None]
+    ) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Deliver notifications (``wake``, ``stop:<node id>``) to ``on_message`` while inside;
+        the event yielded is set when the listening connection is lost."""
+
+    # -- schema
+    async def schema_version(self) -> int | None: ...
+    async def migrate(self) -> list[int]: ...
+    async def check_schema(self) -> None: ...
+
+    # -- tasks, for users
+    async def insert_many(
+        self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
+    ) -> list[int]: ...
+    async def get_task(self, task_id: int) -> Task: ...
+    async def get_tasks(self, f: TaskFilter) -> list[Task]: ...
+    async def count_tasks(self, f: TaskFilter) -> int: ...
+    async def operate(
+        self,
+        task_id: int,
+        operation: Operation,
+        *,
+        force: bool = False,
+        group: str | None = None,
+    ) -> OperationResult: ...
+
+    # -- tasks, for nodes
+    async def claim(  # noqa: PLR0917 - one argument per part of the claim
+        self,
+        node_id: int,
+        types: Sequence[str],
+        limit: int,
+        policy: SchedulingPolicy,
+        groups: Sequence[str] | None = None,
+        busy: Sequence[int] = (),
+    ) -> ClaimResult: ...
+    async def claim_cleanups(
+        self, node_id: int, types: Sequence[str], limit: int, busy: Sequence[int] = ()
+    ) -> list[Claimed]: ...
+    async def checkpoint(self, node_id: int, contexts: Mapping[int, Checkpoint]) -> set[int]: ...
+    async def complete(
+        self, node_id: int, completions: Sequence[Completion], *, cleanup_attempts: int
+    ) -> set[int]: ...
+    async def release_claims(self, node_id: int, claims: Mapping[int, int]) -> int: ...
+
+    # -- nodes
+    async def register_node(
+        self,
+        name: str,
+        concurrency: int,
+        types: Sequence[str],
+        *,
+        heartbeat_interval: float,
+        node_timeout: float,
+    ) -> int: ...
+    async def heartbeat(self, node_id: int) -> list[Owned] | None: ...
+    async def owned(self, node_id: int) -> list[Owned]: ...
+    async def deregister(self, node_id: int, *, cleanup_attempts: int) -> None: ...
+    async def rescue(self, node_id: int, *, cleanup_attempts: int) -> int: ...
+    async def get_nodes(self) -> list[NodeInfo]: ...
+
+    # -- groups
+    async def set_group(self, /, name: str, **fields: Any) -> Group: ...
+    async def get_groups(self) -> list[Group]: ...
+    async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]: ...

@@ -1,0 +1,120 @@
+"""Rows read back from the database, mapped to the library's values by column name: the
+column lists the statements select, and one function per kind of row."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, LiteralString
+
+from .._models import Group, NodeInfo, State, StopRequest, Task
+from ._driver import Claimed, Owned
+
+TASK_COLUMNS: LiteralString = (
+    "id, type, user_name, group_name, state, requested, context, priority, attempts, "
+    "max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at"
+)
+"""What ``task`` reads."""
+LOCK_COLUMNS: LiteralString = (
+    "id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token"
+)
+"""What ``Locked.from_row`` reads: a row about to be changed by the state rules."""
+RETURN_CLAIMED: LiteralString = (
+    " RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff,"
+    " priority, token"
+)
+"""What a claim statement returns of each row it took (read by ``claimed``)."""
+
+
+def time_from_db(value: Any) -> datetime:
+    """An aware UTC datetime from a ``timestamptz`` (PostgreSQL) or epoch seconds (SQLite)."""
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromtimestamp(float(value), UTC)
+
+
+def task(row: Any) -> Task:
+    return Task(
+        id=row.id,
+        type=row.type,
+        user=row.user_name,
+        group=row.group_name,
+        state=State(row.state),
+        requested=StopRequest(row.requested) if row.requested else None,
+        context=row.context,
+        priority=row.priority,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        error=row.error,
+        node=row.node_id,
+        created_at=time_from_db(row.created_at),
+        updated_at=time_from_db(row.updated_at),
+        started_at=None if row.started_at is None else time_from_db(row.started_at),
+        done_at=None if row.done_at is None else time_from_db(row.done_at),
+        run_at=time_from_db(row.run_at),
+    )
+
+
+def claimed(row: Any) -> Claimed:
+    return Claimed(
+        id=row.id,
+        type=row.type,
+        user=row.user_name,
+        group=row.group_name,
+        context=row.context,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        token=row.token,
+    )
+
+
+def owned(row: Any) -> Owned:
+    requested = StopRequest(row.requested) if row.requested else None
+    return Owned(row.id, State(row.state), requested, row.token)
+
+
+def node(row: Any) -> NodeInfo:
+    return NodeInfo(
+        row.id,
+        row.name,
+        row.concurrency,
+        tuple(json.loads(row.types)),
+        time_from_db(row.started_at),
+        time_from_db(row.heartbeat_at),
+        float(row.heartbeat_interval),
+        float(row.node_timeout),
+    )
+
+
+def group(row: Any) -> Group:
+    return Group(row.name, bool(row.paused), row.max_running, row.max_running_per_user)
+
+
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """A task row read under the write lock, before the state rules change it."""
+
+    id: int
+    state: State
+    requested: StopRequest | None
+    has_cleanup: bool
+    attempts: int
+    max_attempts: int
+    node_id: int | None
+    group: str
+    token: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> Locked:
+        return cls(
+            id=row.id,
+            state=State(row.state),
+            requested=StopRequest(row.requested) if row.requested else None,
+            has_cleanup=bool(row.has_cleanup),
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            node_id=row.node_id,
+            group=row.group_name,
+            token=row.token,
+        )
