@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from _db import DbTarget
@@ -21,9 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Fifo, Operation, State, StopRequest, Task, TaskNotFound
 from aioasync_tasks._backends import backend_for
-from aioasync_tasks._backends._driver import Completion, Driver, NewTask
+from aioasync_tasks._backends._driver import Completion, Driver, NewTask, TaskFilter
 from aioasync_tasks._schema import TASKS
-from aioasync_tasks._states import Event
+from aioasync_tasks._states import Event, Outcome
 
 FAR = 3600.0
 """Node timings that never run out during a test (nothing here runs on its own anyway)."""
@@ -155,13 +155,29 @@ def cleanup_variants(start: Start) -> tuple[bool, ...]:
 
 
 @dataclass(frozen=True)
+class Want:
+    """A task to bring into ``start``."""
+
+    start: Start
+    has_cleanup: bool = False
+    max_attempts: int = 1
+    group: str = "default"
+    user: str = "alice"
+
+
+@dataclass(frozen=True)
 class Made:
     """A task brought into a starting situation."""
 
     id: int
     type: str
+    want: Want
     token: int | None
     """The token of the execution that owns the task now (None: not owned)."""
+
+    @property
+    def start(self) -> Start:
+        return self.want.start
 
 
 async def claim_one(driver: Driver, node_id: int, type: str) -> tuple[int, int]:
@@ -171,59 +187,118 @@ async def claim_one(driver: Driver, node_id: int, type: str) -> tuple[int, int]:
     return claimed.id, claimed.token
 
 
-async def make(
-    driver: Driver,
-    node_id: int,
-    start: Start,
-    *,
-    has_cleanup: bool = False,
-    max_attempts: int = 1,
-    group: str = "default",
-    user: str = "alice",
-) -> Made:
-    """A task of a type of its own in ``start``, reached through driver operations only (the
-    owner, where there is one, is ``node_id``); after one claim, or one cleanup claim, at most
-    (two claims for FAILED with several attempts)."""
-    type = unique_type()
-    initial = State.INIT if start is Start.INIT else State.PENDING
-    task_id = await insert(
-        driver,
-        type=type,
-        has_cleanup=has_cleanup,
-        max_attempts=max_attempts,
-        state=initial,
-        group=group,
-        user=user,
+_CLAIMED = (
+    Start.RUNNING,
+    Start.CANCELING_PAUSE,
+    Start.CANCELING_DELETE,
+    Start.FINISHED,
+    Start.FAILED,
+)
+"""The situations reached through a claim."""
+
+
+async def make_many(driver: Driver, node_id: int, wants: Sequence[Want]) -> list[Made]:
+    """Tasks, each of a type of its own, in the situations ``wants`` asks for, reached through
+    driver operations only, in few round trips (the owner, where there is one, is
+    ``node_id``): insert; pause, delete; claim (or claim the cleanup); pause, delete, finish or
+    fail. A FAILED task with several attempts fails, and is claimed again, until it is FAILED.
+    Each owned task has been claimed once."""
+    types = [unique_type() for _ in wants]
+    ids = await driver.insert_many(
+        [
+            new_task(
+                type,
+                has_cleanup=w.has_cleanup,
+                max_attempts=w.max_attempts,
+                state=State.INIT if w.start is Start.INIT else State.PENDING,
+                group=w.group,
+                user=w.user,
+            )
+            for type, w in zip(types, wants, strict=True)
+        ]
     )
-    token: int | None = None
-    if start in (Start.INIT, Start.PENDING):
-        pass
-    elif start is Start.PAUSED:
-        await driver.operate(task_id, Operation.PAUSE)
-    elif start in (Start.DELETING, Start.CLEANING):
-        await driver.operate(task_id, Operation.DELETE)
-        if start is Start.CLEANING:
-            [claimed] = await driver.claim_cleanups(node_id, [type], 1)
-            token = claimed.token
-    else:
-        _, token = await claim_one(driver, node_id, type)
-        if start is Start.CANCELING_PAUSE:
-            await driver.operate(task_id, Operation.PAUSE)
-        elif start is Start.CANCELING_DELETE:
-            await driver.operate(task_id, Operation.DELETE)
-        elif start is Start.FINISHED:
-            await complete_one(driver, node_id, task_id, token, Event.FINISHED)
-            token = None
-        elif start is Start.FAILED:
-            while True:
-                await complete_one(driver, node_id, task_id, token, Event.FAILED)
-                if (await driver.get_task(task_id)).state is State.FAILED:
-                    break
-                _, token = await claim_one(driver, node_id, type)
-            token = None
-    task = await driver.get_task(task_id)
-    assert (task.state, task.requested, task.node is not None) == start.value, (start, task)
-    return Made(task_id, type, token)
+    by_start: dict[Start, list[int]] = {}
+    for task_id, w in zip(ids, wants, strict=True):
+        by_start.setdefault(w.start, []).append(task_id)
+    type_of = dict(zip(ids, types, strict=True))
+    tokens: dict[int, int] = {}
+
+    def of(*starts: Start) -> list[int]:
+        return [task_id for start in starts for task_id in by_start.get(start, [])]
+
+    async def operate(operation: Operation, *starts: Start) -> None:
+        for task_id in of(*starts):
+            await driver.operate(task_id, operation)
+
+    async def claim(task_ids: list[int]) -> None:
+        if task_ids:
+            result = await driver.claim(
+                node_id, [type_of[i] for i in task_ids], len(task_ids), FIFO
+            )
+            assert sorted(c.id for c in result.claimed) == sorted(task_ids), result
+            tokens.update((c.id, c.token) for c in result.claimed)
+
+    async def end(task_ids: list[int], event: Event) -> None:
+        completions = [Completion(i, tokens.pop(i), event) for i in task_ids]
+        if completions:
+            accepted = await driver.complete(node_id, completions, cleanup_attempts=1)
+            assert accepted == set(task_ids), (event, accepted)
+
+    await operate(Operation.PAUSE, Start.PAUSED)
+    await operate(Operation.DELETE, Start.DELETING, Start.CLEANING)
+    cleaning = of(Start.CLEANING)
+    if cleaning:
+        claimed = await driver.claim_cleanups(
+            node_id, [type_of[i] for i in cleaning], len(cleaning)
+        )
+        assert sorted(c.id for c in claimed) == sorted(cleaning), claimed
+        tokens.update((c.id, c.token) for c in claimed)
+    await claim(of(*_CLAIMED))
+    await operate(Operation.PAUSE, Start.CANCELING_PAUSE)
+    await operate(Operation.DELETE, Start.CANCELING_DELETE)
+    await end(of(Start.FINISHED), Event.FINISHED)
+    failing = of(Start.FAILED)
+    while failing:
+        await end(failing, Event.FAILED)  # no back-off: a retry is due at once
+        tasks = await snapshot(driver, failing)
+        failing = [i for i in failing if tasks[i].state is not State.FAILED]
+        await claim(failing)
+
+    tasks = await snapshot(driver, ids)
+    for task_id, w in zip(ids, wants, strict=True):
+        task = tasks[task_id]
+        reached = (task.state, task.requested, task.node is not None)
+        assert reached == w.start.value, (w, task)
+    return [
+        Made(task_id, type_of[task_id], w, tokens.get(task_id))
+        for task_id, w in zip(ids, wants, strict=True)
+    ]
+
+
+async def make(driver: Driver, node_id: int, start: Start, **fields: Any) -> Made:
+    """One task in ``start`` (see ``make_many``)."""
+    [made] = await make_many(driver, node_id, [Want(start, **fields)])
+    return made
+
+
+async def snapshot(driver: Driver, ids: Iterable[int] | None = None) -> dict[int, Task]:
+    """The tasks (of ``ids``, or all), by id, in one read; a removed task is absent."""
+    wanted = None if ids is None else set(ids)
+    tasks = await driver.get_tasks(TaskFilter(limit=10_000))
+    return {t.id: t for t in tasks if wanted is None or t.id in wanted}
+
+
+def every_start(**fields: Any) -> list[Want]:
+    """Every starting situation, with each ``has_cleanup`` it can have."""
+    return [
+        Want(start, has_cleanup=has_cleanup, **fields)
+        for start in Start
+        for has_cleanup in cleanup_variants(start)
+    ]
+
+
+def describe(want: Want) -> str:
+    return want.start.name + (" with cleanup" if want.has_cleanup else "")
 
 
 async def complete_one(
@@ -255,11 +330,101 @@ class Peek:
             )
             return result.scalar_one()
 
+    async def columns(self, column: str) -> dict[int, Any]:
+        """``column`` of every task, by id."""
+        assert column.isidentifier()
+        async with self.engine.connect() as conn:
+            result = await conn.execute(text(f"SELECT id, {column} FROM {TASKS}"))
+            return {row[0]: row[1] for row in result}
+
     async def token(self, task_id: int) -> int:
         return int(await self.column(task_id, "token"))
 
     async def handoff(self, task_id: int) -> bool:
         return bool(await self.column(task_id, "handoff"))
 
+    async def tokens(self) -> dict[int, int]:
+        return {k: int(v) for k, v in (await self.columns("token")).items()}
+
+    async def handoffs(self) -> dict[int, bool]:
+        return {k: bool(v) for k, v in (await self.columns("handoff")).items()}
+
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+@dataclass
+class Problems:
+    """Disagreements with the state table, collected over the cells of one test and reported
+    together (one line per cell)."""
+
+    found: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, cell: str, what: str) -> None:
+        if not ok:
+            self.found.append(f"{cell}: {what}")
+
+    def assert_none(self) -> None:
+        assert not self.found, "the driver disagrees with the state table:\n" + "\n".join(
+            self.found
+        )
+
+
+def view(task: Task | None) -> dict[str, Any] | None:
+    """What a transition decides of a row (None: the row is gone)."""
+    if task is None:
+        return None
+    return {
+        "state": task.state,
+        "requested": task.requested,
+        "node": task.node,
+        "attempts": task.attempts,
+        "group": task.group,
+        "context": task.context,
+    }
+
+
+def expected_view(
+    before: Task,
+    outcome: Outcome,
+    *,
+    owner: int | None,
+    refund: bool = False,
+    group: str | None = None,
+    context: str | None = None,
+) -> dict[str, Any] | None:
+    """``view`` of the row after ``outcome`` (``_states.Outcome``): ``owner`` keeps it if the
+    outcome is owned; ``refund`` gives back the attempt of an execution stopped on request."""
+    if outcome.state is None:
+        return None
+    attempts = 0 if outcome.reset_attempts else before.attempts - (1 if refund else 0)
+    return {
+        "state": outcome.state,
+        "requested": outcome.requested,
+        "node": owner if outcome.owned else None,
+        "attempts": attempts,
+        "group": group if group is not None else before.group,
+        "context": context if context is not None else before.context,
+    }
+
+
+def run_at_problem(
+    before: Task, after: Task | None, outcome: Outcome, *, delay: float = 0.0
+) -> str | None:
+    """What is wrong with ``after.run_at``, or None: a retry is due ``delay`` seconds after the
+    write; a task that has just become DELETING is due at once (its cleanup may run now); any
+    other keeps its ``run_at``."""
+    if after is None:
+        return None
+    if outcome.retry:
+        wanted = after.updated_at + timedelta(seconds=delay)
+        if abs(after.run_at - wanted) > timedelta(seconds=1):
+            return f"a retry should be due {delay} s after the write, run_at {after.run_at}"
+        return None
+    if after.state is State.DELETING and before.state is not State.DELETING:
+        if after.run_at > after.updated_at:
+            return f"a new DELETING task should be due at once, run_at {after.run_at}"
+        return None
+    if after.run_at != before.run_at:
+        return f"run_at should be kept: {before.run_at} -> {after.run_at}"
+    return None
