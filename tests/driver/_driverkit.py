@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +23,7 @@ from aioasync_tasks import Fifo, Operation, State, StopRequest, Task, TaskNotFou
 from aioasync_tasks._backends import backend_for
 from aioasync_tasks._backends._driver import Completion, Driver, NewTask, TaskFilter
 from aioasync_tasks._schema import TASKS
-from aioasync_tasks._states import Event, Outcome
+from aioasync_tasks._states import Event, Outcome, apply_event
 
 FAR = 3600.0
 """Node timings that never run out during a test (nothing here runs on its own anyway)."""
@@ -428,3 +428,48 @@ def run_at_problem(
     if after.run_at != before.run_at:
         return f"run_at should be kept: {before.run_at} -> {after.run_at}"
     return None
+
+
+def owned_cells(*, excluding: Iterable[tuple[Start, bool]] = (), **fields: Any) -> list[Want]:
+    """Every owned situation, with each ``has_cleanup`` it can have, but those ``excluding``."""
+    left_out = set(excluding)
+    return [
+        Want(start, has_cleanup=has_cleanup, **fields)
+        for start in OWNED_STARTS
+        for has_cleanup in cleanup_variants(start)
+        if (start, has_cleanup) not in left_out
+    ]
+
+
+def given_back_problems(
+    what: str,
+    made: Sequence[Made],
+    before: Mapping[int, Task],
+    after: Mapping[int, Task],
+    handoffs: Mapping[int, bool],
+) -> Problems:
+    """Check tasks given back unrun or stopped by their node (``release_claims``, or
+    ``deregister`` at a graceful stop): as a stopped execution (STOPPED; a cleanup: NODE_LOST,
+    which puts it back for any node) with an attempt left whatever the count, the attempt
+    refunded; a task back in PENDING is a hand-off."""
+    problems = Problems()
+    for m in made:
+        cell = f"{what} of {describe(m.want)}"
+        event = Event.NODE_LOST if m.start.state is State.DELETING else Event.STOPPED
+        expected = apply_event(
+            m.start.state,
+            m.start.requested,
+            event,
+            has_cleanup=m.want.has_cleanup,
+            can_retry=True,
+        )
+        assert expected is not None
+        old, new = before[m.id], after.get(m.id)
+        wanted = expected_view(old, expected, owner=None, refund=True)
+        problems.check(view(new) == wanted, cell, f"row {view(new)}, not {wanted}")
+        wrong_run_at = run_at_problem(old, new, expected)
+        problems.check(wrong_run_at is None, cell, str(wrong_run_at))
+        if new is not None:
+            handoff = new.state is State.PENDING
+            problems.check(handoffs[m.id] == handoff, cell, f"handoff {handoffs[m.id]}")
+    return problems

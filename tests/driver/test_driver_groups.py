@@ -23,6 +23,10 @@ async def test_set_group_creates_a_group_and_changes_only_the_fields_given(
     assert changed == Group("g", True, None, 2)
     assert await driver.get_groups() == [changed]
 
+    # pause_group creates the group's row too.
+    assert await driver.pause_group("new", stop_running=True) == []
+    assert await driver.get_groups() == [changed, Group("new", True, None, None)]
+
 
 async def test_get_groups_lists_groups_with_tasks_or_settings_by_name(driver: Driver) -> None:
     await insert(driver, group="b")
@@ -90,11 +94,6 @@ async def test_pause_group_with_stop_running_pauses_its_running_tasks(driver: Dr
     owned = await driver.heartbeat(other)
     assert owned is not None
     assert [(o.state, o.requested) for o in owned] == [(State.CANCELING, StopRequest.PAUSE)]
-
-
-async def test_pause_group_of_a_group_without_a_row_creates_it_paused(driver: Driver) -> None:
-    assert await driver.pause_group("new", stop_running=True) == []
-    assert await driver.get_groups() == [Group("new", True, None, None)]
 
 
 async def test_listen_delivers_wake_ups_and_stop_requests(driver: Driver) -> None:

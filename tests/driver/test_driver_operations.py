@@ -92,11 +92,9 @@ async def test_operate_follows_the_state_table(
     problems.assert_none()
 
 
-@pytest.mark.parametrize("operation", list(Operation), ids=lambda o: o.name.lower())
-async def test_operate_on_a_missing_task_raises_task_not_found(
-    driver: Driver, operation: Operation
-) -> None:
+async def test_operate_on_a_missing_task_raises_task_not_found(driver: Driver) -> None:
     made = await make(driver, await register(driver), Start.PENDING)
-    with pytest.raises(TaskNotFound) as caught:
-        await driver.operate(made.id + 1000, operation)
-    assert caught.value.task_id == made.id + 1000
+    for operation in Operation:
+        with pytest.raises(TaskNotFound) as caught:
+            await driver.operate(made.id + 1000, operation)
+        assert caught.value.task_id == made.id + 1000

@@ -8,27 +8,18 @@ from _db import DbTarget
 from _driverkit import open_driver
 
 from aioasync_tasks import SchemaError
-from aioasync_tasks._backends._driver import Driver
 from aioasync_tasks._schema import SCHEMA_VERSION
 
 
-async def test_an_empty_database_has_no_schema_version(db: DbTarget) -> None:
+async def test_migrate_applies_every_version_once(db: DbTarget) -> None:
     async with open_driver(db, migrate=False) as driver:
         assert await driver.schema_version() is None
         with pytest.raises(SchemaError, match="missing"):
             await driver.check_schema()
 
-
-async def test_migrate_applies_every_version_once(db: DbTarget) -> None:
-    async with open_driver(db, migrate=False) as driver:
-        applied = await driver.migrate()
-        assert applied == list(range(1, SCHEMA_VERSION + 1))
+        assert await driver.migrate() == list(range(1, SCHEMA_VERSION + 1))
         assert await driver.schema_version() == SCHEMA_VERSION
         await driver.check_schema()
+
         assert await driver.migrate() == []
         assert await driver.schema_version() == SCHEMA_VERSION
-
-
-async def test_the_driver_fixture_is_migrated(driver: Driver) -> None:
-    assert await driver.schema_version() == SCHEMA_VERSION
-    await driver.check_schema()
