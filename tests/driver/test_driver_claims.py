@@ -1,6 +1,9 @@
 """Driver conformance: claims (``claim``, ``claim_cleanups``), the CLAIM and CLEANUP_CLAIM
 events of the state table: which tasks a claim may take, in which order, within which limits,
-and what it writes (owner, attempt, a new claim token)."""
+and what it writes (owner, attempt, a new claim token).
+
+The suite, and how a new driver uses it: ``conftest.py``.
+"""
 
 from __future__ import annotations
 

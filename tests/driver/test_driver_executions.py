@@ -1,7 +1,10 @@
 """Driver conformance: the writes of an execution (``checkpoint``, ``complete``,
 ``release_claims``), each accepted only from the owner with the current claim token
 (docs/explanation.md, "Claim tokens"); ``complete`` is checked per event over every cell of the
-state table against ``apply_event``."""
+state table against ``apply_event``.
+
+The suite, and how a new driver uses it: ``conftest.py``.
+"""
 
 from __future__ import annotations
 

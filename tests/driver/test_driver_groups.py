@@ -1,5 +1,8 @@
 """Driver conformance: groups (``set_group``, ``get_groups``, ``pause_group``) and
-notifications (``listen``, where the driver ``supports_notify``)."""
+notifications (``listen``, where the driver ``supports_notify``).
+
+The suite, and how a new driver uses it: ``conftest.py``.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """Driver conformance: nodes (``register_node``, ``get_nodes``, ``heartbeat``, ``owned``,
 ``deregister``, ``rescue``): liveness by each node's own ``node_timeout`` on the database's
 clock, and the tasks of a node that leaves (STOPPED: a graceful stop) or is lost (NODE_LOST)
-released as the state table says."""
+released as the state table says.
+
+The suite, and how a new driver uses it: ``conftest.py``.
+"""
 
 from __future__ import annotations
 

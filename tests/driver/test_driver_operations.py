@@ -1,7 +1,10 @@
 """Driver conformance: user operations (``operate``), one test per operation, each over every
 cell of the state table (``_states`` module docstring): a task is brought into every starting
 situation through driver operations, the operation is applied, and the driver's answer and row
-are compared with what ``apply_operation`` says, including ``InvalidTransition``."""
+are compared with what ``apply_operation`` says, including ``InvalidTransition``.
+
+The suite, and how a new driver uses it: ``conftest.py``.
+"""
 
 from __future__ import annotations
 

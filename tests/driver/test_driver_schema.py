@@ -1,5 +1,8 @@
 """Driver conformance: the schema operations (``schema_version``, ``migrate``,
-``check_schema``)."""
+``check_schema``).
+
+The suite, and how a new driver uses it: ``conftest.py``.
+"""
 
 from __future__ import annotations
 

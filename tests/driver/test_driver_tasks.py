@@ -1,5 +1,8 @@
 """Driver conformance: creating and reading tasks (``insert_many``, ``get_task``,
-``get_tasks``, ``count_tasks``)."""
+``get_tasks``, ``count_tasks``).
+
+The suite, and how a new driver uses it: ``conftest.py``.
+"""
 
 from __future__ import annotations
 
