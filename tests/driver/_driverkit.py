@@ -40,17 +40,22 @@ def unique_type() -> str:
 
 
 @asynccontextmanager
-async def open_driver(db: DbTarget, *, migrate: bool = True) -> AsyncIterator[Driver]:
-    """The driver ``backend_for`` gives for the test database, migrated unless told not to;
-    its engine is disposed of afterwards."""
+async def open_engine(db: DbTarget) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test database (no search path: the driver must name its schema
+    itself), disposed of afterwards."""
     engine = create_async_engine(db.url)
     try:
-        driver: Driver = backend_for(engine, db.schema)
-        if migrate:
-            await driver.migrate()
-        yield driver
+        yield engine
     finally:
         await engine.dispose()
+
+
+async def new_driver(engine: AsyncEngine, db: DbTarget, *, migrate: bool = True) -> Driver:
+    """The driver ``backend_for`` gives for the engine, migrated unless told not to."""
+    driver: Driver = backend_for(engine, db.schema)
+    if migrate:
+        await driver.migrate()
+    return driver
 
 
 def new_task(
@@ -317,16 +322,28 @@ async def complete_one(
 
 
 class Peek:
-    """Reads columns the driver does not return, behind its back (a raw SELECT)."""
+    """Reads columns the driver does not return, behind its back (a raw SELECT), on the
+    driver's own engine."""
 
-    def __init__(self, db: DbTarget) -> None:
-        self.engine: AsyncEngine = create_async_engine(db.url, connect_args=db.connect_args())
+    def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
+        self.engine = engine
+        self.schema = schema
+
+    def table(self, name: str) -> str:
+        """``name``, in the test's schema where there is one."""
+        if self.schema is None:
+            return name
+        return f'"{self.schema}".{name}'
+
+    async def execute(self, statement: str, params: Mapping[str, Any] | None = None) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(text(statement), dict(params or {}))
 
     async def column(self, task_id: int, column: str) -> Any:
         assert column.isidentifier()
         async with self.engine.connect() as conn:
             result = await conn.execute(
-                text(f"SELECT {column} FROM {TASKS} WHERE id = :id"), {"id": task_id}
+                text(f"SELECT {column} FROM {self.table(TASKS)} WHERE id = :id"), {"id": task_id}
             )
             return result.scalar_one()
 
@@ -334,7 +351,7 @@ class Peek:
         """``column`` of every task, by id."""
         assert column.isidentifier()
         async with self.engine.connect() as conn:
-            result = await conn.execute(text(f"SELECT id, {column} FROM {TASKS}"))
+            result = await conn.execute(text(f"SELECT id, {column} FROM {self.table(TASKS)}"))
             return {row[0]: row[1] for row in result}
 
     async def token(self, task_id: int) -> int:
@@ -348,9 +365,6 @@ class Peek:
 
     async def handoffs(self) -> dict[int, bool]:
         return {k: bool(v) for k, v in (await self.columns("handoff")).items()}
-
-    async def close(self) -> None:
-        await self.engine.dispose()
 
 
 @dataclass

@@ -51,11 +51,13 @@ Type-check with ``MYPYPATH=tests .venv/bin/mypy --config-file pyproject.toml
 Fixtures
 --------
 ``driver``
-    The ``Driver`` that ``backend_for`` gives for the test database, migrated, its engine
-    disposed of afterwards; one per backend, since it is built from the ``db`` fixture
-    (``tests/conftest.py``), which every test that uses it gets once per backend.
+    The ``Driver`` that ``backend_for`` gives for the test database, migrated; one per backend,
+    since it is built from the ``db`` fixture (``tests/conftest.py``), which every test that
+    uses it gets once per backend.
+``engine``
+    The driver's engine (``create_async_engine(db.url)``), disposed of after the test.
 ``peek``
-    A ``_driverkit.Peek`` on the same database, for the columns the driver does not return.
+    A ``_driverkit.Peek`` on the same engine, for the columns the driver does not return.
 """
 
 from __future__ import annotations
@@ -64,21 +66,23 @@ from collections.abc import AsyncIterator
 
 import pytest
 from _db import DbTarget
-from _driverkit import Peek, open_driver
+from _driverkit import Peek, new_driver, open_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks._backends._driver import Driver
 
 
 @pytest.fixture
-async def driver(db: DbTarget) -> AsyncIterator[Driver]:
-    async with open_driver(db) as result:
+async def engine(db: DbTarget) -> AsyncIterator[AsyncEngine]:
+    async with open_engine(db) as result:
         yield result
 
 
 @pytest.fixture
-async def peek(db: DbTarget) -> AsyncIterator[Peek]:
-    result = Peek(db)
-    try:
-        yield result
-    finally:
-        await result.close()
+async def driver(db: DbTarget, engine: AsyncEngine) -> Driver:
+    return await new_driver(engine, db)
+
+
+@pytest.fixture
+def peek(db: DbTarget, engine: AsyncEngine) -> Peek:
+    return Peek(engine, db.schema)

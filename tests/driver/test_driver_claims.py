@@ -146,19 +146,17 @@ async def test_claim_respects_max_running_per_user(driver: Driver) -> None:
     assert (await driver.claim(node, ["a"], 10, FIFO)).claimed == []
 
 
-async def test_claim_with_groups_takes_only_those_groups(driver: Driver) -> None:
+async def test_claim_takes_only_the_groups_asked_for_and_skips_busy_tasks(
+    driver: Driver,
+) -> None:
     node = await register(driver)
-    ids = await driver.insert_many([new_task("a", group=g) for g in ("g1", "g2", "g3")])
-    result = await driver.claim(node, ["a"], 10, FIFO, groups=["g1", "g3"])
-    assert sorted(_ids(result.claimed)) == [ids[0], ids[2]]
-
-
-async def test_claim_skips_the_tasks_the_node_is_busy_with(driver: Driver) -> None:
-    node = await register(driver)
-    first, second = await driver.insert_many([new_task("a"), new_task("a")])
-    assert _ids((await driver.claim(node, ["a"], 10, FIFO, busy=[first])).claimed) == [second]
-    assert (await driver.claim(node, ["a"], 10, FIFO, busy=[first])).claimed == []
-    assert (await driver.get_task(first)).state is State.PENDING
+    ids = await driver.insert_many([new_task("a", group=g) for g in ("g1", "g2", "g3", "g3")])
+    # groups=: only those; busy: the node still runs an execution of that task.
+    result = await driver.claim(node, ["a"], 10, FIFO, groups=["g1", "g3"], busy=[ids[2]])
+    assert sorted(_ids(result.claimed)) == [ids[0], ids[3]]
+    assert (await driver.claim(node, ["a"], 10, FIFO, busy=[ids[2]])).claimed[0].id == ids[1]
+    assert (await driver.claim(node, ["a"], 10, FIFO, busy=[ids[2]])).claimed == []
+    assert (await driver.get_task(ids[2])).state is State.PENDING
 
 
 async def test_claim_takes_hand_offs_first_then_priority_then_age(driver: Driver) -> None:

@@ -29,7 +29,6 @@ from _driverkit import (
     snapshot,
     view,
 )
-from sqlalchemy import text
 
 from aioasync_tasks import Operation, State, StopRequest
 from aioasync_tasks._backends._driver import Driver, Owned
@@ -217,8 +216,7 @@ async def test_rescue_releases_tasks_whose_node_row_is_gone(driver: Driver, peek
     made = await make(driver, gone, Start.RUNNING, max_attempts=2)
     # No driver operation removes a node row and leaves its tasks owned: remove it behind
     # the driver's back.
-    async with peek.engine.begin() as conn:
-        await conn.execute(text(f"DELETE FROM {NODES} WHERE id = :id"), {"id": gone})
+    await peek.execute(f"DELETE FROM {peek.table(NODES)} WHERE id = :id", {"id": gone})
     assert await driver.rescue(rescuer, cleanup_attempts=CLEANUP_ATTEMPTS) == 1
     task = await driver.get_task(made.id)
     assert (task.state, task.node, task.attempts) == (State.PENDING, None, 1)

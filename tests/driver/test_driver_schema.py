@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import pytest
 from _db import DbTarget
-from _driverkit import open_driver
+from _driverkit import new_driver, open_engine
 
 from aioasync_tasks import SchemaError
 from aioasync_tasks._schema import SCHEMA_VERSION
 
 
 async def test_migrate_applies_every_version_once(db: DbTarget) -> None:
-    async with open_driver(db, migrate=False) as driver:
+    async with open_engine(db) as engine:
+        driver = await new_driver(engine, db, migrate=False)
         assert await driver.schema_version() is None
         with pytest.raises(SchemaError, match="missing"):
             await driver.check_schema()
