@@ -1,8 +1,9 @@
 """Helpers of the driver conformance suite: new tasks, nodes, and tasks brought into each
 starting situation of the state table through the driver's own operations.
 
-Everything here goes through the ``Driver`` protocol, except ``Peek``, which reads the one or
-two columns the protocol does not return (``token``, ``handoff``) with a raw SELECT.
+Everything here goes through the ``Driver`` protocol, except ``Peek``, which reads the two
+columns the protocol does not return (``token``, ``handoff``) with a raw SELECT, and runs the
+one raw write of the suite (a node row removed while the node still owns tasks).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from _db import DbTarget
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from aioasync_tasks import Fifo, Operation, State, StopRequest, Task, TaskNotFound
+from aioasync_tasks import Fifo, Operation, State, StopRequest, Task
 from aioasync_tasks._backends import backend_for
 from aioasync_tasks._backends._driver import Completion, Driver, NewTask, TaskFilter
 from aioasync_tasks._schema import TASKS
@@ -104,14 +105,6 @@ async def register(
         heartbeat_interval=heartbeat_interval,
         node_timeout=node_timeout,
     )
-
-
-async def find(driver: Driver, task_id: int) -> Task | None:
-    """The task, or None when its row is gone."""
-    try:
-        return await driver.get_task(task_id)
-    except TaskNotFound:
-        return None
 
 
 class Start(enum.Enum):
@@ -339,26 +332,12 @@ class Peek:
         async with self.engine.begin() as conn:
             await conn.execute(text(statement), dict(params or {}))
 
-    async def column(self, task_id: int, column: str) -> Any:
-        assert column.isidentifier()
-        async with self.engine.connect() as conn:
-            result = await conn.execute(
-                text(f"SELECT {column} FROM {self.table(TASKS)} WHERE id = :id"), {"id": task_id}
-            )
-            return result.scalar_one()
-
     async def columns(self, column: str) -> dict[int, Any]:
         """``column`` of every task, by id."""
         assert column.isidentifier()
         async with self.engine.connect() as conn:
             result = await conn.execute(text(f"SELECT id, {column} FROM {self.table(TASKS)}"))
             return {row[0]: row[1] for row in result}
-
-    async def token(self, task_id: int) -> int:
-        return int(await self.column(task_id, "token"))
-
-    async def handoff(self, task_id: int) -> bool:
-        return bool(await self.column(task_id, "handoff"))
 
     async def tokens(self) -> dict[int, int]:
         return {k: int(v) for k, v in (await self.columns("token")).items()}
