@@ -208,10 +208,6 @@ async def test_checkpoint_with_a_stale_token_or_from_another_node_is_rejected(
     assert (await driver.get_task(made.id)).context == "second"
 
 
-RELEASE_BUG = (Start.CANCELING_DELETE, True)
-"""The cell where ``release_claims`` disagrees (see its xfail test below)."""
-
-
 async def _release_all(driver: Driver, peek: Peek, wants: list[Want]) -> Problems:
     node = await register(driver)
     other = await register(driver, "other")
@@ -232,17 +228,4 @@ async def _release_all(driver: Driver, peek: Peek, wants: list[Want]) -> Problem
 async def test_release_claims_hands_back_with_the_attempt_refunded(
     driver: Driver, peek: Peek
 ) -> None:
-    (await _release_all(driver, peek, owned_cells(excluding=[RELEASE_BUG]))).assert_none()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="release_claims of a CANCELING(delete) task with a cleanup handler leaves attempts"
-    " at -1: Backend._write subtracts the refund after the reset to 0 (release_claims sets"
-    " refund=True for every outcome, complete() only for PENDING/PAUSED)",
-)
-async def test_release_claims_of_a_canceling_delete_task_with_cleanup(
-    driver: Driver, peek: Peek
-) -> None:
-    start, has_cleanup = RELEASE_BUG
-    (await _release_all(driver, peek, [Want(start, has_cleanup=has_cleanup)])).assert_none()
+    (await _release_all(driver, peek, owned_cells())).assert_none()

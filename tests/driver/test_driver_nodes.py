@@ -100,10 +100,6 @@ async def test_heartbeat_renews_the_node_and_returns_what_it_owns(driver: Driver
     assert (deleted.state, deleted.requested) == (State.CANCELING, StopRequest.DELETE)
 
 
-DEREGISTER_BUGS = [(Start.CANCELING_PAUSE, False), (Start.CANCELING_PAUSE, True)]
-"""The cells where ``deregister`` disagrees (see its xfail test below)."""
-
-
 async def _deregister(driver: Driver, peek: Peek, wants: list[Want]) -> Problems:
     node = await register(driver)
     stays = await register(driver, "stays")
@@ -120,21 +116,7 @@ async def test_deregister_hands_back_owned_tasks_with_the_attempt_refunded(
     driver: Driver, peek: Peek
 ) -> None:
     # One attempt only: a lost node's task would fail, a stopped one does not use it up.
-    wants = owned_cells(excluding=DEREGISTER_BUGS, max_attempts=1)
-    (await _deregister(driver, peek, wants)).assert_none()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="deregister of a node owning a CANCELING(pause) task makes it PAUSED without"
-    " refunding its attempt (Backend._release_tasks refunds only hand-offs and cleanups),"
-    " where complete(STOPPED) and release_claims refund it and docs/explanation.md says an"
-    " execution stopped by a pause or a graceful shutdown gives its attempt back",
-)
-async def test_deregister_refunds_the_attempt_of_a_canceling_pause_task(
-    driver: Driver, peek: Peek
-) -> None:
-    wants = [Want(start, has_cleanup=cleanup) for start, cleanup in DEREGISTER_BUGS]
+    wants = owned_cells(max_attempts=1)
     (await _deregister(driver, peek, wants)).assert_none()
 
 

@@ -37,19 +37,7 @@ async def test_insert_many_returns_the_ids_in_input_order(driver: Driver) -> Non
         )
 
 
-async def test_insert_many_of_nothing_inserts_nothing(
-    driver: Driver, db: DbTarget, request: pytest.FixtureRequest
-) -> None:
-    if db.is_postgres:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="PostgresBackend.insert_many([]) raises ValueError ('range() arg 3 must "
-                "not be zero': _insert_in_chunks uses len(params) == 0 as the chunk size) "
-                "where SqliteBackend returns []",
-            )
-        )
+async def test_insert_many_of_nothing_inserts_nothing(driver: Driver) -> None:
     assert await driver.insert_many([]) == []
     assert await driver.count_tasks(TaskFilter()) == 0
 
