@@ -15,7 +15,6 @@ Each test's docstring says why it fails on the engine before claim tokens and su
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import itertools
 import json
@@ -692,6 +691,45 @@ async def test_a_cancelled_start_leaves_nothing_running(
 # -- 5. stop(timeout) with a task that swallows CancelledError ------------------------------
 
 
+@dataclass
+class Swallower:
+    """The ``swallower`` task type: it checkpoints ``c1``, then ignores its stop event and
+    swallows every ``CancelledError`` (noting when) until the test lets it go."""
+
+    registry: TaskRegistry = field(default_factory=TaskRegistry)
+    checkpointed: asyncio.Event = field(default_factory=asyncio.Event)
+    executions: list[asyncio.Task[Any]] = field(default_factory=list)
+    swallowed: list[float] = field(default_factory=list)
+    released: bool = False
+
+    def __post_init__(self) -> None:
+        self.registry.register_task("swallower", self.run, stop_timeout=0.2)
+
+    async def run(self, context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        this = asyncio.current_task()
+        assert this is not None
+        self.executions.append(this)
+        yield Report(context="c1")
+        self.checkpointed.set()
+        while not self.released:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if self.released:  # the test is over: end for real
+                    raise
+                self.swallowed.append(time.monotonic())
+        yield Report.finished()
+
+    async def let_go(self) -> None:
+        """End every execution for real."""
+        self.released = True
+        for execution in self.executions:
+            execution.cancel()
+        if self.executions:
+            done, _ = await asyncio.wait(self.executions, timeout=BOUND)
+            assert len(done) == len(self.executions)
+
+
 async def test_stop_returns_with_a_task_that_swallows_cancellation(
     db: DbTarget, raw: AsyncEngine
 ) -> None:
@@ -701,47 +739,21 @@ async def test_stop_returns_with_a_task_that_swallows_cancellation(
 
     Fails on 2086912: after the timeout ``stop()`` cancelled the node and waited for the task
     to end — which it never does — so ``stop()`` never returned."""
-    registry = TaskRegistry()
-    checkpointed = asyncio.Event()
-    executions: list[asyncio.Task[Any]] = []
-    swallowed: list[float] = []
-    let_go = False
-
-    @registry.task("swallower", stop_timeout=0.2)
-    async def swallower(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
-        this = asyncio.current_task()
-        assert this is not None
-        executions.append(this)
-        yield Report(context="c1")
-        checkpointed.set()
-        while not let_go:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                if let_go:  # the test is over: end for real
-                    raise
-                swallowed.append(time.monotonic())
-        yield Report.finished()
-
-    node = make_node(db, registry)
+    swallower = Swallower()
+    node = make_node(db, swallower.registry)
     await node.start()
     try:
         task_id = await node.create_task("swallower")
-        await asyncio.wait_for(checkpointed.wait(), BOUND)
+        await asyncio.wait_for(swallower.checkpointed.wait(), BOUND)
         pool = node.engine.pool
         async with asyncio.timeout(0.5 + 5.0):  # the documented bound of stop(timeout=0.5)
             await node.stop(timeout=0.5)
-        assert swallowed, "the task was never cancelled"
+        assert swallower.swallowed, "the task was never cancelled"
         assert node.engine.pool is not pool, "the connection pool was not disposed"
         assert pool.checkedin() == 0
         assert not node.running
     finally:
-        let_go = True
-        for execution in executions:
-            execution.cancel()
-        if executions:
-            done, _ = await asyncio.wait(executions, timeout=BOUND)
-            assert len(done) == len(executions)
+        await swallower.let_go()
         await node.stop()
 
     assert await node_rows(raw) == 0
@@ -844,37 +856,18 @@ async def test_a_pause_cut_short_by_stop_timeout_keeps_the_attempt(
     given back, as a pause that ended normally would — pausing never uses up a retry.
 
     Failed before: the release counted it as node lost (PAUSED, attempts still 1)."""
-    registry = TaskRegistry()
-    checkpointed = asyncio.Event()
-    executions: list[asyncio.Task[Any]] = []
-    let_go = False
-
-    @registry.task("swallower", stop_timeout=0.2)
-    async def swallower(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
-        this = asyncio.current_task()
-        assert this is not None
-        executions.append(this)
-        yield Report(context="c1")
-        checkpointed.set()
-        while not let_go:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.05)
-        yield Report.finished()
-
-    node = make_node(db, registry)
+    swallower = Swallower()
+    node = make_node(db, swallower.registry)
     await node.start()
     try:
         task_id = await node.create_task("swallower")
-        await asyncio.wait_for(checkpointed.wait(), BOUND)
+        await asyncio.wait_for(swallower.checkpointed.wait(), BOUND)
         await node.pause_task(task_id)
         assert (await node.get_task(task_id)).state is State.CANCELING
         async with asyncio.timeout(0.5 + 5.0):
             await node.stop(timeout=0.5)
     finally:
-        let_go = True
-        for execution in executions:
-            execution.cancel()
-        await asyncio.wait(executions, timeout=BOUND)
+        await swallower.let_go()
         await node.stop()
     async with raw.connect() as conn:
         row = (
