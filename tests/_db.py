@@ -147,7 +147,8 @@ def find_pg_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port nobody listens on (bound, then closed again)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCAL_HOST, 0))
         port: int = sock.getsockname()[1]
@@ -219,7 +220,7 @@ class ThrowawayCluster:
 
     def _start_server(self, attempts: int = 3) -> None:
         for attempt in range(1, attempts + 1):  # the free port can be taken before we bind it
-            self.port = _free_port()
+            self.port = free_port()
             with (self.datadir / "postgresql.conf").open("a") as conf:
                 conf.write(
                     f"listen_addresses = '{LOCAL_HOST}'\n"
