@@ -26,13 +26,23 @@ import time
 import uuid
 import warnings
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import FAST, make_node, raw_engine, wait_for
+from _helpers import (
+    BOUND,
+    FAST,
+    all_in,
+    counter_context,
+    make_node,
+    node_rows,
+    scalar,
+    task_states,
+    wait_for,
+)
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -45,10 +55,6 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
-
-BOUND = 30.0
-"""Generous bound on waiting for a condition (never a timing assertion)."""
-
 
 # -- the witness ----------------------------------------------------------------------------
 
@@ -99,10 +105,6 @@ class Witness:
         assert self.steps[task_id] == list(range(stored)), (task_id, stored, self.steps[task_id])
 
 
-def counter_context(n: int, delay: float = 0.01) -> str:
-    return json.dumps({"i": 0, "n": n, "delay": delay})
-
-
 def stored_step(context: str) -> int:
     value: int = json.loads(context)["i"]
     return value
@@ -133,35 +135,6 @@ def add_counter(
             run.end = time.monotonic()
 
     registry.register_task(name, counter, **options)
-
-
-async def task_states(node: Node, ids: list[int]) -> dict[int, State]:
-    return {t: (await node.get_task(t)).state for t in ids}
-
-
-def all_in(node: Node, ids: list[int], *states: State) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return all(s in states for s in (await task_states(node, ids)).values())
-
-    return check
-
-
-@pytest.fixture
-async def raw(db: DbTarget) -> AsyncIterator[AsyncEngine]:
-    engine = raw_engine(db)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
-    async with engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).scalar()
-
-
-async def node_rows(engine: AsyncEngine) -> int:
-    return int(await scalar(engine, "SELECT count(*) FROM aioasync_nodes"))
 
 
 # -- 1. one bad value does not stall the node -----------------------------------------------

@@ -26,7 +26,7 @@ from types import TracebackType
 
 import pytest
 from _db import DbTarget
-from _helpers import make_node, wait_for
+from _helpers import LONG_BOUND, make_node, wait_event, wait_for
 
 from aioasync_tasks import (
     InvalidTransition,
@@ -41,8 +41,6 @@ from aioasync_tasks import (
     current_task,
 )
 
-BOUND = 60.0
-"""Seconds any wait may take before the test fails: a generous bound, never a timing claim."""
 STOP_TIMEOUT = 90.0
 """Grace period of the test task types: longer than any test, so no task is ever cancelled
 for ignoring ``stop`` (the tests decide when a task ends)."""
@@ -64,13 +62,6 @@ class Gate:
         self.finished = 0
         if release:
             self.release.set()
-
-
-async def wait_event(event: asyncio.Event, what: str) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), BOUND)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {BOUND}s waiting for {what}") from None
 
 
 class Harness:
@@ -201,7 +192,7 @@ class Harness:
         async def reached() -> bool:
             return await self.state(task_id) == expected
 
-        await wait_for(reached, timeout=BOUND, what=f"task {task_id} to be {expected}")
+        await wait_for(reached, timeout=LONG_BOUND, what=f"task {task_id} to be {expected}")
 
     # -- reaching a starting state ----------------------------------------------------------
 
@@ -226,14 +217,14 @@ class Harness:
         if start in ("running", "canceling_pause", "canceling_delete"):
             task_id = await client.create_task("hold" + suffix, "created")
             gate = self.run_gate(task_id)
-            await wait_event(gate.started, f"task {task_id} to start")
+            await wait_event(gate.started, f"task {task_id} to start", LONG_BOUND)
             if start != "running":
                 if start == "canceling_pause":
                     await client.pause_task(task_id)
                 else:
                     await client.delete_task(task_id)
                 assert gate.stop is not None
-                await wait_event(gate.stop, f"the stop request of task {task_id}")
+                await wait_event(gate.stop, f"the stop request of task {task_id}", LONG_BOUND)
             return task_id
         if start in ("finished", "failed"):
             task_id = await client.create_task(start.removesuffix("ed") + suffix, "created")
@@ -246,7 +237,9 @@ class Harness:
         task_id = await client.create_task("finish_c", "created")
         await self.wait_state(task_id, State.FINISHED)
         await client.delete_task(task_id)
-        await wait_event(self.cleanup_gate(task_id).started, f"the cleanup of task {task_id}")
+        await wait_event(
+            self.cleanup_gate(task_id).started, f"the cleanup of task {task_id}", LONG_BOUND
+        )
         return task_id
 
 
@@ -407,7 +400,7 @@ async def test_operation_cell(db: DbTarget, start: str, op: Operation, cleanup: 
             if expected in (CANCELING_PAUSE, CANCELING_DELETE) and start == "running":
                 gate = h.run_gate(task_id)
                 assert gate.stop is not None
-                await wait_event(gate.stop, "the stop request to reach the task")
+                await wait_event(gate.stop, "the stop request to reach the task", LONG_BOUND)
 
         if start not in ACTIVE_STARTS:
             return
@@ -442,7 +435,9 @@ async def test_force_delete_removes_at_once_without_cleanup(db: DbTarget, start:
             gate = h.cleanup_gate(task_id) if start == "deleting_owned" else h.run_gate(task_id)
             assert gate.stop is not None
             # Never released: the execution ends only because its row is gone.
-            await wait_event(gate.ended, "the execution of the force-deleted task to end")
+            await wait_event(
+                gate.ended, "the execution of the force-deleted task to end", LONG_BOUND
+            )
             assert gate.stop.is_set()
             assert not gate.release.is_set()
         if start != "deleting_owned":
@@ -458,21 +453,21 @@ async def test_operating_through_the_owner_stops_its_task(db: DbTarget, op: str)
         worker = await h.start_worker()
         task_id = await worker.create_task("hold_c", "created")
         gate = h.run_gate(task_id)
-        await wait_event(gate.started, "the task to start")
+        await wait_event(gate.started, "the task to start", LONG_BOUND)
         assert gate.stop is not None
         if op == "pause":
             await worker.pause_task(task_id)
             assert await h.state(task_id) == (State.CANCELING, StopRequest.PAUSE)
-            await wait_event(gate.stop, "the stop request")
+            await wait_event(gate.stop, "the stop request", LONG_BOUND)
             gate.release.set()
             await h.wait_state(task_id, State.PAUSED)
         elif op == "delete":
             await worker.delete_task(task_id)
             assert await h.state(task_id) == (State.CANCELING, StopRequest.DELETE)
-            await wait_event(gate.stop, "the stop request")
+            await wait_event(gate.stop, "the stop request", LONG_BOUND)
             gate.release.set()
             cleanup = h.cleanup_gate(task_id)
-            await wait_event(cleanup.started, "the cleanup to start")
+            await wait_event(cleanup.started, "the cleanup to start", LONG_BOUND)
             assert cleanup.contexts == ["started"]  # the cleanup gets the last checkpoint
             assert await h.state(task_id) == (State.DELETING, None)
             assert (await h.client.get_task(task_id)).node == h.worker_id
@@ -482,7 +477,7 @@ async def test_operating_through_the_owner_stops_its_task(db: DbTarget, op: str)
         else:
             await worker.delete_task(task_id, force=True)
             assert await h.state(task_id) is None
-            await wait_event(gate.ended, "the task to be cancelled")
+            await wait_event(gate.ended, "the task to be cancelled", LONG_BOUND)
             assert not h.cleanup_gate(task_id).started.is_set()
 
 
@@ -494,7 +489,7 @@ async def test_paused_task_resumes_from_its_checkpoint(db: DbTarget) -> None:
         await h.client.pause_task(task_id)
         gate = h.run_gate(task_id)
         assert gate.stop is not None
-        await wait_event(gate.stop, "the stop request")
+        await wait_event(gate.stop, "the stop request", LONG_BOUND)
         gate.release.set()
         await h.wait_state(task_id, State.PAUSED)
         paused = await h.client.get_task(task_id)
@@ -504,7 +499,7 @@ async def test_paused_task_resumes_from_its_checkpoint(db: DbTarget) -> None:
         h.runs[task_id] = Gate()  # a fresh gate for the second run
         await h.client.run_task(task_id)
         second = h.run_gate(task_id)
-        await wait_event(second.started, "the task to run again")
+        await wait_event(second.started, "the task to run again", LONG_BOUND)
         assert second.contexts == ["started"]
         running = await h.client.get_task(task_id)
         assert (running.state, running.attempts, running.node) == (State.RUNNING, 1, h.worker_id)

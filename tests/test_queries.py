@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import LONG_BOUND, make_node, raw_engine, wait_for
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aioasync_tasks import (
@@ -34,9 +34,6 @@ from aioasync_tasks import (
     TaskNotFound,
     TaskRegistry,
 )
-
-BOUND = 60.0
-"""Seconds a wait may take before the test fails: a generous bound, never a timing claim."""
 
 
 def _registry() -> TaskRegistry:
@@ -311,7 +308,7 @@ async def test_task_created_in_a_committed_transaction_runs(db: DbTarget) -> Non
             async def finished() -> bool:
                 return (await worker.get_task(task_id)).state is State.FINISHED
 
-            await wait_for(finished, timeout=BOUND, what="the committed task to finish")
+            await wait_for(finished, timeout=LONG_BOUND, what="the committed task to finish")
         finally:
             await engine.dispose()
         assert (await worker.get_task(task_id)).context == "outbox+step"
@@ -357,7 +354,7 @@ async def test_task_snapshot_fields(db: DbTarget) -> None:
         async def finished() -> bool:
             return (await worker.get_task(task_id)).state is State.FINISHED
 
-        await wait_for(finished, timeout=BOUND, what="the task to finish")
+        await wait_for(finished, timeout=LONG_BOUND, what="the task to finish")
         done = await worker.get_task(task_id)
         assert done.context == "hello+step"
         assert (done.attempts, done.node, done.error, done.requested) == (1, None, None, None)
