@@ -1,4 +1,4 @@
-"""Test database targets and PostgreSQL discovery (SPEC §10).
+"""Test database targets and PostgreSQL discovery.
 
 Importable from tests as ``from _db import DbTarget`` (``tests`` is on ``pythonpath``).
 
@@ -272,7 +272,8 @@ class PgServer:
 
 
 def discover_postgres(host: str = LOCAL_HOST, port: int = LOCAL_PORT) -> PgServer:
-    """Find or start PostgreSQL as SPEC §10 says; raise PgUnavailableError to skip.
+    """Find or start PostgreSQL in the order the module docstring gives; raise
+    PgUnavailableError to skip.
 
     An explicit ``AIOASYNC_TASKS_TEST_DSN`` that cannot be reached raises RuntimeError instead:
     asking for PostgreSQL and silently skipping it would hide a broken setup.

@@ -1,4 +1,4 @@
-"""Shared fixtures: one database target per backend (SPEC §10).
+"""Shared fixtures: one database target per backend.
 
 Fixtures
 --------

@@ -1,4 +1,5 @@
-"""Conformance: bad input (SPEC §8), on both backends.
+"""Conformance: bad input (``docs/reference.md``, "Errors": ``ConfigurationError``), on both
+backends.
 
 Every public ``Node`` method is called with wrong types, empty strings, bools where ints are
 wanted, negative or out-of-range numbers, oversized contexts, unknown states and task types,

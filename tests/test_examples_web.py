@@ -1,5 +1,5 @@
 """The examples, run for real: the FastAPI and aiohttp apps on both backends (tasks actually
-run), and the quickstart and multi-node demos as subprocesses (SPEC §9).
+run), and the quickstart and multi-node demos as subprocesses.
 
 The two web apps serve the same endpoints with the same meaning, so every web test runs against
 both frameworks through one small ``Api`` adapter: FastAPI through ``httpx.ASGITransport`` with

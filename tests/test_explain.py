@@ -1,4 +1,4 @@
-"""The queries of the PostgreSQL backend use indexes on a big table (SPEC §7).
+"""The queries of the PostgreSQL backend use indexes on a big table.
 
 100,000 tasks are created through ``create_tasks`` and spread over users, groups, types and
 states; the statements the library really runs are captured from the node's engine (a

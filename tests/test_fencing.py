@@ -1,5 +1,6 @@
-"""Rescue of a dead node's tasks and fencing of a node declared dead (SPEC §4 "node lost", §6),
-in one process on every backend.
+"""Rescue of a dead node's tasks and fencing of a node declared dead (``docs/explanation.md``,
+"A node crashes (kill -9)" and "A node is cut off (network partition)"), in one process on
+every backend.
 
 The nodes here have hour-long heartbeat intervals and node timeouts, so nothing happens on its
 own: the test makes a node's heartbeat stale (or removes its row) with SQL of its own and then

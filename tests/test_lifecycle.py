@@ -1,6 +1,6 @@
-"""A node's life (SPEC §2, §6): start and stop from any asyncio task, client-only nodes,
-graceful hand-off of running tasks to another node, bounded stops, the node registry, and
-which task types a node claims."""
+"""A node's life (``docs/reference.md``, "Lifecycle"): start and stop from any asyncio task,
+client-only nodes, graceful hand-off of running tasks to another node, bounded stops, the node
+registry, and which task types a node claims."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Cluster-wide group limits under concurrent claims from several node processes (SPEC §5).
+"""Cluster-wide group limits under concurrent claims from several node processes
+(``docs/how-to.md``, "Use groups, limits and priorities").
 
 Three node processes with 10 slots each drain two limited groups. Two witnesses must agree
 that no limit is ever exceeded: the database, sampled continuously while the nodes work, and

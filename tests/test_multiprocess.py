@@ -1,4 +1,5 @@
-"""Multi-process behaviour with real node processes (SPEC §6, §10), on both backends.
+"""Multi-process behaviour with real node processes (``docs/explanation.md``, "Delivery
+guarantees"), on both backends.
 
 Each test starts node processes (``tests/nodeproc.py``) against one database — several
 processes on one SQLite file, or one PostgreSQL schema — and drives them from a client-only

@@ -1,4 +1,5 @@
-"""Conformance: every cell of the user-operation table of SPEC §4, on both backends.
+"""Conformance: every cell of the user-operation table (the module docstring of
+``aioasync_tasks._states``; ``docs/explanation.md``, "States and transitions"), on both backends.
 
 Each test reaches its starting state honestly, with real nodes on a real database:
 
@@ -10,7 +11,7 @@ Each test reaches its starting state honestly, with real nodes on a real databas
   releases it; FINISHED and FAILED with tasks that finish or fail (the worker is then stopped, so
   nothing but the test touches the row); DELETING (owned) with a cleanup handler that waits.
 
-The expected outcome of every cell is written out by hand below from SPEC §4, never derived from
+The expected outcome of every cell is written out by hand below from that table, never derived from
 the library. Operations go through a second, client-only node, so stop requests travel through the
 database (NOTIFY on PostgreSQL, the heartbeat on SQLite), as they do between processes; a few tests
 operate through the owning node itself.
@@ -292,7 +293,7 @@ TABLE: dict[str, dict[Operation, object]] = {
     "deleting_unowned": {RUN: INVALID, PAUSE: INVALID, DELETE: SAME, CHANGE: INVALID},
     "deleting_owned": {RUN: INVALID, PAUSE: INVALID, DELETE: SAME, CHANGE: INVALID},
 }
-"""SPEC §4, user operations, by starting state."""
+"""The user-operation table, by starting state."""
 
 FINISHED = Becomes(State.FINISHED)
 SETTLED: dict[str, dict[Operation, object]] = {
@@ -301,9 +302,9 @@ SETTLED: dict[str, dict[Operation, object]] = {
     "canceling_delete": {RUN: REMOVED, PAUSE: REMOVED, DELETE: REMOVED, CHANGE: REMOVED},
     "deleting_owned": {RUN: REMOVED, PAUSE: REMOVED, DELETE: REMOVED, CHANGE: REMOVED},
 }
-"""Where a task that a node is executing ends once the test releases it (SPEC §4, system
-events): the task returns, which is *finished* without a stop request, else *stopped*; a
-cleanup that finishes removes the row."""
+"""Where a task that a node is executing ends once the test releases it (the state diagram of
+``docs/explanation.md``): the task returns, which is *finished* without a stop request, else
+*stopped*; a cleanup that finishes removes the row."""
 
 ACTIVE_STARTS = frozenset(SETTLED)
 STARTS = list(TABLE)
@@ -528,8 +529,8 @@ async def test_pending_task_of_unknown_type_waits_for_a_node_that_knows_it(db: D
 
 
 async def test_deleting_a_scheduled_task_runs_its_cleanup_now(db: DbTarget) -> None:
-    """Deleting a task scheduled for tomorrow queues its cleanup at once (SPEC §3: the cleanup
-    runs when the task is deleted), not when the task would have run."""
+    """Deleting a task scheduled for tomorrow queues its cleanup at once (the cleanup runs when
+    the task is deleted), not when the task would have run."""
     async with Harness(db) as h:
         tomorrow = datetime.now(UTC) + timedelta(days=1)
         task_id = await h.client.create_task("hold_c", "scheduled", run_at=tomorrow)

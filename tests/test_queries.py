@@ -1,4 +1,5 @@
-"""Conformance: creating and querying tasks (SPEC §2), on both backends.
+"""Conformance: creating and querying tasks (``docs/reference.md``, "Creating tasks" and
+"Querying"), on both backends.
 
 ``get_tasks``/``count_tasks`` filters alone and combined, newest first, paging; ``create_tasks``
 in one call; transactional creation in the caller's connection or session (the task exists iff
@@ -175,7 +176,7 @@ async def test_paging_with_offset_and_limit(client: Node) -> None:
 
 
 async def test_limit_rule_is_one_to_max_page_size(client: Node) -> None:
-    """``limit=0`` is an error, never an empty page (SPEC §12); the maximum is 1000."""
+    """``limit=0`` is an error, never an empty page; the maximum is 1000 (``MAX_PAGE_SIZE``)."""
     await client.create_task("alpha")
     assert MAX_PAGE_SIZE == 1000
     for bad in (0, -1, MAX_PAGE_SIZE + 1, 10**9):

@@ -1,10 +1,11 @@
-"""The execution engine's task protocol (SPEC §3) on every backend, in one process.
+"""The execution engine's task protocol (``docs/how-to.md``, "Write a task and its checkpoints")
+on every backend, in one process.
 
 Each test runs a real node against a fresh database and watches the task table through an
 engine of its own (``raw_engine``), so what is checked is what another node would see: a
 checkpoint is durable before the generator resumes, terminal reports and exceptions lead to the
-states of SPEC §4, stop requests are delivered once and enforced by the grace period, and a
-cleanup handler runs when a task with one is deleted.
+states of ``docs/explanation.md`` ("States and transitions"), stop requests are delivered once
+and enforced by the grace period, and a cleanup handler runs when a task with one is deleted.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Scheduling (SPEC §5): priority, delays, retries with back-off, fair share across users,
-group limits, paused groups and pluggable policies — in-process, on both backends.
+"""Scheduling (``docs/how-to.md``, "Use groups, limits and priorities"): priority, delays,
+retries with back-off, fair share across users, group limits, paused groups and pluggable
+policies — in-process, on both backends.
 
 The cluster-wide limits under concurrent claims from several processes are tested in
 ``test_limits_multiprocess.py``.

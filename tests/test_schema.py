@@ -1,4 +1,5 @@
-"""Conformance: the schema and its migrations (SPEC §9), on both backends.
+"""Conformance: the schema and its migrations (``docs/how-to.md``, "Manage the schema:
+migrations and Alembic"), on both backends.
 
 Migrating an empty database yields exactly ``aioasync_tasks.metadata`` — tables, columns (type
 affinity and nullability), primary keys, indexes (columns, order, partial or not), check
