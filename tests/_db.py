@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]  # no type information
 
 DSN_ENV = "AIOASYNC_TASKS_TEST_DSN"
 LOCAL_HOST = "127.0.0.1"

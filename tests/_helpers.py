@@ -29,7 +29,7 @@ assertion: a test that needs it has failed)."""
 LONG_BOUND = 60.0
 """The same for what other processes do, or for work that is slow on a busy 2-core machine."""
 
-FAST = {
+FAST: dict[str, Any] = {
     "heartbeat_interval": 0.2,
     "node_timeout": 60.0,
     "poll_interval": 0.05,

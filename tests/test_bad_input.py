@@ -99,8 +99,12 @@ BAD_GROUPS = ["", "   ", None, 5, "g\x00", f"g{LONE}", "g" * (NAME_LIMIT + 1)]
 
 def _cases() -> dict[str, list[Case]]:
     cases: dict[str, list[Case]] = {}
+    value: Any  # bad values of every type, on purpose
+    values: Any
 
-    def add(method: str, name: str, *args: Any, error: type[AsyncTasksError] = CE, **kw: Any):
+    def add(
+        method: str, name: str, *args: Any, error: type[AsyncTasksError] = CE, **kw: Any
+    ) -> None:
         cases.setdefault(method, []).append(Case(name, call(method, *args, **kw), error))
 
     # create_task: every argument
@@ -174,7 +178,7 @@ def _cases() -> dict[str, list[Case]]:
 
     # cases.setdefault keeps the order above; a generator must be made per call
     cases["create_tasks"].append(
-        Case("a generator", lambda node, _: node.create_tasks(g for g in [good]))
+        Case("a generator", lambda node, _: node.create_tasks(g for g in [good]))  # type: ignore[arg-type]
     )
 
     # operations and get_task: ids
@@ -220,7 +224,7 @@ def _cases() -> dict[str, list[Case]]:
     for name, kwargs in filters:
         add("get_tasks", name, **kwargs)
         add("count_tasks", name, **kwargs)
-    for name, kwargs in [
+    paging: list[tuple[str, dict[str, Any]]] = [
         ("limit 0", {"limit": 0}),
         ("limit negative", {"limit": -1}),
         ("limit above the maximum", {"limit": 1001}),
@@ -232,7 +236,8 @@ def _cases() -> dict[str, list[Case]]:
         ("offset str", {"offset": "0"}),
         ("offset none", {"offset": None}),
         ("offset huge", {"offset": 2**64}),
-    ]:
+    ]
+    for name, kwargs in paging:
         add("get_tasks", name, **kwargs)
 
     # groups
@@ -359,8 +364,9 @@ async def test_unstorable_texts_are_refused_on_both_backends_alike(db: DbTarget)
     async with make_node(db, _registry(), concurrency=0) as node:
         before = await _tables(db)
         for argument in ("user", "group"):
+            too_long: dict[str, Any] = {argument: "x" * (NAME_LIMIT + 1)}
             with pytest.raises(ConfigurationError, match=f"^{argument} must be at most 200 "):
-                await node.create_task("t", **{argument: "x" * (NAME_LIMIT + 1)})
+                await node.create_task("t", **too_long)
         calls: dict[str, Callable[[str], Awaitable[Any]]] = {
             "context": lambda text: node.create_task("t", text),
             "user": lambda text: node.create_task("t", user=text),

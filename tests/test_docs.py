@@ -237,7 +237,7 @@ def test_every_state_appears_in_the_diagram() -> None:
 
 def plain_signature(name: str, obj: object) -> str:
     """``name(a, b='x', *, c=1)``: the signature without annotations, as reference.md shows it."""
-    target = obj.__init__ if inspect.isclass(obj) else obj  # type: ignore[misc]
+    target = obj.__init__ if inspect.isclass(obj) else obj
     signature = inspect.signature(target)  # type: ignore[arg-type]
     parameters = [
         p.replace(annotation=inspect.Parameter.empty)

@@ -82,7 +82,7 @@ async def test_dot_resumes_from_its_checkpoint_after_pause(db: DbTarget) -> None
         task_id = await node.create_task("dot", json.dumps(context), user="bob")
 
         async def started() -> bool:
-            return _context(await node.get_task(task_id))["i"] >= 2
+            return bool(_context(await node.get_task(task_id))["i"] >= 2)
 
         await wait_for(started, what="two elements done")
         await node.pause_task(task_id)

@@ -45,6 +45,7 @@ from _helpers import (
 )
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
 
 from aioasync_tasks import (
     InvalidTransition,
@@ -374,6 +375,7 @@ async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
             except TimeoutError:
                 cancelled += 1
             # Every connection is back in the pool: none is held by a cut-off transaction.
+            assert isinstance(engine.pool, QueuePool)
             assert engine.pool.checkedout() == 0, f"call {i} left a connection checked out"
             if db.is_postgres:
                 await _pg_write_now(raw, app)
@@ -661,6 +663,7 @@ async def test_stop_returns_with_a_task_that_swallows_cancellation(
             await node.stop(timeout=0.5)
         assert swallowed, "the task was never cancelled"
         assert node.engine.pool is not pool, "the connection pool was not disposed"
+        assert isinstance(pool, QueuePool)
         assert pool.checkedin() == 0
         assert not node.running
     finally:

@@ -196,6 +196,7 @@ async def test_rescue_releases_a_dead_nodes_tasks(db: DbTarget, raw: AsyncEngine
             assert a_new is not None
             assert a_new != a_old
             assert sorted(witness.cancelled) == sorted([retry, once, pausing, deleting, -cleaning])
+            assert node_b.id is not None
             assert sorted(await node_ids(raw)) == sorted([a_new, node_b.id])
 
             # The released work runs again on A, under its new id.

@@ -311,7 +311,7 @@ STARTS = list(TABLE)
 
 
 def _cells() -> list[tuple[str, Operation, bool]]:
-    cells = []
+    cells: list[tuple[str, Operation, bool]] = []
     for start in STARTS:
         for op in (RUN, PAUSE, DELETE, CHANGE):
             needs_cleanup = start.startswith("deleting")

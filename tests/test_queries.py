@@ -214,7 +214,7 @@ def _statements(node: Node) -> Iterator[list[str]]:
 async def test_create_tasks_returns_ids_in_input_order_in_one_call(
     db: DbTarget, client: Node
 ) -> None:
-    items = [
+    items: list[dict[str, Any]] = [
         {"type": "beta", "context": "first", "user": "u1", "group": "g1", "priority": 3},
         {"type": "alpha", "context": "second", "user": "u2", "auto_run": False},
         {"type": "gamma", "context": "third", "group": "g3", "max_attempts": 5},

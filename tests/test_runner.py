@@ -370,10 +370,10 @@ async def test_current_task_inside_and_outside(db: DbTarget) -> None:
         await wait_state(node, task_id, State.FINISHED)
         node_id = node.id
     assert current_task() is None
+    assert node_id is not None
     expected = TaskInfo(
         id=task_id, type="whoami", user="alice", group="reports", attempt=1, node=node_id
     )
-    assert node_id is not None
     assert infos == [expected, expected]
 
 

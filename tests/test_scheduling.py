@@ -262,7 +262,7 @@ async def test_retries_keep_the_error_and_back_off_within_bounds(
                     delay = _seconds(row[2]) - _seconds(row[3])
                     if not delays or delays[-1] != delay:
                         delays.append(delay)
-                return row[0] == "failed"
+                return bool(row[0] == "failed")
 
             await wait_for(sample, interval=0.005, what="the task to fail for good")
             task = await node.get_task(task_id)
@@ -334,7 +334,7 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
                 },
             )
             assert len(result.all()) == 2
-            second = asyncio.create_task(backend.claim(second_node, ["other"], 10, policy))
+            second = asyncio.ensure_future(backend.claim(second_node, ["other"], 10, policy))
             probe = raw_engine(db)
 
             async def second_waits_or_is_done() -> bool:
