@@ -12,12 +12,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, overload
 
 from _db import DbTarget
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, State, Task, TaskNotFound, TaskRegistry
@@ -208,6 +209,30 @@ async def read_row(engine: AsyncEngine, task_id: int) -> dict[str, Any] | None:
         )
         row = result.mappings().first()
     return None if row is None else dict(row)
+
+
+@contextmanager
+def statements(node: Node, *, begins: bool = False) -> Iterator[list[str]]:
+    """The SQL statements the node's engine runs inside the ``with`` block (stripped); with
+    ``begins``, the start of each transaction too, as ``"BEGIN"``."""
+    seen: list[str] = []
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement.strip())
+
+    def on_begin(conn: Any) -> None:
+        seen.append("BEGIN")
+
+    sync_engine = node.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", on_execute)
+    if begins:
+        event.listen(sync_engine, "begin", on_begin)
+    try:
+        yield seen
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", on_execute)
+        if begins:
+            event.remove(sync_engine, "begin", on_begin)
 
 
 # -- the command line -------------------------------------------------------------------------

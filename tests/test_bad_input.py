@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import make_node, raw_engine, statements, wait_for
 from sqlalchemy import create_engine
 
 from aioasync_tasks import (
@@ -267,20 +266,6 @@ async def _tables(db: DbTarget) -> dict[str, list[tuple[Any, ...]]]:
         await engine.dispose()
 
 
-@contextmanager
-def _statements(node: Node) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    sa.event.listen(node.engine.sync_engine, "before_cursor_execute", on_execute)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(node.engine.sync_engine, "before_cursor_execute", on_execute)
-
-
 @pytest.mark.parametrize("method", list(CASES))
 async def test_bad_arguments_raise_and_write_nothing(db: DbTarget, method: str) -> None:
     async with make_node(db, _registry(), concurrency=0, max_context_bytes=MAX_CONTEXT) as node:
@@ -290,7 +275,7 @@ async def test_bad_arguments_raise_and_write_nothing(db: DbTarget, method: str) 
         assert len(before["aioasync_tasks"]) == 1
         for case in CASES[method]:
             raised: BaseException | None = None
-            with _statements(node) as seen:
+            with statements(node) as seen:
                 try:
                     await case.call(node, existing)
                 except Exception as exc:  # checked below, with the case's name in the message

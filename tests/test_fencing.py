@@ -137,6 +137,19 @@ async def bounded(node: Node) -> AsyncIterator[Node]:
         await node.stop(timeout=BOUND)
 
 
+async def heartbeat_finds_row_gone(node: Node, old_id: int) -> int:
+    """Run the node's heartbeat once, its row gone: it fences itself and registers again under
+    a new id, which it returns."""
+    worker = worker_of(node)
+    async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
+        await worker.heartbeat_once()
+    assert worker.fenced.is_set()
+    new_id = node.id
+    assert new_id is not None
+    assert new_id != old_id
+    return new_id
+
+
 async def test_rescue_releases_a_dead_nodes_tasks(db: DbTarget, raw: AsyncEngine) -> None:
     witness = Witness()
     registry = blocking_registry(witness)
@@ -188,13 +201,7 @@ async def test_rescue_releases_a_dead_nodes_tasks(db: DbTarget, raw: AsyncEngine
             assert witness.cancelled == []
 
             # A's next heartbeat finds its row gone: it fences itself and re-registers.
-            worker_a = worker_of(node_a)
-            async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
-                await worker_a.heartbeat_once()
-            assert worker_a.fenced.is_set()
-            a_new = node_a.id
-            assert a_new is not None
-            assert a_new != a_old
+            a_new = await heartbeat_finds_row_gone(node_a, a_old)
             assert sorted(witness.cancelled) == sorted([retry, once, pausing, deleting, -cleaning])
             assert node_b.id is not None
             assert sorted(await node_ids(raw)) == sorted([a_new, node_b.id])
@@ -235,14 +242,9 @@ async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
             await conn.execute(text("DELETE FROM aioasync_nodes WHERE id = :id"), {"id": a_old})
         assert witness.cancelled == []
 
-        async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
-            await worker_a.heartbeat_once()
+        a_new = await heartbeat_finds_row_gone(node_a, a_old)
         # The heartbeat found the row gone: A stopped its task at once and registered again
         # under a new id, waiting for nothing; the generator was cancelled.
-        assert worker_a.fenced.is_set()
-        a_new = node_a.id
-        assert a_new is not None
-        assert a_new != a_old
         assert await node_ids(raw) == [a_new]
         await wait_for(lambda: not worker_a.executions, timeout=BOUND, what="the execution")
         assert witness.cancelled == [task_id]

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 from _db import DbTarget
-from _helpers import BOUND, make_node, node_rows, read_row, wait_for, wait_state
+from _helpers import BOUND, make_node, node_rows, read_row, wait_for, wait_state, worker_of
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -261,8 +261,7 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
 
     node = make_node(db, registry)
     await node.start()
-    worker = node._worker
-    assert worker is not None
+    worker = worker_of(node)
     claim = worker.backend.claim
     entered = asyncio.Event()
     proceed = asyncio.Event()
@@ -333,8 +332,7 @@ async def test_unregistered_type_is_never_claimed(db: DbTarget) -> None:
         async with make_node(db, registry_a) as node_a:
             echo_id = await client.create_task("echo", "x")
             await wait_state(node_a, echo_id, State.FINISHED)  # A's claimer went past "other"
-            worker = node_a._worker
-            assert worker is not None
+            worker = worker_of(node_a)
             assert await worker.claim_once() == 0
             task = await client.get_task(other_id)
             assert (task.state, task.attempts, task.node) == (State.PENDING, 0, None)

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import LONG_BOUND, make_node, raw_engine, wait_for
+from _helpers import LONG_BOUND, make_node, raw_engine, statements, wait_for
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aioasync_tasks import (
@@ -190,27 +188,6 @@ async def test_limit_rule_is_one_to_max_page_size(client: Node) -> None:
 # -- creating ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def _statements(node: Node) -> Iterator[list[str]]:
-    """The SQL statements the node's engine runs (and its transactions, as ``BEGIN``)."""
-    seen: list[str] = []
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement.strip())
-
-    def on_begin(conn: Any) -> None:
-        seen.append("BEGIN")
-
-    sync_engine = node.engine.sync_engine
-    sa.event.listen(sync_engine, "before_cursor_execute", on_execute)
-    sa.event.listen(sync_engine, "begin", on_begin)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(sync_engine, "before_cursor_execute", on_execute)
-        sa.event.remove(sync_engine, "begin", on_begin)
-
-
 async def test_create_tasks_returns_ids_in_input_order_in_one_call(
     db: DbTarget, client: Node
 ) -> None:
@@ -221,7 +198,7 @@ async def test_create_tasks_returns_ids_in_input_order_in_one_call(
         {"type": "alpha"},
         {"type": "beta", "context": "fifth", "priority": -2},
     ]
-    with _statements(client) as seen:
+    with statements(client, begins=True) as seen:
         ids = await client.create_tasks(items)
     assert len(ids) == len(set(ids)) == len(items)
     assert ids == sorted(ids)  # created in this order, so numbered in this order

@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import BOUND, make_node, read_row, state_of, wait_event, wait_for, wait_state
+from _helpers import (
+    BOUND,
+    make_node,
+    read_row,
+    state_of,
+    wait_event,
+    wait_for,
+    wait_state,
+    worker_of,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import (
@@ -75,7 +84,7 @@ async def test_checkpoints_of_concurrent_tasks_are_group_committed(db: DbTarget)
         yield Report.finished()
 
     async with make_node(db, registry, concurrency=tasks_count) as node:
-        committer = node._worker.committer  # type: ignore[union-attr]
+        committer = worker_of(node).committer
         flushes_before = committer.flushes
         ids = await node.create_tasks([{"type": "chatty", "context": f"t{n}"} for n in range(30)])
 
@@ -278,8 +287,7 @@ async def test_pause_sets_stop_once_and_keeps_last_checkpoint(
         await release.wait()  # stay CANCELING while the stop is delivered again and again
 
     async with make_node(db, registry) as node:
-        worker = node._worker
-        assert worker is not None
+        worker = worker_of(node)
         task_id = await node.create_task("pausable", "0")
         await wait_event(waiting, "the task's third checkpoint")
         await node.pause_task(task_id)
@@ -510,7 +518,7 @@ async def test_failing_cleanup_is_retried_then_failed(db: DbTarget) -> None:
 
         await node.delete_task(task_id, force=True)  # removes it at once, no cleanup
         assert await state_of(node, task_id) is None
-        await node._worker.claim_once()  # type: ignore[union-attr]
+        await worker_of(node).claim_once()
     assert calls == [1, 2, 3]
 
 
@@ -532,7 +540,7 @@ async def test_force_delete_skips_cleanup(db: DbTarget) -> None:
         await wait_state(node, task_id, State.FINISHED)
         await node.delete_task(task_id, force=True)
         assert await state_of(node, task_id) is None
-        await node._worker.claim_once()  # type: ignore[union-attr]
+        await worker_of(node).claim_once()
     assert calls == []
 
 
