@@ -257,6 +257,7 @@ def check_logs(records: list[logging.LogRecord], tally: Tally) -> None:
     assert not unexplained, unexplained
 
 
+@pytest.mark.slow
 async def test_concurrent_user_operations(db: DbTarget, caplog: pytest.LogCaptureFixture) -> None:
     witness = Witness()
     registry = build_registry(witness)

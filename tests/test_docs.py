@@ -91,6 +91,7 @@ def test_every_doc_exists_and_has_examples() -> None:
     assert {"README.md", "quickstart.md", "how-to.md"} <= with_code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", python_blocks(), ids=lambda block: block.name)
 def test_python_block_runs(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "block.py"

@@ -72,6 +72,7 @@ async def test_matmul_computes_the_product(db: DbTarget) -> None:
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_dot_resumes_from_its_checkpoint_after_pause(db: DbTarget) -> None:
     a = list(range(1, 31))
     b = [(-1) ** i * i for i in range(30)]
@@ -116,6 +117,7 @@ async def test_dot_fails_for_good_after_three_attempts(db: DbTarget) -> None:
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_dot_retries_resume_from_the_checkpoint(db: DbTarget) -> None:
     a = list(range(30))
     b = [3] * 30
@@ -181,6 +183,7 @@ async def test_matmul_reuses_cells_an_earlier_attempt_created(db: DbTarget) -> N
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_matmul_handed_off_does_not_create_its_cells_twice(db: DbTarget) -> None:
     a = [[1, 2, 3], [4, 5, 6]]
     b = [[1, 0], [0, 1], [2, 2]]
@@ -240,6 +243,7 @@ async def test_deleting_a_matmul_deletes_its_cells(db: DbTarget) -> None:
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_example_script_runs(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -272,6 +272,7 @@ def run_example(name: str, cwd: Path, timeout: float = 90) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_example_runs(tmp_path: Path) -> None:
     output = run_example("quickstart", tmp_path)
     assert output.strip() == 'task 1 is finished: {"i": 10, "n": 10, "total": 285}'

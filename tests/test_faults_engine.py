@@ -145,6 +145,7 @@ LIMIT = 4096
 BAD_MESSAGE = "bad \x00 byte and \ud800 lone surrogate"
 
 
+@pytest.mark.slow
 async def test_one_bad_value_does_not_stall_the_node(
     db: DbTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -310,6 +311,7 @@ async def _pg_write_now(raw: AsyncEngine, app: str) -> None:
         await conn.execute(text("LOCK TABLE aioasync_groups IN EXCLUSIVE MODE"))
 
 
+@pytest.mark.slow
 async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
     db: DbTarget, raw: AsyncEngine
 ) -> None:
@@ -430,6 +432,7 @@ SERVICES = {"heartbeat": "heartbeat", "claim": "claimer", "checkpoint": "committ
         "checkpoint",
     ],
 )
+@pytest.mark.slow
 async def test_a_crashing_service_is_logged_and_restarted(
     db: DbTarget, caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
@@ -478,6 +481,7 @@ async def test_a_crashing_service_is_logged_and_restarted(
     witness.assert_no_overlap()
 
 
+@pytest.mark.slow
 async def test_a_service_that_keeps_crashing_stops_the_node(
     db: DbTarget, raw: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -553,6 +557,7 @@ async def test_a_service_that_keeps_crashing_stops_the_node(
 # -- 4. a cancelled start() ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["0ms", "1ms", "5ms", "20ms", "registering"])
 async def test_a_cancelled_start_leaves_nothing_running(
     db: DbTarget, raw: AsyncEngine, when: str
@@ -622,6 +627,7 @@ async def test_a_cancelled_start_leaves_nothing_running(
 # -- 5. stop(timeout) with a task that swallows CancelledError ------------------------------
 
 
+@pytest.mark.slow
 async def test_stop_returns_with_a_task_that_swallows_cancellation(
     db: DbTarget, raw: AsyncEngine
 ) -> None:
@@ -733,6 +739,7 @@ async def test_calls_in_flight_when_a_node_stops_leave_no_connection_open(db: Db
 # -- 8. pause_group(stop_running=True) racing tasks that finish -----------------------------
 
 
+@pytest.mark.slow
 async def test_pause_group_while_its_tasks_finish(db: DbTarget) -> None:
     """Rounds of 40 short tasks in a fresh group on two nodes; while they finish (each after a
     random 1-4 steps of 0-20 ms), a client pauses the group with ``stop_running=True``. It
@@ -807,6 +814,7 @@ async def test_pause_group_while_its_tasks_finish(db: DbTarget) -> None:
 # -- 9. concurrent group settings on a new group ---------------------------------------------
 
 
+@pytest.mark.slow
 async def test_concurrent_settings_of_a_new_group(db: DbTarget) -> None:
     """20 callers on two nodes (two engines) set up the same new group at once —
     ``pause_group`` (with and without ``stop_running``), ``set_group_limits``,
@@ -852,6 +860,7 @@ async def test_concurrent_settings_of_a_new_group(db: DbTarget) -> None:
 # -- 10. change_task_group racing claims -----------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_moving_pending_tasks_into_a_limited_group_never_exceeds_its_limit(
     db: DbTarget, raw: AsyncEngine
 ) -> None:

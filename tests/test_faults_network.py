@@ -300,6 +300,7 @@ async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
 # -- 3. a stall longer than the lease -------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_them(
     fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
 ) -> None:
@@ -408,6 +409,7 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
 # -- 4. nodes with different node_timeouts ---------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_node_is_judged_by_its_own_node_timeout(
     fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
 ) -> None:
@@ -497,6 +499,7 @@ async def test_a_node_is_judged_by_its_own_node_timeout(
 # -- 5. a claim in flight when the lease runs out ---------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
     fault_proxy: FaultProxy,
     proxied: DbTarget,
@@ -592,6 +595,7 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
 # -- 6. every connection reset in the middle of a drain -----------------------------------
 
 
+@pytest.mark.slow
 async def test_reset_all_during_a_drain_loses_nothing_and_runs_nothing_twice(
     fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
 ) -> None:

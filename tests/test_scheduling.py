@@ -74,6 +74,7 @@ async def test_fair_share_serves_a_small_user_before_a_big_backlog(db: DbTarget)
         await node.pause_group("default")
 
 
+@pytest.mark.slow
 async def test_fifo_policy_serves_the_backlog_in_order(db: DbTarget) -> None:
     """The same workload under Fifo: A's older tasks go first (the policy is what decides)."""
     recorder = Recorder()

@@ -586,4 +586,4 @@ TaskLifecycle.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-test_task_lifecycle = TaskLifecycle.TestCase
+test_task_lifecycle = pytest.mark.slow(TaskLifecycle.TestCase)
