@@ -45,8 +45,8 @@ The suite reads behind the driver's back only where the protocol returns nothing
 a node row (a node whose row is gone while it still owns tasks, which no operation reaches). A
 driver whose storage is not SQL with these tables adapts ``Peek`` and that test.
 
-Type-check with ``MYPYPATH=tests .venv/bin/mypy --config-file pyproject.toml
---follow-imports=silent tests/driver`` (``tests`` holds ``_db`` and ``_helpers``).
+``mypy`` checks it with the rest of the tests (``tests/driver`` is the package ``driver`` on
+the ``tests`` path).
 
 Fixtures
 --------
@@ -66,10 +66,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from _db import DbTarget
-from _driverkit import Peek, new_driver, open_engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks._backends._driver import Driver
+from driver._driverkit import Peek, new_driver, open_engine
 
 
 @pytest.fixture

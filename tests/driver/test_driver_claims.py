@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from _driverkit import (
+from aioasync_tasks import FairShare, Operation, State
+from aioasync_tasks._backends._driver import Claimed, ClaimResult, Driver, TaskFilter
+from aioasync_tasks._states import Event, apply_event
+from driver._driverkit import (
     CLEANUP_ATTEMPTS,
     FIFO,
     Peek,
@@ -25,10 +28,6 @@ from _driverkit import (
     register,
     snapshot,
 )
-
-from aioasync_tasks import FairShare, Operation, State
-from aioasync_tasks._backends._driver import Claimed, ClaimResult, Driver, TaskFilter
-from aioasync_tasks._states import Event, apply_event
 
 
 def _ids(claimed: list[Claimed]) -> list[int]:

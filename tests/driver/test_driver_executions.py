@@ -9,7 +9,11 @@ The suite, and how a new driver uses it: ``conftest.py``.
 from __future__ import annotations
 
 import pytest
-from _driverkit import (
+
+from aioasync_tasks import State
+from aioasync_tasks._backends._driver import Checkpoint, Completion, Driver
+from aioasync_tasks._states import Event, apply_event
+from driver._driverkit import (
     FIFO,
     OWNED_STARTS,
     Peek,
@@ -31,10 +35,6 @@ from _driverkit import (
     snapshot,
     view,
 )
-
-from aioasync_tasks import State
-from aioasync_tasks._backends._driver import Checkpoint, Completion, Driver
-from aioasync_tasks._states import Event, apply_event
 
 COMPLETION_EVENTS = [e for e in Event if e not in (Event.CLAIM, Event.CLEANUP_CLAIM)]
 """The events a runner reports with ``complete`` (the claims are events too: see

@@ -7,12 +7,12 @@ The suite, and how a new driver uses it: ``conftest.py``.
 from __future__ import annotations
 
 import pytest
-from _driverkit import FIFO, Start, Want, insert, make_many, register, snapshot, view
 from _helpers import wait_for
 
 from aioasync_tasks import Group, Operation, State, StopRequest
 from aioasync_tasks._backends._driver import Driver
 from aioasync_tasks._states import apply_operation
+from driver._driverkit import FIFO, Start, Want, insert, make_many, register, snapshot, view
 
 
 async def test_set_group_creates_a_group_and_changes_only_the_fields_given(

@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from _driverkit import (
+
+from aioasync_tasks import Operation, State, StopRequest
+from aioasync_tasks._backends._driver import Driver, Owned
+from aioasync_tasks._schema import NODES
+from aioasync_tasks._states import Event, apply_event
+from driver._driverkit import (
     CLEANUP_ATTEMPTS,
     FAR,
     Peek,
@@ -29,11 +34,6 @@ from _driverkit import (
     snapshot,
     view,
 )
-
-from aioasync_tasks import Operation, State, StopRequest
-from aioasync_tasks._backends._driver import Driver, Owned
-from aioasync_tasks._schema import NODES
-from aioasync_tasks._states import Event, apply_event
 
 SHORT = 0.05
 """The ``node_timeout`` of a node a test lets go stale."""

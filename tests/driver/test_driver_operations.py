@@ -9,7 +9,11 @@ The suite, and how a new driver uses it: ``conftest.py``.
 from __future__ import annotations
 
 import pytest
-from _driverkit import (
+
+from aioasync_tasks import InvalidTransition, Operation, TaskNotFound
+from aioasync_tasks._backends._driver import Driver, OperationResult
+from aioasync_tasks._states import apply_operation
+from driver._driverkit import (
     Problems,
     Start,
     describe,
@@ -22,10 +26,6 @@ from _driverkit import (
     snapshot,
     view,
 )
-
-from aioasync_tasks import InvalidTransition, Operation, TaskNotFound
-from aioasync_tasks._backends._driver import Driver, OperationResult
-from aioasync_tasks._states import apply_operation
 
 MOVED = "moved"
 """The group a change-group operation moves tasks to."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 from _db import DbTarget
-from _driverkit import new_driver, open_engine
 
 from aioasync_tasks import SchemaError
 from aioasync_tasks._schema import SCHEMA_VERSION
+from driver._driverkit import new_driver, open_engine
 
 
 async def test_migrate_applies_every_version_once(db: DbTarget) -> None:

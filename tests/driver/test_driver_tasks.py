@@ -11,11 +11,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from _db import DbTarget
-from _driverkit import new_task
 from _helpers import raw_engine
 
 from aioasync_tasks import Operation, State, Task, TaskNotFound
 from aioasync_tasks._backends._driver import Driver, NewTask, TaskFilter
+from driver._driverkit import new_task
 
 CLOSE = timedelta(milliseconds=1)
 """Timestamps round-trip through the database to within this."""
