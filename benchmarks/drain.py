@@ -1,4 +1,4 @@
-"""Drain throughput: N pending no-op tasks, P node processes x C concurrency (SPEC §7).
+"""Drain throughput: N pending no-op tasks, P node processes x C concurrency.
 
 The tasks are created (``create_tasks`` in batches) in a paused group; the node processes are
 started and announce READY; then the group is resumed and the clock runs from the first claim

@@ -1,4 +1,5 @@
-"""Scheduling cost (SPEC §5): claims with fair share and group limits on a large backlog.
+"""Scheduling cost: claims with fair share and group limits on a large backlog (``docs/how-to.md``,
+"Use groups, limits and priorities").
 
 100,000 pending tasks spread over 1,000 users and 10 groups — ``--spread queues`` puts every
 user in every group (10,000 (group, user) queues, 10 tasks each), ``--spread users`` puts each

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from _db import DbTarget
-from _helpers import make_node
+from _helpers import all_in, make_node, state_of
 from _ledger import LedgerReader, create_tables, ledger_engine
 from nodeproc import build_registry
 
-from aioasync_tasks import Node, State, Task, TaskNotFound
+from aioasync_tasks import Node, State, Task
 
 NODEPROC = Path(__file__).with_name("nodeproc.py")
 FAST_PROCESS = {
@@ -31,12 +31,11 @@ FAST_PROCESS = {
 READY_TIMEOUT = 60.0
 """Bound on a node process starting (imports and migrations on a busy 2-core machine)."""
 EXIT_TIMEOUT = 60.0
-BOUND = 60.0
-"""Generous bound on waiting for what other processes do."""
 
 
 class NodeProcess:
-    """One ``nodeproc.py`` process. Its stderr (the node's log) goes to the test's output."""
+    """One ``nodeproc.py node`` process. Its stderr (the node's log) goes to the test's
+    output."""
 
     def __init__(self, db: DbTarget, name: str, options: dict[str, Any]) -> None:
         self.db = db
@@ -53,7 +52,7 @@ class NodeProcess:
 
     async def start(self) -> int:
         """Start the process and wait until its node runs; returns the node id."""
-        args = [sys.executable, str(NODEPROC), "--url", self.db.url, "--name", self.name]
+        args = [sys.executable, str(NODEPROC), "node", "--url", self.db.url, "--name", self.name]
         if self.db.schema is not None:
             args += ["--schema", self.db.schema]
         for key, value in self.options.items():
@@ -125,15 +124,8 @@ class Cluster:
     async def task(self, task_id: int) -> Task:
         return await self.client.get_task(task_id)
 
-    async def states(self, task_ids: list[int]) -> dict[int, State]:
-        return {t: (await self.task(t)).state for t in task_ids}
-
     def all_in(self, task_ids: list[int], *states: State) -> Callable[[], Awaitable[bool]]:
-        async def check() -> bool:
-            current = await self.states(task_ids)
-            return all(state in states for state in current.values())
-
-        return check
+        return all_in(self.client, task_ids, *states)
 
     def steps_at_least(self, task_ids: list[int], count: int) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
@@ -144,11 +136,7 @@ class Cluster:
 
     def gone(self, task_id: int) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
-            try:
-                await self.task(task_id)
-            except TaskNotFound:
-                return True
-            return False
+            return await state_of(self.client, task_id) is None
 
         return check
 

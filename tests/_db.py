@@ -1,4 +1,4 @@
-"""Test database targets and PostgreSQL discovery (SPEC §10).
+"""Test database targets and PostgreSQL discovery.
 
 Importable from tests as ``from _db import DbTarget`` (``tests`` is on ``pythonpath``).
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]  # no type information
 
 DSN_ENV = "AIOASYNC_TASKS_TEST_DSN"
 LOCAL_HOST = "127.0.0.1"
@@ -147,7 +147,8 @@ def find_pg_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port nobody listens on (bound, then closed again)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCAL_HOST, 0))
         port: int = sock.getsockname()[1]
@@ -219,7 +220,7 @@ class ThrowawayCluster:
 
     def _start_server(self, attempts: int = 3) -> None:
         for attempt in range(1, attempts + 1):  # the free port can be taken before we bind it
-            self.port = _free_port()
+            self.port = free_port()
             with (self.datadir / "postgresql.conf").open("a") as conf:
                 conf.write(
                     f"listen_addresses = '{LOCAL_HOST}'\n"
@@ -271,7 +272,8 @@ class PgServer:
 
 
 def discover_postgres(host: str = LOCAL_HOST, port: int = LOCAL_PORT) -> PgServer:
-    """Find or start PostgreSQL as SPEC §10 says; raise PgUnavailableError to skip.
+    """Find or start PostgreSQL in the order the module docstring gives; raise
+    PgUnavailableError to skip.
 
     An explicit ``AIOASYNC_TASKS_TEST_DSN`` that cannot be reached raises RuntimeError instead:
     asking for PostgreSQL and silently skipping it would hide a broken setup.

@@ -20,10 +20,11 @@
     What the tasks saw, recorded from inside their generators (one process, one monotonic
     clock): one ``Run`` per execution (task, node, attempt, claim token, start, end, how it
     ended, the step it resumed from) and one ``Step`` per step (with the time its checkpoint's
-    ``yield`` returned, if it did).  ``counter_registry`` builds the task types that write it.
-``live_owners``
-    Whether every RUNNING/CANCELING/DELETING row is owned by a node that has an execution of it
-    under the row's token.
+    ``yield`` returned, if it did).  ``counter_registry`` builds the task types that write it
+    (their context: ``_helpers.counter_context``).
+``orphans``
+    The RUNNING/CANCELING/DELETING rows not owned by a node that has an execution of them under
+    the row's token.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from _db import DbTarget
 from _faults import Fault, Pattern, PgProxy, _Link
+from _helpers import node_ids
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -443,10 +444,6 @@ class Witness:
                 )
 
 
-def counter_context(n: int, delay: float = 0.0) -> str:
-    return json.dumps({"i": 0, "n": n, "delay": delay})
-
-
 def counter_registry(witness: Witness, **options: Any) -> TaskRegistry:
     """Task type ``counter`` (and ``counter2``, the same in another registration): count from
     the context's ``i`` to ``n``, sleeping ``delay`` then checkpointing ``i + 1`` at each step;
@@ -517,12 +514,6 @@ async def task_rows(engine: AsyncEngine, ids: Sequence[int] | None = None) -> di
         return {row[0]: TaskRow(*row) for row in result}
 
 
-async def node_ids(engine: AsyncEngine) -> list[int]:
-    async with engine.connect() as conn:
-        result = await conn.execute(text("SELECT id FROM aioasync_nodes ORDER BY id"))
-        return [row[0] for row in result]
-
-
 async def orphans(engine: AsyncEngine, nodes: Sequence[Node]) -> list[TaskRow]:
     """RUNNING/CANCELING/DELETING rows without a live owner: their node row is gone, or none
     of ``nodes`` (the test's nodes, all in this process) runs them under the row's token."""
@@ -544,8 +535,3 @@ async def orphans(engine: AsyncEngine, nodes: Sequence[Node]) -> list[TaskRow]:
         if row.node_id not in registered or token not in (None, row.token):
             bad.append(row)
     return bad
-
-
-def make_target_node(db: DbTarget, registry: TaskRegistry | None, **options: Any) -> Node:
-    """A node on ``db`` (through the proxy when ``db`` is proxied)."""
-    return Node(db.url, registry=registry, schema=db.schema, **options)

@@ -1,4 +1,4 @@
-"""Shared fixtures: one database target per backend (SPEC §10).
+"""Shared fixtures: one database target per backend.
 
 Fixtures
 --------
@@ -8,11 +8,18 @@ Fixtures
     the ``postgres`` parameter.  Fixtures that depend on ``db`` are parametrised too.
 ``sqlite_db`` / ``pg_db``
     The same, for one backend only.
+``other_pg_db``
+    A second fresh schema beside ``pg_db``, on the same server.
 ``pg_server``
     Session-scoped :class:`_db.PgServer` (found or started once); skips when unavailable.
 ``pg_proxy`` / ``pg_proxy_db``
     A fault-injecting :class:`_faults.PgProxy` in front of ``pg_server`` (closed after the
     test), and ``pg_db`` (same fresh schema) with its URL through that proxy.
+``raw``
+    An engine of the test's own on ``db`` (``_helpers.raw_engine``), to look at the rows behind
+    the library's back; disposed of after the test.
+``cluster``
+    Node processes on ``db`` (``_cluster.Cluster``).
 
 SQLite targets are a fresh file under ``tmp_path``; PostgreSQL targets are a fresh schema
 ``t_<12 hex>`` created before the test and dropped (CASCADE) after it.  Connect with::
@@ -37,6 +44,8 @@ from _db import (
     new_schema_name,
 )
 from _faults import PgProxy
+from _helpers import raw_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -110,6 +119,12 @@ def pg_db(pg_server: PgServer) -> Iterator[DbTarget]:
 
 
 @pytest.fixture
+def other_pg_db(pg_server: PgServer) -> Iterator[DbTarget]:
+    """A second fresh schema on the same PostgreSQL database."""
+    yield from _pg_target(pg_server)
+
+
+@pytest.fixture
 def pg_proxy(pg_server: PgServer) -> Iterator[PgProxy]:
     """A :class:`_faults.PgProxy` in front of the session's server; every connection through it
     is reset when the test ends."""
@@ -122,6 +137,16 @@ def pg_proxy_db(pg_db: DbTarget, pg_proxy: PgProxy) -> DbTarget:
     """``pg_db`` through ``pg_proxy``: same schema, URL on the proxy's port.  The proxy closes
     before the schema is dropped (which goes to the server directly)."""
     return pg_proxy.target(pg_db)
+
+
+@pytest.fixture
+async def raw(db: DbTarget) -> AsyncIterator[AsyncEngine]:
+    """An engine of the test's own on ``db``, disposed of after the test."""
+    engine = raw_engine(db)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture

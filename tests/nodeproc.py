@@ -1,29 +1,42 @@
-"""A node process for the multi-process tests (SPEC §6, §10).
+"""The node process of the multi-process tests (``_cluster``, ``test_multiprocess``,
+``test_faults_processes``), and a bulk creator.
 
-Run as ``python tests/nodeproc.py --url URL [--schema S] --concurrency N --heartbeat SECONDS
---node-timeout SECONDS --stop-timeout SECONDS [--poll-interval SECONDS]``: it registers the test
-task types below, starts a ``Node``, prints ``READY <node id>`` on stdout, and runs until
-SIGTERM or SIGINT, then stops the node gracefully (hand-off) and exits 0.
+``python tests/nodeproc.py node --url URL [--schema S] [--concurrency N] [--heartbeat SECONDS]
+[--node-timeout SECONDS] [--stop-timeout SECONDS] [--poll-interval SECONDS]
+[--cleanup-attempts N]``
+    Registers the test task types below, starts a ``Node``, prints ``READY <node id>`` on
+    stdout, and runs until SIGTERM or SIGINT, then stops the node gracefully (hand-off), prints
+    ``STOPPED`` and exits 0.
+
+``python tests/nodeproc.py bulk --url URL [--schema S] --count N``
+    Creates ``N`` INIT tasks of type ``bulk`` (never run: not ``auto_run``) in one
+    ``create_tasks`` call, then prints ``CREATED <count> <seconds>``.
 
 Run as a script, Python puts ``tests/`` first on ``sys.path``, so ``_ledger`` imports as it
 does in the tests. The tests import this module too, for ``build_registry`` (a client-only
-node needs the types to create tasks) and ``counter_context``.
+node needs the types to create tasks).
 
 Task types, all writing to the ledger tables of ``_ledger`` in the same database:
 
 ``counter``
-    Context ``{"i": k, "n": N, "delay": seconds, "gap": seconds}``: steps ``k`` … ``N-1``, each
-    taking ``delay`` seconds; a step appends its ledger row, waits ``gap`` seconds (a window in
-    which a kill leaves a logged step without its checkpoint), then yields the checkpoint
-    ``i = k + 1``. It checks
-    ``stop`` between steps only, so a stop arriving mid-step lets that step finish and be
-    checkpointed. Registered with ``max_attempts=3`` (a rescued task resumes).
+    Context ``{"i": k, "n": N, "delay": seconds, "gap": seconds}`` (``_helpers.counter_context``):
+    steps ``k`` … ``N-1``, each taking ``delay`` seconds; a step appends its ledger row, waits
+    ``gap`` seconds (a window in which a kill leaves a logged step without its checkpoint), then
+    yields the checkpoint ``i = k + 1``. It checks ``stop`` between steps only, so a stop
+    arriving mid-step lets that step finish and be checkpointed. Registered with
+    ``max_attempts=3`` (a rescued task resumes).
 ``cleaned``
     ``counter`` with a cleanup handler that records its run in ``cleanups``.
 ``stubborn``
     Records one ledger step, checkpoints it, then ignores ``stop`` forever. When
     ``CancelledError`` is thrown in, it records ``stop seen`` (with the time it noticed) and
     ``cancelled`` in the events table.
+``doomed``
+    Its running handler finishes at once. Its cleanup handler records its run in the ledger's
+    ``cleanups`` table (committed), then kills its own process with SIGKILL: a cleanup that can
+    never succeed, the crash loop of a poison task.
+``bulk``
+    Created by the ``bulk`` command, never run.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -54,10 +68,6 @@ def _info() -> TaskInfo:
     info = current_task()
     assert info is not None
     return info
-
-
-def counter_context(n: int, *, delay: float = 0.02, gap: float = 0.0, i: int = 0) -> str:
-    return json.dumps({"i": i, "n": n, "delay": delay, "gap": gap})
 
 
 async def counter(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
@@ -103,24 +113,50 @@ async def stubborn(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
         raise
 
 
+async def doomed(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+    yield Report.finished(context="ran")
+
+
+async def doomed_cleanup(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+    info = _info()
+    await _ledger().cleanup(info.id, info.node, context)
+    os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(3600)  # never reached
+    yield Report.finished()
+
+
+async def bulk(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+    raise AssertionError("bulk tasks are never run")
+    yield Report()
+
+
 def build_registry(*, stop_timeout: float = 30.0) -> TaskRegistry:
     registry = TaskRegistry()
     registry.register_task("counter", counter, max_attempts=3)
     registry.register_task("cleaned", counter, cleanup, max_attempts=3)
     registry.register_task("stubborn", stubborn, stop_timeout=stop_timeout)
+    registry.register_task("doomed", doomed, doomed_cleanup)
+    registry.register_task("bulk", bulk)
     return registry
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--schema", default=None)
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--heartbeat", type=float, default=5.0)
-    parser.add_argument("--node-timeout", type=float, default=30.0)
-    parser.add_argument("--stop-timeout", type=float, default=30.0)
-    parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    node = sub.add_parser("node")
+    node.add_argument("--url", required=True)
+    node.add_argument("--schema", default=None)
+    node.add_argument("--name", default=None)
+    node.add_argument("--concurrency", type=int, default=10)
+    node.add_argument("--heartbeat", type=float, default=5.0)
+    node.add_argument("--node-timeout", type=float, default=30.0)
+    node.add_argument("--stop-timeout", type=float, default=30.0)
+    node.add_argument("--poll-interval", type=float, default=1.0)
+    node.add_argument("--cleanup-attempts", type=int, default=3)
+    create = sub.add_parser("bulk")
+    create.add_argument("--url", required=True)
+    create.add_argument("--schema", default=None)
+    create.add_argument("--count", type=int, required=True)
     return parser.parse_args(argv)
 
 
@@ -141,6 +177,7 @@ async def _serve(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         retry_base=0.01,
         retry_cap=0.05,
+        cleanup_attempts=args.cleanup_attempts,
         name=args.name,
     )
     try:
@@ -154,13 +191,28 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _bulk(args: argparse.Namespace) -> int:
+    node = Node(args.url, registry=build_registry(), schema=args.schema, concurrency=0)
+    async with node:
+        began = time.monotonic()
+        ids = await node.create_tasks(
+            [{"type": "bulk", "auto_run": False} for _ in range(args.count)]
+        )
+        elapsed = time.monotonic() - began
+    print(f"CREATED {len(ids)} {elapsed:.2f}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(_serve(_parse(argv)))
+    args = _parse(argv)
+    if args.command == "bulk":
+        return asyncio.run(_bulk(args))
+    return asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Conformance: bad input (SPEC §8), on both backends.
+"""Conformance: bad input (``docs/reference.md``, "Errors": ``ConfigurationError``), on both
+backends.
 
 Every public ``Node`` method is called with wrong types, empty strings, bools where ints are
 wanted, negative or out-of-range numbers, oversized contexts, unknown states and task types,
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import make_node, raw_engine, statements, wait_for
 from sqlalchemy import create_engine
 
 from aioasync_tasks import (
@@ -98,8 +98,12 @@ BAD_GROUPS = ["", "   ", None, 5, "g\x00", f"g{LONE}", "g" * (NAME_LIMIT + 1)]
 
 def _cases() -> dict[str, list[Case]]:
     cases: dict[str, list[Case]] = {}
+    value: Any  # bad values of every type, on purpose
+    values: Any
 
-    def add(method: str, name: str, *args: Any, error: type[AsyncTasksError] = CE, **kw: Any):
+    def add(
+        method: str, name: str, *args: Any, error: type[AsyncTasksError] = CE, **kw: Any
+    ) -> None:
         cases.setdefault(method, []).append(Case(name, call(method, *args, **kw), error))
 
     # create_task: every argument
@@ -174,7 +178,7 @@ def _cases() -> dict[str, list[Case]]:
 
     # cases.setdefault keeps the order above; a generator must be made per call
     cases["create_tasks"].append(
-        Case("a generator", lambda node, _: node.create_tasks(g for g in [good]))
+        Case("a generator", lambda node, _: node.create_tasks(g for g in [good]))  # type: ignore[arg-type]
     )
 
     # operations and get_task: ids
@@ -220,7 +224,7 @@ def _cases() -> dict[str, list[Case]]:
     for name, kwargs in filters:
         add("get_tasks", name, **kwargs)
         add("count_tasks", name, **kwargs)
-    for name, kwargs in [
+    paging: list[tuple[str, dict[str, Any]]] = [
         ("limit 0", {"limit": 0}),
         ("limit negative", {"limit": -1}),
         ("limit above the maximum", {"limit": 1001}),
@@ -232,7 +236,8 @@ def _cases() -> dict[str, list[Case]]:
         ("offset str", {"offset": "0"}),
         ("offset none", {"offset": None}),
         ("offset huge", {"offset": 2**64}),
-    ]:
+    ]
+    for name, kwargs in paging:
         add("get_tasks", name, **kwargs)
 
     # groups
@@ -262,20 +267,6 @@ async def _tables(db: DbTarget) -> dict[str, list[tuple[Any, ...]]]:
         await engine.dispose()
 
 
-@contextmanager
-def _statements(node: Node) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    sa.event.listen(node.engine.sync_engine, "before_cursor_execute", on_execute)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(node.engine.sync_engine, "before_cursor_execute", on_execute)
-
-
 @pytest.mark.parametrize("method", list(CASES))
 async def test_bad_arguments_raise_and_write_nothing(db: DbTarget, method: str) -> None:
     async with make_node(db, _registry(), concurrency=0, max_context_bytes=MAX_CONTEXT) as node:
@@ -285,7 +276,7 @@ async def test_bad_arguments_raise_and_write_nothing(db: DbTarget, method: str) 
         assert len(before["aioasync_tasks"]) == 1
         for case in CASES[method]:
             raised: BaseException | None = None
-            with _statements(node) as seen:
+            with statements(node) as seen:
                 try:
                     await case.call(node, existing)
                 except Exception as exc:  # checked below, with the case's name in the message
@@ -359,8 +350,9 @@ async def test_unstorable_texts_are_refused_on_both_backends_alike(db: DbTarget)
     async with make_node(db, _registry(), concurrency=0) as node:
         before = await _tables(db)
         for argument in ("user", "group"):
+            too_long: dict[str, Any] = {argument: "x" * (NAME_LIMIT + 1)}
             with pytest.raises(ConfigurationError, match=f"^{argument} must be at most 200 "):
-                await node.create_task("t", **{argument: "x" * (NAME_LIMIT + 1)})
+                await node.create_task("t", **too_long)
         calls: dict[str, Callable[[str], Awaitable[Any]]] = {
             "context": lambda text: node.create_task("t", text),
             "user": lambda text: node.create_task("t", user=text),

@@ -18,15 +18,21 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import make_node, wait_for
+from _helpers import (
+    HERMETIC_ENV,
+    WORKER_TIMINGS,
+    client_registry,
+    db_args,
+    make_node,
+    spawn_cli,
+    wait_for,
+)
 
-from aioasync_tasks import Node, NodeInfo, Report, State, StopRequest, Task, TaskRegistry
+from aioasync_tasks import Node, NodeInfo, State, StopRequest, Task, TaskRegistry
 from aioasync_tasks._cli.output import table
 from aioasync_tasks.samples import registry as seed_registry
 
 pytestmark = pytest.mark.slow
-
-HERMETIC_ENV = {k: v for k, v in os.environ.items() if not k.startswith("AIOASYNC_TASKS_")}
 
 
 @dataclass
@@ -42,10 +48,6 @@ class Result:
         assert len(lines) == 1, f"expected one line on stderr, got:\n{self.err}"
         assert "Traceback" not in self.err
         return lines[0]
-
-
-def db_args(db: DbTarget) -> list[str]:
-    return ["--db", db.url, *(["--schema", db.schema] if db.schema else [])]
 
 
 async def cli(
@@ -324,7 +326,7 @@ async def cli_json(*args: str, db: DbTarget) -> Any:
 def task_from_json(document: dict[str, Any]) -> Task:
     """The task a `tasks show/list --json` object describes: every field, parsed back."""
     times = {"created_at", "updated_at", "started_at", "done_at", "run_at"}
-    values = {
+    values: dict[str, Any] = {
         name: datetime.fromisoformat(value) if name in times and value is not None else value
         for name, value in document.items()
     }
@@ -444,15 +446,7 @@ WORKER_MODULE = textwrap.dedent(
 
 def _test_registry() -> TaskRegistry:
     """The worker module's types, for the test's own client (which runs nothing)."""
-    registry = TaskRegistry()
-
-    async def never(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
-        raise AssertionError("the client runs nothing")
-        yield Report()
-
-    registry.register_task("shout", never)
-    registry.register_task("stubborn", never, max_attempts=2)
-    return registry
+    return client_registry({"shout": {}, "stubborn": {"max_attempts": 2}})
 
 
 @dataclass
@@ -479,26 +473,15 @@ async def start_worker(db: DbTarget, worker_dir: Path) -> AsyncIterator[StartWor
 
     async def start(*options: str) -> WorkerProcess:
         log = worker_dir / f"worker-{len(started)}.log"
-        with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "aioasync_tasks",
-                *db_args(db),
-                "worker",
-                "mytasks:registry",
-                "--heartbeat-interval",
-                "0.2",
-                "--node-timeout",
-                "2",
-                "--poll-interval",
-                "0.1",
-                *options,
-                cwd=worker_dir,
-                env=HERMETIC_ENV,
-                stdout=sink,
-                stderr=sink,
-            )
+        process = await spawn_cli(
+            *db_args(db),
+            "worker",
+            "mytasks:registry",
+            *WORKER_TIMINGS,
+            *options,
+            cwd=worker_dir,
+            log=log,
+        )
         started.append(WorkerProcess(process, log))
         return started[-1]
 
@@ -690,19 +673,7 @@ async def test_demo_refuses_a_database_with_other_tasks(tmp_path: Path) -> None:
 async def test_demo_stops_its_workers_when_interrupted(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"
     output = tmp_path / "demo.out"
-    with output.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "aioasync_tasks",
-            "demo",
-            "--db",
-            url,
-            cwd=tmp_path,
-            env=HERMETIC_ENV,
-            stdout=sink,
-            stderr=sink,
-        )
+    process = await spawn_cli("demo", "--db", url, cwd=tmp_path, log=output)
     try:
         await wait_for(
             lambda: "created #5" in output.read_text(), timeout=60, what="the demo's tasks"

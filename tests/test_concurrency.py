@@ -1,4 +1,5 @@
-"""Concurrency safety of the user operations (SPEC §4): many callers, one task table.
+"""Concurrency safety of the user operations (``docs/explanation.md``, "Every transition is a
+compare-and-set"): many callers, one task table.
 
 Twenty tasks in mixed states (INIT, PENDING, RUNNING on a worker node of the test, PAUSED,
 FINISHED, FAILED; some with a cleanup handler) are hit by 200 random ``run``/``pause``/
@@ -181,7 +182,7 @@ def check_row(row: dict[str, Any], worker_id: int | None) -> None:
 def check_outcome(
     types: dict[int, str], rows: dict[int, dict[str, Any]], tally: Tally, witness: Witness
 ) -> None:
-    """Nothing lost, nothing resurrected, every cleanup run exactly once (SPEC §3, §4)."""
+    """Nothing lost, nothing resurrected, every cleanup run exactly once."""
     present = set(rows)
     assert present <= set(types)
     lost = set(types) - present - tally.deleted
@@ -256,6 +257,7 @@ def check_logs(records: list[logging.LogRecord], tally: Tally) -> None:
     assert not unexplained, unexplained
 
 
+@pytest.mark.slow
 async def test_concurrent_user_operations(db: DbTarget, caplog: pytest.LogCaptureFixture) -> None:
     witness = Witness()
     registry = build_registry(witness)

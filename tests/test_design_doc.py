@@ -17,16 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-from aioasync_tasks import InvalidTransition
-from aioasync_tasks._states import (
-    Event,
-    Operation,
-    Outcome,
-    State,
-    StopRequest,
-    apply_event,
-    apply_operation,
-)
+from aioasync_tasks import InvalidTransition, Operation, State, StopRequest
+from aioasync_tasks._states import Event, Outcome, apply_event, apply_operation
 
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN = ROOT / "docs" / "design.md"

@@ -24,6 +24,7 @@ import aioasync_tasks
 from aioasync_tasks import (
     InvalidTransition,
     Node,
+    Operation,
     Report,
     State,
     StopRequest,
@@ -32,7 +33,7 @@ from aioasync_tasks import (
     TaskType,
     samples,
 )
-from aioasync_tasks._states import Event, Operation, Outcome, apply_event, apply_operation
+from aioasync_tasks._states import Event, Outcome, apply_event, apply_operation
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -95,6 +96,7 @@ def test_every_doc_exists_and_has_examples() -> None:
     assert {"README.md", "quickstart.md", "how-to.md"} <= with_code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", python_blocks(), ids=lambda block: block.name)
 def test_python_block_runs(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "block.py"
@@ -241,7 +243,7 @@ def test_every_state_appears_in_the_diagram() -> None:
 
 def plain_signature(name: str, obj: object) -> str:
     """``name(a, b='x', *, c=1)``: the signature without annotations, as reference.md shows it."""
-    target = obj.__init__ if inspect.isclass(obj) else obj  # type: ignore[misc]
+    target = obj.__init__ if inspect.isclass(obj) else obj
     signature = inspect.signature(target)  # type: ignore[arg-type]
     parameters = [
         p.replace(annotation=inspect.Parameter.empty)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import make_node, wait_for
+from _helpers import LONG_BOUND, make_node, wait_for, wait_state
 
-from aioasync_tasks import Node, State, TaskNotFound
+from aioasync_tasks import State
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "seed_tasks.py"
 
@@ -39,14 +39,6 @@ def _product(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
     ]
 
 
-async def _until_state(node: Node, task_id: int, *states: State) -> Any:
-    async def reached() -> bool:
-        return (await node.get_task(task_id)).state in states
-
-    await wait_for(reached, timeout=60, what=f"task {task_id} to be {states}")
-    return await node.get_task(task_id)
-
-
 def _context(task: Any) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(task.context)
     return result
@@ -67,7 +59,7 @@ async def test_matmul_computes_the_product(db: DbTarget) -> None:
         task_id = await node.create_task(
             "matmul", json.dumps({"a": a, "b": b, "poll": 0.05}), user="alice", group="matrix"
         )
-        task = await _until_state(node, task_id, State.FINISHED, State.FAILED)
+        task = await wait_state(node, task_id, State.FINISHED, State.FAILED, timeout=LONG_BOUND)
         assert task.state is State.FINISHED, task.error
         context = _context(task)
         assert context["result"] == _product(a, b)
@@ -80,6 +72,7 @@ async def test_matmul_computes_the_product(db: DbTarget) -> None:
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_dot_resumes_from_its_checkpoint_after_pause(db: DbTarget) -> None:
     a = list(range(1, 31))
     b = [(-1) ** i * i for i in range(30)]
@@ -90,16 +83,16 @@ async def test_dot_resumes_from_its_checkpoint_after_pause(db: DbTarget) -> None
         task_id = await node.create_task("dot", json.dumps(context), user="bob")
 
         async def started() -> bool:
-            return _context(await node.get_task(task_id))["i"] >= 2
+            return bool(_context(await node.get_task(task_id))["i"] >= 2)
 
         await wait_for(started, what="two elements done")
         await node.pause_task(task_id)
-        paused = await _until_state(node, task_id, State.PAUSED)
+        paused = await wait_state(node, task_id, State.PAUSED, timeout=LONG_BOUND)
         stopped_at = _context(paused)["i"]
         assert 2 <= stopped_at < len(a)
 
         await node.run_task(task_id)
-        task = await _until_state(node, task_id, State.FINISHED, State.FAILED)
+        task = await wait_state(node, task_id, State.FINISHED, State.FAILED, timeout=LONG_BOUND)
         assert task.state is State.FINISHED, task.error
         final = _context(task)
         assert final["sum"] == sum(x * y for x, y in zip(a, b, strict=True))
@@ -116,7 +109,7 @@ async def test_dot_fails_for_good_after_three_attempts(db: DbTarget) -> None:
     try:
         context = {"a": [1, 2], "b": [3, 4], "i": 0, "sum": 0, "fail_rate": 1.0}
         task_id = await node.create_task("dot", json.dumps(context))
-        task = await _until_state(node, task_id, State.FAILED)
+        task = await wait_state(node, task_id, State.FAILED, timeout=LONG_BOUND)
         assert task.attempts == 3
         assert "random failure at element 0" in (task.error or "")
         assert _context(task)["failures"] == 3
@@ -124,6 +117,7 @@ async def test_dot_fails_for_good_after_three_attempts(db: DbTarget) -> None:
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_dot_retries_resume_from_the_checkpoint(db: DbTarget) -> None:
     a = list(range(30))
     b = [3] * 30
@@ -134,7 +128,7 @@ async def test_dot_retries_resume_from_the_checkpoint(db: DbTarget) -> None:
         # Random failures are decided by a hash of (task id, attempt, failures, element): the
         # same run every time. Plenty of attempts, so that it always ends.
         task_id = await node.create_task("dot", json.dumps(context), max_attempts=100)
-        task = await _until_state(node, task_id, State.FINISHED, State.FAILED)
+        task = await wait_state(node, task_id, State.FINISHED, State.FAILED, timeout=LONG_BOUND)
         assert task.state is State.FINISHED, task.error
         final = _context(task)
         assert final["sum"] == 3 * sum(a)
@@ -154,7 +148,7 @@ async def test_matmul_restarts_failed_cells_then_fails(db: DbTarget) -> None:
     try:
         context = {"a": [[2]], "b": [[3]], "fail_rate": 1.0, "max_restarts": 1, "poll": 0.05}
         task_id = await node.create_task("matmul", json.dumps(context))
-        task = await _until_state(node, task_id, State.FAILED)
+        task = await wait_state(node, task_id, State.FAILED, timeout=LONG_BOUND)
         assert "failed after 1 restart(s)" in (task.error or "")
         (cell_id,) = _context(task)["cells"]
         assert _context(task)["restarts"] == {str(cell_id): 1}
@@ -180,7 +174,7 @@ async def test_matmul_reuses_cells_an_earlier_attempt_created(db: DbTarget) -> N
             group=f"matmul-{task_id}",
         )
         await node.run_task(task_id)
-        task = await _until_state(node, task_id, State.FINISHED, State.FAILED)
+        task = await wait_state(node, task_id, State.FINISHED, State.FAILED, timeout=LONG_BOUND)
         assert task.state is State.FINISHED, task.error
         assert _context(task)["result"] == _product(a, b)
         assert _context(task)["cells"][0] == orphan
@@ -189,6 +183,7 @@ async def test_matmul_reuses_cells_an_earlier_attempt_created(db: DbTarget) -> N
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_matmul_handed_off_does_not_create_its_cells_twice(db: DbTarget) -> None:
     a = [[1, 2, 3], [4, 5, 6]]
     b = [[1, 0], [0, 1], [2, 2]]
@@ -210,7 +205,7 @@ async def test_matmul_handed_off_does_not_create_its_cells_twice(db: DbTarget) -
     second = make_node(db, seed.registry, concurrency=8, name="second")
     await second.start()
     try:
-        task = await _until_state(second, task_id, State.FINISHED, State.FAILED)
+        task = await wait_state(second, task_id, State.FINISHED, State.FAILED, timeout=LONG_BOUND)
         assert task.state is State.FINISHED, task.error
         final = _context(task)
         assert final["result"] == _product(a, b)
@@ -237,24 +232,18 @@ async def test_deleting_a_matmul_deletes_its_cells(db: DbTarget) -> None:
     try:
         context = {"a": [[1, 2]], "b": [[3], [4]], "poll": 0.05}
         task_id = await node.create_task("matmul", json.dumps(context))
-        await _until_state(node, task_id, State.FINISHED)
+        await wait_state(node, task_id, State.FINISHED, timeout=LONG_BOUND)
         group = f"matmul-{task_id}"
         assert await node.count_tasks(group=group) == 1
         await node.delete_task(task_id)
 
-        async def gone() -> bool:
-            try:
-                await node.get_task(task_id)
-            except TaskNotFound:
-                return True
-            return False
-
-        await wait_for(gone, what="the matmul's cleanup")
+        await wait_state(node, task_id, None, what="the matmul's cleanup")
         assert await node.count_tasks(group=group) == 0
     finally:
         await node.stop()
 
 
+@pytest.mark.slow
 async def test_example_script_runs(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -283,7 +272,7 @@ async def test_matmul_rejects_bad_shapes(sqlite_db: DbTarget, bad: dict[str, Any
     await node.start()
     try:
         task_id = await node.create_task("matmul", json.dumps(bad))
-        task = await _until_state(node, task_id, State.FAILED)
+        task = await wait_state(node, task_id, State.FAILED, timeout=LONG_BOUND)
         assert task.attempts == 3  # a failed report is retried like any failure
         assert "cannot multiply" in (task.error or "") or "non-empty" in (task.error or "")
     finally:

@@ -1,5 +1,5 @@
 """The examples, run for real: the FastAPI and aiohttp apps on both backends (tasks actually
-run), and the quickstart and multi-node demos as subprocesses (SPEC §9).
+run), and the quickstart and multi-node demos as subprocesses.
 
 The two web apps serve the same endpoints with the same meaning, so every web test runs against
 both frameworks through one small ``Api`` adapter: FastAPI through ``httpx.ASGITransport`` with
@@ -62,12 +62,14 @@ class Api:
     async def task(self, task_id: int) -> dict[str, Any]:
         status, body = await self.get(f"/tasks/{task_id}")
         assert status == 200, body
+        assert isinstance(body, dict), body
         return body
 
     async def create(self, type: str, context: object, **fields: Any) -> dict[str, Any]:
         body = {"type": type, "context": json.dumps(context), **fields}
         status, task = await self.post("/tasks", body)
         assert status == 201, task
+        assert isinstance(task, dict), task
         return task
 
     async def wait_state(self, task_id: int, *states: str) -> dict[str, Any]:
@@ -96,7 +98,8 @@ async def fastapi_api(db: DbTarget) -> AsyncIterator[Api]:
         async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
 
             async def send(method: str, path: str, body: Any, params: Params) -> tuple[int, Any]:
-                response = await client.request(method, path, json=body, params=params)
+                query = None if params is None else tuple(params)  # httpx wants a list or tuple
+                response = await client.request(method, path, json=body, params=query)
                 if response.headers.get("content-type", "").startswith("application/json"):
                     return response.status_code, response.json()
                 return response.status_code, response.text
@@ -162,7 +165,7 @@ async def test_pause_move_resume_and_delete_a_running_task(api: Api) -> None:
     async def progressed(minimum: int) -> bool:
         current = await api.task(task_id)
         checkpoint = json.loads(current["context"]).get("i", 0)
-        return current["state"] == "running" and checkpoint >= minimum
+        return bool(current["state"] == "running" and checkpoint >= minimum)
 
     await wait_for(lambda: progressed(3), what="the task to checkpoint")
 
@@ -269,6 +272,7 @@ def run_example(name: str, cwd: Path, timeout: float = 90) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_example_runs(tmp_path: Path) -> None:
     output = run_example("quickstart", tmp_path)
     assert output.strip() == 'task 1 is finished: {"i": 10, "n": 10, "total": 285}'

@@ -1,4 +1,4 @@
-"""The queries of the PostgreSQL backend use indexes on a big table (SPEC §7).
+"""The queries of the PostgreSQL backend use indexes on a big table.
 
 100,000 tasks are created through ``create_tasks`` and spread over users, groups, types and
 states; the statements the library really runs are captured from the node's engine (a
@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Node, Report, State, TaskRegistry
 
-pytestmark = pytest.mark.postgres_only
+pytestmark = [pytest.mark.postgres_only, pytest.mark.slow]
 
 TABLE = "aioasync_tasks"
 ROWS = 100_000

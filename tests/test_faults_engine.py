@@ -15,7 +15,6 @@ Each test's docstring says why it fails on the engine before claim tokens and su
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import itertools
 import json
@@ -33,9 +32,20 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import FAST, make_node, raw_engine, wait_for
+from _helpers import (
+    BOUND,
+    FAST,
+    all_in,
+    counter_context,
+    make_node,
+    node_rows,
+    scalar,
+    task_states,
+    wait_for,
+)
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
 
 from aioasync_tasks import (
     InvalidTransition,
@@ -46,10 +56,6 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
-
-BOUND = 30.0
-"""Generous bound on waiting for a condition (never a timing assertion)."""
-
 
 # -- the witness ----------------------------------------------------------------------------
 
@@ -100,10 +106,6 @@ class Witness:
         assert self.steps[task_id] == list(range(stored)), (task_id, stored, self.steps[task_id])
 
 
-def counter_context(n: int, delay: float = 0.01) -> str:
-    return json.dumps({"i": 0, "n": n, "delay": delay})
-
-
 def stored_step(context: str) -> int:
     value: int = json.loads(context)["i"]
     return value
@@ -136,35 +138,6 @@ def add_counter(
     registry.register_task(name, counter, **options)
 
 
-async def task_states(node: Node, ids: list[int]) -> dict[int, State]:
-    return {t: (await node.get_task(t)).state for t in ids}
-
-
-def all_in(node: Node, ids: list[int], *states: State) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return all(s in states for s in (await task_states(node, ids)).values())
-
-    return check
-
-
-@pytest.fixture
-async def raw(db: DbTarget) -> AsyncIterator[AsyncEngine]:
-    engine = raw_engine(db)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
-    async with engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).scalar()
-
-
-async def node_rows(engine: AsyncEngine) -> int:
-    return int(await scalar(engine, "SELECT count(*) FROM aioasync_nodes"))
-
-
 # -- 1. one bad value does not stall the node -----------------------------------------------
 
 LIMIT = 4096
@@ -172,6 +145,7 @@ LIMIT = 4096
 BAD_MESSAGE = "bad \x00 byte and \ud800 lone surrogate"
 
 
+@pytest.mark.slow
 async def test_one_bad_value_does_not_stall_the_node(
     db: DbTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -337,6 +311,7 @@ async def _pg_write_now(raw: AsyncEngine, app: str) -> None:
         await conn.execute(text("LOCK TABLE aioasync_groups IN EXCLUSIVE MODE"))
 
 
+@pytest.mark.slow
 async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
     db: DbTarget, raw: AsyncEngine
 ) -> None:
@@ -402,6 +377,7 @@ async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
             except TimeoutError:
                 cancelled += 1
             # Every connection is back in the pool: none is held by a cut-off transaction.
+            assert isinstance(engine.pool, QueuePool)
             assert engine.pool.checkedout() == 0, f"call {i} left a connection checked out"
             if db.is_postgres:
                 await _pg_write_now(raw, app)
@@ -456,6 +432,7 @@ SERVICES = {"heartbeat": "heartbeat", "claim": "claimer", "checkpoint": "committ
         "checkpoint",
     ],
 )
+@pytest.mark.slow
 async def test_a_crashing_service_is_logged_and_restarted(
     db: DbTarget, caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
@@ -548,6 +525,7 @@ async def test_a_crashing_listener_is_logged_and_restarted(
         assert record.exc_info[0] is RuntimeError
 
 
+@pytest.mark.slow
 async def test_a_service_that_keeps_crashing_stops_the_node(
     db: DbTarget, raw: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -623,6 +601,7 @@ async def test_a_service_that_keeps_crashing_stops_the_node(
 # -- 4. a cancelled start() ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["0ms", "1ms", "5ms", "20ms", "registering"])
 async def test_a_cancelled_start_leaves_nothing_running(
     db: DbTarget, raw: AsyncEngine, when: str
@@ -692,6 +671,46 @@ async def test_a_cancelled_start_leaves_nothing_running(
 # -- 5. stop(timeout) with a task that swallows CancelledError ------------------------------
 
 
+@dataclass
+class Swallower:
+    """The ``swallower`` task type: it checkpoints ``c1``, then ignores its stop event and
+    swallows every ``CancelledError`` (noting when) until the test lets it go."""
+
+    registry: TaskRegistry = field(default_factory=TaskRegistry)
+    checkpointed: asyncio.Event = field(default_factory=asyncio.Event)
+    executions: list[asyncio.Task[Any]] = field(default_factory=list)
+    swallowed: list[float] = field(default_factory=list)
+    released: bool = False
+
+    def __post_init__(self) -> None:
+        self.registry.register_task("swallower", self.run, stop_timeout=0.2)
+
+    async def run(self, context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        this = asyncio.current_task()
+        assert this is not None
+        self.executions.append(this)
+        yield Report(context="c1")
+        self.checkpointed.set()
+        while not self.released:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if self.released:  # the test is over: end for real
+                    raise
+                self.swallowed.append(time.monotonic())
+        yield Report.finished()
+
+    async def let_go(self) -> None:
+        """End every execution for real."""
+        self.released = True
+        for execution in self.executions:
+            execution.cancel()
+        if self.executions:
+            done, _ = await asyncio.wait(self.executions, timeout=BOUND)
+            assert len(done) == len(self.executions)
+
+
+@pytest.mark.slow
 async def test_stop_returns_with_a_task_that_swallows_cancellation(
     db: DbTarget, raw: AsyncEngine
 ) -> None:
@@ -701,47 +720,22 @@ async def test_stop_returns_with_a_task_that_swallows_cancellation(
 
     Fails on 2086912: after the timeout ``stop()`` cancelled the node and waited for the task
     to end — which it never does — so ``stop()`` never returned."""
-    registry = TaskRegistry()
-    checkpointed = asyncio.Event()
-    executions: list[asyncio.Task[Any]] = []
-    swallowed: list[float] = []
-    let_go = False
-
-    @registry.task("swallower", stop_timeout=0.2)
-    async def swallower(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
-        this = asyncio.current_task()
-        assert this is not None
-        executions.append(this)
-        yield Report(context="c1")
-        checkpointed.set()
-        while not let_go:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                if let_go:  # the test is over: end for real
-                    raise
-                swallowed.append(time.monotonic())
-        yield Report.finished()
-
-    node = make_node(db, registry)
+    swallower = Swallower()
+    node = make_node(db, swallower.registry)
     await node.start()
     try:
         task_id = await node.create_task("swallower")
-        await asyncio.wait_for(checkpointed.wait(), BOUND)
+        await asyncio.wait_for(swallower.checkpointed.wait(), BOUND)
         pool = node.engine.pool
         async with asyncio.timeout(0.5 + 5.0):  # the documented bound of stop(timeout=0.5)
             await node.stop(timeout=0.5)
-        assert swallowed, "the task was never cancelled"
+        assert swallower.swallowed, "the task was never cancelled"
         assert node.engine.pool is not pool, "the connection pool was not disposed"
+        assert isinstance(pool, QueuePool)
         assert pool.checkedin() == 0
         assert not node.running
     finally:
-        let_go = True
-        for execution in executions:
-            execution.cancel()
-        if executions:
-            done, _ = await asyncio.wait(executions, timeout=BOUND)
-            assert len(done) == len(executions)
+        await swallower.let_go()
         await node.stop()
 
     assert await node_rows(raw) == 0
@@ -844,37 +838,18 @@ async def test_a_pause_cut_short_by_stop_timeout_keeps_the_attempt(
     given back, as a pause that ended normally would — pausing never uses up a retry.
 
     Failed before: the release counted it as node lost (PAUSED, attempts still 1)."""
-    registry = TaskRegistry()
-    checkpointed = asyncio.Event()
-    executions: list[asyncio.Task[Any]] = []
-    let_go = False
-
-    @registry.task("swallower", stop_timeout=0.2)
-    async def swallower(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
-        this = asyncio.current_task()
-        assert this is not None
-        executions.append(this)
-        yield Report(context="c1")
-        checkpointed.set()
-        while not let_go:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.05)
-        yield Report.finished()
-
-    node = make_node(db, registry)
+    swallower = Swallower()
+    node = make_node(db, swallower.registry)
     await node.start()
     try:
         task_id = await node.create_task("swallower")
-        await asyncio.wait_for(checkpointed.wait(), BOUND)
+        await asyncio.wait_for(swallower.checkpointed.wait(), BOUND)
         await node.pause_task(task_id)
         assert (await node.get_task(task_id)).state is State.CANCELING
         async with asyncio.timeout(0.5 + 5.0):
             await node.stop(timeout=0.5)
     finally:
-        let_go = True
-        for execution in executions:
-            execution.cancel()
-        await asyncio.wait(executions, timeout=BOUND)
+        await swallower.let_go()
         await node.stop()
     async with raw.connect() as conn:
         row = (
@@ -889,6 +864,7 @@ async def test_a_pause_cut_short_by_stop_timeout_keeps_the_attempt(
 # -- 8. pause_group(stop_running=True) racing tasks that finish -----------------------------
 
 
+@pytest.mark.slow
 async def test_pause_group_while_its_tasks_finish(db: DbTarget) -> None:
     """Rounds of 40 short tasks in a fresh group on two nodes; while they finish (each after a
     random 1-4 steps of 0-20 ms), a client pauses the group with ``stop_running=True``. It
@@ -963,6 +939,7 @@ async def test_pause_group_while_its_tasks_finish(db: DbTarget) -> None:
 # -- 9. concurrent group settings on a new group ---------------------------------------------
 
 
+@pytest.mark.slow
 async def test_concurrent_settings_of_a_new_group(db: DbTarget) -> None:
     """20 callers on two nodes (two engines) set up the same new group at once —
     ``pause_group`` (with and without ``stop_running``), ``set_group_limits``,
@@ -1008,6 +985,7 @@ async def test_concurrent_settings_of_a_new_group(db: DbTarget) -> None:
 # -- 10. change_task_group racing claims -----------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_moving_pending_tasks_into_a_limited_group_never_exceeds_its_limit(
     db: DbTarget, raw: AsyncEngine
 ) -> None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
-from _db import DbTarget, PgServer
+from _db import DbTarget, PgServer, free_port
 from _faultcases import (
     CHECKPOINT_SQL,
     CLAIM_SQL,
@@ -34,24 +33,21 @@ from _faultcases import (
     FaultProxy,
     History,
     Witness,
-    counter_context,
     counter_registry,
-    node_ids,
     orphans,
     task_rows,
 )
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import BOUND, LONG_BOUND, counter_context, make_node, node_ids, wait_for, worker_of
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, TaskRegistry
+from aioasync_tasks._backends import Backend
 from aioasync_tasks._errors import DatabaseError
 from aioasync_tasks._worker import Worker
 
 pytestmark = pytest.mark.postgres_only
 
-BOUND = 20.0
-"""Generous bound on waiting for a condition (never a timing assertion)."""
 QUIET = {"heartbeat_interval": 30.0, "node_timeout": 60.0, "poll_interval": 30.0}
 """A node that claims only when woken and heartbeats (and rescues) only at start: in a short
 test its only transactions are the ones the test causes."""
@@ -59,29 +55,15 @@ test its only transactions are the ones the test causes."""
 
 @pytest.fixture
 def fault_proxy(pg_server: PgServer) -> Iterator[FaultProxy]:
-    proxy = FaultProxy.for_url(pg_server.url)
-    assert isinstance(proxy, FaultProxy)
-    proxy.start()
-    try:
+    with FaultProxy.for_url(pg_server.url) as proxy:
+        assert isinstance(proxy, FaultProxy)
         yield proxy
-    finally:
-        proxy.close()
 
 
 @pytest.fixture
-def proxied(pg_db: DbTarget, fault_proxy: FaultProxy) -> DbTarget:
-    """``pg_db`` through ``fault_proxy``."""
-    return fault_proxy.target(pg_db)
-
-
-@pytest.fixture
-async def raw(pg_db: DbTarget) -> AsyncIterator[AsyncEngine]:
-    """A direct engine of the test's own (never through the proxy)."""
-    engine = raw_engine(pg_db)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+def proxied(db: DbTarget, fault_proxy: FaultProxy) -> DbTarget:
+    """``db`` through ``fault_proxy``."""
+    return fault_proxy.target(db)
 
 
 @asynccontextmanager
@@ -100,19 +82,13 @@ async def running(proxy: FaultProxy, *nodes: Node) -> AsyncIterator[None]:
         yield
 
 
-def worker_of(node: Node) -> Worker:
-    worker = node._worker
-    assert worker is not None
-    return worker
-
-
-async def setup(pg_db: DbTarget, raw: AsyncEngine, registry: TaskRegistry) -> tuple[Node, History]:
+async def setup(db: DbTarget, raw: AsyncEngine, registry: TaskRegistry) -> tuple[Node, History]:
     """A client-only node straight to the server (creates and controls tasks, never through
     the proxy) and the history trigger, installed once the client migrated the schema."""
-    client = make_node(pg_db, registry, concurrency=0)
+    client = make_node(db, registry, concurrency=0)
     await client.start()
-    assert pg_db.schema is not None
-    history = History(raw, pg_db.schema)
+    assert db.schema is not None
+    history = History(raw, db.schema)
     await history.install()
     return client, history
 
@@ -173,7 +149,7 @@ class FakeClock:
 async def test_lost_commit_reply_of_a_completion_never_lands_on_the_next_attempt(
     fault_proxy: FaultProxy,
     proxied: DbTarget,
-    pg_db: DbTarget,
+    db: DbTarget,
     raw: AsyncEngine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -212,7 +188,7 @@ async def test_lost_commit_reply_of_a_completion_never_lands_on_the_next_attempt
             witness.end(run, outcome)
 
     registry.register_task("flaky", flaky, max_attempts=3)
-    client, history = await setup(pg_db, raw, registry)
+    client, history = await setup(db, raw, registry)
     # Two slots, so that the claimer really claims (with one free slot) while attempt 1 waits
     # for its completion; it claims only when woken, and nothing else commits meanwhile.
     node = make_node(
@@ -258,7 +234,7 @@ async def test_lost_commit_reply_of_a_completion_never_lands_on_the_next_attempt
 async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
     fault_proxy: FaultProxy,
     proxied: DbTarget,
-    pg_db: DbTarget,
+    db: DbTarget,
     raw: AsyncEngine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -272,7 +248,7 @@ async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
     """
     witness = Witness()
     registry = counter_registry(witness)
-    client, history = await setup(pg_db, raw, registry)
+    client, history = await setup(db, raw, registry)
     node = make_node(
         proxied, registry, name="a", heartbeat_interval=0.2, node_timeout=60.0, poll_interval=30
     )
@@ -325,8 +301,9 @@ async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
 # -- 3. a stall longer than the lease -------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_them(
-    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+    fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
 ) -> None:
     """Node A (through the proxy, node_timeout 2 s) runs four tasks; the proxy holds all of A's
     traffic at a moment when A has no transaction open. A's lease (¾ of its node_timeout, from
@@ -341,7 +318,7 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
     """
     witness = Witness()
     registry = counter_registry(witness, max_attempts=3)
-    client, history = await setup(pg_db, raw, registry)
+    client, history = await setup(db, raw, registry)
     tasks = 4
     # As many slots as tasks: once they run, A's claimer has nothing to claim and sends nothing.
     node_a = make_node(
@@ -349,7 +326,7 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
     )
     # B's own node_timeout is shorter than A's lease: B must judge A by A's node_timeout.
     node_b = make_node(
-        pg_db,
+        db,
         registry,
         name="b",
         concurrency=tasks,
@@ -433,8 +410,9 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
 # -- 4. nodes with different node_timeouts ---------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_node_is_judged_by_its_own_node_timeout(
-    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+    fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
 ) -> None:
     """Node A (node_timeout 30 s) is cut off for 3 s; node B (node_timeout 1.5 s, heartbeat
     0.3 s) looks for dead nodes many times meanwhile and sees A's heartbeat older than its own
@@ -446,13 +424,13 @@ async def test_a_node_is_judged_by_its_own_node_timeout(
     """
     witness = Witness()
     registry = counter_registry(witness, max_attempts=3)
-    client, history = await setup(pg_db, raw, registry)
+    client, history = await setup(db, raw, registry)
     tasks = 3
     node_a = make_node(
         proxied, registry, name="a", concurrency=tasks, heartbeat_interval=0.3, node_timeout=30
     )
     node_b = make_node(
-        pg_db, registry, name="b", concurrency=tasks, heartbeat_interval=0.3, node_timeout=1.5
+        db, registry, name="b", concurrency=tasks, heartbeat_interval=0.3, node_timeout=1.5
     )
     async with running(fault_proxy, client, node_a):
         a_id = node_a.id
@@ -522,10 +500,11 @@ async def test_a_node_is_judged_by_its_own_node_timeout(
 # -- 5. a claim in flight when the lease runs out ---------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
     fault_proxy: FaultProxy,
     proxied: DbTarget,
-    pg_db: DbTarget,
+    db: DbTarget,
     raw: AsyncEngine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -539,7 +518,7 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
     """
     witness = Witness()
     registry = counter_registry(witness)
-    client, history = await setup(pg_db, raw, registry)
+    client, history = await setup(db, raw, registry)
     clock = FakeClock()
     node = make_node(
         proxied,
@@ -617,8 +596,9 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
 # -- 6. every connection reset in the middle of a drain -----------------------------------
 
 
+@pytest.mark.slow
 async def test_reset_all_during_a_drain_loses_nothing_and_runs_nothing_twice(
-    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+    fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
 ) -> None:
     """200 short tasks of three checkpointed steps drain on node A (through the proxy, 20
     slots) and node B (straight to the server, 10 slots); every connection of A is reset three
@@ -634,10 +614,10 @@ async def test_reset_all_during_a_drain_loses_nothing_and_runs_nothing_twice(
     """
     witness = Witness()
     registry = counter_registry(witness)
-    client, history = await setup(pg_db, raw, registry)
+    client, history = await setup(db, raw, registry)
     timings = {"heartbeat_interval": 0.2, "node_timeout": 60.0, "poll_interval": 0.05}
     node_a = make_node(proxied, registry, name="a", concurrency=20, **timings)
-    node_b = make_node(pg_db, registry, name="b", concurrency=10, **timings)
+    node_b = make_node(db, registry, name="b", concurrency=10, **timings)
     total, steps = 200, 3
     async with running(fault_proxy, client, node_a, node_b):
         ids = await client.create_tasks(
@@ -657,7 +637,7 @@ async def test_reset_all_during_a_drain_loses_nothing_and_runs_nothing_twice(
                 await fault.wait(BOUND)
                 resets.extend(fault.resets)
         await wait_for(
-            lambda: all_in(raw, ids, "finished"), timeout=3 * BOUND, what="the drain to finish"
+            lambda: all_in(raw, ids, "finished"), timeout=LONG_BOUND, what="the drain to finish"
         )
         assert await orphans(raw, [node_a, node_b]) == []
         a_id, b_id = node_a.id, node_b.id
@@ -699,7 +679,7 @@ async def test_reset_all_during_a_drain_loses_nothing_and_runs_nothing_twice(
 async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
     fault_proxy: FaultProxy,
     proxied: DbTarget,
-    pg_db: DbTarget,
+    db: DbTarget,
     raw: AsyncEngine,
     statement: bytes,
 ) -> None:
@@ -719,11 +699,11 @@ async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
     """
     witness = Witness()
     registry = counter_registry(witness, max_attempts=3)
-    client, history = await setup(pg_db, raw, registry)
+    client, history = await setup(db, raw, registry)
     tasks = 2
     timings = {"heartbeat_interval": 0.2, "node_timeout": 2.0}
     node_a = make_node(proxied, registry, name="a", concurrency=tasks, **timings)
-    node_b = make_node(pg_db, registry, name="b", concurrency=tasks, groups=["main"], **timings)
+    node_b = make_node(db, registry, name="b", concurrency=tasks, groups=["main"], **timings)
     async with running(fault_proxy, client, node_a):
         a_id = node_a.id
         assert a_id is not None
@@ -773,20 +753,13 @@ async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
 # -- errors name their cause -----------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 async def test_connection_refused_raises_a_database_error_that_names_it(host: str) -> None:
     """Starting a node against a port nobody listens on raises ``DatabaseError`` with a message
     that says what failed (not an empty string), marked transient (a retry may cure it).
 
     On 2086912 ``DatabaseError`` had no ``transient`` flag to tell it from a refused value."""
-    port = _closed_port()
+    port = free_port()
     node = Node(f"postgresql+asyncpg://postgres@{host}:{port}/test", concurrency=0)
     with pytest.raises(DatabaseError) as info:
         await node.start()
@@ -798,14 +771,14 @@ async def test_connection_refused_raises_a_database_error_that_names_it(host: st
 
 
 async def test_a_reset_connection_raises_a_database_error_that_names_it(
-    fault_proxy: FaultProxy, proxied: DbTarget, pg_db: DbTarget, raw: AsyncEngine
+    fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
 ) -> None:
     """A statement whose connection is reset before it runs raises ``DatabaseError`` with a
     non-empty message, transient; the next call goes through on a fresh connection.
 
     On 2086912 ``DatabaseError`` had no ``transient`` flag."""
     registry = counter_registry(Witness())
-    client, _ = await setup(pg_db, raw, registry)
+    client, _ = await setup(db, raw, registry)
     node = make_node(proxied, registry, concurrency=0)
     async with running(fault_proxy, client, node):
         task_id = await client.create_task("counter", counter_context(1))
@@ -832,8 +805,10 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
         async with engine.begin() as conn:
             default = (await conn.execute(show)).scalar_one()
         await node.start()
+        backend = node._backend
+        assert isinstance(backend, Backend)
         for _ in range(3):
-            async with node._backend.write() as conn:  # the node's own write transaction
+            async with backend.write() as conn:  # the node's own write transaction
                 assert (await conn.execute(show)).scalar_one() == "2s"
             await node.pause_group("g")
             async with engine.begin() as conn:

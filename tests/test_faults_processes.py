@@ -2,65 +2,40 @@
 lock, a cleanup handler that kills its own node process every time it runs, and a ``worker``
 (CLI) process whose node cannot keep one of its services up.
 
-Node processes run ``tests/faultproc.py`` (or ``nodeproc.py`` through the ``cluster`` fixture)
-and write the ledger of ``_ledger`` into the test's database; the tests read it back. Each
-test's docstring says why it fails on the engine before claim tokens and supervised services
-(commit 2086912).
+Node processes run ``tests/nodeproc.py`` (through the ``cluster`` fixture) and write the ledger
+of ``_ledger`` into the test's database; the tests read it back. Each test's docstring says why
+it fails on the engine before claim tokens and supervised services (commit 2086912).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
-import faultproc
 import pytest
-from _cluster import BOUND, FAST_PROCESS, READY_TIMEOUT, Cluster, NodeProcess
+from _cluster import NODEPROC, Cluster
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import (
+    LONG_BOUND,
+    WORKER_TIMINGS,
+    client_registry,
+    db_args,
+    make_node,
+    spawn_cli,
+    wait_for,
+    wait_state,
+)
 from _ledger import duplicates
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aioasync_tasks import Report, State, TaskRegistry
+from aioasync_tasks import State
 
 pytestmark = pytest.mark.slow
-
-FAULTPROC = Path(__file__).with_name("faultproc.py")
-
-
-class FaultNode(NodeProcess):
-    """A ``faultproc.py node`` process (same protocol as ``nodeproc.py``)."""
-
-    async def start(self) -> int:
-        args = [sys.executable, str(FAULTPROC), "node", "--url", self.db.url]
-        args += ["--name", self.name]
-        if self.db.schema is not None:
-            args += ["--schema", self.db.schema]
-        for key, value in self.options.items():
-            args += ["--" + key.replace("_", "-"), str(value)]
-        self._proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(READY_TIMEOUT):
-            line = await self.proc.stdout.readline()
-        if not line.startswith(b"READY "):
-            await self.close()
-            raise AssertionError(f"node process {self.name} did not start: {line!r}")
-        self.node_id = int(line.split()[1])
-        return self.node_id
-
-
-async def start_fault_node(cluster: Cluster, **options: Any) -> FaultNode:
-    process = FaultNode(cluster.db, f"fault{len(cluster.processes)}", {**FAST_PROCESS, **options})
-    cluster.processes.append(process)  # killed at the end of the test if still running
-    await process.start()
-    return process
-
 
 # -- 6. a bulk create on SQLite does not starve the heartbeats -------------------------------
 
@@ -95,11 +70,11 @@ async def test_bulk_create_does_not_cost_a_node_its_lease(cluster: Cluster) -> N
             for _ in range(12)
         ]
     )
-    await wait_for(cluster.steps_at_least(ids, 3), timeout=BOUND, what="every task under way")
+    await wait_for(cluster.steps_at_least(ids, 3), timeout=LONG_BOUND, what="every task under way")
 
     creator = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(FAULTPROC),
+        str(NODEPROC),
         "bulk",
         "--url",
         cluster.db.url,
@@ -139,7 +114,7 @@ async def test_bulk_create_does_not_cost_a_node_its_lease(cluster: Cluster) -> N
 
     for t in ids:
         await cluster.client.pause_task(t)
-    await wait_for(cluster.all_in(ids, State.PAUSED), timeout=BOUND, what="tasks paused")
+    await wait_for(cluster.all_in(ids, State.PAUSED), timeout=LONG_BOUND, what="tasks paused")
     for t in ids:
         task = await cluster.task(t)
         task_steps = await cluster.ledger.steps(t)
@@ -166,50 +141,46 @@ async def test_a_cleanup_that_kills_its_node_fails_after_its_attempts(cluster: C
     Fails on 2086912: a lost cleanup went back to DELETING with no count of its attempts, so
     the poison task killed one node after the other forever."""
     options = {"cleanup_attempts": 2, "concurrency": 2}
-    processes = [await start_fault_node(cluster, **options) for _ in range(2)]
-    client = make_node(cluster.db, faultproc.build_registry(), concurrency=0)
-    async with client:
-        task_id = await client.create_task("doomed")
+    processes = [await cluster.start(**options) for _ in range(2)]
+    client = cluster.client
+    task_id = await client.create_task("doomed")
 
-        async def finished() -> bool:
-            return (await client.get_task(task_id)).state is State.FINISHED
+    await wait_state(client, task_id, State.FINISHED, what="the task to run", timeout=LONG_BOUND)
+    await client.delete_task(task_id)
 
-        await wait_for(finished, timeout=BOUND, what="the task to run")
-        await client.delete_task(task_id)
+    deaths = 0
 
-        deaths = 0
+    async def restart_the_dead() -> None:  # the process manager
+        nonlocal deaths
+        for index, process in enumerate(processes):
+            if process.proc.returncode is not None:
+                assert await process.wait() == -9
+                deaths += 1
+                processes[index] = await cluster.start(**options)
 
-        async def restart_the_dead() -> None:  # the process manager
-            nonlocal deaths
-            for index, process in enumerate(processes):
-                if process.proc.returncode is not None:
-                    assert await process.wait() == -9
-                    deaths += 1
-                    processes[index] = await start_fault_node(cluster, **options)
-
-        deadline = time.monotonic() + 45.0
-        while (await client.get_task(task_id)).state is not State.FAILED:
-            assert time.monotonic() < deadline, (
-                f"the cleanup is still retried after {deaths} node deaths: "
-                f"{await client.get_task(task_id)}"
-            )
-            await restart_the_dead()
-            await asyncio.sleep(0.1)
+    deadline = time.monotonic() + 45.0
+    while (await client.get_task(task_id)).state is not State.FAILED:
+        assert time.monotonic() < deadline, (
+            f"the cleanup is still retried after {deaths} node deaths: "
+            f"{await client.get_task(task_id)}"
+        )
         await restart_the_dead()
-        assert deaths == 2
+        await asyncio.sleep(0.1)
+    await restart_the_dead()
+    assert deaths == 2
 
-        task = await client.get_task(task_id)
-        assert task.error is not None
-        assert "node lost" in task.error, task
-        assert task.node is None
-        runs = await cluster.ledger.cleanups(task_id)
-        assert len(runs) == 2, runs
-        assert len({node for node, _ in runs}) == 2, runs  # two different nodes died of it
+    task = await client.get_task(task_id)
+    assert task.error is not None
+    assert "node lost" in task.error, task
+    assert task.node is None
+    runs = await cluster.ledger.cleanups(task_id)
+    assert len(runs) == 2, runs
+    assert len({node for node, _ in runs}) == 2, runs  # two different nodes died of it
 
-        await asyncio.sleep(2 * 3.0 + 1.0)  # live nodes, several rescues later
-        assert len(await cluster.ledger.cleanups(task_id)) == 2
-        assert (await client.get_task(task_id)).state is State.FAILED
-        assert all(p.proc.returncode is None for p in processes)
+    await asyncio.sleep(2 * 3.0 + 1.0)  # live nodes, several rescues later
+    assert len(await cluster.ledger.cleanups(task_id)) == 2
+    assert (await client.get_task(task_id)).state is State.FAILED
+    assert all(p.proc.returncode is None for p in processes)
     for process in processes:
         await process.stop()
 
@@ -236,19 +207,8 @@ WORKER_MODULE = textwrap.dedent(
 )
 
 
-def _steady_registry() -> TaskRegistry:
-    registry = TaskRegistry()
-
-    async def never(context: str, stop: asyncio.Event) -> Any:
-        raise AssertionError("the client runs nothing")
-        yield Report()
-
-    registry.register_task("steady", never)
-    return registry
-
-
 async def test_worker_exits_non_zero_when_its_node_stops_on_its_own(
-    db: DbTarget, tmp_path: Path
+    db: DbTarget, raw: AsyncEngine, tmp_path: Path
 ) -> None:
     """A row the engine cannot read — a task of a node that no longer exists, CANCELING with
     a stop request this version does not know (as a newer version might write) — makes the
@@ -260,8 +220,7 @@ async def test_worker_exits_non_zero_when_its_node_stops_on_its_own(
     Fails on 2086912: the crash took the node's services down while the worker went on waiting
     for a signal, its process alive and its node row left behind."""
     (tmp_path / "steadytasks.py").write_text(WORKER_MODULE)
-    client = make_node(db, _steady_registry(), concurrency=0)
-    raw = raw_engine(db)
+    client = make_node(db, client_registry({"steady": {}}), concurrency=0)
     log = tmp_path / "worker.log"
     process: asyncio.subprocess.Process | None = None
     try:
@@ -276,34 +235,16 @@ async def test_worker_exits_non_zero_when_its_node_stops_on_its_own(
                 ),
                 {"id": poison},
             )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIOASYNC_TASKS_")}
-        db_args = ["--db", db.url, *(["--schema", db.schema] if db.schema else [])]
-        with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "aioasync_tasks",
-                *db_args,
-                "worker",
-                "steadytasks:registry",
-                "--heartbeat-interval",
-                "0.2",
-                "--node-timeout",
-                "2",
-                "--poll-interval",
-                "0.1",
-                cwd=tmp_path,
-                env=env,
-                stdout=sink,
-                stderr=sink,
-            )
+        process = await spawn_cli(
+            *db_args(db), "worker", "steadytasks:registry", *WORKER_TIMINGS, cwd=tmp_path, log=log
+        )
 
         async def running() -> bool:
             task = await client.get_task(task_id)
             return task.state is State.RUNNING and int(task.context) >= 3
 
-        await wait_for(running, timeout=BOUND, what="the worker to run the task")
-        async with asyncio.timeout(BOUND):  # a bound on the test, not a timing assertion
+        await wait_for(running, timeout=LONG_BOUND, what="the worker to run the task")
+        async with asyncio.timeout(LONG_BOUND):  # a bound on the test, not a timing assertion
             code = await process.wait()
         output = log.read_text(errors="replace")
         assert code == 1, output
@@ -322,4 +263,3 @@ async def test_worker_exits_non_zero_when_its_node_stops_on_its_own(
             process.kill()
             await process.wait()
         await client.stop()
-        await raw.dispose()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]  # no type information
 import pytest
 from _db import DbTarget, PgServer, to_asyncpg_dsn
 from _faults import PgProxy

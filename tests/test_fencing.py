@@ -1,5 +1,6 @@
-"""Rescue of a dead node's tasks and fencing of a node declared dead (SPEC §4 "node lost", §6),
-in one process on every backend.
+"""Rescue of a dead node's tasks and fencing of a node declared dead (``docs/explanation.md``,
+"A node crashes (kill -9)" and "A node is cut off (network partition)"), in one process on
+every backend.
 
 The nodes here have hour-long heartbeat intervals and node timeouts, so nothing happens on its
 own: the test makes a node's heartbeat stale (or removes its row) with SQL of its own and then
@@ -17,17 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import BOUND, make_node, node_ids, read_row, wait_for, wait_state, worker_of
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aioasync_tasks import Node, Report, State, TaskNotFound, TaskRegistry, current_task
+from aioasync_tasks import Node, Report, State, TaskRegistry, current_task
 from aioasync_tasks._backends._driver import Completion
 from aioasync_tasks._states import Event
-from aioasync_tasks._worker import Worker
 
-BOUND = 30.0
-"""Generous bound on waiting for a condition (never a timing assertion)."""
 SLOW = {"heartbeat_interval": 1800.0, "node_timeout": 3600.0}
 """No heartbeat or rescue happens by itself during a test."""
 
@@ -109,36 +107,6 @@ def blocking_registry(witness: Witness) -> TaskRegistry:
     return registry
 
 
-@dataclass
-class Row:
-    state: str
-    requested: str | None
-    context: str
-    node_id: int | None
-    attempts: int
-    error: str | None
-    updated_at: Any
-
-
-async def read_row(engine: AsyncEngine, task_id: int) -> Row | None:
-    async with engine.connect() as conn:
-        result = await conn.execute(
-            text(
-                "SELECT state, requested, context, node_id, attempts, error, updated_at"
-                " FROM aioasync_tasks WHERE id = :id"
-            ),
-            {"id": task_id},
-        )
-        row = result.first()
-    return None if row is None else Row(*row)
-
-
-async def node_ids(engine: AsyncEngine) -> list[int]:
-    async with engine.connect() as conn:
-        result = await conn.execute(text("SELECT id FROM aioasync_nodes ORDER BY id"))
-        return [r[0] for r in result]
-
-
 async def make_stale(db: DbTarget, engine: AsyncEngine, node_id: int) -> None:
     """Move a node's last heartbeat a day into the past (epoch seconds on SQLite)."""
     if db.is_postgres:
@@ -155,7 +123,7 @@ async def summary(engine: AsyncEngine, task_id: int) -> tuple[Any, ...] | None:
     row = await read_row(engine, task_id)
     if row is None:
         return None
-    return (row.state, row.requested, row.context, row.node_id, row.attempts, row.error)
+    return tuple(row[k] for k in ("state", "requested", "context", "node_id", "attempts", "error"))
 
 
 @asynccontextmanager
@@ -169,163 +137,140 @@ async def bounded(node: Node) -> AsyncIterator[Node]:
         await node.stop(timeout=BOUND)
 
 
-def worker_of(node: Node) -> Worker:
-    worker = node._worker
-    assert worker is not None
-    return worker
+async def heartbeat_finds_row_gone(node: Node, old_id: int) -> int:
+    """Run the node's heartbeat once, its row gone: it fences itself and registers again under
+    a new id, which it returns."""
+    worker = worker_of(node)
+    async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
+        await worker.heartbeat_once()
+    assert worker.fenced.is_set()
+    new_id = node.id
+    assert new_id is not None
+    assert new_id != old_id
+    return new_id
 
 
-async def wait_state(node: Node, task_id: int, state: State | None) -> None:
-    async def reached() -> bool:
-        try:
-            return (await node.get_task(task_id)).state is state
-        except TaskNotFound:
-            return state is None
-
-    await wait_for(reached, timeout=BOUND, what=f"task {task_id} to be {state}")
-
-
-async def test_rescue_releases_a_dead_nodes_tasks(db: DbTarget) -> None:
+async def test_rescue_releases_a_dead_nodes_tasks(db: DbTarget, raw: AsyncEngine) -> None:
     witness = Witness()
     registry = blocking_registry(witness)
-    raw = raw_engine(db)
-    try:
-        async with bounded(make_node(db, registry, name="a", **SLOW)) as node_a:
-            a_old = node_a.id
-            assert a_old is not None
-            retry = await node_a.create_task("retry", "r")
-            once = await node_a.create_task("once", "o")
-            pausing = await node_a.create_task("stubborn", "p")
-            deleting = await node_a.create_task("stubborn_c", "d")
-            cleaning = await node_a.create_task("tidy", "c")
-            await wait_state(node_a, cleaning, State.FINISHED)
-            await node_a.delete_task(cleaning)  # its cleanup starts and waits
-            await wait_for(
-                lambda: witness.held == {retry, once, pausing, deleting, -cleaning},
-                timeout=BOUND,
-                what="every task (and the cleanup) to checkpoint and wait",
-            )
-            await node_a.pause_task(pausing)  # CANCELING(pause): the task ignores stop
-            await node_a.delete_task(deleting)  # CANCELING(delete)
-            assert await summary(raw, pausing) == ("canceling", "pause", "held", a_old, 1, None)
-            assert await summary(raw, deleting) == ("canceling", "delete", "held", a_old, 1, None)
-            assert await summary(raw, cleaning) == ("deleting", None, "cleaning", a_old, 1, None)
+    async with bounded(make_node(db, registry, name="a", **SLOW)) as node_a:
+        a_old = node_a.id
+        assert a_old is not None
+        retry = await node_a.create_task("retry", "r")
+        once = await node_a.create_task("once", "o")
+        pausing = await node_a.create_task("stubborn", "p")
+        deleting = await node_a.create_task("stubborn_c", "d")
+        cleaning = await node_a.create_task("tidy", "c")
+        await wait_state(node_a, cleaning, State.FINISHED)
+        await node_a.delete_task(cleaning)  # its cleanup starts and waits
+        await wait_for(
+            lambda: witness.held == {retry, once, pausing, deleting, -cleaning},
+            timeout=BOUND,
+            what="every task (and the cleanup) to checkpoint and wait",
+        )
+        await node_a.pause_task(pausing)  # CANCELING(pause): the task ignores stop
+        await node_a.delete_task(deleting)  # CANCELING(delete)
+        assert await summary(raw, pausing) == ("canceling", "pause", "held", a_old, 1, None)
+        assert await summary(raw, deleting) == ("canceling", "delete", "held", a_old, 1, None)
+        assert await summary(raw, cleaning) == ("deleting", None, "cleaning", a_old, 1, None)
 
-            async with make_node(db, TaskRegistry(), name="b", **SLOW) as node_b:
-                await make_stale(db, raw, a_old)
-                # A rescuer skips a node row that is locked by that node's claim in flight
-                # (PostgreSQL): it is rescued on one of the next rounds.
-                released: list[int] = []
+        async with make_node(db, TaskRegistry(), name="b", **SLOW) as node_b:
+            await make_stale(db, raw, a_old)
+            # A rescuer skips a node row that is locked by that node's claim in flight
+            # (PostgreSQL): it is rescued on one of the next rounds.
+            released: list[int] = []
 
-                async def rescued() -> bool:
-                    released.append(await worker_of(node_b).rescue_once())
-                    return sum(released) > 0
+            async def rescued() -> bool:
+                released.append(await worker_of(node_b).rescue_once())
+                return sum(released) > 0
 
-                await wait_for(rescued, timeout=BOUND, what="node B to rescue node A's tasks")
-                assert sum(released) == 5  # all of them at once
-                assert await node_ids(raw) == [node_b.id]
-                assert {
-                    task_id: await summary(raw, task_id)
-                    for task_id in (retry, once, pausing, deleting, cleaning)
-                } == {
-                    retry: ("pending", None, "held", None, 1, None),
-                    once: ("failed", None, "held", None, 1, "node lost"),
-                    pausing: ("paused", None, "held", None, 1, None),
-                    deleting: ("deleting", None, "held", None, 0, None),
-                    cleaning: ("deleting", None, "cleaning", None, 1, None),
-                }
-                # Node A does not know yet: its generators are still waiting.
-                assert witness.cancelled == []
+            await wait_for(rescued, timeout=BOUND, what="node B to rescue node A's tasks")
+            assert sum(released) == 5  # all of them at once
+            assert await node_ids(raw) == [node_b.id]
+            assert {
+                task_id: await summary(raw, task_id)
+                for task_id in (retry, once, pausing, deleting, cleaning)
+            } == {
+                retry: ("pending", None, "held", None, 1, None),
+                once: ("failed", None, "held", None, 1, "node lost"),
+                pausing: ("paused", None, "held", None, 1, None),
+                deleting: ("deleting", None, "held", None, 0, None),
+                cleaning: ("deleting", None, "cleaning", None, 1, None),
+            }
+            # Node A does not know yet: its generators are still waiting.
+            assert witness.cancelled == []
 
-                # A's next heartbeat finds its row gone: it fences itself and re-registers.
-                worker_a = worker_of(node_a)
-                async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
-                    await worker_a.heartbeat_once()
-                assert worker_a.fenced.is_set()
-                a_new = node_a.id
-                assert a_new is not None
-                assert a_new != a_old
-                assert sorted(witness.cancelled) == sorted(
-                    [retry, once, pausing, deleting, -cleaning]
-                )
-                assert sorted(await node_ids(raw)) == sorted([a_new, node_b.id])
+            # A's next heartbeat finds its row gone: it fences itself and re-registers.
+            a_new = await heartbeat_finds_row_gone(node_a, a_old)
+            assert sorted(witness.cancelled) == sorted([retry, once, pausing, deleting, -cleaning])
+            assert node_b.id is not None
+            assert sorted(await node_ids(raw)) == sorted([a_new, node_b.id])
 
-                # The released work runs again on A, under its new id.
-                await wait_state(node_a, retry, State.FINISHED)
-                await wait_state(node_a, deleting, None)
-                await wait_state(node_a, cleaning, None)
-                assert witness.runs[retry] == [(a_old, 1), (a_new, 2)]
-                assert witness.cleanups[deleting] == 1
-                assert witness.cleanups[cleaning] == 2
-                assert (await node_a.get_task(once)).state is State.FAILED
-                assert (await node_a.get_task(pausing)).state is State.PAUSED
-                assert witness.runs[pausing] == [(a_old, 1)]
-                assert witness.runs[once] == [(a_old, 1)]
-    finally:
-        await raw.dispose()
+            # The released work runs again on A, under its new id.
+            await wait_state(node_a, retry, State.FINISHED)
+            await wait_state(node_a, deleting, None)
+            await wait_state(node_a, cleaning, None)
+            assert witness.runs[retry] == [(a_old, 1), (a_new, 2)]
+            assert witness.cleanups[deleting] == 1
+            assert witness.cleanups[cleaning] == 2
+            assert (await node_a.get_task(once)).state is State.FAILED
+            assert (await node_a.get_task(pausing)).state is State.PAUSED
+            assert witness.runs[pausing] == [(a_old, 1)]
+            assert witness.runs[once] == [(a_old, 1)]
     assert witness.overlaps == []
 
 
 async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
-    db: DbTarget,
+    db: DbTarget, raw: AsyncEngine
 ) -> None:
     witness = Witness()
     registry = blocking_registry(witness)
-    raw = raw_engine(db)
-    try:
-        async with bounded(make_node(db, registry, name="a", **SLOW)) as node_a:
-            worker_a = worker_of(node_a)
-            a_old = node_a.id
-            assert a_old is not None
-            task_id = await node_a.create_task("retry", "r", group="fenced")
-            await wait_for(
-                lambda: task_id in witness.held, timeout=BOUND, what="the task to checkpoint"
+    async with bounded(make_node(db, registry, name="a", **SLOW)) as node_a:
+        worker_a = worker_of(node_a)
+        a_old = node_a.id
+        assert a_old is not None
+        task_id = await node_a.create_task("retry", "r", group="fenced")
+        await wait_for(
+            lambda: task_id in witness.held, timeout=BOUND, what="the task to checkpoint"
+        )
+        # Keep the released task from being claimed again until the test has looked.
+        await node_a.pause_group("fenced")
+        assert await summary(raw, task_id) == ("running", None, "held", a_old, 1, None)
+
+        # Another node declared A dead and removed its row (A's tasks are still its own).
+        async with raw.begin() as conn:
+            await conn.execute(text("DELETE FROM aioasync_nodes WHERE id = :id"), {"id": a_old})
+        assert witness.cancelled == []
+
+        a_new = await heartbeat_finds_row_gone(node_a, a_old)
+        # The heartbeat found the row gone: A stopped its task at once and registered again
+        # under a new id, waiting for nothing; the generator was cancelled.
+        assert await node_ids(raw) == [a_new]
+        await wait_for(lambda: not worker_a.executions, timeout=BOUND, what="the execution")
+        assert witness.cancelled == [task_id]
+        # The row still named the old id and the execution's claim token: the execution's
+        # last word released it (NODE_LOST); a rescue finds nothing left to do.
+        assert await worker_a.rescue_once() == 0
+        fenced_row = await read_row(raw, task_id)
+        assert fenced_row is not None
+        # The generator's write after its cancellation ("late") never landed.
+        assert await summary(raw, task_id) == ("pending", None, "held", None, 1, None)
+
+        # Writes still bound to the old id are rejected and change nothing.
+        committer = worker_a.committer
+        assert await committer.checkpoint(a_old, task_id, 1, "later") is False
+        assert (
+            await committer.complete(
+                a_old, Completion(task_id, 1, Event.FINISHED, context="finished late")
             )
-            # Keep the released task from being claimed again until the test has looked.
-            await node_a.pause_group("fenced")
-            assert await summary(raw, task_id) == ("running", None, "held", a_old, 1, None)
+            is False
+        )
+        assert await read_row(raw, task_id) == fenced_row
 
-            # Another node declared A dead and removed its row (A's tasks are still its own).
-            async with raw.begin() as conn:
-                await conn.execute(text("DELETE FROM aioasync_nodes WHERE id = :id"), {"id": a_old})
-            assert witness.cancelled == []
-
-            async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
-                await worker_a.heartbeat_once()
-            # The heartbeat found the row gone: A stopped its task at once and registered again
-            # under a new id, waiting for nothing; the generator was cancelled.
-            assert worker_a.fenced.is_set()
-            a_new = node_a.id
-            assert a_new is not None
-            assert a_new != a_old
-            assert await node_ids(raw) == [a_new]
-            await wait_for(lambda: not worker_a.executions, timeout=BOUND, what="the execution")
-            assert witness.cancelled == [task_id]
-            # The row still named the old id and the execution's claim token: the execution's
-            # last word released it (NODE_LOST); a rescue finds nothing left to do.
-            assert await worker_a.rescue_once() == 0
-            fenced_row = await read_row(raw, task_id)
-            assert fenced_row is not None
-            # The generator's write after its cancellation ("late") never landed.
-            assert await summary(raw, task_id) == ("pending", None, "held", None, 1, None)
-
-            # Writes still bound to the old id are rejected and change nothing.
-            committer = worker_a.committer
-            assert await committer.checkpoint(a_old, task_id, 1, "later") is False
-            assert (
-                await committer.complete(
-                    a_old, Completion(task_id, 1, Event.FINISHED, context="finished late")
-                )
-                is False
-            )
-            assert await read_row(raw, task_id) == fenced_row
-
-            # The released task runs again, on A under its new id, from its checkpoint.
-            await node_a.resume_group("fenced")
-            await wait_state(node_a, task_id, State.FINISHED)
-            task = await node_a.get_task(task_id)
-    finally:
-        await raw.dispose()
+        # The released task runs again, on A under its new id, from its checkpoint.
+        await node_a.resume_group("fenced")
+        await wait_state(node_a, task_id, State.FINISHED)
+        task = await node_a.get_task(task_id)
     assert task.context == "held+again"
     assert task.attempts == 2
     assert witness.runs[task_id] == [(a_old, 1), (a_new, 2)]

@@ -1,6 +1,6 @@
-"""A node's life (SPEC §2, §6): start and stop from any asyncio task, client-only nodes,
-graceful hand-off of running tasks to another node, bounded stops, the node registry, and
-which task types a node claims."""
+"""A node's life (``docs/reference.md``, "Lifecycle"): start and stop from any asyncio task,
+client-only nodes, graceful hand-off of running tasks to another node, bounded stops, the node
+registry, and which task types a node claims."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 import pytest
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
-from sqlalchemy import RowMapping, text
+from _helpers import BOUND, make_node, node_rows, read_row, wait_for, wait_state, worker_of
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import (
@@ -27,19 +27,6 @@ from aioasync_tasks import (
     current_task,
 )
 
-BOUND = 30.0
-"""Generous bound on waiting for a condition (never a timing assertion)."""
-
-
-async def task_row(raw: AsyncEngine, task_id: int) -> RowMapping:
-    """A task's row as stored, read behind the library's back."""
-    async with raw.connect() as conn:
-        result = await conn.execute(
-            text("SELECT state, context, node_id, handoff FROM aioasync_tasks WHERE id = :id"),
-            {"id": task_id},
-        )
-        return result.mappings().one()
-
 
 def echo_registry() -> TaskRegistry:
     registry = TaskRegistry()
@@ -50,31 +37,6 @@ def echo_registry() -> TaskRegistry:
         yield Report.finished(context=context + "!!")
 
     return registry
-
-
-@pytest.fixture
-async def raw(db: DbTarget) -> AsyncIterator[AsyncEngine]:
-    engine = raw_engine(db)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
-    async with engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).scalar()
-
-
-async def node_rows(engine: AsyncEngine) -> int:
-    return int(await scalar(engine, "SELECT count(*) FROM aioasync_nodes"))
-
-
-async def wait_state(node: Node, task_id: int, state: State) -> None:
-    async def reached() -> bool:
-        return (await node.get_task(task_id)).state is state
-
-    await wait_for(reached, timeout=BOUND, what=f"task {task_id} to be {state}")
 
 
 # -- start and stop -----------------------------------------------------------------------
@@ -214,7 +176,8 @@ async def test_graceful_stop_hands_off_to_another_node(db: DbTarget, raw: AsyncE
         await wait_for(lambda: len(steps) >= 3, timeout=BOUND, what="a few steps on node A")
     assert not node_a.running
 
-    row = await task_row(raw, task_id)
+    row = await read_row(raw, task_id)
+    assert row is not None
     assert await node_rows(raw) == 0
     assert row["state"] == "pending"
     assert row["node_id"] is None
@@ -298,8 +261,7 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
 
     node = make_node(db, registry)
     await node.start()
-    worker = node._worker
-    assert worker is not None
+    worker = worker_of(node)
     claim = worker.backend.claim
     entered = asyncio.Event()
     proceed = asyncio.Event()
@@ -331,7 +293,8 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
             await asyncio.gather(stopping, return_exceptions=True)
 
     assert stop_at_start == [True]
-    row = await task_row(raw, task_id)
+    row = await read_row(raw, task_id)
+    assert row is not None
     assert row["state"] == "pending"
     assert row["node_id"] is None
     assert bool(row["handoff"]) is True
@@ -369,8 +332,7 @@ async def test_unregistered_type_is_never_claimed(db: DbTarget) -> None:
         async with make_node(db, registry_a) as node_a:
             echo_id = await client.create_task("echo", "x")
             await wait_state(node_a, echo_id, State.FINISHED)  # A's claimer went past "other"
-            worker = node_a._worker
-            assert worker is not None
+            worker = worker_of(node_a)
             assert await worker.claim_once() == 0
             task = await client.get_task(other_id)
             assert (task.state, task.attempts, task.node) == (State.PENDING, 0, None)

@@ -1,4 +1,5 @@
-"""Cluster-wide group limits under concurrent claims from several node processes (SPEC §5).
+"""Cluster-wide group limits under concurrent claims from several node processes
+(``docs/how-to.md``, "Use groups, limits and priorities").
 
 Three node processes with 10 slots each drain two limited groups. Two witnesses must agree
 that no limit is ever exceeded: the database, sampled continuously while the nodes work, and
@@ -13,10 +14,9 @@ from collections import defaultdict
 
 import pytest
 import sqlalchemy as sa
-from _cluster import BOUND, Cluster
-from _helpers import raw_engine, wait_for
+from _cluster import Cluster
+from _helpers import LONG_BOUND, counter_context, raw_engine, wait_for
 from _ledger import Step
-from nodeproc import counter_context
 
 from aioasync_tasks import State
 
@@ -95,7 +95,9 @@ async def test_group_limits_hold_across_three_node_processes(cluster: Cluster) -
         await client.resume_group("per-user")
         everything = capped + [t for ids in per_user.values() for t in ids]
         await wait_for(
-            cluster.all_in(everything, State.FINISHED), timeout=BOUND, what="both groups drained"
+            cluster.all_in(everything, State.FINISHED),
+            timeout=LONG_BOUND,
+            what="both groups drained",
         )
     finally:
         done.set()

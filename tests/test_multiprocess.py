@@ -1,4 +1,5 @@
-"""Multi-process behaviour with real node processes (SPEC §6, §10), on both backends.
+"""Multi-process behaviour with real node processes (``docs/explanation.md``, "Delivery
+guarantees"), on both backends.
 
 Each test starts node processes (``tests/nodeproc.py``) against one database — several
 processes on one SQLite file, or one PostgreSQL schema — and drives them from a client-only
@@ -21,10 +22,9 @@ import statistics
 import time
 
 import pytest
-from _cluster import BOUND, Cluster
-from _helpers import wait_for
+from _cluster import Cluster
+from _helpers import LONG_BOUND, counter_context, wait_for
 from _ledger import Step, duplicates
-from nodeproc import counter_context
 
 from aioasync_tasks import State, Task
 
@@ -60,7 +60,7 @@ async def test_kill9_tasks_are_rescued_and_resume_from_checkpoint(cluster: Clust
         + [{"type": "counter", "context": context, "max_attempts": 1}]
     )
     resumable, once = ids[:3], ids[3]
-    await wait_for(cluster.steps_at_least(ids, 2), timeout=BOUND, what="every task under way")
+    await wait_for(cluster.steps_at_least(ids, 2), timeout=LONG_BOUND, what="every task under way")
 
     victim.kill()
     assert await victim.wait() == -signal.SIGKILL
@@ -73,9 +73,11 @@ async def test_kill9_tasks_are_rescued_and_resume_from_checkpoint(cluster: Clust
 
     rescuer = await cluster.start(concurrency=8)
     await wait_for(
-        cluster.all_in(resumable, State.FINISHED), timeout=BOUND, what="rescued tasks finished"
+        cluster.all_in(resumable, State.FINISHED), timeout=LONG_BOUND, what="rescued tasks finished"
     )
-    await wait_for(cluster.all_in([once], State.FAILED), timeout=BOUND, what="FAILED node lost")
+    await wait_for(
+        cluster.all_in([once], State.FAILED), timeout=LONG_BOUND, what="FAILED node lost"
+    )
 
     repeated = 0
     for t in resumable:
@@ -119,7 +121,7 @@ async def test_graceful_stop_hands_tasks_off_without_repeating_a_step(cluster: C
     ids = await cluster.client.create_tasks(
         [{"type": "counter", "context": context} for _ in range(3)]
     )
-    await wait_for(cluster.steps_at_least(ids, 2), timeout=BOUND, what="every task under way")
+    await wait_for(cluster.steps_at_least(ids, 2), timeout=LONG_BOUND, what="every task under way")
 
     await first.stop()
     handed_off: dict[int, int] = {}
@@ -136,7 +138,7 @@ async def test_graceful_stop_hands_tasks_off_without_repeating_a_step(cluster: C
     assert first.node_id not in {node.id for node in await cluster.client.get_nodes()}
 
     second = await cluster.start(concurrency=8)
-    await wait_for(cluster.all_in(ids, State.FINISHED), timeout=BOUND, what="tasks finished")
+    await wait_for(cluster.all_in(ids, State.FINISHED), timeout=LONG_BOUND, what="tasks finished")
     for t in ids:
         steps = await cluster.ledger.steps(t)
         assert sorted(s.step for s in steps) == list(range(n)), steps
@@ -162,12 +164,12 @@ async def test_pause_and_resume_a_task_running_in_another_process(cluster: Clust
         # a random point of the heartbeat cycle, as in real use, not always just after a claim.
         extra = 0 if cluster.db.is_postgres else random.randrange(PHASE_STEPS)
         await wait_for(
-            cluster.steps_at_least([t], paused_at + 3 + extra), timeout=BOUND, what="steps"
+            cluster.steps_at_least([t], paused_at + 3 + extra), timeout=LONG_BOUND, what="steps"
         )
         await cluster.client.pause_task(t)
         started = time.perf_counter()
         await wait_for(
-            cluster.all_in([t], State.PAUSED), timeout=BOUND, interval=0.002, what="PAUSED"
+            cluster.all_in([t], State.PAUSED), timeout=LONG_BOUND, interval=0.002, what="PAUSED"
         )
         samples.append(time.perf_counter() - started)
 
@@ -179,7 +181,7 @@ async def test_pause_and_resume_a_task_running_in_another_process(cluster: Clust
         assert sorted(s.step for s in steps) == list(range(paused_at)), (paused_at, steps)
         await cluster.client.run_task(t)
 
-    await wait_for(cluster.steps_at_least([t], paused_at + 3), timeout=BOUND, what="resumed")
+    await wait_for(cluster.steps_at_least([t], paused_at + 3), timeout=LONG_BOUND, what="resumed")
     await runner.stop()
     task = await cluster.task(t)
     assert task.state is State.PENDING  # handed off at the stop
@@ -198,12 +200,12 @@ async def test_delete_running_task_runs_its_cleanup_exactly_once(cluster: Cluste
     once (on either node, with the last checkpoint) and the row disappears."""
     nodes = await cluster.start_many(2)
     t = await cluster.client.create_task("cleaned", counter_context(10**9, delay=0.02))
-    await wait_for(cluster.steps_at_least([t], 3), timeout=BOUND, what="task under way")
+    await wait_for(cluster.steps_at_least([t], 3), timeout=LONG_BOUND, what="task under way")
     owner = (await cluster.task(t)).node
     assert owner in {p.node_id for p in nodes}
 
     await cluster.client.delete_task(t)
-    await wait_for(cluster.gone(t), timeout=BOUND, what="row removed after its cleanup")
+    await wait_for(cluster.gone(t), timeout=LONG_BOUND, what="row removed after its cleanup")
     cleanups = await cluster.ledger.cleanups(t)
     assert len(cleanups) == 1, cleanups
     cleaner, context = cleanups[0]
@@ -227,9 +229,9 @@ async def test_task_ignoring_stop_is_cancelled_after_its_stop_timeout(cluster: C
     async def checkpoint_is(value: int) -> bool:
         return checkpoint(await cluster.task(t)) == value
 
-    await wait_for(lambda: checkpoint_is(1), timeout=BOUND, what="first checkpoint")
+    await wait_for(lambda: checkpoint_is(1), timeout=LONG_BOUND, what="first checkpoint")
     await cluster.client.pause_task(t)
-    await wait_for(cluster.all_in([t], State.PAUSED), timeout=BOUND, what="PAUSED")
+    await wait_for(cluster.all_in([t], State.PAUSED), timeout=LONG_BOUND, what="PAUSED")
     assert await cluster.ledger.events(t) == ["stop seen", "cancelled"]
     task = await cluster.task(t)
     assert checkpoint(task) == 1
@@ -237,7 +239,7 @@ async def test_task_ignoring_stop_is_cancelled_after_its_stop_timeout(cluster: C
     assert task.error is None
 
     await cluster.client.run_task(t)
-    await wait_for(lambda: checkpoint_is(2), timeout=BOUND, what="resumed at the checkpoint")
+    await wait_for(lambda: checkpoint_is(2), timeout=LONG_BOUND, what="resumed at the checkpoint")
     await runner.stop()  # waits out the stop timeout, cancels, hands off
     task = await cluster.task(t)
     assert task.state is State.PENDING
@@ -255,7 +257,7 @@ async def test_three_nodes_drain_one_queue_each_step_once(cluster: Cluster) -> N
     ids = await cluster.client.create_tasks(
         [{"type": "counter", "context": counter_context(n, delay=0.01)} for _ in range(24)]
     )
-    await wait_for(cluster.all_in(ids, State.FINISHED), timeout=BOUND, what="queue drained")
+    await wait_for(cluster.all_in(ids, State.FINISHED), timeout=LONG_BOUND, what="queue drained")
     workers: set[int] = set()
     for t in ids:
         task = await cluster.task(t)

@@ -1,4 +1,5 @@
-"""Conformance: every cell of the user-operation table of SPEC §4, on both backends.
+"""Conformance: every cell of the user-operation table (the module docstring of
+``aioasync_tasks._states``; ``docs/explanation.md``, "States and transitions"), on both backends.
 
 Each test reaches its starting state honestly, with real nodes on a real database:
 
@@ -10,7 +11,7 @@ Each test reaches its starting state honestly, with real nodes on a real databas
   releases it; FINISHED and FAILED with tasks that finish or fail (the worker is then stopped, so
   nothing but the test touches the row); DELETING (owned) with a cleanup handler that waits.
 
-The expected outcome of every cell is written out by hand below from SPEC §4, never derived from
+The expected outcome of every cell is written out by hand below from that table, never derived from
 the library. Operations go through a second, client-only node, so stop requests travel through the
 database (NOTIFY on PostgreSQL, the heartbeat on SQLite), as they do between processes; a few tests
 operate through the owning node itself.
@@ -26,7 +27,7 @@ from types import TracebackType
 
 import pytest
 from _db import DbTarget
-from _helpers import make_node, wait_for
+from _helpers import LONG_BOUND, make_node, wait_event, wait_for
 
 from aioasync_tasks import (
     InvalidTransition,
@@ -41,8 +42,6 @@ from aioasync_tasks import (
     current_task,
 )
 
-BOUND = 60.0
-"""Seconds any wait may take before the test fails: a generous bound, never a timing claim."""
 STOP_TIMEOUT = 90.0
 """Grace period of the test task types: longer than any test, so no task is ever cancelled
 for ignoring ``stop`` (the tests decide when a task ends)."""
@@ -64,13 +63,6 @@ class Gate:
         self.finished = 0
         if release:
             self.release.set()
-
-
-async def wait_event(event: asyncio.Event, what: str) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), BOUND)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {BOUND}s waiting for {what}") from None
 
 
 class Harness:
@@ -201,7 +193,7 @@ class Harness:
         async def reached() -> bool:
             return await self.state(task_id) == expected
 
-        await wait_for(reached, timeout=BOUND, what=f"task {task_id} to be {expected}")
+        await wait_for(reached, timeout=LONG_BOUND, what=f"task {task_id} to be {expected}")
 
     # -- reaching a starting state ----------------------------------------------------------
 
@@ -226,14 +218,14 @@ class Harness:
         if start in ("running", "canceling_pause", "canceling_delete"):
             task_id = await client.create_task("hold" + suffix, "created")
             gate = self.run_gate(task_id)
-            await wait_event(gate.started, f"task {task_id} to start")
+            await wait_event(gate.started, f"task {task_id} to start", LONG_BOUND)
             if start != "running":
                 if start == "canceling_pause":
                     await client.pause_task(task_id)
                 else:
                     await client.delete_task(task_id)
                 assert gate.stop is not None
-                await wait_event(gate.stop, f"the stop request of task {task_id}")
+                await wait_event(gate.stop, f"the stop request of task {task_id}", LONG_BOUND)
             return task_id
         if start in ("finished", "failed"):
             task_id = await client.create_task(start.removesuffix("ed") + suffix, "created")
@@ -246,7 +238,9 @@ class Harness:
         task_id = await client.create_task("finish_c", "created")
         await self.wait_state(task_id, State.FINISHED)
         await client.delete_task(task_id)
-        await wait_event(self.cleanup_gate(task_id).started, f"the cleanup of task {task_id}")
+        await wait_event(
+            self.cleanup_gate(task_id).started, f"the cleanup of task {task_id}", LONG_BOUND
+        )
         return task_id
 
 
@@ -299,7 +293,7 @@ TABLE: dict[str, dict[Operation, object]] = {
     "deleting_unowned": {RUN: INVALID, PAUSE: INVALID, DELETE: SAME, CHANGE: INVALID},
     "deleting_owned": {RUN: INVALID, PAUSE: INVALID, DELETE: SAME, CHANGE: INVALID},
 }
-"""SPEC §4, user operations, by starting state."""
+"""The user-operation table, by starting state."""
 
 FINISHED = Becomes(State.FINISHED)
 SETTLED: dict[str, dict[Operation, object]] = {
@@ -308,16 +302,16 @@ SETTLED: dict[str, dict[Operation, object]] = {
     "canceling_delete": {RUN: REMOVED, PAUSE: REMOVED, DELETE: REMOVED, CHANGE: REMOVED},
     "deleting_owned": {RUN: REMOVED, PAUSE: REMOVED, DELETE: REMOVED, CHANGE: REMOVED},
 }
-"""Where a task that a node is executing ends once the test releases it (SPEC §4, system
-events): the task returns, which is *finished* without a stop request, else *stopped*; a
-cleanup that finishes removes the row."""
+"""Where a task that a node is executing ends once the test releases it (the state diagram of
+``docs/explanation.md``): the task returns, which is *finished* without a stop request, else
+*stopped*; a cleanup that finishes removes the row."""
 
 ACTIVE_STARTS = frozenset(SETTLED)
 STARTS = list(TABLE)
 
 
 def _cells() -> list[tuple[str, Operation, bool]]:
-    cells = []
+    cells: list[tuple[str, Operation, bool]] = []
     for start in STARTS:
         for op in (RUN, PAUSE, DELETE, CHANGE):
             needs_cleanup = start.startswith("deleting")
@@ -407,7 +401,7 @@ async def test_operation_cell(db: DbTarget, start: str, op: Operation, cleanup: 
             if expected in (CANCELING_PAUSE, CANCELING_DELETE) and start == "running":
                 gate = h.run_gate(task_id)
                 assert gate.stop is not None
-                await wait_event(gate.stop, "the stop request to reach the task")
+                await wait_event(gate.stop, "the stop request to reach the task", LONG_BOUND)
 
         if start not in ACTIVE_STARTS:
             return
@@ -442,7 +436,9 @@ async def test_force_delete_removes_at_once_without_cleanup(db: DbTarget, start:
             gate = h.cleanup_gate(task_id) if start == "deleting_owned" else h.run_gate(task_id)
             assert gate.stop is not None
             # Never released: the execution ends only because its row is gone.
-            await wait_event(gate.ended, "the execution of the force-deleted task to end")
+            await wait_event(
+                gate.ended, "the execution of the force-deleted task to end", LONG_BOUND
+            )
             assert gate.stop.is_set()
             assert not gate.release.is_set()
         if start != "deleting_owned":
@@ -458,21 +454,21 @@ async def test_operating_through_the_owner_stops_its_task(db: DbTarget, op: str)
         worker = await h.start_worker()
         task_id = await worker.create_task("hold_c", "created")
         gate = h.run_gate(task_id)
-        await wait_event(gate.started, "the task to start")
+        await wait_event(gate.started, "the task to start", LONG_BOUND)
         assert gate.stop is not None
         if op == "pause":
             await worker.pause_task(task_id)
             assert await h.state(task_id) == (State.CANCELING, StopRequest.PAUSE)
-            await wait_event(gate.stop, "the stop request")
+            await wait_event(gate.stop, "the stop request", LONG_BOUND)
             gate.release.set()
             await h.wait_state(task_id, State.PAUSED)
         elif op == "delete":
             await worker.delete_task(task_id)
             assert await h.state(task_id) == (State.CANCELING, StopRequest.DELETE)
-            await wait_event(gate.stop, "the stop request")
+            await wait_event(gate.stop, "the stop request", LONG_BOUND)
             gate.release.set()
             cleanup = h.cleanup_gate(task_id)
-            await wait_event(cleanup.started, "the cleanup to start")
+            await wait_event(cleanup.started, "the cleanup to start", LONG_BOUND)
             assert cleanup.contexts == ["started"]  # the cleanup gets the last checkpoint
             assert await h.state(task_id) == (State.DELETING, None)
             assert (await h.client.get_task(task_id)).node == h.worker_id
@@ -482,7 +478,7 @@ async def test_operating_through_the_owner_stops_its_task(db: DbTarget, op: str)
         else:
             await worker.delete_task(task_id, force=True)
             assert await h.state(task_id) is None
-            await wait_event(gate.ended, "the task to be cancelled")
+            await wait_event(gate.ended, "the task to be cancelled", LONG_BOUND)
             assert not h.cleanup_gate(task_id).started.is_set()
 
 
@@ -494,7 +490,7 @@ async def test_paused_task_resumes_from_its_checkpoint(db: DbTarget) -> None:
         await h.client.pause_task(task_id)
         gate = h.run_gate(task_id)
         assert gate.stop is not None
-        await wait_event(gate.stop, "the stop request")
+        await wait_event(gate.stop, "the stop request", LONG_BOUND)
         gate.release.set()
         await h.wait_state(task_id, State.PAUSED)
         paused = await h.client.get_task(task_id)
@@ -504,7 +500,7 @@ async def test_paused_task_resumes_from_its_checkpoint(db: DbTarget) -> None:
         h.runs[task_id] = Gate()  # a fresh gate for the second run
         await h.client.run_task(task_id)
         second = h.run_gate(task_id)
-        await wait_event(second.started, "the task to run again")
+        await wait_event(second.started, "the task to run again", LONG_BOUND)
         assert second.contexts == ["started"]
         running = await h.client.get_task(task_id)
         assert (running.state, running.attempts, running.node) == (State.RUNNING, 1, h.worker_id)
@@ -533,8 +529,8 @@ async def test_pending_task_of_unknown_type_waits_for_a_node_that_knows_it(db: D
 
 
 async def test_deleting_a_scheduled_task_runs_its_cleanup_now(db: DbTarget) -> None:
-    """Deleting a task scheduled for tomorrow queues its cleanup at once (SPEC §3: the cleanup
-    runs when the task is deleted), not when the task would have run."""
+    """Deleting a task scheduled for tomorrow queues its cleanup at once (the cleanup runs when
+    the task is deleted), not when the task would have run."""
     async with Harness(db) as h:
         tomorrow = datetime.now(UTC) + timedelta(days=1)
         task_id = await h.client.create_task("hold_c", "scheduled", run_at=tomorrow)

@@ -1,4 +1,5 @@
-"""Conformance: creating and querying tasks (SPEC §2), on both backends.
+"""Conformance: creating and querying tasks (``docs/reference.md``, "Creating tasks" and
+"Querying"), on both backends.
 
 ``get_tasks``/``count_tasks`` filters alone and combined, newest first, paging; ``create_tasks``
 in one call; transactional creation in the caller's connection or session (the task exists iff
@@ -12,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import LONG_BOUND, make_node, raw_engine, statements, wait_for
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aioasync_tasks import (
@@ -34,9 +33,6 @@ from aioasync_tasks import (
     TaskNotFound,
     TaskRegistry,
 )
-
-BOUND = 60.0
-"""Seconds a wait may take before the test fails: a generous bound, never a timing claim."""
 
 
 def _registry() -> TaskRegistry:
@@ -178,7 +174,7 @@ async def test_paging_with_offset_and_limit(client: Node) -> None:
 
 
 async def test_limit_rule_is_one_to_max_page_size(client: Node) -> None:
-    """``limit=0`` is an error, never an empty page (SPEC §12); the maximum is 1000."""
+    """``limit=0`` is an error, never an empty page; the maximum is 1000 (``MAX_PAGE_SIZE``)."""
     await client.create_task("alpha")
     assert MAX_PAGE_SIZE == 1000
     for bad in (0, -1, MAX_PAGE_SIZE + 1, 10**9):
@@ -192,38 +188,17 @@ async def test_limit_rule_is_one_to_max_page_size(client: Node) -> None:
 # -- creating ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def _statements(node: Node) -> Iterator[list[str]]:
-    """The SQL statements the node's engine runs (and its transactions, as ``BEGIN``)."""
-    seen: list[str] = []
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement.strip())
-
-    def on_begin(conn: Any) -> None:
-        seen.append("BEGIN")
-
-    sync_engine = node.engine.sync_engine
-    sa.event.listen(sync_engine, "before_cursor_execute", on_execute)
-    sa.event.listen(sync_engine, "begin", on_begin)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(sync_engine, "before_cursor_execute", on_execute)
-        sa.event.remove(sync_engine, "begin", on_begin)
-
-
 async def test_create_tasks_returns_ids_in_input_order_in_one_call(
     db: DbTarget, client: Node
 ) -> None:
-    items = [
+    items: list[dict[str, Any]] = [
         {"type": "beta", "context": "first", "user": "u1", "group": "g1", "priority": 3},
         {"type": "alpha", "context": "second", "user": "u2", "auto_run": False},
         {"type": "gamma", "context": "third", "group": "g3", "max_attempts": 5},
         {"type": "alpha"},
         {"type": "beta", "context": "fifth", "priority": -2},
     ]
-    with _statements(client) as seen:
+    with statements(client, begins=True) as seen:
         ids = await client.create_tasks(items)
     assert len(ids) == len(set(ids)) == len(items)
     assert ids == sorted(ids)  # created in this order, so numbered in this order
@@ -311,7 +286,7 @@ async def test_task_created_in_a_committed_transaction_runs(db: DbTarget) -> Non
             async def finished() -> bool:
                 return (await worker.get_task(task_id)).state is State.FINISHED
 
-            await wait_for(finished, timeout=BOUND, what="the committed task to finish")
+            await wait_for(finished, timeout=LONG_BOUND, what="the committed task to finish")
         finally:
             await engine.dispose()
         assert (await worker.get_task(task_id)).context == "outbox+step"
@@ -357,7 +332,7 @@ async def test_task_snapshot_fields(db: DbTarget) -> None:
         async def finished() -> bool:
             return (await worker.get_task(task_id)).state is State.FINISHED
 
-        await wait_for(finished, timeout=BOUND, what="the task to finish")
+        await wait_for(finished, timeout=LONG_BOUND, what="the task to finish")
         done = await worker.get_task(task_id)
         assert done.context == "hello+step"
         assert (done.attempts, done.node, done.error, done.requested) == (1, None, None, None)

@@ -1,10 +1,11 @@
-"""The execution engine's task protocol (SPEC §3) on every backend, in one process.
+"""The execution engine's task protocol (``docs/how-to.md``, "Write a task and its checkpoints")
+on every backend, in one process.
 
 Each test runs a real node against a fresh database and watches the task table through an
 engine of its own (``raw_engine``), so what is checked is what another node would see: a
 checkpoint is durable before the generator resumes, terminal reports and exceptions lead to the
-states of SPEC §4, stop requests are delivered once and enforced by the grace period, and a
-cleanup handler runs when a task with one is deleted.
+states of ``docs/explanation.md`` ("States and transitions"), stop requests are delivered once
+and enforced by the grace period, and a cleanup handler runs when a task with one is deleted.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
-from sqlalchemy import text
+from _helpers import (
+    BOUND,
+    make_node,
+    read_row,
+    state_of,
+    wait_event,
+    wait_for,
+    wait_state,
+    worker_of,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import (
@@ -26,58 +35,9 @@ from aioasync_tasks import (
     State,
     StopRequest,
     TaskInfo,
-    TaskNotFound,
     TaskRegistry,
     current_task,
 )
-
-BOUND = 30.0
-"""Generous bound on waiting for a condition (never a timing assertion)."""
-
-
-@pytest.fixture
-async def raw(db: DbTarget) -> AsyncIterator[AsyncEngine]:
-    engine = raw_engine(db)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-async def read_row(engine: AsyncEngine, task_id: int) -> dict[str, Any] | None:
-    """The task's row as stored, or None when there is none."""
-    async with engine.connect() as conn:
-        result = await conn.execute(
-            text(
-                "SELECT state, requested, context, node_id, attempts, error, handoff, updated_at"
-                " FROM aioasync_tasks WHERE id = :id"
-            ),
-            {"id": task_id},
-        )
-        row = result.mappings().first()
-    return None if row is None else dict(row)
-
-
-async def state_of(node: Node, task_id: int) -> State | None:
-    try:
-        return (await node.get_task(task_id)).state
-    except TaskNotFound:
-        return None
-
-
-async def wait_state(node: Node, task_id: int, state: State | None, what: str = "") -> None:
-    async def reached() -> bool:
-        return await state_of(node, task_id) is state
-
-    await wait_for(reached, timeout=BOUND, what=what or f"task {task_id} to be {state}")
-
-
-async def wait_event(event: asyncio.Event, what: str) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), BOUND)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {BOUND}s waiting for {what}") from None
-
 
 # -- checkpoints --------------------------------------------------------------------------
 
@@ -124,7 +84,7 @@ async def test_checkpoints_of_concurrent_tasks_are_group_committed(db: DbTarget)
         yield Report.finished()
 
     async with make_node(db, registry, concurrency=tasks_count) as node:
-        committer = node._worker.committer  # type: ignore[union-attr]
+        committer = worker_of(node).committer
         flushes_before = committer.flushes
         ids = await node.create_tasks([{"type": "chatty", "context": f"t{n}"} for n in range(30)])
 
@@ -179,7 +139,7 @@ async def test_terminal_report_with_delete_removes_row(db: DbTarget, phase: str)
 
     async with make_node(db, registry) as node:
         task_id = await node.create_task("gone")
-        await wait_state(node, task_id, None, "the row to be removed")
+        await wait_state(node, task_id, None, what="the row to be removed")
         assert await node.count_tasks() == 0
     assert ran == [1]  # delete=True wins over retries
 
@@ -327,8 +287,7 @@ async def test_pause_sets_stop_once_and_keeps_last_checkpoint(
         await release.wait()  # stay CANCELING while the stop is delivered again and again
 
     async with make_node(db, registry) as node:
-        worker = node._worker
-        assert worker is not None
+        worker = worker_of(node)
         task_id = await node.create_task("pausable", "0")
         await wait_event(waiting, "the task's third checkpoint")
         await node.pause_task(task_id)
@@ -419,10 +378,10 @@ async def test_current_task_inside_and_outside(db: DbTarget) -> None:
         await wait_state(node, task_id, State.FINISHED)
         node_id = node.id
     assert current_task() is None
+    assert node_id is not None
     expected = TaskInfo(
         id=task_id, type="whoami", user="alice", group="reports", attempt=1, node=node_id
     )
-    assert node_id is not None
     assert infos == [expected, expected]
 
 
@@ -458,7 +417,7 @@ async def test_class_based_task_gets_a_fresh_object_per_execution(db: DbTarget) 
         assert (await node.get_task(second)).context == "plain runs=1"
         assert len(instances) == 3  # two attempts of the first task, one of the second
         await node.delete_task(first)  # the cleanup method of a fresh object
-        await wait_state(node, first, None, "the cleanup to remove the row")
+        await wait_state(node, first, None, what="the cleanup to remove the row")
 
     assert len(instances) == 4
     assert len({id(i) for i in instances}) == 4
@@ -524,7 +483,7 @@ async def test_delete_finished_task_runs_cleanup_with_last_context(db: DbTarget)
         assert task.state is State.DELETING
         assert task.node == node.id
         release.set()
-        await wait_state(node, task_id, None, "the cleanup to remove the row")
+        await wait_state(node, task_id, None, what="the cleanup to remove the row")
     assert [c[0] for c in cleanups] == ["final"]
     info = cleanups[0][1]
     assert info is not None
@@ -559,7 +518,7 @@ async def test_failing_cleanup_is_retried_then_failed(db: DbTarget) -> None:
 
         await node.delete_task(task_id, force=True)  # removes it at once, no cleanup
         assert await state_of(node, task_id) is None
-        await node._worker.claim_once()  # type: ignore[union-attr]
+        await worker_of(node).claim_once()
     assert calls == [1, 2, 3]
 
 
@@ -581,7 +540,7 @@ async def test_force_delete_skips_cleanup(db: DbTarget) -> None:
         await wait_state(node, task_id, State.FINISHED)
         await node.delete_task(task_id, force=True)
         assert await state_of(node, task_id) is None
-        await node._worker.claim_once()  # type: ignore[union-attr]
+        await worker_of(node).claim_once()
     assert calls == []
 
 
@@ -618,6 +577,6 @@ async def test_delete_running_task_stops_it_then_cleans_up_once(db: DbTarget) ->
         assert (task.state, task.requested) == (State.CANCELING, StopRequest.DELETE)
         await node.delete_task(task_id)  # idempotent while CANCELING(delete)
         release.set()
-        await wait_state(node, task_id, None, "the cleanup to remove the row")
+        await wait_state(node, task_id, None, what="the cleanup to remove the row")
     assert cleanups == ["c1"]
     assert runs == [1]

@@ -1,5 +1,6 @@
-"""Scheduling (SPEC §5): priority, delays, retries with back-off, fair share across users,
-group limits, paused groups and pluggable policies — in-process, on both backends.
+"""Scheduling (``docs/how-to.md``, "Use groups, limits and priorities"): priority, delays,
+retries with back-off, fair share across users, group limits, paused groups and pluggable
+policies — in-process, on both backends.
 
 The cluster-wide limits under concurrent claims from several processes are tested in
 ``test_limits_multiprocess.py``.
@@ -14,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import make_node, raw_engine, wait_for, worker_of
 
 from aioasync_tasks import (
     ConfigurationError,
@@ -26,7 +27,7 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
-from aioasync_tasks._backends._base import _CLAIM_STATES
+from aioasync_tasks._backends._base import _CLAIM_STATES, Backend
 from aioasync_tasks._runner import Backoff
 
 
@@ -73,6 +74,7 @@ async def test_fair_share_serves_a_small_user_before_a_big_backlog(db: DbTarget)
         await node.pause_group("default")
 
 
+@pytest.mark.slow
 async def test_fifo_policy_serves_the_backlog_in_order(db: DbTarget) -> None:
     """The same workload under Fifo: A's older tasks go first (the policy is what decides)."""
     recorder = Recorder()
@@ -146,8 +148,7 @@ async def test_paused_group_is_not_claimed_until_resumed(db: DbTarget) -> None:
         held = await node.create_task("job", group="batch")
         free = await node.create_task("job", group="other")
         await wait_for(lambda: free in recorder.started, what="the other group's task")
-        assert node._worker is not None
-        assert await node._worker.claim_once() == 0
+        assert await worker_of(node).claim_once() == 0
         assert (await node.get_task(held)).state is State.PENDING
         groups = {g.name: g for g in await node.get_groups()}
         assert groups["batch"].paused
@@ -182,8 +183,7 @@ async def test_group_limits_cap_running_tasks_per_group_and_per_user(db: DbTarge
         )
     async with make_node(db, recorder.registry, concurrency=20) as node:
         await wait_for(lambda: len(recorder.started) == 3 + 4, what="the limits to fill")
-        assert node._worker is not None
-        assert await node._worker.claim_once() == 0  # nothing more fits
+        assert await worker_of(node).claim_once() == 0  # nothing more fits
         running = set(recorder.started)
         assert len(running & set(capped)) == 3
         by_user = [i for i in per_user if i in running]
@@ -207,8 +207,7 @@ async def test_moved_pending_task_obeys_its_new_groups_limit(db: DbTarget) -> No
         await node.pause_group("wide")
         moved = await node.create_task("job", group="wide")
         await node.change_task_group(moved, "narrow")
-        assert node._worker is not None
-        assert await node._worker.claim_once() == 0
+        assert await worker_of(node).claim_once() == 0
         assert (await node.get_task(moved)).group == "narrow"
         recorder.release.set()
         await wait_for(lambda: moved in recorder.started, what="the moved task, after the first")
@@ -261,7 +260,7 @@ async def test_retries_keep_the_error_and_back_off_within_bounds(
                     delay = _seconds(row[2]) - _seconds(row[3])
                     if not delays or delays[-1] != delay:
                         delays.append(delay)
-                return row[0] == "failed"
+                return bool(row[0] == "failed")
 
             await wait_for(sample, interval=0.005, what="the task to fail for good")
             task = await node.get_task(task_id)
@@ -315,6 +314,7 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         await client.set_group_limits("g", max_running=2)
         await client.create_tasks([{"type": t, "group": "g"} for t in ("job", "other") * 2])
         backend = client._backend
+        assert isinstance(backend, Backend)  # its SQL, beyond the driver protocol
         liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
         first_node = await backend.register_node("first", 10, ["job"], **liveness)
         second_node = await backend.register_node("second", 10, ["other"], **liveness)
@@ -333,7 +333,7 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
                 },
             )
             assert len(result.all()) == 2
-            second = asyncio.create_task(backend.claim(second_node, ["other"], 10, policy))
+            second = asyncio.ensure_future(backend.claim(second_node, ["other"], 10, policy))
             probe = raw_engine(db)
 
             async def second_waits_or_is_done() -> bool:
@@ -363,8 +363,7 @@ async def test_a_node_can_be_dedicated_to_some_groups(db: DbTarget) -> None:
         mine = await client.create_task("job", group="mine")
     async with make_node(db, recorder.registry, concurrency=4, groups=["mine"]) as node:
         await wait_for(lambda: mine in recorder.started, what="the dedicated group's task")
-        assert node._worker is not None
-        assert await node._worker.claim_once() == 0
+        assert await worker_of(node).claim_once() == 0
         assert (await node.get_task(other)).state is State.PENDING
     assert recorder.started == [mine]
 

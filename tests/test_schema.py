@@ -1,4 +1,5 @@
-"""Conformance: the schema and its migrations (SPEC §9), on both backends.
+"""Conformance: the schema and its migrations (``docs/how-to.md``, "Manage the schema:
+migrations and Alembic"), on both backends.
 
 Migrating an empty database yields exactly ``aioasync_tasks.metadata`` — tables, columns (type
 affinity and nullability), primary keys, indexes (columns, order, partial or not), check
@@ -10,22 +11,20 @@ two ``schema=`` values are two independent systems.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _db import DbTarget, PgServer, create_schema, drop_schema, new_schema_name
-from _helpers import make_node, raw_engine, wait_for
+from _db import DbTarget
+from _helpers import LONG_BOUND, make_node, raw_engine, wait_for
 from sqlalchemy.engine import Connection
 
 import aioasync_tasks
 from aioasync_tasks import Report, SchemaError, State, TaskNotFound, TaskRegistry, metadata
 from aioasync_tasks._schema import SCHEMA_VERSION
 
-BOUND = 60.0
-"""Seconds a wait may take before the test fails: a generous bound, never a timing claim."""
 VERSIONS = "aioasync_schema_version"
 ALL_VERSIONS = list(range(1, SCHEMA_VERSION + 1))
 
@@ -195,7 +194,7 @@ async def test_concurrent_starts_with_auto_migrate_are_safe(db: DbTarget) -> Non
         async def finished() -> bool:
             return (await nodes[1].get_task(task_id)).state is State.FINISHED
 
-        await wait_for(finished, timeout=BOUND, what="the task to run")
+        await wait_for(finished, timeout=LONG_BOUND, what="the task to run")
     finally:
         for node in nodes:
             await node.stop()
@@ -277,17 +276,6 @@ async def test_a_schema_newer_than_the_library_is_refused(db: DbTarget, auto_mig
 # -- PostgreSQL schemas -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def other_pg_db(pg_server: PgServer) -> Iterator[DbTarget]:
-    """A second fresh schema on the same PostgreSQL database."""
-    schema = new_schema_name()
-    create_schema(pg_server.url, schema)
-    try:
-        yield DbTarget(backend="postgres", url=pg_server.url, schema=schema)
-    finally:
-        drop_schema(pg_server.url, schema)
-
-
 @pytest.mark.postgres_only
 async def test_two_schemas_are_two_independent_systems(
     pg_db: DbTarget, other_pg_db: DbTarget
@@ -321,7 +309,7 @@ async def test_two_schemas_are_two_independent_systems(
             async def finished() -> bool:
                 return (await other.get_task(theirs)).state is State.FINISHED
 
-            await wait_for(finished, timeout=BOUND, what="the other system's task to run")
+            await wait_for(finished, timeout=LONG_BOUND, what="the other system's task to run")
             assert [n.id for n in await other.get_nodes()] == [worker.id]
             assert await one.get_nodes() == []
             assert {t.state for t in await one.get_tasks()} == {State.PENDING}

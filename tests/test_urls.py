@@ -11,14 +11,13 @@ which statement kind failed where.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from _db import DbTarget
+from _db import DbTarget, free_port
 from _helpers import make_node, raw_engine, wait_for
 from sqlalchemy import make_url
 
@@ -132,14 +131,8 @@ async def test_an_unknown_parameter_is_refused_before_any_io(db: DbTarget) -> No
 # -- connection errors ------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_a_closed_port_names_host_and_port() -> None:
-    port = _closed_port()
+    port = free_port()
     node = Node(f"postgresql://postgres:s3cret@127.0.0.1:{port}/test", concurrency=0)
     try:
         with pytest.raises(DatabaseError) as raised:

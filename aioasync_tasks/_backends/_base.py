@@ -265,6 +265,8 @@ class Backend:
         self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
     ) -> list[int]:
         """Insert tasks in one transaction (the caller's, when ``connection`` is given)."""
+        if not new_tasks:
+            return []
         params = [
             {
                 "type": t.type,
@@ -423,7 +425,7 @@ class Backend:
             delay = w.delay if o.retry else -1.0  # negative: run_at is kept
             if o.state is State.DELETING and w.row.state is not State.DELETING:
                 delay = 0.0  # a deleted task's cleanup is due now, not at its old run_at
-            if w.refund:
+            if w.refund and not o.reset_attempts:  # a reset count has nothing to give back
                 attempts -= 1
             updates.append(
                 {

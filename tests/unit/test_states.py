@@ -1,6 +1,7 @@
-"""Unit tests of the task state machine (SPEC §4), ``aioasync_tasks._states``.
+"""Unit tests of the task state machine, ``aioasync_tasks._states``.
 
-The expected tables below are written out by hand from SPEC §4 and the module docstring; they are
+The expected tables below are written out by hand from the module docstring and the state
+diagram of ``docs/explanation.md`` ("States and transitions"); they are
 never derived from the functions under test. ``Cleanup(yes, no)`` marks a cell that depends on
 whether the task type has a ``deleting`` handler (footnote ¹), ``Retry(yes, no)`` one that depends
 on whether attempts are left.
@@ -24,16 +25,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from aioasync_tasks import Operation, State, StopRequest
 from aioasync_tasks._errors import AsyncTasksError, InvalidTransition
-from aioasync_tasks._states import (
-    Event,
-    Operation,
-    Outcome,
-    State,
-    StopRequest,
-    apply_event,
-    apply_operation,
-)
+from aioasync_tasks._states import Event, Outcome, apply_event, apply_operation
 
 S = State
 R = StopRequest
@@ -90,7 +84,7 @@ CONFIGS: list[tuple[State, StopRequest | None]] = [
 """Every visible ``(state, requested)`` a row can be in."""
 
 # --------------------------------------------------------------------------------------------
-# User operations: SPEC §4 table.
+# User operations: the table of the module docstring.
 # --------------------------------------------------------------------------------------------
 
 OPERATIONS: dict[tuple[State, StopRequest | None, Operation], Expected] = {
@@ -112,7 +106,7 @@ OPERATIONS: dict[tuple[State, StopRequest | None, Operation], Expected] = {
     # CANCELING(pause)
     (S.CANCELING, R.PAUSE, O.RUN): INVALID,
     (S.CANCELING, R.PAUSE, O.PAUSE): Outcome(S.CANCELING, R.PAUSE, owned=True, changed=False),
-    # SPEC is silent on ``stop`` here (the owner already got a stop for the pause); the module
+    # The docs are silent on ``stop`` here (the owner already got a stop for the pause); the module
     # tells the owner again, which is harmless since ``stop`` is set at most once.
     (S.CANCELING, R.PAUSE, O.DELETE): Outcome(S.CANCELING, R.DELETE, owned=True, stop=True),
     (S.CANCELING, R.PAUSE, O.CHANGE_GROUP): Outcome(S.CANCELING, R.PAUSE, owned=True),
@@ -147,7 +141,8 @@ FORCE_DELETE_STOPS = frozenset({S.RUNNING, S.CANCELING})
 """``delete(force=True)`` must tell a running owner to stop; no other state has one."""
 
 # --------------------------------------------------------------------------------------------
-# System events: SPEC §4 "System events" (None = the event does not apply: a stale write).
+# System events: the diagram of docs/explanation.md (None = the event does not apply: a stale
+# write).
 # --------------------------------------------------------------------------------------------
 
 _NO_EVENTS: dict[Event, Expected] = dict.fromkeys(Event)
@@ -192,7 +187,8 @@ EVENTS: dict[tuple[State, StopRequest | None, Event], Expected] = {
     (S.CANCELING, R.DELETE, E.DISCARD): DELETED,
     (S.CANCELING, R.DELETE, E.FAILED): DELETED,
     (S.CANCELING, R.DELETE, E.STOPPED): DELETED,
-    # SPEC says "→ DELETING (unowned)"; with no handler ¹ applies and the row is removed.
+    # The diagram: node lost → DELETING (unowned); with no handler ¹ applies and the row is
+    # removed.
     (S.CANCELING, R.DELETE, E.NODE_LOST): DELETED,
     (S.CANCELING, R.DELETE, E.CLEANUP_CLAIM): None,
     (S.CANCELING, R.DELETE, E.CLEANUP_FINISHED): None,
@@ -583,4 +579,4 @@ TaskLifecycle.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-test_task_lifecycle = TaskLifecycle.TestCase
+test_task_lifecycle = pytest.mark.slow(TaskLifecycle.TestCase)
