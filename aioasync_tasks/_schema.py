@@ -39,11 +39,14 @@ class Timestamp(sa.types.TypeDecorator[datetime]):
         return value.timestamp()
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, datetime):
-            return value
-        return datetime.fromtimestamp(float(value), UTC)
+        return None if value is None else time_from_db(value)
+
+
+def time_from_db(value: Any) -> datetime:
+    """An aware UTC datetime from a ``timestamptz`` (PostgreSQL) or epoch seconds (SQLite)."""
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromtimestamp(float(value), UTC)
 
 
 metadata = sa.MetaData()

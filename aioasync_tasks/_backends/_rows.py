@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 from .._models import Group, NodeInfo, State, StopRequest, Task
+from .._schema import time_from_db
 from ._driver import Claimed, Owned
 
 TASK_COLUMNS: LiteralString = (
@@ -25,13 +25,6 @@ RETURN_CLAIMED: LiteralString = (
     " priority, token"
 )
 """What a claim statement returns of each row it took (read by ``claimed``)."""
-
-
-def time_from_db(value: Any) -> datetime:
-    """An aware UTC datetime from a ``timestamptz`` (PostgreSQL) or epoch seconds (SQLite)."""
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromtimestamp(float(value), UTC)
 
 
 def task(row: Any) -> Task:
