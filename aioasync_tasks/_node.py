@@ -18,7 +18,7 @@ from typing import Any, Self, TypedDict, Unpack
 import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ._backends import backend_for
+from ._backends import driver_for
 from ._backends._driver import Driver, NewTask, TaskFilter
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
@@ -170,7 +170,7 @@ class Node:
         )
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
-        self._backend: Driver = backend_for(self._engine, schema)
+        self._backend: Driver = driver_for(self._engine, schema)
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
         self._backend.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)

@@ -1,6 +1,7 @@
 """The database schema as SQLAlchemy ``MetaData``, for applications' own Alembic history.
 
-The migration files in ``_migrations/<dialect>/`` create exactly these tables (a test checks it).
+The migration files in ``_backends/<dialect>/migrations/`` create exactly these tables (a test
+checks it).
 Timestamps are ``timestamptz`` on PostgreSQL and seconds since the epoch (REAL) on SQLite, where
 comparing numbers is what the database can do fast; both read back as aware ``datetime``.
 """

@@ -193,3 +193,36 @@ def apply_event(
     if can_retry:
         return Outcome(State.PENDING, retry=event is Event.FAILED)
     return Outcome(State.FAILED)
+
+
+def release_event(state: State, *, graceful: bool) -> Event:
+    """The event for a task whose node lets it go without an execution reporting its end: a
+    graceful stop (or a claim never run) stopped the generator of a running task (STOPPED);
+    otherwise the node is lost to it (NODE_LOST, which also gives back a cleanup)."""
+    return Event.STOPPED if graceful and state in ACTIVE_STATES else Event.NODE_LOST
+
+
+@dataclass(frozen=True, slots=True)
+class GiveBack:
+    """How a task its node gave back returns to the queue."""
+
+    handoff: bool
+    """Claimed before every other due task: it was handed back by a graceful stop."""
+    refund: bool
+    """The attempt it was claimed for is given back, so that pauses, graceful restarts and
+    claims never run do not use up a task's retries."""
+
+
+def give_back(state: State, event: Event, outcome: Outcome, *, graceful: bool) -> GiveBack:
+    """The hand-off and refund rule for a task in ``state`` that ``event`` moved to ``outcome``.
+
+    A stopped generator whose task goes back to PENDING is a hand-off, and its attempt is
+    refunded, as is that of a task stopped to be PAUSED. A cleanup given back gracefully (not
+    lost with its node) is refunded too. A reset count (``reset_attempts``) has nothing to give
+    back, whatever this says."""
+    stopped = event is Event.STOPPED
+    return GiveBack(
+        handoff=stopped and outcome.state is State.PENDING,
+        refund=(stopped and outcome.state in (State.PENDING, State.PAUSED))
+        or (graceful and state is State.DELETING),
+    )

@@ -112,14 +112,14 @@ class Stats:
                 return counted
 
             setattr(backend, name, make(name, method))
-        execute = getattr(backend, "_exec", None)
+        execute = getattr(backend, "_execute", None)
         if execute is not None:
 
             async def counted_exec(*args: Any, **kwargs: Any) -> Any:
                 self.calls["statements"] = self.calls.get("statements", 0) + 1
                 return await execute(*args, **kwargs)
 
-            backend._exec = counted_exec
+            backend._execute = counted_exec
         for name in ("write", "read"):
             method = getattr(backend, name, None)
             if method is None:

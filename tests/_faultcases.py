@@ -54,7 +54,7 @@ _BEGIN = re.compile(rb"^BEGIN\b", re.I)
 _END = re.compile(rb"^(COMMIT|ROLLBACK|END)\b", re.I)
 _COMMIT = re.compile(rb"^COMMIT\b", re.I)
 
-CLAIM_SQL = rb"^WITH RECURSIVE pairs\b"
+CLAIM_SQL = rb"^WITH RECURSIVE\s+pairs\b"
 """The claim statement (PENDING → RUNNING, one statement per claim)."""
 WRITE_SQL = rb"^UPDATE \S+aioasync_tasks SET state = "
 """The batched UPDATE of decided outcomes: completions, releases, rescues, user operations."""

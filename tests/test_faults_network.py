@@ -42,7 +42,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, TaskRegistry
-from aioasync_tasks._backends import Backend
+from aioasync_tasks._backends import SqlDriver
 from aioasync_tasks._errors import DatabaseError
 from aioasync_tasks._worker import Worker
 
@@ -693,7 +693,7 @@ async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
     This needs the server to end A's open transaction (``idle_in_transaction_session_timeout``,
     set by every write transaction of a node since 304a7e7). Before that, and on 2086912, B's
     rescue either waited on the task row A's open checkpoint held (its ``SELECT … FOR UPDATE``
-    in ``Backend._release_tasks`` — and B's rescuer, holding A's node row, was stuck for every
+    in ``SqlDriver._release_nodes`` — and B's rescuer, holding A's node row, was stuck for every
     other dead node too) or skipped A's node row, locked by A's open heartbeat (``rescue``:
     ``FOR UPDATE SKIP LOCKED``): the tasks ran nowhere until the partition healed.
     """
@@ -806,7 +806,7 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
             default = (await conn.execute(show)).scalar_one()
         await node.start()
         backend = node._backend
-        assert isinstance(backend, Backend)
+        assert isinstance(backend, SqlDriver)
         for _ in range(3):
             async with backend.write() as conn:  # the node's own write transaction
                 assert (await conn.execute(show)).scalar_one() == "2s"

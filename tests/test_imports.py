@@ -176,8 +176,8 @@ def test_the_graph_of_the_package() -> None:
     graph = import_graph()
     assert f"{NAME}._node" in graph[NAME]
     assert f"{NAME}._node" not in graph[f"{NAME}._task"]  # for type checking only
-    assert f"{NAME}._errors" in graph[f"{NAME}._backends._base"]
-    assert NAME not in graph[f"{NAME}._backends._base"]  # above it: imported already
+    assert f"{NAME}._errors" in graph[f"{NAME}._backends._sqldriver"]
+    assert NAME not in graph[f"{NAME}._backends._sqldriver"]  # above it: imported already
 
 
 def test_find_cycles_names_the_cycle() -> None:

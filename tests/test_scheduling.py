@@ -27,7 +27,7 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
-from aioasync_tasks._backends._base import _CLAIM_STATES, Backend
+from aioasync_tasks._backends._sqldriver import CLAIM, SqlDriver
 from aioasync_tasks._runner import Backoff
 
 
@@ -314,22 +314,25 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         await client.set_group_limits("g", max_running=2)
         await client.create_tasks([{"type": t, "group": "g"} for t in ("job", "other") * 2])
         backend = client._backend
-        assert isinstance(backend, Backend)  # its SQL, beyond the driver protocol
+        assert isinstance(backend, SqlDriver)  # its SQL, beyond the driver protocol
         liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
         first_node = await backend.register_node("first", 10, ["job"], **liveness)
         second_node = await backend.register_node("second", 10, ["other"], **liveness)
         policy = FairShare()
         async with backend.write() as conn:
-            assert await backend._prepare_claim(conn, first_node)
+            prepare = backend.queries.statement("claim_prepare")
+            assert (await conn.execute(prepare, {"node": first_node})).one().registered
             result = await conn.execute(
-                backend._sql(backend._claim_statement(policy.order_by)),
+                backend.queries.statement("claim", order_by=policy.order_by),
                 {
                     "node": first_node,
                     "types": ["job"],
                     "limit": 10,
                     "pool": 30,
                     "busy": [],
-                    **_CLAIM_STATES,
+                    "all_groups": True,
+                    "groups": [],
+                    **CLAIM,
                 },
             )
             assert len(result.all()) == 2

@@ -1,26 +1,28 @@
-"""Storage backends: one per SQL dialect, behind the shared ``Backend`` interface."""
+"""The database drivers: one folder per database (its driver, ``queries.sql`` and
+``migrations/``), all implementing the protocol of ``_driver``."""
 
 from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._errors import ConfigurationError
-from ._base import Backend
-from .postgres import PostgresBackend
-from .sqlite import SqliteBackend
+from ._sqldriver import SqlDriver
+from .postgresql import PostgresDriver
+from .sqlite import SqliteDriver
 
 
-def backend_for(engine: AsyncEngine, schema: str | None) -> Backend:
+def driver_for(engine: AsyncEngine, schema: str | None) -> SqlDriver:
+    """The driver for ``engine``'s database."""
     name = engine.dialect.name
     if name == "postgresql":
         if engine.dialect.driver != "asyncpg":
             raise ConfigurationError("PostgreSQL needs the asyncpg driver: postgresql+asyncpg://")
-        return PostgresBackend(engine, schema)
+        return PostgresDriver(engine, schema)
     if name == "sqlite":
         if schema is not None:
             raise ConfigurationError("schema= is for PostgreSQL; use another SQLite file instead")
-        return SqliteBackend(engine)
+        return SqliteDriver(engine)
     raise ConfigurationError(f"unsupported database {name!r}: use PostgreSQL or SQLite")
 
 
-__all__ = ["Backend", "PostgresBackend", "SqliteBackend", "backend_for"]
+__all__ = ["PostgresDriver", "SqlDriver", "SqliteDriver", "driver_for"]

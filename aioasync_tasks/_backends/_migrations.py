@@ -1,5 +1,6 @@
-"""Migrations: the SQL files shipped per dialect (``_migrations/<dialect>/NNNN_name.sql``), the
-splitting of a file into statements, and the schema version checks.
+"""Migrations: the SQL files shipped per dialect
+(``_backends/<dialect>/migrations/NNNN_name.sql``), the splitting of a file into statements, and
+the schema version checks.
 
 A migration file is plain SQL for its dialect, run statement by statement in one transaction
 (``Backend.migrate``) and recorded in the versions table. ``split_sql`` knows enough of SQL's
@@ -92,7 +93,7 @@ def _append(statements: list[str], text: str) -> None:
 
 def migration_files(dialect: str) -> list[tuple[int, str]]:
     """The migrations shipped for ``dialect``, as (version, SQL), in version order."""
-    folder = resources.files("aioasync_tasks") / "_migrations" / dialect
+    folder = resources.files(__package__) / dialect / "migrations"
     return sorted(
         (int(entry.name.split("_", 1)[0]), entry.read_text("utf-8"))
         for entry in folder.iterdir()

@@ -1,30 +1,38 @@
-"""Rows read back from the database, mapped to the library's values by column name: the
-column lists the statements select, and one function per kind of row."""
+"""Rows read back from the database, mapped to the library's values by column name (the
+statements of each ``queries.sql`` select the columns these read), one function per kind of
+row."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, LiteralString
+from typing import Any
 
 from .._models import Group, NodeInfo, State, StopRequest, Task
 from .._schema import time_from_db
 from ._driver import Claimed, Owned
 
-TASK_COLUMNS: LiteralString = (
-    "id, type, user_name, group_name, state, requested, context, priority, attempts, "
-    "max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at"
+TASK_FIELDS = (
+    "id",
+    "type",
+    "user_name",
+    "group_name",
+    "state",
+    "requested",
+    "context",
+    "priority",
+    "attempts",
+    "max_attempts",
+    "error",
+    "node_id",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "done_at",
+    "run_at",
 )
-"""What ``task`` reads."""
-LOCK_COLUMNS: LiteralString = (
-    "id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token"
-)
-"""What ``Locked.from_row`` reads: a row about to be changed by the state rules."""
-RETURN_CLAIMED: LiteralString = (
-    " RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff,"
-    " priority, token"
-)
-"""What a claim statement returns of each row it took (read by ``claimed``)."""
+"""The columns ``task`` reads."""
 
 
 def task(row: Any) -> Task:
@@ -65,6 +73,11 @@ def claimed(row: Any) -> Claimed:
 def owned(row: Any) -> Owned:
     requested = StopRequest(row.requested) if row.requested else None
     return Owned(row.id, State(row.state), requested, row.token)
+
+
+def node_types(types: Sequence[str]) -> str:
+    """A node's task types as its row stores them (read back by ``node``)."""
+    return json.dumps(list(types))
 
 
 def node(row: Any) -> NodeInfo:

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Fifo, Operation, State, StopRequest, Task
-from aioasync_tasks._backends import backend_for
+from aioasync_tasks._backends import driver_for
 from aioasync_tasks._backends._driver import Completion, Driver, NewTask, TaskFilter
 from aioasync_tasks._schema import TASKS
 from aioasync_tasks._states import Event, Outcome, apply_event
@@ -52,8 +52,8 @@ async def open_engine(db: DbTarget) -> AsyncIterator[AsyncEngine]:
 
 
 async def new_driver(engine: AsyncEngine, db: DbTarget, *, migrate: bool = True) -> Driver:
-    """The driver ``backend_for`` gives for the engine, migrated unless told not to."""
-    driver: Driver = backend_for(engine, db.schema)
+    """The driver ``driver_for`` gives for the engine, migrated unless told not to."""
+    driver: Driver = driver_for(engine, db.schema)
     if migrate:
         await driver.migrate()
     return driver

@@ -31,7 +31,7 @@ A test that shows a driver disagreeing with the state table or the docs is marke
 
 How a new driver uses it
 ------------------------
-1. Make ``backend_for(engine, schema)`` (``aioasync_tasks/_backends/__init__.py``) return the
+1. Make ``driver_for(engine, schema)`` (``aioasync_tasks/_backends/__init__.py``) return the
    new driver for its engine.
 2. Give ``tests/conftest.py`` a target for the database: its name in ``BACKENDS`` and a branch
    of the ``db`` fixture that yields a ``DbTarget`` of a fresh, empty database (a file, a
@@ -51,7 +51,7 @@ the ``tests`` path).
 Fixtures
 --------
 ``driver``
-    The ``Driver`` that ``backend_for`` gives for the test database, migrated; one per backend,
+    The ``Driver`` that ``driver_for`` gives for the test database, migrated; one per backend,
     since it is built from the ``db`` fixture (``tests/conftest.py``), which every test that
     uses it gets once per backend.
 ``engine``

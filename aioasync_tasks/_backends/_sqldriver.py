@@ -1,0 +1,766 @@
+"""``SqlDriver``: the driver protocol implemented once for the SQL databases.
+
+Each operation is one short transaction that runs named statements from the database's own
+``queries.sql`` (``_queries``). State changes go through the pure rules of ``_states``: the
+driver reads the rows it will change under a write lock (``FOR UPDATE`` on PostgreSQL, the
+database write lock on SQLite), asks ``apply_operation``/``apply_event`` what to do, and writes
+the answer as a compare-and-set on the row's state and claim token, in the same transaction. A
+stale node or a racing user call therefore never overwrites a newer state
+(docs/design.md §5, §7).
+
+A database's subclass, in its own folder, says how it binds lists and batches of rows, how it
+notifies other nodes, and how its engine is set up; it writes no SQL of its own here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .._errors import DatabaseError, TaskNotFound
+from .._models import Group, NodeInfo, Operation, State, Task
+from .._scheduling import SchedulingPolicy
+from .._schema import VERSIONS, Timestamp, tasks_table
+from .._states import (
+    Event,
+    Outcome,
+    apply_event,
+    apply_operation,
+    give_back,
+    release_event,
+)
+from . import _rows
+from ._driver import (
+    Checkpoint,
+    Claimed,
+    ClaimResult,
+    Completion,
+    NewTask,
+    OperationResult,
+    Owned,
+    TaskFilter,
+)
+from ._migrations import check_version, migration_files, refuse_newer, split_sql
+from ._queries import Queries
+from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
+
+CHECKPOINT_STATES = (State.RUNNING, State.CANCELING, State.DELETING)
+"""The states in which an execution may store a checkpoint (its task runs, or is being
+cleaned up)."""
+
+_NEW_TASK_COLUMNS = (
+    "type",
+    "user",
+    "group",
+    "state",
+    "context",
+    "priority",
+    "max_attempts",
+    "has_cleanup",
+    "run_at",
+)
+"""The values of one new task in a batch, in the order ``insert_tasks`` reads them."""
+
+
+def transition(from_state: State, event: Event) -> dict[str, str]:
+    """The states a claim statement moves a row between, as bound parameters taken from the
+    state table: a claim is one of its events, not a rule of its own written in SQL."""
+    outcome = apply_event(from_state, None, event, has_cleanup=True)
+    assert outcome is not None
+    assert outcome.state is not None
+    assert outcome.owned
+    return {"from_state": from_state.value, "to_state": outcome.state.value}
+
+
+CLAIM = transition(State.PENDING, Event.CLAIM)
+CLEANUP_CLAIM = transition(State.DELETING, Event.CLEANUP_CLAIM)
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One row change decided by the state rules, ready for the compare-and-set UPDATE."""
+
+    row: _rows.Locked
+    outcome: Outcome
+    node_id: int | None
+    context: str | None = None
+    error: str | None = None
+    delay: float = 0.0
+    group: str | None = None
+    handoff: bool = False
+    """Handed back by a graceful shutdown: claimed first by the next node."""
+    refund: bool = False
+    """The attempt it was claimed for is given back (``_states.give_back``)."""
+
+
+def _lost_error(row: _rows.Locked, outcome: Outcome) -> str | None:
+    """The error stored when a task whose node was lost fails for good."""
+    if outcome.state is not State.FAILED:
+        return None
+    return "cleanup: node lost" if row.state is State.DELETING else "node lost"
+
+
+class SqlDriver:
+    """The queue operations on an SQL database; use ``PostgresDriver`` or ``SqliteDriver``."""
+
+    dialect: ClassVar[str]
+    """The folder of the database's ``queries.sql`` and migrations."""
+    supports_notify: bool = False
+    """Whether ``listen`` works (docs/design.md §14); nodes without it poll."""
+    claim_pool_factor: ClassVar[int] = 1
+    """Candidates a claim considers per task it may take (more where claimers skip each
+    other's locked rows)."""
+    rows_per_transaction: ClassVar[int | None] = None
+    """The most rows ``create_tasks`` inserts in one transaction of its own (None: all)."""
+
+    def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
+        self.engine = engine
+        self.schema = schema
+        self.in_flight = InFlight()
+        quote = engine.dialect.identifier_preparer.quote_schema
+        prefix = quote(schema) + "." if schema else ""
+        self.queries = Queries(self.dialect, prefix)
+        self._tasks = (
+            tasks_table.to_metadata(sa.MetaData(), schema=schema) if schema else tasks_table
+        )
+        self._timestamp = Timestamp()
+        self._write_options: Mapping[str, Any] = {}
+        """Execution options of the write transactions, for the database's ``begin`` listener."""
+
+    # -- what a database says of itself ------------------------------------------------------
+
+    def bind_list(self, values: Iterable[Any]) -> Any:
+        """A list of values as one bound parameter (an array; JSON where there are none)."""
+        return list(values)
+
+    def bind_rows(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        """A batch of rows as parameters: one array per column ``names`` by default."""
+        return {name: [row[i] for row in rows] for i, name in enumerate(names)}
+
+    async def notify(self, conn: AsyncConnection, payload: str) -> None:
+        """Tell the other nodes (``wake``, ``stop:<node>``) when ``conn``'s transaction commits;
+        nothing where the database cannot (nodes poll)."""
+
+    notify_params: Mapping[str, Any] = {}
+    """What a statement that notifies binds besides its own parameters (the channel)."""
+
+    def listen(
+        self, on_message: Callable[[str], None]
+    ) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Where ``supports_notify``: the notifications of the other nodes, while inside."""
+        raise NotImplementedError(f"{self.dialect} has no notifications")
+
+    async def prepare_migration(self, conn: AsyncConnection) -> None:
+        """Serialise concurrent migrations and point their DDL at the schema, where needed."""
+
+    async def pause_between_chunks(self, held: float) -> None:
+        """Between two chunks of a bulk insert, which held the write lock for ``held`` seconds:
+        a pause long enough for the other writers, where they need one."""
+
+    def bound_idle_transactions(self, seconds: float) -> None:
+        """Have the server end a write transaction of ours that stays idle for ``seconds`` (its
+        node was cut off in the middle of it), where the server can."""
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        conn: AsyncConnection,
+        name: str,
+        params: Any = None,
+        *,
+        order_by: str = "",
+    ) -> sa.CursorResult[Any]:
+        statement = self.queries.statement(name, order_by=order_by)
+        return await self._execute(conn, statement, params)
+
+    async def _execute(
+        self, conn: AsyncConnection, statement: sa.Executable, params: Any = None
+    ) -> sa.CursorResult[Any]:
+        try:
+            return await conn.execute(statement, params)
+        except WRAPPED as exc:
+            verb = str(statement).lstrip().split(None, 1)[0].upper()
+            raise database_error(exc, self.engine.url, f"{verb} failed on") from exc
+
+    def write(self) -> Transaction:
+        """A short write transaction (it holds the write lock on SQLite)."""
+        return Transaction(self.engine, self.in_flight, write=True, options=self._write_options)
+
+    def read(self) -> Transaction:
+        return Transaction(self.engine, self.in_flight, write=False)
+
+    def _db_time(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        return self._timestamp.process_bind_param(value, self.engine.dialect)
+
+    # -- schema -----------------------------------------------------------------------------
+
+    async def _current_version(self, conn: AsyncConnection) -> int | None:
+        exists = await conn.run_sync(
+            lambda sync: sa.inspect(sync).has_table(VERSIONS, schema=self.schema)
+        )
+        if not exists:
+            return None
+        value = (await self._run(conn, "schema_version")).scalar()
+        return int(value) if value is not None else None
+
+    @cancel_safe
+    async def schema_version(self) -> int | None:
+        """The applied migration version, or None when the schema is empty."""
+        async with self.read() as conn:
+            return await self._current_version(conn)
+
+    @cancel_safe
+    async def migrate(self) -> list[int]:
+        """Apply the missing migrations; returns the versions applied."""
+        applied: list[int] = []
+        async with self.write() as conn:
+            await self.prepare_migration(conn)
+            current = await self._current_version(conn) or 0
+            refuse_newer(current)
+            for version, sql in migration_files(self.dialect):
+                if version <= current:
+                    continue
+                for statement in split_sql(sql):
+                    await conn.exec_driver_sql(statement)
+                await self._run(conn, "record_migration", {"version": version})
+                applied.append(version)
+        return applied
+
+    async def check_schema(self) -> None:
+        check_version(await self.schema_version())
+
+    # -- creating and reading tasks ---------------------------------------------------------
+
+    @cancel_safe
+    async def insert_many(
+        self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
+    ) -> list[int]:
+        """Insert tasks in one transaction (the caller's, when ``connection`` is given)."""
+        if not new_tasks:
+            return []
+        rows = [
+            (
+                t.type,
+                t.user,
+                t.group,
+                t.state.value,
+                t.context,
+                t.priority,
+                t.max_attempts,
+                t.has_cleanup,
+                self._db_time(t.run_at),
+            )
+            for t in new_tasks
+        ]
+        wake = any(t.state is State.PENDING for t in new_tasks)
+        if connection is not None:
+            return await self._insert(connection, rows, wake)
+        size = self.rows_per_transaction or len(rows)
+        ids: list[int] = []
+        for start in range(0, len(rows), size):
+            began = time.monotonic()
+            try:
+                async with self.write() as conn:
+                    ids += await self._insert(conn, rows[start : start + size], wake)
+            except DatabaseError as exc:
+                if not ids:
+                    raise
+                raise DatabaseError(
+                    f"{exc} ({len(ids)} of {len(rows)} tasks were created before the failure,"
+                    f" ids {ids[0]}..{ids[-1]})",
+                    transient=exc.transient,
+                ) from exc
+            if start + size < len(rows):
+                await self.pause_between_chunks(time.monotonic() - began)
+        return ids
+
+    async def _insert(
+        self, conn: AsyncConnection, rows: Sequence[Sequence[Any]], wake: bool
+    ) -> list[int]:
+        if len(rows) == 1:
+            params = dict(zip(_NEW_TASK_COLUMNS, rows[0], strict=True))
+            if wake and "insert_task_and_wake" in self.queries.sql:
+                # One round trip for the most common create of all.
+                params |= self.notify_params
+                result = await self._run(conn, "insert_task_and_wake", params)
+                return [result.scalar_one()]
+            ids = [(await self._run(conn, "insert_task", params)).scalar_one()]
+        else:
+            result = await self._run(conn, "insert_tasks", self.bind_rows(_NEW_TASK_COLUMNS, rows))
+            ids = sorted(row.id for row in result)  # ids are given in the rows' order
+        if wake:
+            await self.notify(conn, "wake")
+        return ids
+
+    @cancel_safe
+    async def get_task(self, task_id: int) -> Task:
+        async with self.read() as conn:
+            row = (await self._run(conn, "get_task", {"id": task_id})).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return _rows.task(row)
+
+    def _where(self, f: TaskFilter) -> list[sa.ColumnElement[bool]]:
+        """A filter of the task listings, in SQLAlchemy's expression language: its shape
+        varies with the filter, and the dialect renders it."""
+        c = self._tasks.c
+        where: list[sa.ColumnElement[bool]] = []
+        if f.user is not None:
+            where.append(c.user_name == f.user)
+        if f.group is not None:
+            where.append(c.group_name == f.group)
+        if f.types is not None:
+            where.append(c.type.in_(f.types))
+        if f.states is not None and len(f.states) == 1:
+            # "state = x", not "state IN (x)": only an equality lets PostgreSQL read the
+            # (state, id) index in id order for ORDER BY id DESC LIMIT.
+            where.append(c.state == f.states[0].value)
+        elif f.states is not None:
+            where.append(c.state.in_([s.value for s in f.states]))
+        return where
+
+    @cancel_safe
+    async def get_tasks(self, f: TaskFilter) -> list[Task]:
+        c = self._tasks.c
+        columns = [c[name] for name in _rows.TASK_FIELDS]
+        query = sa.select(*columns).where(*self._where(f))
+        query = query.order_by(c.id.desc()).limit(f.limit).offset(f.offset)
+        async with self.read() as conn:
+            return [_rows.task(row) for row in await self._execute(conn, query)]
+
+    @cancel_safe
+    async def count_tasks(self, f: TaskFilter) -> int:
+        query = sa.select(sa.func.count()).select_from(self._tasks).where(*self._where(f))
+        async with self.read() as conn:
+            return int((await self._execute(conn, query)).scalar_one())
+
+    # -- state changes ----------------------------------------------------------------------
+
+    async def _lock(
+        self, conn: AsyncConnection, ids: Sequence[int], owner: int | None = None
+    ) -> list[_rows.Locked]:
+        params: dict[str, Any] = {"ids": self.bind_list(ids)}
+        if owner is None:
+            result = await self._run(conn, "lock_tasks", params)
+        else:
+            result = await self._run(conn, "lock_owned_tasks", {**params, "owner": owner})
+        return [_rows.Locked.from_row(row) for row in result]
+
+    async def _write(self, conn: AsyncConnection, writes: Iterable[_Write]) -> None:
+        """Apply decided outcomes: one DELETE for removed rows, one batched UPDATE for the rest."""
+        removed: list[int] = []
+        updates: list[dict[str, Any]] = []
+        for w in writes:
+            o = w.outcome
+            if o.state is None:
+                removed.append(w.row.id)
+                continue
+            if not o.changed and w.group is None:
+                continue
+            attempts = 0 if o.reset_attempts else w.row.attempts
+            delay = w.delay if o.retry else -1.0  # negative: run_at is kept
+            if o.state is State.DELETING and w.row.state is not State.DELETING:
+                delay = 0.0  # a deleted task's cleanup is due now, not at its old run_at
+            if w.refund and not o.reset_attempts:  # a reset count has nothing to give back
+                attempts -= 1
+            updates.append(
+                {
+                    "id": w.row.id,
+                    "state": o.state.value,
+                    "requested": o.requested.value if o.requested else None,
+                    "node_id": w.node_id if o.owned else None,
+                    "attempts": attempts,
+                    "handoff": w.handoff,
+                    "group": w.group if w.group is not None else w.row.group,
+                    "context": w.context,
+                    "error": w.error,
+                    "delay": delay,
+                    "done": o.state in (State.FINISHED, State.FAILED),
+                    "token": w.row.token,
+                    "expected": w.row.state.value,
+                }
+            )
+        if removed:
+            await self._run(conn, "delete_tasks", {"ids": self.bind_list(removed)})
+        if updates:
+            await self._run(conn, "update_task", updates)
+
+    async def _write_and_wake(self, conn: AsyncConnection, writes: list[_Write]) -> int:
+        """Apply ``writes`` of tasks given back to the queue, and wake the claimers."""
+        await self._write(conn, writes)
+        if writes:
+            await self.notify(conn, "wake")
+        return len(writes)
+
+    @cancel_safe
+    async def operate(
+        self,
+        task_id: int,
+        operation: Operation,
+        *,
+        force: bool = False,
+        group: str | None = None,
+    ) -> OperationResult:
+        """Apply a user operation to one task, atomically (docs/design.md §3)."""
+        async with self.write() as conn:
+            if group is not None:
+                # Taken in the order claims take it (group, then task): a task moved into a
+                # limited group is counted by the next claim, never by neither.
+                await self._run(conn, "lock_group", {"name": group})
+            rows = await self._lock(conn, [task_id])
+            if not rows:
+                raise TaskNotFound(task_id)
+            row = rows[0]
+            outcome = apply_operation(
+                row.state,
+                row.requested,
+                operation,
+                has_cleanup=row.has_cleanup,
+                force=force,
+                task_id=task_id,
+            )
+            moved = group is not None and group != row.group
+            await self._write(
+                conn, [_Write(row, outcome, row.node_id, group=group if moved else None)]
+            )
+            if outcome.changed and outcome.state in (State.PENDING, State.DELETING):
+                await self.notify(conn, "wake")
+            if outcome.stop and row.node_id is not None:
+                await self.notify(conn, f"stop:{row.node_id}")
+            return OperationResult(outcome, row.node_id)
+
+    # -- execution --------------------------------------------------------------------------
+
+    @cancel_safe
+    async def claim(  # noqa: PLR0917 - one argument per part of the claim
+        self,
+        node_id: int,
+        types: Sequence[str],
+        limit: int,
+        policy: SchedulingPolicy,
+        groups: Sequence[str] | None = None,
+        busy: Sequence[int] = (),
+    ) -> ClaimResult:
+        """Claim up to ``limit`` due PENDING tasks of ``types`` (and of ``groups``, when given)
+        for ``node_id`` (event CLAIM), in the ``policy``'s order, skipping paused groups and
+        never exceeding group limits (docs/design.md §6).
+
+        Exactness of the limits: the ``claim_prepare`` statement makes claimers that could
+        exceed a limit run one after the other (row locks on PostgreSQL, the write lock on
+        SQLite), and the claim counts every task the previous claimer took. A task whose group
+        changed since the statement's snapshot is skipped under its row lock, and so is every
+        task in ``busy`` (the node still runs an execution of it).
+        """
+        if limit <= 0 or not types:
+            return ClaimResult([], None)
+        params: dict[str, Any] = {
+            "node": node_id,
+            "types": self.bind_list(types),
+            "limit": limit,
+            "pool": limit * self.claim_pool_factor,
+            "busy": self.bind_list(busy),
+            "all_groups": groups is None,
+            "groups": self.bind_list(groups or ()),
+            **CLAIM,
+        }
+        async with self.write() as conn:
+            prepared = (await self._run(conn, "claim_prepare", {"node": node_id})).one()
+            if not prepared.registered:
+                return ClaimResult([], None)
+            result = await self._run(conn, "claim", params, order_by=policy.order_by)
+            rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
+            next_due = None
+            if len(rows) < limit:
+                due = await self._run(conn, "next_due", {"types": params["types"]})
+                next_due = due.scalar()
+        claimed = [_rows.claimed(r) for r in rows]
+        return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
+
+    @cancel_safe
+    async def claim_cleanups(
+        self, node_id: int, types: Sequence[str], limit: int, busy: Sequence[int] = ()
+    ) -> list[Claimed]:
+        """Claim unowned, due DELETING tasks to run their cleanup handler (CLEANUP_CLAIM)."""
+        if limit <= 0 or not types:
+            return []
+        async with self.write() as conn:
+            # Fencing: a node another node declared dead claims nothing more under its old id.
+            if (await self._run(conn, "node_registered", {"node": node_id})).first() is None:
+                return []
+            result = await self._run(
+                conn,
+                "claim_cleanups",
+                {
+                    "node": node_id,
+                    "types": self.bind_list(types),
+                    "limit": limit,
+                    "busy": self.bind_list(busy),
+                    **CLEANUP_CLAIM,
+                },
+            )
+            rows = sorted(result, key=lambda r: r.id)
+        return [_rows.claimed(r) for r in rows]
+
+    @cancel_safe
+    async def checkpoint(self, node_id: int, contexts: Mapping[int, Checkpoint]) -> set[int]:
+        """Store checkpoints of executions on ``node_id``; returns the ids whose write was
+        accepted: rows still owned by ``node_id`` under the execution's claim token, running,
+        canceling, or deleting for a cleanup handler. One statement per batch."""
+        if not contexts:
+            return set()
+        rows = [(task_id, c.token, c.context) for task_id, c in contexts.items()]
+        params = {
+            **self.bind_rows(("ids", "tokens", "contexts"), rows),
+            "node": node_id,
+            "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
+        }
+        async with self.write() as conn:
+            return {row.id for row in await self._run(conn, "checkpoint", params)}
+
+    @cancel_safe
+    async def complete(
+        self, node_id: int, completions: Sequence[Completion], *, cleanup_attempts: int
+    ) -> set[int]:
+        """Apply the ends of executions on ``node_id``; returns the accepted task ids.
+
+        A completion applies only to the row its execution claimed: still owned by ``node_id``
+        under the same claim token. Any other (rescued, force-deleted, fenced, claimed again
+        since) is left alone, so a completion retried after its first try committed, or sent
+        by an execution that lost its task, changes nothing.
+        """
+        if not completions:
+            return set()
+        by_id = {c.task_id: c for c in completions}
+        async with self.write() as conn:
+            writes: list[_Write] = []
+            for row in await self._lock(conn, list(by_id), owner=node_id):
+                c = by_id[row.id]
+                if row.token != c.token:
+                    continue
+                cleanup = c.event in (Event.CLEANUP_FINISHED, Event.CLEANUP_FAILED) or (
+                    c.event is Event.NODE_LOST and row.state is State.DELETING
+                )
+                limit = cleanup_attempts if cleanup else row.max_attempts
+                outcome = apply_event(
+                    row.state,
+                    row.requested,
+                    c.event,
+                    has_cleanup=row.has_cleanup,
+                    can_retry=row.attempts < limit,
+                )
+                if outcome is None:
+                    continue
+                back = give_back(row.state, c.event, outcome, graceful=False)
+                lost = c.event is Event.NODE_LOST
+                writes.append(
+                    _Write(
+                        row,
+                        outcome,
+                        node_id,
+                        context=c.context,
+                        error=_lost_error(row, outcome) if lost else c.error,
+                        delay=c.delay,
+                        handoff=back.handoff,
+                        refund=back.refund,
+                    )
+                )
+            await self._write(conn, writes)
+            if any(w.outcome.state in (State.PENDING, State.DELETING) for w in writes):
+                await self.notify(conn, "wake")
+            return {w.row.id for w in writes}
+
+    @cancel_safe
+    async def release_claims(self, node_id: int, claims: Mapping[int, int]) -> int:
+        """Hand back tasks ``node_id`` claimed but never ran (``claims``: task id → token):
+        a claim that came back after the node's lease ran out, or a row the node found it owns
+        without an execution. Each goes back as a hand-off, with its attempt refunded."""
+        if not claims:
+            return 0
+        async with self.write() as conn:
+            rows = await self._lock(conn, list(claims), owner=node_id)
+            mine = [row for row in rows if row.token == claims[row.id]]
+            return await self._write_and_wake(conn, self._released(mine, graceful=True))
+
+    def _released(
+        self,
+        rows: Iterable[_rows.Locked],
+        *,
+        graceful: bool,
+        cleanup_attempts: int | None = None,
+    ) -> list[_Write]:
+        """The writes that give back ``rows`` their node lets go of: gracefully (a stop, a
+        claim never run; nothing used up), or lost with the node (``cleanup_attempts`` then
+        bounds the cleanups)."""
+        writes: list[_Write] = []
+        for row in rows:
+            event = release_event(row.state, graceful=graceful)
+            if graceful or cleanup_attempts is None:
+                can_retry = True
+            else:
+                limit = cleanup_attempts if row.state is State.DELETING else row.max_attempts
+                can_retry = row.attempts < limit
+            outcome = apply_event(
+                row.state, row.requested, event, has_cleanup=row.has_cleanup, can_retry=can_retry
+            )
+            if outcome is None:
+                continue
+            back = give_back(row.state, event, outcome, graceful=graceful)
+            error = _lost_error(row, outcome)
+            writes.append(
+                _Write(row, outcome, None, error=error, handoff=back.handoff, refund=back.refund)
+            )
+        return writes
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    @cancel_safe
+    async def register_node(
+        self,
+        name: str,
+        concurrency: int,
+        types: Sequence[str],
+        *,
+        heartbeat_interval: float,
+        node_timeout: float,
+    ) -> int:
+        params = {
+            "name": name,
+            "concurrency": concurrency,
+            "types": _rows.node_types(types),
+            "heartbeat_interval": heartbeat_interval,
+            "node_timeout": node_timeout,
+        }
+        async with self.write() as conn:
+            return int((await self._run(conn, "register_node", params)).scalar_one())
+
+    @cancel_safe
+    async def heartbeat(self, node_id: int) -> list[Owned] | None:
+        """Renew the node's row and read the tasks it owns; None when the row is gone
+        (the node was declared dead: it must fence itself)."""
+        async with self.write() as conn:
+            if (await self._run(conn, "heartbeat", {"node": node_id})).first() is None:
+                return None
+            return await self._owned(conn, node_id)
+
+    @cancel_safe
+    async def owned(self, node_id: int) -> list[Owned]:
+        """The tasks a node owns, with pending stop requests (for the stop poll)."""
+        async with self.read() as conn:
+            return await self._owned(conn, node_id)
+
+    async def _owned(self, conn: AsyncConnection, node_id: int) -> list[Owned]:
+        return [_rows.owned(r) for r in await self._run(conn, "owned_tasks", {"node": node_id})]
+
+    async def _release_nodes(
+        self,
+        conn: AsyncConnection,
+        node_ids: Sequence[int],
+        *,
+        graceful: bool,
+        cleanup_attempts: int,
+        orphans: bool = False,
+    ) -> int:
+        """Give back the tasks of ``node_ids`` (and with ``orphans`` every owned task whose node
+        row is gone), then remove the nodes' rows."""
+        nodes = self.bind_list(node_ids)
+        result = await self._run(conn, "lock_tasks_of_nodes", {"nodes": nodes, "orphans": orphans})
+        rows = [_rows.Locked.from_row(r) for r in result]
+        released = self._released(rows, graceful=graceful, cleanup_attempts=cleanup_attempts)
+        count = await self._write_and_wake(conn, released)
+        if node_ids:
+            await self._run(conn, "delete_nodes", {"nodes": nodes})
+        return count
+
+    @cancel_safe
+    async def deregister(self, node_id: int, *, cleanup_attempts: int) -> None:
+        """Remove the node's row at the end of a graceful stop. Whatever it still owns (a task
+        claimed while it began to stop, or cancelled by ``stop(timeout=…)``) is handed back
+        like any task the shutdown stopped, without using up an attempt."""
+        async with self.write() as conn:
+            await self._release_nodes(
+                conn, [node_id], graceful=True, cleanup_attempts=cleanup_attempts
+            )
+
+    @cancel_safe
+    async def rescue(self, node_id: int, *, cleanup_attempts: int) -> int:
+        """Declare dead every other node whose heartbeat is older than its own ``node_timeout``
+        (database clock): release its tasks (NODE_LOST) and remove its row. Tasks owned by a
+        node whose row is gone are released too. ``node_id`` — the rescuer — never rescues
+        itself. Returns the number of tasks released."""
+        async with self.write() as conn:
+            dead = [r.id for r in await self._run(conn, "dead_nodes", {"node": node_id})]
+            return await self._release_nodes(
+                conn, dead, graceful=False, cleanup_attempts=cleanup_attempts, orphans=True
+            )
+
+    @cancel_safe
+    async def get_nodes(self) -> list[NodeInfo]:
+        async with self.read() as conn:
+            return [_rows.node(r) for r in await self._run(conn, "get_nodes")]
+
+    # -- groups -----------------------------------------------------------------------------
+
+    @cancel_safe
+    async def set_group(self, /, name: str, **fields: Any) -> Group:
+        """Create or update a group's row with ``fields`` (paused, max_running, …)."""
+        async with self.write() as conn:
+            group = await self._set_group(conn, name, fields)
+            if not group.paused:  # resumed, or limits changed: there may be room now
+                await self.notify(conn, "wake")
+        return group
+
+    async def _set_group(
+        self, conn: AsyncConnection, name: str, fields: Mapping[str, Any]
+    ) -> Group:
+        await self._run(conn, "create_group", {"name": name})
+        row = (await self._run(conn, "lock_group_settings", {"name": name})).one()
+        values = {
+            "paused": bool(row.paused),
+            "max_running": row.max_running,
+            "max_running_per_user": row.max_running_per_user,
+            **fields,
+        }
+        await self._run(conn, "update_group", {"name": name, **values})
+        return Group(
+            name, bool(values["paused"]), values["max_running"], values["max_running_per_user"]
+        )
+
+    @cancel_safe
+    async def get_groups(self) -> list[Group]:
+        """Every group that has tasks or settings, with its settings (defaults when unset)."""
+        async with self.read() as conn:
+            return [_rows.group(r) for r in await self._run(conn, "get_groups")]
+
+    @cancel_safe
+    async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]:
+        """Pause ``group``; with ``stop_running`` also pause every task of it that runs now, in
+        the same transaction (all or nothing). Returns the stopped tasks with their owners."""
+        async with self.write() as conn:
+            await self._set_group(conn, group, {"paused": True})
+            if not stop_running:
+                return []
+            result = await self._run(
+                conn, "lock_running_in_group", {"group": group, "state": State.RUNNING.value}
+            )
+            writes = []
+            for row in (_rows.Locked.from_row(r) for r in result):
+                outcome = apply_operation(
+                    row.state, row.requested, Operation.PAUSE, has_cleanup=row.has_cleanup
+                )
+                writes.append(_Write(row, outcome, row.node_id))
+            await self._write(conn, writes)
+            stopped = [(w.row.id, w.row.node_id) for w in writes if w.row.node_id is not None]
+            for owner in sorted({owner for _, owner in stopped}):
+                await self.notify(conn, f"stop:{owner}")
+            return stopped

@@ -1,0 +1,110 @@
+"""The PostgreSQL driver (asyncpg): its statements are in ``queries.sql`` beside this file, its
+schema in ``migrations/``. Row locks with ``SKIP LOCKED``, arrays for lists and batches,
+LISTEN/NOTIFY to wake nodes and deliver stop requests at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .._sqldriver import SqlDriver
+from .._transaction import WRAPPED, database_error, forget_session_values, set_session_value
+
+IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
+"""The execution option of our write transactions: the server's
+``idle_in_transaction_session_timeout`` for them, in milliseconds."""
+
+
+def configure_engine(engine: AsyncEngine) -> None:
+    """Give our write transactions the idle timeout they ask for, and the application's
+    transactions on the same engine the server's default.
+
+    The setting is made for the session and remembered per pooled connection
+    (``set_session_value``): a connection that serves our writes one after another pays no
+    round trip for it, where a ``SET LOCAL`` in each transaction would."""
+    sync_engine = engine.sync_engine
+    if getattr(sync_engine, "_aioasync_configured", False):
+        return
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        options = conn.get_execution_options()
+        if "aioasync_write" in options and not options["aioasync_write"]:
+            return  # our reads: either setting will do
+        milliseconds = options.get(IDLE_TIMEOUT_OPTION)
+        value = "DEFAULT" if milliseconds is None else str(int(milliseconds))
+        set_session_value(
+            conn,
+            "idle_timeout",
+            value,
+            f"SET idle_in_transaction_session_timeout = {value}",
+        )
+
+    event.listen(sync_engine, "rollback", forget_session_values)
+    sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
+
+
+class PostgresDriver(SqlDriver):
+    dialect = "postgresql"
+    supports_notify = True
+    claim_pool_factor = 3  # concurrent claimers choose alike; SKIP LOCKED then skips past
+
+    def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
+        super().__init__(engine, schema)
+        configure_engine(engine)
+        suffix = re.sub(r"[^a-z0-9_]", "_", (schema or "public").lower())
+        self.channel = f"aioasync_tasks_{suffix}"[:63]
+        self.notify_params: Mapping[str, Any] = {"channel": self.channel}
+        self._quoted_schema = (
+            engine.dialect.identifier_preparer.quote_identifier(schema) if schema else None
+        )
+
+    def bound_idle_transactions(self, seconds: float) -> None:
+        # Only our own write transactions, never the application's on the same engine.
+        self._write_options = {IDLE_TIMEOUT_OPTION: max(int(seconds * 1000), 1)}
+
+    async def notify(self, conn: AsyncConnection, payload: str) -> None:
+        await self._run(conn, "notify", {"channel": self.channel, "payload": payload})
+
+    async def prepare_migration(self, conn: AsyncConnection) -> None:
+        await self._run(conn, "migration_lock", {"key": self.channel})
+        if self._quoted_schema:
+            await conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {self._quoted_schema}")
+            await conn.exec_driver_sql(f"SET LOCAL search_path TO {self._quoted_schema}")
+
+    @contextlib.asynccontextmanager
+    async def listen(self, on_message: Callable[[str], None]) -> AsyncIterator[asyncio.Event]:
+        """While inside, the notifications on this schema's channel reach ``on_message``; the
+        event it yields is set when the listening connection is lost."""
+        # A connection of its own, out of the pool's rotation for as long as it listens; it is
+        # invalidated (closed) afterwards, never handed to another user of the pool.
+        try:
+            conn = await self.engine.connect()
+        except WRAPPED as exc:
+            raise database_error(exc, self.engine.url, "could not listen on") from exc
+        try:
+            try:
+                raw = await conn.get_raw_connection()
+                driver: Any = raw.driver_connection
+                lost = asyncio.Event()
+                driver.add_termination_listener(lambda _conn: lost.set())
+                await driver.add_listener(
+                    self.channel, lambda _conn, _pid, _channel, payload: on_message(payload)
+                )
+            except Exception as exc:  # asyncpg raises errors of its own here too
+                raise database_error(exc, self.engine.url, "could not listen on") from exc
+            yield lost
+        finally:
+            # Whatever ends it (a lost connection, an error, the node's stop cancelling it
+            # half-way): the connection is closed, never left for the garbage collector.
+            with anyio.CancelScope(shield=True):
+                await conn.invalidate()
+                await conn.close()

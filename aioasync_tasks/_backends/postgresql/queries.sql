@@ -1,0 +1,283 @@
+-- Every statement the PostgreSQL driver runs, by name (read by _backends/_queries.py).
+--
+-- {tasks}, {nodes}, {groups} and {versions} stand for the tables, qualified by the node's
+-- schema; {order_by} is the scheduling policy's ORDER BY (trusted code, docs/design.md §6).
+-- Parameters are bound by name (:name); lists are bound as arrays.
+--
+-- State values that a row moves between are bound parameters taken from the state table
+-- (aioasync_tasks/_states.py). The literal 'pending', 'running', 'canceling' and 'deleting'
+-- below only select rows, and match the predicates of the partial indexes of the migrations
+-- word for word: PostgreSQL uses a partial index only for a query whose WHERE implies the
+-- index's own, which a bound parameter never does.
+
+-- name: schema_version
+SELECT max(version) FROM {versions}
+
+-- name: migration_lock
+-- Concurrent migrations of one schema run one after the other.
+SELECT pg_advisory_xact_lock(hashtext(:key))
+
+-- name: record_migration
+INSERT INTO {versions} (version, applied_at) VALUES (:version, now())
+
+-- name: notify
+-- Delivered when the transaction commits, and only then.
+SELECT pg_notify(:channel, :payload)
+
+-- name: insert_task
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at)
+VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
+    :has_cleanup, false, NULL, NULL, now(), now(), COALESCE(:run_at, now()))
+RETURNING id
+
+-- name: insert_task_and_wake
+-- One task and its wake-up in one statement (the notification is delivered at commit).
+WITH ins AS ({insert_task})
+SELECT id, pg_notify(:channel, 'wake') FROM ins
+
+-- name: insert_tasks
+-- Many tasks in one statement: one array per column. Ids come from the sequence in the order
+-- the rows are inserted (ORDER BY ord).
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at)
+SELECT v.type, v.user_name, v.group_name, v.state, NULL, v.context, v.priority, 0,
+    v.max_attempts, v.has_cleanup, false, NULL, NULL, now(), now(), COALESCE(v.run_at, now())
+FROM unnest(CAST(:type AS text[]), CAST(:user AS text[]), CAST(:group AS text[]),
+    CAST(:state AS text[]), CAST(:context AS text[]), CAST(:priority AS integer[]),
+    CAST(:max_attempts AS integer[]), CAST(:has_cleanup AS boolean[]),
+    CAST(:run_at AS timestamptz[])) WITH ORDINALITY
+    AS v(type, user_name, group_name, state, context, priority, max_attempts, has_cleanup,
+    run_at, ord)
+ORDER BY v.ord
+RETURNING id
+
+-- name: get_task
+SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
+    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at
+FROM {tasks} WHERE id = :id
+
+-- name: lock_tasks
+-- Rows about to be changed by the state rules, locked in id order (no deadlocks).
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
+
+-- name: lock_owned_tasks
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} WHERE id = ANY(:ids) AND node_id = :owner ORDER BY id FOR UPDATE
+
+-- name: lock_tasks_of_nodes
+-- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE node_id = ANY(CAST(:nodes AS bigint[]))
+    OR (:orphans AND node_id IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = {tasks}.node_id))
+ORDER BY id FOR UPDATE
+
+-- name: lock_running_in_group
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
+
+-- name: update_task
+-- The state rules' decision for one locked row, written only if the row is still as it was
+-- read: same state, same claim token (compare-and-set). A negative :delay keeps run_at.
+UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
+    attempts = :attempts, handoff = :handoff, group_name = :group,
+    context = COALESCE(:context, context), error = COALESCE(:error, error),
+    run_at = CASE WHEN CAST(:delay AS double precision) < 0 THEN run_at
+        ELSE now() + make_interval(secs => CAST(:delay AS double precision)) END,
+    done_at = CASE WHEN :done THEN now() ELSE done_at END,
+    updated_at = now()
+WHERE id = :id AND token = :token AND state = :expected
+
+-- name: delete_tasks
+DELETE FROM {tasks} WHERE id = ANY(:ids)
+
+-- name: lock_group
+-- Taken in the order claims take it (group, then task).
+SELECT name FROM {groups} WHERE name = :name FOR UPDATE
+
+-- name: claim_prepare
+-- One round trip before a claim: share-lock our node row (fencing: a node declared dead claims
+-- nothing), and lock the rows of the groups with limits in name order, so that claimers that
+-- could exceed a limit run one after the other and the claim that follows (a fresh snapshot
+-- under READ COMMITTED) counts every task the previous one took.
+SELECT (SELECT count(*) FROM (SELECT id FROM {nodes} WHERE id = :node FOR KEY SHARE) me)
+    AS registered,
+    (SELECT count(*) FROM (SELECT name FROM {groups}
+        WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL
+        ORDER BY name FOR UPDATE) limited) AS limited
+
+-- name: claim
+-- Up to :limit due tasks of :types (of :groups unless :all_groups), in the policy's order,
+-- skipping paused groups and never exceeding a group's limits (docs/design.md §6).
+WITH RECURSIVE
+-- Every (group, user) queue with pending tasks: a loose scan of the queue index, each step
+-- reading the next queue's key straight from the index.
+pairs(group_name, user_name) AS (
+    (SELECT group_name, user_name FROM {tasks} WHERE state = 'pending'
+     ORDER BY group_name, user_name LIMIT 1)
+    UNION ALL
+    SELECT n.group_name, n.user_name FROM pairs p CROSS JOIN LATERAL
+        (SELECT group_name, user_name FROM {tasks} WHERE state = 'pending'
+         AND (group_name, user_name) > (p.group_name, p.user_name)
+         ORDER BY group_name, user_name LIMIT 1) n
+),
+-- What runs now, per queue and per group (all nodes).
+active AS (
+    SELECT group_name, user_name, count(*) AS n FROM {tasks}
+    WHERE state IN ('running', 'canceling') GROUP BY group_name, user_name
+),
+group_active AS (SELECT group_name, sum(n) AS n FROM active GROUP BY group_name),
+-- Queues their group lets run: not paused, below both limits.
+open_pairs AS (
+    SELECT p.group_name, p.user_name, COALESCE(a.n, 0) AS user_running,
+        g.max_running - COALESCE(ga.n, 0) AS group_room,
+        g.max_running_per_user - COALESCE(a.n, 0) AS user_room
+    FROM pairs p
+    LEFT JOIN {groups} g ON g.name = p.group_name
+    LEFT JOIN active a ON a.group_name = p.group_name AND a.user_name = p.user_name
+    LEFT JOIN group_active ga ON ga.group_name = p.group_name
+    WHERE NOT COALESCE(g.paused, false)
+        AND (:all_groups OR p.group_name = ANY(CAST(:groups AS text[])))
+        AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))
+        AND (g.max_running_per_user IS NULL OR g.max_running_per_user > COALESCE(a.n, 0))
+),
+-- Each open queue's first due task; the best :pool queues hold the best tasks.
+heads AS (
+    SELECT h.id, h.handoff, h.priority, h.run_at, h.group_name, h.user_name,
+        op.user_running, 1 AS user_rank
+    FROM open_pairs op JOIN {tasks} h ON h.id = (
+        SELECT id FROM {tasks}
+        WHERE state = 'pending' AND run_at <= now() AND type = ANY(:types)
+            AND group_name = op.group_name AND user_name = op.user_name
+        ORDER BY handoff DESC, priority DESC, id LIMIT 1)
+),
+top_pairs AS (SELECT group_name, user_name FROM heads ORDER BY {order_by} LIMIT :pool),
+-- Up to :pool due tasks of each of those queues, ranked within their queue.
+candidates AS (
+    SELECT c.id, c.handoff, c.priority, c.run_at, c.group_name, c.user_name, op.user_running,
+        op.group_room, op.user_room,
+        row_number() OVER (PARTITION BY c.group_name, c.user_name
+            ORDER BY c.handoff DESC, c.priority DESC, c.id) AS user_rank
+    FROM top_pairs tp
+    JOIN open_pairs op ON op.group_name = tp.group_name AND op.user_name = tp.user_name
+    CROSS JOIN LATERAL (
+        SELECT id, handoff, priority, run_at, group_name, user_name FROM {tasks}
+        WHERE state = 'pending' AND run_at <= now() AND type = ANY(:types)
+            AND group_name = op.group_name AND user_name = op.user_name
+        ORDER BY handoff DESC, priority DESC, id LIMIT :pool) c
+),
+-- The limits, applied in policy order.
+allowed AS (
+    SELECT id, handoff, priority, run_at, group_name, user_name, user_running, user_rank,
+        group_room,
+        row_number() OVER (PARTITION BY group_name ORDER BY {order_by}) AS group_rank
+    FROM candidates WHERE user_room IS NULL OR user_rank <= user_room
+),
+-- :pool candidates in policy order (pick); the claim takes the first :limit it can lock, so
+-- rows another claimer holds are skipped past, not lost.
+chosen AS (
+    SELECT id, group_name, row_number() OVER (ORDER BY {order_by}) AS pick
+    FROM allowed WHERE group_room IS NULL OR group_rank <= group_room
+    ORDER BY {order_by} LIMIT :pool
+)
+-- State and group are checked again under the row lock: a row another node claimed, or that
+-- was moved to another group, since this statement's snapshot is skipped; so is a row the
+-- node still runs an execution of (:busy).
+UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
+    token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
+    updated_at = now()
+FROM (
+    SELECT r.id AS claim_id FROM {tasks} r JOIN chosen c ON c.id = r.id
+    WHERE r.state = :from_state AND r.group_name = c.group_name
+        AND NOT (r.id = ANY(CAST(:busy AS bigint[])))
+    ORDER BY c.pick LIMIT :limit
+    FOR UPDATE OF r SKIP LOCKED
+) k
+WHERE t.id = k.claim_id
+RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
+    token
+
+-- name: next_due
+-- Seconds until the next delayed task of :types is due (NULL: none).
+SELECT EXTRACT(EPOCH FROM (min(run_at) - now())) FROM {tasks}
+WHERE state = 'pending' AND run_at > now() AND type = ANY(:types)
+
+-- name: node_registered
+-- Whether the node's row still exists, kept (share lock) until the transaction commits.
+SELECT id FROM {nodes} WHERE id = :node FOR KEY SHARE
+
+-- name: claim_cleanups
+-- Unowned, due DELETING tasks, to run their cleanup handler.
+UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
+    token = t.token + 1, updated_at = now()
+FROM (
+    SELECT id AS claim_id FROM {tasks}
+    WHERE state = 'deleting' AND node_id IS NULL AND run_at <= now() AND type = ANY(:types)
+        AND state = :from_state AND NOT (id = ANY(CAST(:busy AS bigint[])))
+    ORDER BY run_at, id LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+) c
+WHERE t.id = c.claim_id
+RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
+    token
+
+-- name: checkpoint
+-- Many contexts in one statement, each written only under its execution's claim token.
+UPDATE {tasks} t SET context = v.context, updated_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]))
+    AS v(id, token, context)
+WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = ANY(:states)
+RETURNING t.id
+
+-- name: register_node
+INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
+    node_timeout)
+VALUES (:name, :concurrency, :types, now(), now(), :heartbeat_interval, :node_timeout)
+RETURNING id
+
+-- name: heartbeat
+UPDATE {nodes} SET heartbeat_at = now() WHERE id = :node RETURNING id
+
+-- name: owned_tasks
+SELECT id, state, requested, token FROM {tasks} WHERE node_id = :node
+
+-- name: dead_nodes
+-- Other nodes whose heartbeat is older than their own node_timeout (the database's clock).
+SELECT id FROM {nodes}
+WHERE id <> :node
+    AND heartbeat_at < now() - make_interval(secs => CAST(node_timeout AS double precision))
+ORDER BY id FOR UPDATE SKIP LOCKED
+
+-- name: delete_nodes
+DELETE FROM {nodes} WHERE id = ANY(CAST(:nodes AS bigint[]))
+
+-- name: get_nodes
+SELECT id, name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
+    node_timeout
+FROM {nodes} ORDER BY id
+
+-- name: create_group
+-- An upsert: two nodes setting a new group at once both succeed, one after the other.
+INSERT INTO {groups} (name, paused, max_running, max_running_per_user, updated_at)
+VALUES (:name, false, NULL, NULL, now())
+ON CONFLICT (name) DO NOTHING
+
+-- name: lock_group_settings
+SELECT paused, max_running, max_running_per_user FROM {groups} WHERE name = :name FOR UPDATE
+
+-- name: update_group
+UPDATE {groups} SET paused = :paused, max_running = :max_running,
+    max_running_per_user = :max_running_per_user, updated_at = now()
+WHERE name = :name
+
+-- name: get_groups
+-- Every group that has tasks or settings, with its settings (NULL when unset).
+SELECT n.name, g.paused, g.max_running, g.max_running_per_user
+FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
+LEFT JOIN {groups} g ON g.name = n.name
+ORDER BY n.name

@@ -1,0 +1,270 @@
+-- Every statement the SQLite driver runs, by name (read by _backends/_queries.py).
+--
+-- {tasks}, {nodes}, {groups} and {versions} stand for the tables; {now} for the fragment of
+-- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
+-- docs/design.md §6). Parameters are bound by name (:name); a list, or a batch of rows,
+-- is bound as one JSON array and read with json_each, so that a statement's text never
+-- depends on how many items it gets.
+--
+-- Every write transaction holds the database's write lock from its BEGIN IMMEDIATE: no
+-- other writer interleaves, so a claim needs no row locks.
+--
+-- State values that a row moves between are bound parameters taken from the state table
+-- (aioasync_tasks/_states.py). The literal 'pending', 'running', 'canceling' and 'deleting'
+-- below only select rows, and match the predicates of the partial indexes of the migrations
+-- word for word: SQLite, like PostgreSQL, uses a partial index only for a query whose WHERE
+-- implies the index's own.
+
+-- name: now
+-- The database clock, as seconds since the epoch (timestamps are stored so).
+((julianday('now') - 2440587.5) * 86400.0)
+
+-- name: schema_version
+SELECT max(version) FROM {versions}
+
+-- name: record_migration
+INSERT INTO {versions} (version, applied_at) VALUES (:version, {now})
+
+-- name: insert_task
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at)
+VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}))
+RETURNING id
+
+-- name: insert_tasks
+-- Many tasks in one statement with one parameter, :rows, a JSON array of rows
+-- [type, user, group, state, context, priority, max_attempts, has_cleanup, run_at]
+-- (SQLite allows 32,766 parameters; a JSON array has no such limit). Autoincrement ids follow
+-- the rows' order.
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+    json_extract(value, '$[3]'), NULL, json_extract(value, '$[4]'),
+    json_extract(value, '$[5]'), 0, json_extract(value, '$[6]'), json_extract(value, '$[7]'),
+    false, NULL, NULL, {now}, {now}, COALESCE(json_extract(value, '$[8]'), {now})
+FROM json_each(:rows) ORDER BY key
+RETURNING id
+
+-- name: get_task
+SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
+    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at
+FROM {tasks} WHERE id = :id
+
+-- name: lock_tasks
+-- Rows about to be changed by the state rules (the write lock is held already).
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id
+
+-- name: lock_owned_tasks
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids)) AND node_id = :owner ORDER BY id
+
+-- name: lock_tasks_of_nodes
+-- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE node_id IN (SELECT value FROM json_each(:nodes))
+    OR (:orphans AND node_id IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = {tasks}.node_id))
+ORDER BY id
+
+-- name: lock_running_in_group
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id
+
+-- name: update_task
+-- The state rules' decision for one row, written only if the row is still as it was read:
+-- same state, same claim token (compare-and-set). A negative :delay keeps run_at.
+UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
+    attempts = :attempts, handoff = :handoff, group_name = :group,
+    context = COALESCE(:context, context), error = COALESCE(:error, error),
+    run_at = CASE WHEN :delay < 0 THEN run_at ELSE {now} + :delay END,
+    done_at = CASE WHEN :done THEN {now} ELSE done_at END,
+    updated_at = {now}
+WHERE id = :id AND token = :token AND state = :expected
+
+-- name: delete_tasks
+DELETE FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- name: lock_group
+-- The write lock already orders this transaction after every other writer.
+SELECT name FROM {groups} WHERE name = :name
+
+-- name: claim_prepare
+-- Fencing: a node declared dead (its row deleted) claims nothing. The write lock does what
+-- PostgreSQL's group row locks do for the limits.
+SELECT count(*) AS registered FROM {nodes} WHERE id = :node
+
+-- name: claim
+-- Up to :limit due tasks of :types (of :groups unless :all_groups), in the policy's order,
+-- skipping paused groups and never exceeding a group's limits (docs/design.md §6).
+-- Without statistics SQLite may pick the (state, id) index and sort the whole backlog:
+-- the queue index is named where it must be used.
+WITH RECURSIVE
+-- Every (group, user) queue with pending tasks: a loose scan of the queue index. SQLite seeks
+-- a row-value range on its first column only, so the next queue is either the next user of
+-- the same group or the first user of the next group.
+pairs(group_name, user_name) AS (
+    SELECT group_name, user_name FROM {tasks} WHERE id = (
+        SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+        WHERE state = 'pending' ORDER BY group_name, user_name LIMIT 1)
+    UNION ALL
+    SELECT n.group_name, n.user_name FROM pairs p JOIN {tasks} n ON n.id = COALESCE(
+        (SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+         WHERE state = 'pending' AND group_name = p.group_name AND user_name > p.user_name
+         ORDER BY group_name, user_name LIMIT 1),
+        (SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+         WHERE state = 'pending' AND group_name > p.group_name
+         ORDER BY group_name, user_name LIMIT 1))
+),
+-- What runs now, per queue and per group (all nodes).
+active AS (
+    SELECT group_name, user_name, count(*) AS n FROM {tasks}
+    WHERE state IN ('running', 'canceling') GROUP BY group_name, user_name
+),
+group_active AS (SELECT group_name, sum(n) AS n FROM active GROUP BY group_name),
+-- Queues their group lets run: not paused, below both limits.
+open_pairs AS (
+    SELECT p.group_name, p.user_name, COALESCE(a.n, 0) AS user_running,
+        g.max_running - COALESCE(ga.n, 0) AS group_room,
+        g.max_running_per_user - COALESCE(a.n, 0) AS user_room
+    FROM pairs p
+    LEFT JOIN {groups} g ON g.name = p.group_name
+    LEFT JOIN active a ON a.group_name = p.group_name AND a.user_name = p.user_name
+    LEFT JOIN group_active ga ON ga.group_name = p.group_name
+    WHERE NOT COALESCE(g.paused, false)
+        AND (:all_groups OR p.group_name IN (SELECT value FROM json_each(:groups)))
+        AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))
+        AND (g.max_running_per_user IS NULL OR g.max_running_per_user > COALESCE(a.n, 0))
+),
+-- Each open queue's first due task; the best :pool queues hold the best tasks.
+heads AS (
+    SELECT h.id, h.handoff, h.priority, h.run_at, h.group_name, h.user_name,
+        op.user_running, 1 AS user_rank
+    FROM open_pairs op JOIN {tasks} h ON h.id = (
+        SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+        WHERE state = 'pending' AND run_at <= {now}
+            AND type IN (SELECT value FROM json_each(:types))
+            AND group_name = op.group_name AND user_name = op.user_name
+        ORDER BY handoff DESC, priority DESC, id LIMIT 1)
+),
+top_pairs AS (SELECT group_name, user_name FROM heads ORDER BY {order_by} LIMIT :pool),
+-- Up to :pool due tasks of each of those queues, ranked within their queue. No LATERAL in
+-- SQLite: a correlated `id IN (… LIMIT n)` looks the rows up by id.
+candidates AS (
+    SELECT c.id, c.handoff, c.priority, c.run_at, c.group_name, c.user_name, op.user_running,
+        op.group_room, op.user_room,
+        row_number() OVER (PARTITION BY c.group_name, c.user_name
+            ORDER BY c.handoff DESC, c.priority DESC, c.id) AS user_rank
+    FROM top_pairs tp
+    JOIN open_pairs op ON op.group_name = tp.group_name AND op.user_name = tp.user_name
+    JOIN {tasks} c ON c.id IN (
+        SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+        WHERE state = 'pending' AND run_at <= {now}
+            AND type IN (SELECT value FROM json_each(:types))
+            AND group_name = op.group_name AND user_name = op.user_name
+        ORDER BY handoff DESC, priority DESC, id LIMIT :pool)
+),
+-- The limits, applied in policy order.
+allowed AS (
+    SELECT id, handoff, priority, run_at, group_name, user_name, user_running, user_rank,
+        group_room,
+        row_number() OVER (PARTITION BY group_name ORDER BY {order_by}) AS group_rank
+    FROM candidates WHERE user_room IS NULL OR user_rank <= user_room
+),
+chosen AS (
+    SELECT id, group_name, row_number() OVER (ORDER BY {order_by}) AS pick
+    FROM allowed WHERE group_room IS NULL OR group_rank <= group_room
+    ORDER BY {order_by} LIMIT :pool
+)
+UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
+    token = token + 1, handoff = false, started_at = COALESCE(started_at, {now}),
+    updated_at = {now}
+WHERE id IN (
+    SELECT id FROM chosen WHERE id NOT IN (SELECT value FROM json_each(:busy))
+    ORDER BY pick LIMIT :limit)
+    AND state = :from_state
+RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
+    token
+
+-- name: next_due
+-- Seconds until the next delayed task of :types is due (NULL: none).
+SELECT min(run_at) - {now} FROM {tasks}
+WHERE state = 'pending' AND run_at > {now} AND type IN (SELECT value FROM json_each(:types))
+
+-- name: node_registered
+SELECT id FROM {nodes} WHERE id = :node
+
+-- name: claim_cleanups
+-- Unowned, due DELETING tasks, to run their cleanup handler.
+UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
+    token = token + 1, updated_at = {now}
+WHERE id IN (
+    SELECT id FROM {tasks}
+    WHERE state = 'deleting' AND node_id IS NULL AND run_at <= {now}
+        AND type IN (SELECT value FROM json_each(:types))
+        AND id NOT IN (SELECT value FROM json_each(:busy))
+    ORDER BY run_at, id LIMIT :limit)
+    AND state = :from_state
+RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
+    token
+
+-- name: checkpoint
+-- Many contexts in one statement, :rows a JSON array of [id, token, context], each written
+-- only under its execution's claim token.
+WITH v(id, token, context) AS (
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+        json_extract(value, '$[2]')
+    FROM json_each(:rows))
+UPDATE {tasks} SET context = v.context, updated_at = {now} FROM v
+WHERE {tasks}.id = v.id AND {tasks}.token = v.token AND node_id = :node
+    AND state IN (SELECT value FROM json_each(:states))
+RETURNING {tasks}.id
+
+-- name: register_node
+INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
+    node_timeout)
+VALUES (:name, :concurrency, :types, {now}, {now}, :heartbeat_interval, :node_timeout)
+RETURNING id
+
+-- name: heartbeat
+UPDATE {nodes} SET heartbeat_at = {now} WHERE id = :node RETURNING id
+
+-- name: owned_tasks
+SELECT id, state, requested, token FROM {tasks} WHERE node_id = :node
+
+-- name: dead_nodes
+-- Other nodes whose heartbeat is older than their own node_timeout (the database's clock).
+SELECT id FROM {nodes} WHERE id <> :node AND heartbeat_at < {now} - node_timeout ORDER BY id
+
+-- name: delete_nodes
+DELETE FROM {nodes} WHERE id IN (SELECT value FROM json_each(:nodes))
+
+-- name: get_nodes
+SELECT id, name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
+    node_timeout
+FROM {nodes} ORDER BY id
+
+-- name: create_group
+-- An upsert: two nodes setting a new group at once both succeed, one after the other.
+INSERT INTO {groups} (name, paused, max_running, max_running_per_user, updated_at)
+VALUES (:name, false, NULL, NULL, {now})
+ON CONFLICT (name) DO NOTHING
+
+-- name: lock_group_settings
+SELECT paused, max_running, max_running_per_user FROM {groups} WHERE name = :name
+
+-- name: update_group
+UPDATE {groups} SET paused = :paused, max_running = :max_running,
+    max_running_per_user = :max_running_per_user, updated_at = {now}
+WHERE name = :name
+
+-- name: get_groups
+-- Every group that has tasks or settings, with its settings (NULL when unset).
+SELECT n.name, g.paused, g.max_running, g.max_running_per_user
+FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
+LEFT JOIN {groups} g ON g.name = n.name
+ORDER BY n.name
