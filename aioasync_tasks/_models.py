@@ -2,8 +2,6 @@
 nodes as the database stores them. This module imports nothing else of the package, so that
 every other module can use them."""
 
-from __future__ import annotations
-
 import enum
 from dataclasses import dataclass
 from datetime import datetime

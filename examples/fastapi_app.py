@@ -20,13 +20,12 @@ import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
 from aioasync_tasks import (
@@ -34,8 +33,7 @@ from aioasync_tasks import (
     InvalidTransition,
     Node,
     Report,
-    State,
-    StopRequest,
+    Task,
     TaskNotFound,
     TaskRegistry,
     UnknownTaskType,
@@ -96,28 +94,6 @@ class NewOrder(BaseModel):
     quantity: int
 
 
-class TaskOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    type: str
-    user: str
-    group: str
-    state: State
-    requested: StopRequest | None
-    context: str
-    priority: int
-    attempts: int
-    max_attempts: int
-    error: str | None
-    node: int | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    done_at: datetime | None
-    run_at: datetime
-
-
 # -- the application ----------------------------------------------------------------------
 
 
@@ -172,7 +148,7 @@ def create_app(
     app.add_exception_handler(UnknownTaskType, error(422))
 
     @app.post("/tasks", status_code=status.HTTP_201_CREATED)
-    async def create(body: NewTask, node: NodeDep) -> TaskOut:
+    async def create(body: NewTask, node: NodeDep) -> Task:
         task_id = await node.create_task(
             body.type,
             body.context,
@@ -181,7 +157,7 @@ def create_app(
             auto_run=body.auto_run,
             priority=body.priority,
         )
-        return TaskOut.model_validate(await node.get_task(task_id))
+        return await node.get_task(task_id)
 
     @app.get("/tasks")
     async def list_tasks(
@@ -193,30 +169,29 @@ def create_app(
         states: Annotated[list[str] | None, Query(alias="state")] = None,
         offset: int = 0,
         limit: int = 100,
-    ) -> list[TaskOut]:
-        page = await node.get_tasks(
+    ) -> list[Task]:
+        return await node.get_tasks(
             user=user, group=group, types=types, states=states, offset=offset, limit=limit
         )
-        return [TaskOut.model_validate(task) for task in page]
 
     @app.get("/tasks/{task_id}")
-    async def get(task_id: int, node: NodeDep) -> TaskOut:
-        return TaskOut.model_validate(await node.get_task(task_id))
+    async def get(task_id: int, node: NodeDep) -> Task:
+        return await node.get_task(task_id)
 
     @app.post("/tasks/{task_id}/pause")
-    async def pause(task_id: int, node: NodeDep) -> TaskOut:
+    async def pause(task_id: int, node: NodeDep) -> Task:
         await node.pause_task(task_id)
-        return TaskOut.model_validate(await node.get_task(task_id))
+        return await node.get_task(task_id)
 
     @app.post("/tasks/{task_id}/run")
-    async def run(task_id: int, node: NodeDep) -> TaskOut:
+    async def run(task_id: int, node: NodeDep) -> Task:
         await node.run_task(task_id)
-        return TaskOut.model_validate(await node.get_task(task_id))
+        return await node.get_task(task_id)
 
     @app.post("/tasks/{task_id}/move")
-    async def move(task_id: int, body: Move, node: NodeDep) -> TaskOut:
+    async def move(task_id: int, body: Move, node: NodeDep) -> Task:
         await node.change_task_group(task_id, body.group)
-        return TaskOut.model_validate(await node.get_task(task_id))
+        return await node.get_task(task_id)
 
     @app.delete("/tasks/{task_id}", status_code=status.HTTP_204_NO_CONTENT)
     async def delete(task_id: int, node: NodeDep, force: bool = False) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import typing
 
 import pytest
 
@@ -150,3 +151,14 @@ def test_public_classes_report_the_public_module() -> None:
         # (a dataclass without a docstring gets its signature as one)
         assert doc, f"{cls.__name__} has no docstring"
         assert not doc.startswith(f"{cls.__name__}("), f"{cls.__name__} has no docstring"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [aioasync_tasks.Task, aioasync_tasks.TaskInfo, aioasync_tasks.Group, aioasync_tasks.NodeInfo],
+)
+def test_the_public_models_type_hints_resolve(model: type) -> None:
+    """Frameworks read the public models' annotations (FastAPI returns a ``Task`` as it is):
+    they must resolve in the module the models report, ``aioasync_tasks``."""
+    hints = typing.get_type_hints(model)
+    assert hints
