@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import backend_for
 from ._backends._driver import Driver, NewTask, TaskFilter
+from ._clock import Clock
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
 from ._models import Group, NodeInfo, Operation, State, Task
@@ -99,8 +100,9 @@ class Node:
     - ``groups`` (None: all): run only tasks of these groups (a worker dedicated to some
       queues). Cleanup handlers of deleted tasks run on any node that has the type.
     - ``logger``: the application's logger (default ``logging.getLogger("aioasync_tasks")``).
-    - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats;
-      tests inject their own to make a lease run out without waiting.
+    - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats,
+      a ``Clock`` (any callable returning seconds); tests inject their own to make a lease run
+      out without waiting.
     """
 
     def __init__(
@@ -123,7 +125,7 @@ class Node:
         policy: SchedulingPolicy | None = None,
         groups: Iterable[str] | None = None,
         logger: logging.Logger | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
             self._engine = url_or_engine

@@ -39,6 +39,7 @@ import anyio
 import anyio.abc
 
 from ._backends._driver import Claimed, Driver, Owned
+from ._clock import Clock
 from ._committer import Committer
 from ._errors import DatabaseError
 from ._logging import node_logger, task_logger
@@ -77,7 +78,7 @@ class WorkerConfig:
     policy: SchedulingPolicy
     groups: tuple[str, ...] | None
     max_context_bytes: int
-    clock: Callable[[], float] = field(default=time.monotonic)
+    clock: Clock = field(default=time.monotonic)
     """The node's monotonic clock for leases and heartbeats (tests inject their own)."""
 
 
