@@ -103,6 +103,9 @@ class Node:
     - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats,
       a ``Clock`` (any callable returning seconds); tests inject their own to make a lease run
       out without waiting.
+
+    For tests and operators, a node shows its ``driver``: the database operations it calls (a
+    test injects faults by replacing one of its methods).
     """
 
     def __init__(
@@ -189,6 +192,14 @@ class Node:
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    @property
+    def driver(self) -> Driver:
+        """The node's driver: the queue operations it asks of the database (for tests and
+        operators). The node and its services look each method up anew on every call, so a
+        test injects a fault by replacing one — ``monkeypatch.setattr(node.driver, "claim",
+        flaky)`` — before ``start()`` or while the node runs."""
+        return self._backend
 
     @property
     def id(self) -> int | None:

@@ -262,7 +262,7 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
     node = make_node(db, registry)
     await node.start()
     worker = worker_of(node)
-    claim = worker.backend.claim
+    claim = node.driver.claim
     entered = asyncio.Event()
     proceed = asyncio.Event()
 
@@ -274,7 +274,7 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
             await proceed.wait()
             return await claim(*args, **kwargs)
 
-    worker.backend.claim = claim_held_in_flight  # type: ignore[method-assign]
+    node.driver.claim = claim_held_in_flight  # type: ignore[method-assign]
     stopping: asyncio.Task[None] | None = None
     try:
         # Once the claimer is held in the wrapper, no claim of the real method is in flight.
