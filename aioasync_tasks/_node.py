@@ -27,6 +27,8 @@ from ._models import Group, NodeInfo, Operation, State, Task
 from ._registry import TaskFunction, TaskRegistry, TaskType
 from ._runner import Backoff
 from ._scheduling import SchedulingPolicy
+from ._services.runtime import NodeRuntime, Services
+from ._services.state import NodeConfig, NodeState
 from ._task import _current_node
 from ._urls import engine_from_url
 from ._validation import (
@@ -45,7 +47,6 @@ from ._validation import (
     check_types,
     check_user,
 )
-from ._worker import Worker, WorkerConfig
 
 MAX_PAGE_SIZE = 1000
 """The largest ``limit`` of ``get_tasks``."""
@@ -104,8 +105,10 @@ class Node:
       a ``Clock`` (any callable returning seconds); tests inject their own to make a lease run
       out without waiting.
 
-    For tests and operators, a node shows its ``driver``: the database operations it calls (a
-    test injects faults by replacing one of its methods).
+    For tests and operators, a node shows its parts: ``driver``, the database operations it
+    calls (a test injects faults by replacing one of its methods), and, once started with
+    ``concurrency > 0``, ``services``: its claimer, heartbeat, rescuer, committer and listener,
+    each with ``run_once()`` to run one round of it.
     """
 
     def __init__(
@@ -157,7 +160,7 @@ class Node:
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds")
         self.max_context_bytes = check_int("max_context_bytes", max_context_bytes, minimum=1)
-        self._worker_config = WorkerConfig(
+        self._config = NodeConfig(
             concurrency=self.concurrency,
             cleanup_concurrency=cleanup_concurrency if self.concurrency else 0,
             heartbeat_interval=heartbeat_interval,
@@ -179,7 +182,7 @@ class Node:
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
         self._backend.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
-        self._worker: Worker | None = None
+        self._runtime: NodeRuntime | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
         self._started = False
@@ -202,9 +205,25 @@ class Node:
         return self._backend
 
     @property
+    def services(self) -> Services:
+        """The services of a started node that runs tasks, and the state they share (for tests
+        and operators): ``claimer``, ``heartbeat``, ``rescuer``, ``committer``, ``listener``
+        (None on SQLite) and ``state``. Each service's ``run_once()`` runs one round of it
+        beside its loop, e.g. ``await node.services.heartbeat.run_once()``. Still there after
+        ``stop()``. Raises ``NodeNotStarted`` before ``start()``, ``ConfigurationError`` for a
+        client-only node."""
+        if self.concurrency == 0:
+            raise ConfigurationError("a client-only node (concurrency=0) runs no services")
+        runtime = self._runtime
+        if runtime is None:
+            raise NodeNotStarted("call `await node.start()` (or use `async with node`) first")
+        return runtime.services
+
+    @property
     def id(self) -> int | None:
         """This node's id in the nodes table (None for a client-only or unstarted node)."""
-        return self._worker.node_id if self._worker is not None and self._started else None
+        runtime = self._runtime
+        return runtime.state.node_id if runtime is not None and self._started else None
 
     @property
     def running(self) -> bool:
@@ -216,8 +235,8 @@ class Node:
     @property
     def failure(self) -> str | None:
         """Why the node stopped on its own (a service it could not recover), or None."""
-        worker = self._worker
-        return worker.failure if worker is not None else None
+        runtime = self._runtime
+        return runtime.state.failure if runtime is not None else None
 
     async def wait_stopped(self) -> None:
         """Return when the node has stopped: by ``stop()``, or on its own (``failure``).
@@ -244,30 +263,31 @@ class Node:
             else:
                 await self._backend.check_schema()
             if self.concurrency > 0:
-                worker = Worker(self._backend, self.registry, self._worker_config, self._logger)
+                state = NodeState(self._backend, self.registry, self._config, self._logger)
+                runtime = NodeRuntime(state)
                 ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 supervisor = asyncio.create_task(
-                    self._supervise(worker, ready), name="aioasync_tasks-node"
+                    self._supervise(runtime, ready), name="aioasync_tasks-node"
                 )
                 try:
                     await asyncio.wait([ready, supervisor], return_when=asyncio.FIRST_COMPLETED)
                 except BaseException:
                     # Cancelled while starting: stop what was started, leave nothing behind.
-                    worker.shutdown()
+                    runtime.shutdown()
                     supervisor.cancel()
                     await asyncio.wait([supervisor])
                     raise
                 if not ready.done():
                     supervisor.result()  # raises what went wrong
                 self._supervisor = supervisor
-                self._worker = worker
+                self._runtime = runtime
             self._started = True
 
-    async def _supervise(self, worker: Worker, ready: asyncio.Future[None]) -> None:
+    async def _supervise(self, runtime: NodeRuntime, ready: asyncio.Future[None]) -> None:
         _current_node.set(self)  # inherited by every task the node runs
         try:
             async with anyio.create_task_group() as group:
-                await group.start(worker.run)
+                await group.start(runtime.run)
                 ready.set_result(None)
         except Exception:
             if not ready.done():
@@ -294,7 +314,7 @@ class Node:
                 return
             self._stopped = True
             try:
-                await self._stop_worker(timeout)
+                await self._stop_runtime(timeout)
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(DISPOSE_TIMEOUT):
                     # Heartbeats cancelled on the way out still finish their transactions.
@@ -302,11 +322,11 @@ class Node:
                     if self._owns_engine:
                         await self._engine.dispose()
 
-    async def _stop_worker(self, timeout: float | None) -> None:  # noqa: ASYNC109 - a bound
-        supervisor, worker = self._supervisor, self._worker
-        if supervisor is None or worker is None:
+    async def _stop_runtime(self, timeout: float | None) -> None:  # noqa: ASYNC109 - a bound
+        supervisor, runtime = self._supervisor, self._runtime
+        if supervisor is None or runtime is None:
             return
-        worker.shutdown()
+        runtime.shutdown()
         try:
             async with asyncio.timeout(timeout) as self._stop_deadline:
                 await asyncio.wait([supervisor])
@@ -455,8 +475,8 @@ class Node:
 
     def _wake_local(self) -> None:
         """Let this node's own claimer look at once (other nodes hear a NOTIFY, or poll)."""
-        if self._worker is not None:
-            self._worker.wake()
+        if self._runtime is not None:
+            self._runtime.state.wake()
 
     # -- controlling ------------------------------------------------------------------------
 
@@ -473,9 +493,9 @@ class Node:
         result = await backend.operate(task_id, operation, force=force, group=group)
         if result.outcome.changed:
             self._wake_local()
-        worker = self._worker
-        if result.outcome.stop and worker is not None and result.owner == worker.node_id:
-            worker.stop_local(task_id, lost=result.outcome.state is None)
+        runtime = self._runtime
+        if result.outcome.stop and runtime is not None and result.owner == runtime.state.node_id:
+            runtime.state.stop_local(task_id, lost=result.outcome.state is None)
 
     async def run_task(self, task_id: int) -> None:
         """Queue an INIT, PAUSED or FAILED task (FAILED: a fresh series of attempts)."""
@@ -558,10 +578,10 @@ class Node:
         if not isinstance(stop_running, bool):
             raise ConfigurationError("stop_running must be a bool")
         stopped = await self._ready().pause_group(group, stop_running=stop_running)
-        worker = self._worker
+        runtime = self._runtime
         for task_id, owner in stopped:
-            if worker is not None and owner == worker.node_id:
-                worker.stop_local(task_id, lost=False)
+            if runtime is not None and owner == runtime.state.node_id:
+                runtime.state.stop_local(task_id, lost=False)
 
     async def resume_group(self, group: str) -> None:
         """Claim from ``group`` again."""

@@ -38,7 +38,7 @@ from _faultcases import (
     orphans,
     task_rows,
 )
-from _helpers import BOUND, LONG_BOUND, counter_context, make_node, node_ids, wait_for, worker_of
+from _helpers import BOUND, LONG_BOUND, counter_context, make_node, node_ids, wait_for
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -339,7 +339,7 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
         node_timeout=1.0,
     )
     async with running(fault_proxy, client, node_a):
-        state_a = worker_of(node_a)
+        state_a = node_a.services.state
         a_old = node_a.id
         assert a_old is not None
         ids = await client.create_tasks(
@@ -475,7 +475,7 @@ async def test_a_node_is_judged_by_its_own_node_timeout(
             assert await orphans(raw, [node_a, node_b]) == []
             assert a_id in await node_ids(raw)
             assert node_a.id == a_id
-            assert not worker_of(node_a).fenced.is_set()
+            assert not node_a.services.state.fenced.is_set()
 
     assert sum(rescues.results) == 0
     assert [(r.task_id, r.node_id) for r in witness.runs] == [(t, a_id) for t in ids]
@@ -530,7 +530,7 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
         [{"type": "counter", "context": counter_context(3), "group": "g"} for _ in range(3)]
     )
     async with running(fault_proxy, client, node):
-        state = worker_of(node)
+        state = node.services.state
         # A's first claim found the group paused; no other claim comes until a wake-up.
         await fault_proxy.settled(CLAIM_SQL)
         await DriverProbe(node, "claim").quiet()
@@ -725,7 +725,7 @@ async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
             await wait_for(
                 lambda: all_in(raw, ids, "finished"), timeout=BOUND, what="the tasks to finish"
             )
-            fenced = worker_of(node_a).fenced
+            fenced = node_a.services.state.fenced
             await wait_for(fenced.is_set, timeout=BOUND, what="A to fence itself")
             assert await orphans(raw, [node_a, node_b]) == []
 
