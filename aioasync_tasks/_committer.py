@@ -57,7 +57,7 @@ class Committer:
         cleanup_attempts: int,
         logger: logging.Logger,
     ) -> None:
-        self._backend = backend
+        self._driver = backend
         self._cleanup_attempts = cleanup_attempts
         self._log = logger
         self._batches: dict[int, _Batch] = {}
@@ -131,7 +131,7 @@ class Committer:
     async def _flush(self, node_id: int, batch: _Batch) -> None:
         contexts = batch.contexts
         try:
-            accepted = await self._retry(lambda: self._backend.checkpoint(node_id, contexts))
+            accepted = await self._retry(lambda: self._driver.checkpoint(node_id, contexts))
         except DatabaseError:
             accepted = await self._checkpoints_one_by_one(node_id, batch)
         completions = batch.completions
@@ -148,7 +148,7 @@ class Committer:
                 waiter.set_result(task_id in done)
 
     async def _complete(self, node_id: int, completions: list[Completion]) -> set[int]:
-        return await self._backend.complete(
+        return await self._driver.complete(
             node_id, completions, cleanup_attempts=self._cleanup_attempts
         )
 
@@ -174,7 +174,7 @@ class Committer:
         for task_id, checkpoint in batch.contexts.items():
             try:
                 accepted |= await self._retry(
-                    functools.partial(self._backend.checkpoint, node_id, {task_id: checkpoint})
+                    functools.partial(self._driver.checkpoint, node_id, {task_id: checkpoint})
                 )
             except DatabaseError as exc:
                 self._log.warning("checkpoint of task %s refused: %s", task_id, exc)

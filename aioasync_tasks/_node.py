@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
@@ -20,12 +20,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import driver_for
 from ._backends._driver import Driver, NewTask, TaskFilter
+from ._clock import Clock
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
 from ._models import Group, NodeInfo, Operation, State, Task
 from ._registry import TaskFunction, TaskRegistry, TaskType
 from ._runner import Backoff
 from ._scheduling import SchedulingPolicy
+from ._services.runtime import NodeRuntime, Services
+from ._services.state import NodeConfig, NodeState
 from ._task import _current_node
 from ._urls import engine_from_url
 from ._validation import (
@@ -44,7 +47,6 @@ from ._validation import (
     check_types,
     check_user,
 )
-from ._worker import Worker, WorkerConfig
 
 MAX_PAGE_SIZE = 1000
 """The largest ``limit`` of ``get_tasks``."""
@@ -99,8 +101,14 @@ class Node:
     - ``groups`` (None: all): run only tasks of these groups (a worker dedicated to some
       queues). Cleanup handlers of deleted tasks run on any node that has the type.
     - ``logger``: the application's logger (default ``logging.getLogger("aioasync_tasks")``).
-    - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats;
-      tests inject their own to make a lease run out without waiting.
+    - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats,
+      a ``Clock`` (any callable returning seconds); tests inject their own to make a lease run
+      out without waiting.
+
+    For tests and operators, a node shows its parts: ``driver``, the database operations it
+    calls (a test injects faults by replacing one of its methods), and, once started with
+    ``concurrency > 0``, ``services``: its claimer, heartbeat, rescuer, committer and listener,
+    each with ``run_once()`` to run one round of it.
     """
 
     def __init__(
@@ -123,7 +131,7 @@ class Node:
         policy: SchedulingPolicy | None = None,
         groups: Iterable[str] | None = None,
         logger: logging.Logger | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
             self._engine = url_or_engine
@@ -152,7 +160,7 @@ class Node:
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds")
         self.max_context_bytes = check_int("max_context_bytes", max_context_bytes, minimum=1)
-        self._worker_config = WorkerConfig(
+        self._config = NodeConfig(
             concurrency=self.concurrency,
             cleanup_concurrency=cleanup_concurrency if self.concurrency else 0,
             heartbeat_interval=heartbeat_interval,
@@ -170,11 +178,11 @@ class Node:
         )
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
-        self._backend: Driver = driver_for(self._engine, schema)
+        self._driver: Driver = driver_for(self._engine, schema)
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
-        self._backend.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
-        self._worker: Worker | None = None
+        self._driver.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
+        self._runtime: NodeRuntime | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
         self._started = False
@@ -189,9 +197,33 @@ class Node:
         return self._engine
 
     @property
+    def driver(self) -> Driver:
+        """The node's driver: the queue operations it asks of the database (for tests and
+        operators). The node and its services look each method up anew on every call, so a
+        test injects a fault by replacing one — ``monkeypatch.setattr(node.driver, "claim",
+        flaky)`` — before ``start()`` or while the node runs."""
+        return self._driver
+
+    @property
+    def services(self) -> Services:
+        """The services of a started node that runs tasks, and the state they share (for tests
+        and operators): ``claimer``, ``heartbeat``, ``rescuer``, ``committer``, ``listener``
+        (None on SQLite) and ``state``. Each service's ``run_once()`` runs one round of it
+        beside its loop, e.g. ``await node.services.heartbeat.run_once()``. Still there after
+        ``stop()``. Raises ``NodeNotStarted`` before ``start()``, ``ConfigurationError`` for a
+        client-only node."""
+        if self.concurrency == 0:
+            raise ConfigurationError("a client-only node (concurrency=0) runs no services")
+        runtime = self._runtime
+        if runtime is None:
+            raise NodeNotStarted("call `await node.start()` (or use `async with node`) first")
+        return runtime.services
+
+    @property
     def id(self) -> int | None:
         """This node's id in the nodes table (None for a client-only or unstarted node)."""
-        return self._worker.node_id if self._worker is not None and self._started else None
+        runtime = self._runtime
+        return runtime.state.node_id if runtime is not None and self._started else None
 
     @property
     def running(self) -> bool:
@@ -203,8 +235,8 @@ class Node:
     @property
     def failure(self) -> str | None:
         """Why the node stopped on its own (a service it could not recover), or None."""
-        worker = self._worker
-        return worker.failure if worker is not None else None
+        runtime = self._runtime
+        return runtime.state.failure if runtime is not None else None
 
     async def wait_stopped(self) -> None:
         """Return when the node has stopped: by ``stop()``, or on its own (``failure``).
@@ -217,7 +249,7 @@ class Node:
         """Create or upgrade the tables; returns the migration versions applied."""
         if self._stopped:
             raise NodeStopped("the node was stopped")
-        return await self._backend.migrate()
+        return await self._driver.migrate()
 
     async def start(self) -> None:
         """Check (or migrate) the schema, register the node and start its services."""
@@ -227,34 +259,35 @@ class Node:
             if self._started:
                 return
             if self.auto_migrate:
-                await self._backend.migrate()
+                await self._driver.migrate()
             else:
-                await self._backend.check_schema()
+                await self._driver.check_schema()
             if self.concurrency > 0:
-                worker = Worker(self._backend, self.registry, self._worker_config, self._logger)
+                state = NodeState(self._driver, self.registry, self._config, self._logger)
+                runtime = NodeRuntime(state)
                 ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 supervisor = asyncio.create_task(
-                    self._supervise(worker, ready), name="aioasync_tasks-node"
+                    self._supervise(runtime, ready), name="aioasync_tasks-node"
                 )
                 try:
                     await asyncio.wait([ready, supervisor], return_when=asyncio.FIRST_COMPLETED)
                 except BaseException:
                     # Cancelled while starting: stop what was started, leave nothing behind.
-                    worker.shutdown()
+                    runtime.shutdown()
                     supervisor.cancel()
                     await asyncio.wait([supervisor])
                     raise
                 if not ready.done():
                     supervisor.result()  # raises what went wrong
                 self._supervisor = supervisor
-                self._worker = worker
+                self._runtime = runtime
             self._started = True
 
-    async def _supervise(self, worker: Worker, ready: asyncio.Future[None]) -> None:
+    async def _supervise(self, runtime: NodeRuntime, ready: asyncio.Future[None]) -> None:
         _current_node.set(self)  # inherited by every task the node runs
         try:
             async with anyio.create_task_group() as group:
-                await group.start(worker.run)
+                await group.start(runtime.run)
                 ready.set_result(None)
         except Exception:
             if not ready.done():
@@ -281,19 +314,19 @@ class Node:
                 return
             self._stopped = True
             try:
-                await self._stop_worker(timeout)
+                await self._stop_runtime(timeout)
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(DISPOSE_TIMEOUT):
                     # Heartbeats cancelled on the way out still finish their transactions.
-                    await self._backend.in_flight.close(timeout=DISPOSE_TIMEOUT / 2)
+                    await self._driver.in_flight.close(timeout=DISPOSE_TIMEOUT / 2)
                     if self._owns_engine:
                         await self._engine.dispose()
 
-    async def _stop_worker(self, timeout: float | None) -> None:  # noqa: ASYNC109 - a bound
-        supervisor, worker = self._supervisor, self._worker
-        if supervisor is None or worker is None:
+    async def _stop_runtime(self, timeout: float | None) -> None:  # noqa: ASYNC109 - a bound
+        supervisor, runtime = self._supervisor, self._runtime
+        if supervisor is None or runtime is None:
             return
-        worker.shutdown()
+        runtime.shutdown()
         try:
             async with asyncio.timeout(timeout) as self._stop_deadline:
                 await asyncio.wait([supervisor])
@@ -323,7 +356,7 @@ class Node:
             raise NodeStopped("the node was stopped")
         if not self._started:
             raise NodeNotStarted("call `await node.start()` (or use `async with node`) first")
-        return self._backend
+        return self._driver
 
     # -- task types -------------------------------------------------------------------------
 
@@ -442,8 +475,8 @@ class Node:
 
     def _wake_local(self) -> None:
         """Let this node's own claimer look at once (other nodes hear a NOTIFY, or poll)."""
-        if self._worker is not None:
-            self._worker.wake()
+        if self._runtime is not None:
+            self._runtime.state.wake()
 
     # -- controlling ------------------------------------------------------------------------
 
@@ -460,9 +493,9 @@ class Node:
         result = await backend.operate(task_id, operation, force=force, group=group)
         if result.outcome.changed:
             self._wake_local()
-        worker = self._worker
-        if result.outcome.stop and worker is not None and result.owner == worker.node_id:
-            worker.stop_local(task_id, lost=result.outcome.state is None)
+        runtime = self._runtime
+        if result.outcome.stop and runtime is not None and result.owner == runtime.state.node_id:
+            runtime.state.stop_local(task_id, lost=result.outcome.state is None)
 
     async def run_task(self, task_id: int) -> None:
         """Queue an INIT, PAUSED or FAILED task (FAILED: a fresh series of attempts)."""
@@ -545,10 +578,10 @@ class Node:
         if not isinstance(stop_running, bool):
             raise ConfigurationError("stop_running must be a bool")
         stopped = await self._ready().pause_group(group, stop_running=stop_running)
-        worker = self._worker
+        runtime = self._runtime
         for task_id, owner in stopped:
-            if worker is not None and owner == worker.node_id:
-                worker.stop_local(task_id, lost=False)
+            if runtime is not None and owner == runtime.state.node_id:
+                runtime.state.stop_local(task_id, lost=False)
 
     async def resume_group(self, group: str) -> None:
         """Claim from ``group`` again."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._backends._driver import Claimed, Completion
+from ._clock import Clock
 from ._committer import Committer
 from ._errors import ConfigurationError, DatabaseError
 from ._models import TaskInfo
@@ -67,7 +68,7 @@ class Execution:
         lease_valid: Callable[[], bool],
         max_context_bytes: int,
         logger: logging.LoggerAdapter[logging.Logger],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.claimed = claimed
         self.task_type = task_type

@@ -79,7 +79,7 @@ class Stats:
         self._gc_started = 0.0
 
     def wrap_backend(self, node: Node) -> None:
-        backend = getattr(node, "_backend", None)
+        backend = getattr(node, "driver", None)
         if backend is None:
             return
 

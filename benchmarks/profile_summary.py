@@ -31,7 +31,7 @@ PACKAGES = (
     "contextvars",
     "dataclasses",
 )
-_EXCLUDE = ("Node.start", "Node.stop", "_find_and_load", "Backend.migrate", "Worker.register")
+_EXCLUDE = ("Node.start", "Node.stop", "_find_and_load", "SqlDriver.migrate", "Heartbeat.register")
 
 
 def package(file: str) -> str:

@@ -376,10 +376,9 @@ class Witness:
         assert info is not None
         token = None
         node = current_node()
-        worker = getattr(node, "_worker", None)
-        execution = worker.executions.get(info.id) if worker is not None else None
+        execution = node.services.state.executions.get(info.id) if node is not None else None
         if execution is not None:
-            token = getattr(execution, "token", None)
+            token = execution.token
         run = Run(len(self.runs) + 1, info.id, info.node, info.attempt, token, start_step, now())
         self.runs.append(run)
         self.live[info.id] += 1
@@ -520,12 +519,11 @@ async def orphans(engine: AsyncEngine, nodes: Sequence[Node]) -> list[TaskRow]:
     registered = set(await node_ids(engine))
     running: dict[tuple[int, int], int | None] = {}
     for node in nodes:
-        worker = node._worker
-        if worker is None or not node.running:
+        if node.concurrency == 0 or not node.running:
             continue
-        for task_id, execution in list(worker.executions.items()):
+        for task_id, execution in list(node.services.state.executions.items()):
             if not execution.lost:
-                running[(execution.node_id, task_id)] = getattr(execution, "token", None)
+                running[(execution.node_id, task_id)] = execution.token
     bad = []
     for row in (await task_rows(engine)).values():
         if row.state not in ACTIVE:

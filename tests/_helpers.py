@@ -22,7 +22,6 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, State, Task, TaskNotFound, TaskRegistry
-from aioasync_tasks._worker import Worker
 
 BOUND = 30.0
 """Generous bound on waiting for a condition in the test's own process (never a timing
@@ -45,13 +44,6 @@ def make_node(db: DbTarget, registry: TaskRegistry | None = None, **options: Any
     """A node on the test database (its own schema on PostgreSQL) with ``FAST`` timings."""
     settings = {**FAST, **options}
     return Node(db.url, registry=registry, schema=db.schema, **settings)
-
-
-def worker_of(node: Node) -> Worker:
-    """The node's worker (private: the tests that drive a service by hand need it)."""
-    worker = node._worker
-    assert worker is not None
-    return worker
 
 
 def client_registry(types: Mapping[str, Mapping[str, Any]]) -> TaskRegistry:

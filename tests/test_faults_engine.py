@@ -402,15 +402,15 @@ async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
 
 
 class Flaky:
-    """Replaces one backend method of one node: raises ``RuntimeError`` for its first
-    ``failures`` calls (all of them when None), then calls the real method."""
+    """Replaces one driver method of one node (``Node.driver``): raises ``RuntimeError`` for
+    its first ``failures`` calls (all of them when None), then calls the real method."""
 
     def __init__(self, node: Node, method: str, failures: int | None) -> None:
-        self.real = getattr(node._backend, method)
+        self.real = getattr(node.driver, method)
         self.failures = failures
         self.calls = 0
         self.passed = 0
-        setattr(node._backend, method, self)
+        setattr(node.driver, method, self)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -421,7 +421,7 @@ class Flaky:
 
 
 SERVICES = {"heartbeat": "heartbeat", "claim": "claimer", "checkpoint": "committer"}
-"""Backend method → the node service that calls it."""
+"""Driver method → the node service that calls it."""
 
 
 @pytest.mark.parametrize(
@@ -436,7 +436,7 @@ SERVICES = {"heartbeat": "heartbeat", "claim": "claimer", "checkpoint": "committ
 async def test_a_crashing_service_is_logged_and_restarted(
     db: DbTarget, caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
-    """A backend method of the node raises ``RuntimeError`` (not a driver error) three times,
+    """A driver method of the node raises ``RuntimeError`` (not a driver error) three times,
     then works: each crash of the service that calls it is logged with its traceback, the
     service restarts, the node keeps running and every task finishes with every step
     checkpointed once.
@@ -497,7 +497,7 @@ async def test_a_crashing_listener_is_logged_and_restarted(
     registry = TaskRegistry()
     add_counter(registry, witness)
     node = make_node(db, registry, concurrency=2, poll_interval=300.0)
-    real_listen = node._backend.listen
+    real_listen = node.driver.listen
     calls = 0
 
     def flaky_listen(on_message: Callable[[str], None]) -> Any:
@@ -507,7 +507,7 @@ async def test_a_crashing_listener_is_logged_and_restarted(
             raise RuntimeError(f"injected listener crash #{calls}")
         return real_listen(on_message)
 
-    node._backend.listen = flaky_listen  # type: ignore[method-assign]
+    node.driver.listen = flaky_listen  # type: ignore[method-assign]
     await node.start()
     try:
         await wait_for(lambda: calls > 3, timeout=BOUND, what="the listener to restart")
@@ -627,13 +627,13 @@ async def test_a_cancelled_start_leaves_nothing_running(
     node = make_node(db, registry, concurrency=5)
     registering = asyncio.Event()
     if when == "registering":
-        real = node._backend.register_node
+        real = node.driver.register_node
 
         async def register_node(*args: Any, **kwargs: Any) -> int:
             registering.set()  # only watches: the call is the real one
             return await real(*args, **kwargs)
 
-        node._backend.register_node = register_node  # type: ignore[method-assign]
+        node.driver.register_node = register_node  # type: ignore[method-assign]
 
     starting = asyncio.ensure_future(node.start())
     if when == "registering":

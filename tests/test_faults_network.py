@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 from _db import DbTarget, PgServer, free_port
@@ -37,14 +38,13 @@ from _faultcases import (
     orphans,
     task_rows,
 )
-from _helpers import BOUND, LONG_BOUND, counter_context, make_node, node_ids, wait_for, worker_of
+from _helpers import BOUND, LONG_BOUND, counter_context, make_node, node_ids, wait_for
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, TaskRegistry
 from aioasync_tasks._backends import SqlDriver
 from aioasync_tasks._errors import DatabaseError
-from aioasync_tasks._worker import Worker
 
 pytestmark = pytest.mark.postgres_only
 
@@ -98,26 +98,30 @@ async def all_in(raw: AsyncEngine, ids: list[int], state: str) -> bool:
     return len(rows) == len(ids) and all(row.state == state for row in rows.values())
 
 
-class ClaimProbe:
-    """Counts the claims a worker's claimer made (wrapping ``claim_once``), to wait until it is
-    idle before arming a fault meant for the next claim."""
+class DriverProbe:
+    """Wraps one driver method of a node (``Node.driver``) and counts its calls, begun and
+    ended, and what they returned: to wait until the node's claimer is idle before arming a
+    fault meant for the next claim, or to see a heartbeat in flight."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, node: Node, method: str) -> None:
         self.begun = 0
         self.ended = 0
-        claim_once = worker.claim_once
+        self.results: list[Any] = []
+        real = getattr(node.driver, method)
 
-        async def probe() -> int:
+        async def probe(*args: Any, **kwargs: Any) -> Any:
             self.begun += 1
             try:
-                return await claim_once()
+                result = await real(*args, **kwargs)
             finally:
                 self.ended += 1
+            self.results.append(result)
+            return result
 
-        worker.claim_once = probe  # type: ignore[method-assign]
+        setattr(node.driver, method, probe)
 
     async def quiet(self, for_seconds: float = 0.3) -> None:
-        """Wait until no claim ran for ``for_seconds``."""
+        """Wait until no call ran for ``for_seconds``."""
         seen = -1
         since = time.monotonic()
         deadline = since + BOUND
@@ -126,7 +130,7 @@ class ClaimProbe:
                 seen, since = self.begun, time.monotonic()
             elif time.monotonic() - since >= for_seconds:
                 return
-            assert time.monotonic() < deadline, "the claimer never went quiet"
+            assert time.monotonic() < deadline, "the driver method never went quiet"
             await asyncio.sleep(0.01)
 
 
@@ -260,7 +264,7 @@ async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
     async with running(fault_proxy, client, node):
         # A's first claim found the group paused; no other claim comes until a wake-up.
         await fault_proxy.settled(CLAIM_SQL)
-        await ClaimProbe(worker_of(node)).quiet()
+        await DriverProbe(node, "claim").quiet()
         fault = fault_proxy.drop_commit_after(CLAIM_SQL)
         await client.resume_group("g")  # its NOTIFY wakes the claimer
         await fault.wait(BOUND)
@@ -335,7 +339,7 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
         node_timeout=1.0,
     )
     async with running(fault_proxy, client, node_a):
-        worker_a = worker_of(node_a)
+        state_a = node_a.services.state
         a_old = node_a.id
         assert a_old is not None
         ids = await client.create_tasks(
@@ -361,8 +365,8 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
             await wait_for(a_stopped, timeout=BOUND, what="A to stop its tasks (lease)")
             # A stopped its tasks by itself, while still cut off, before anyone rescued them.
             assert fault_proxy.held
-            assert not worker_a.lease_valid()
-            assert not worker_a.fenced.is_set()
+            assert not state_a.lease_valid()
+            assert not state_a.fenced.is_set()
             assert witness.on_node(b_id) == []
             assert {r.outcome for r in witness.on_node(a_old)} <= {"cancelled", "closed"}
 
@@ -370,7 +374,7 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
                 lambda: witness.started(ids, b_id), timeout=BOUND, what="B to rescue the tasks"
             )
             fault_proxy.release()
-            await wait_for(worker_a.fenced.is_set, timeout=BOUND, what="A to fence itself")
+            await wait_for(state_a.fenced.is_set, timeout=BOUND, what="A to fence itself")
             a_new = node_a.id
             assert a_new is not None
             assert a_new != a_old
@@ -444,16 +448,7 @@ async def test_a_node_is_judged_by_its_own_node_timeout(
             what="A to run every task",
         )
         async with running(fault_proxy, node_b):
-            worker_b = worker_of(node_b)
-            rescues: list[int] = []
-            rescue_once = worker_b.rescue_once
-
-            async def counted() -> int:
-                released = await rescue_once()
-                rescues.append(released)
-                return released
-
-            worker_b.rescue_once = counted  # type: ignore[method-assign]
+            rescues = DriverProbe(node_b, "rescue")
             hold = fault_proxy.hold_when_idle()
             await hold.wait(BOUND)
             await asyncio.sleep(3.0)
@@ -467,8 +462,8 @@ async def test_a_node_is_judged_by_its_own_node_timeout(
                 )
             # B looked for dead nodes many times and took nothing; A still runs its tasks.
             assert witness.on_node(node_b.id or 0) == []
-            assert sum(rescues) == 0
-            assert len(rescues) >= 3
+            assert sum(rescues.results) == 0
+            assert len(rescues.results) >= 3
             assert all(r.end is None for r in witness.on_node(a_id))
             # A's row is still there, silent for longer than B's own node_timeout.
             assert silent is not None
@@ -480,9 +475,9 @@ async def test_a_node_is_judged_by_its_own_node_timeout(
             assert await orphans(raw, [node_a, node_b]) == []
             assert a_id in await node_ids(raw)
             assert node_a.id == a_id
-            assert not worker_of(node_a).fenced.is_set()
+            assert not node_a.services.state.fenced.is_set()
 
-    assert sum(rescues) == 0
+    assert sum(rescues.results) == 0
     assert [(r.task_id, r.node_id) for r in witness.runs] == [(t, a_id) for t in ids]
     for task_id in ids:
         await history.assert_path(
@@ -535,21 +530,11 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
         [{"type": "counter", "context": counter_context(3), "group": "g"} for _ in range(3)]
     )
     async with running(fault_proxy, client, node):
-        worker = worker_of(node)
+        state = node.services.state
         # A's first claim found the group paused; no other claim comes until a wake-up.
         await fault_proxy.settled(CLAIM_SQL)
-        await ClaimProbe(worker).quiet()
-        heartbeats = {"begun": 0, "ended": 0}
-        heartbeat_once = worker.heartbeat_once
-
-        async def traced() -> None:
-            heartbeats["begun"] += 1
-            try:
-                await heartbeat_once()
-            finally:
-                heartbeats["ended"] += 1
-
-        worker.heartbeat_once = traced  # type: ignore[method-assign]
+        await DriverProbe(node, "claim").quiet()
+        heartbeats = DriverProbe(node, "heartbeat")
         hold = fault_proxy.hold_after(CLAIM_SQL)
         await client.resume_group("g")
         await hold.wait(BOUND)
@@ -557,12 +542,12 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
         # loop is then stuck in it, so no heartbeat sent after the move can renew the lease
         # before the claim returns.
         await wait_for(
-            lambda: heartbeats["begun"] > heartbeats["ended"],
+            lambda: heartbeats.begun > heartbeats.ended,
             timeout=BOUND,
             what="a heartbeat waiting on the hold",
         )
         clock.advance(10.0)  # far past the lease (1.5 s) on A's clock
-        assert not worker.lease_valid()
+        assert not state.lease_valid()
         await asyncio.sleep(0.3)  # the lease watchdog acts
         assert witness.runs == []
         fault_proxy.release()
@@ -571,7 +556,7 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
         )
         assert await orphans(raw, [node]) == []
         node_id = node.id
-        assert not worker.fenced.is_set()
+        assert not state.fenced.is_set()
 
     assert any("after the lease ran out" in r.getMessage() for r in caplog.records)
     for task_id in ids:
@@ -740,7 +725,8 @@ async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
             await wait_for(
                 lambda: all_in(raw, ids, "finished"), timeout=BOUND, what="the tasks to finish"
             )
-            await wait_for(worker_of(node_a).fenced.is_set, timeout=BOUND, what="A to fence itself")
+            fenced = node_a.services.state.fenced
+            await wait_for(fenced.is_set, timeout=BOUND, what="A to fence itself")
             assert await orphans(raw, [node_a, node_b]) == []
 
     assert {row.step for row in (await task_rows(raw, ids)).values()} == {30}
@@ -805,7 +791,7 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
         async with engine.begin() as conn:
             default = (await conn.execute(show)).scalar_one()
         await node.start()
-        backend = node._backend
+        backend = node.driver
         assert isinstance(backend, SqlDriver)
         for _ in range(3):
             async with backend.write() as conn:  # the node's own write transaction

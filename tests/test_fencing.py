@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from _db import DbTarget
-from _helpers import BOUND, make_node, node_ids, read_row, wait_for, wait_state, worker_of
+from _helpers import BOUND, make_node, node_ids, read_row, wait_for, wait_state
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -140,10 +140,10 @@ async def bounded(node: Node) -> AsyncIterator[Node]:
 async def heartbeat_finds_row_gone(node: Node, old_id: int) -> int:
     """Run the node's heartbeat once, its row gone: it fences itself and registers again under
     a new id, which it returns."""
-    worker = worker_of(node)
+    services = node.services
     async with asyncio.timeout(BOUND):  # a bound on the test, not a timing check
-        await worker.heartbeat_once()
-    assert worker.fenced.is_set()
+        await services.heartbeat.run_once()
+    assert services.state.fenced.is_set()
     new_id = node.id
     assert new_id is not None
     assert new_id != old_id
@@ -181,7 +181,7 @@ async def test_rescue_releases_a_dead_nodes_tasks(db: DbTarget, raw: AsyncEngine
             released: list[int] = []
 
             async def rescued() -> bool:
-                released.append(await worker_of(node_b).rescue_once())
+                released.append(await node_b.services.rescuer.run_once())
                 return sum(released) > 0
 
             await wait_for(rescued, timeout=BOUND, what="node B to rescue node A's tasks")
@@ -226,7 +226,7 @@ async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
     witness = Witness()
     registry = blocking_registry(witness)
     async with bounded(make_node(db, registry, name="a", **SLOW)) as node_a:
-        worker_a = worker_of(node_a)
+        services_a = node_a.services
         a_old = node_a.id
         assert a_old is not None
         task_id = await node_a.create_task("retry", "r", group="fenced")
@@ -246,18 +246,18 @@ async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
         # The heartbeat found the row gone: A stopped its task at once and registered again
         # under a new id, waiting for nothing; the generator was cancelled.
         assert await node_ids(raw) == [a_new]
-        await wait_for(lambda: not worker_a.executions, timeout=BOUND, what="the execution")
+        await wait_for(lambda: not services_a.state.executions, timeout=BOUND, what="the execution")
         assert witness.cancelled == [task_id]
         # The row still named the old id and the execution's claim token: the execution's
         # last word released it (NODE_LOST); a rescue finds nothing left to do.
-        assert await worker_a.rescue_once() == 0
+        assert await services_a.rescuer.run_once() == 0
         fenced_row = await read_row(raw, task_id)
         assert fenced_row is not None
         # The generator's write after its cancellation ("late") never landed.
         assert await summary(raw, task_id) == ("pending", None, "held", None, 1, None)
 
         # Writes still bound to the old id are rejected and change nothing.
-        committer = worker_a.committer
+        committer = services_a.committer
         assert await committer.checkpoint(a_old, task_id, 1, "later") is False
         assert (
             await committer.complete(

@@ -12,11 +12,12 @@ from typing import Any
 import anyio
 import pytest
 from _db import DbTarget
-from _helpers import BOUND, make_node, node_rows, read_row, wait_for, wait_state, worker_of
+from _helpers import BOUND, make_node, node_rows, read_row, wait_for, wait_state
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import (
+    ConfigurationError,
     Node,
     NodeNotStarted,
     NodeStopped,
@@ -108,6 +109,31 @@ async def test_async_with(db: DbTarget, raw: AsyncEngine) -> None:
         assert await node_rows(raw) == 1
     assert not node.running
     assert await node_rows(raw) == 0
+
+
+async def test_services_are_shown_once_started(db: DbTarget) -> None:
+    """``Node.services``, the test surface of docs/reference.md: refused before ``start()`` and
+    on a client-only node; once started, one round of each service runs on demand, and they are
+    still there after ``stop()``."""
+    node = make_node(db, echo_registry())
+    with pytest.raises(NodeNotStarted):
+        _ = node.services
+    async with node:
+        services = node.services
+        assert services.state.node_id == node.id
+        assert (services.listener is None) == (not db.is_postgres)
+        await services.heartbeat.run_once()
+        await services.heartbeat.poll_stops_once()
+        services.heartbeat.check_lease()
+        assert services.state.lease_valid()
+        assert await services.rescuer.run_once() == 0
+        assert await services.claimer.run_once() == 0
+        assert not services.state.fenced.is_set()
+    assert node.services is services
+    assert services.state.stopping.is_set()
+    async with make_node(db, echo_registry(), concurrency=0) as client:
+        with pytest.raises(ConfigurationError, match="client-only"):
+            _ = client.services
 
 
 # -- client-only nodes --------------------------------------------------------------------
@@ -261,8 +287,7 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
 
     node = make_node(db, registry)
     await node.start()
-    worker = worker_of(node)
-    claim = worker.backend.claim
+    claim = node.driver.claim
     entered = asyncio.Event()
     proceed = asyncio.Event()
 
@@ -274,14 +299,15 @@ async def test_task_claimed_while_stopping_is_handed_back(db: DbTarget, raw: Asy
             await proceed.wait()
             return await claim(*args, **kwargs)
 
-    worker.backend.claim = claim_held_in_flight  # type: ignore[method-assign]
+    node.driver.claim = claim_held_in_flight  # type: ignore[method-assign]
     stopping: asyncio.Task[None] | None = None
     try:
         # Once the claimer is held in the wrapper, no claim of the real method is in flight.
         await asyncio.wait_for(entered.wait(), BOUND)
         task_id = await node.create_task("loop", "0")
         stopping = asyncio.create_task(node.stop())
-        await wait_for(worker._shutdown.is_set, timeout=BOUND, what="the shutdown to begin")
+        begun = node.services.state.stopping
+        await wait_for(begun.is_set, timeout=BOUND, what="the shutdown to begin")
         proceed.set()
         async with asyncio.timeout(BOUND):  # a bound on the test, not a timing assertion
             await stopping
@@ -332,8 +358,7 @@ async def test_unregistered_type_is_never_claimed(db: DbTarget) -> None:
         async with make_node(db, registry_a) as node_a:
             echo_id = await client.create_task("echo", "x")
             await wait_state(node_a, echo_id, State.FINISHED)  # A's claimer went past "other"
-            worker = worker_of(node_a)
-            assert await worker.claim_once() == 0
+            assert await node_a.services.claimer.run_once() == 0
             task = await client.get_task(other_id)
             assert (task.state, task.attempts, task.node) == (State.PENDING, 0, None)
         async with make_node(db, full) as node_b:

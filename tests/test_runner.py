@@ -25,7 +25,6 @@ from _helpers import (
     wait_event,
     wait_for,
     wait_state,
-    worker_of,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -84,7 +83,7 @@ async def test_checkpoints_of_concurrent_tasks_are_group_committed(db: DbTarget)
         yield Report.finished()
 
     async with make_node(db, registry, concurrency=tasks_count) as node:
-        committer = worker_of(node).committer
+        committer = node.services.committer
         flushes_before = committer.flushes
         ids = await node.create_tasks([{"type": "chatty", "context": f"t{n}"} for n in range(30)])
 
@@ -287,7 +286,7 @@ async def test_pause_sets_stop_once_and_keeps_last_checkpoint(
         await release.wait()  # stay CANCELING while the stop is delivered again and again
 
     async with make_node(db, registry) as node:
-        worker = worker_of(node)
+        heartbeat = node.services.heartbeat
         task_id = await node.create_task("pausable", "0")
         await wait_event(waiting, "the task's third checkpoint")
         await node.pause_task(task_id)
@@ -295,8 +294,8 @@ async def test_pause_sets_stop_once_and_keeps_last_checkpoint(
         assert (task.state, task.requested) == (State.CANCELING, StopRequest.PAUSE)
         await node.pause_task(task_id)  # idempotent
         for _ in range(3):  # each delivers the pending stop request again
-            await worker.heartbeat_once()
-            await worker.poll_stops_once()
+            await heartbeat.run_once()
+            await heartbeat.poll_stops_once()
         await wait_for(lambda: after_stop == ["3"], timeout=BOUND, what="the task to see stop")
         release.set()
         await wait_state(node, task_id, State.PAUSED)
@@ -518,7 +517,7 @@ async def test_failing_cleanup_is_retried_then_failed(db: DbTarget) -> None:
 
         await node.delete_task(task_id, force=True)  # removes it at once, no cleanup
         assert await state_of(node, task_id) is None
-        await worker_of(node).claim_once()
+        await node.services.claimer.run_once()
     assert calls == [1, 2, 3]
 
 
@@ -540,7 +539,7 @@ async def test_force_delete_skips_cleanup(db: DbTarget) -> None:
         await wait_state(node, task_id, State.FINISHED)
         await node.delete_task(task_id, force=True)
         assert await state_of(node, task_id) is None
-        await worker_of(node).claim_once()
+        await node.services.claimer.run_once()
     assert calls == []
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for, worker_of
+from _helpers import make_node, raw_engine, wait_for
 
 from aioasync_tasks import (
     ConfigurationError,
@@ -148,7 +148,7 @@ async def test_paused_group_is_not_claimed_until_resumed(db: DbTarget) -> None:
         held = await node.create_task("job", group="batch")
         free = await node.create_task("job", group="other")
         await wait_for(lambda: free in recorder.started, what="the other group's task")
-        assert await worker_of(node).claim_once() == 0
+        assert await node.services.claimer.run_once() == 0
         assert (await node.get_task(held)).state is State.PENDING
         groups = {g.name: g for g in await node.get_groups()}
         assert groups["batch"].paused
@@ -183,7 +183,7 @@ async def test_group_limits_cap_running_tasks_per_group_and_per_user(db: DbTarge
         )
     async with make_node(db, recorder.registry, concurrency=20) as node:
         await wait_for(lambda: len(recorder.started) == 3 + 4, what="the limits to fill")
-        assert await worker_of(node).claim_once() == 0  # nothing more fits
+        assert await node.services.claimer.run_once() == 0  # nothing more fits
         running = set(recorder.started)
         assert len(running & set(capped)) == 3
         by_user = [i for i in per_user if i in running]
@@ -207,7 +207,7 @@ async def test_moved_pending_task_obeys_its_new_groups_limit(db: DbTarget) -> No
         await node.pause_group("wide")
         moved = await node.create_task("job", group="wide")
         await node.change_task_group(moved, "narrow")
-        assert await worker_of(node).claim_once() == 0
+        assert await node.services.claimer.run_once() == 0
         assert (await node.get_task(moved)).group == "narrow"
         recorder.release.set()
         await wait_for(lambda: moved in recorder.started, what="the moved task, after the first")
@@ -313,7 +313,7 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
     async with make_node(db, recorder.registry, concurrency=0) as client:
         await client.set_group_limits("g", max_running=2)
         await client.create_tasks([{"type": t, "group": "g"} for t in ("job", "other") * 2])
-        backend = client._backend
+        backend = client.driver
         assert isinstance(backend, SqlDriver)  # its SQL, beyond the driver protocol
         liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
         first_node = await backend.register_node("first", 10, ["job"], **liveness)
@@ -366,7 +366,7 @@ async def test_a_node_can_be_dedicated_to_some_groups(db: DbTarget) -> None:
         mine = await client.create_task("job", group="mine")
     async with make_node(db, recorder.registry, concurrency=4, groups=["mine"]) as node:
         await wait_for(lambda: mine in recorder.started, what="the dedicated group's task")
-        assert await worker_of(node).claim_once() == 0
+        assert await node.services.claimer.run_once() == 0
         assert (await node.get_task(other)).state is State.PENDING
     assert recorder.started == [mine]
 

@@ -1,5 +1,5 @@
 """The driver protocol: the queue operations the engine asks of a database, and the values
-they take and return. ``Backend`` implements it for PostgreSQL and SQLite; a new database is
+they take and return. ``SqlDriver`` implements it for PostgreSQL and SQLite; a new database is
 added by implementing it (CONTRIBUTING.md, "Adding a database").
 
 Every operation is one short transaction of its own (or of the caller's, for

@@ -3,7 +3,7 @@
 the schema version checks.
 
 A migration file is plain SQL for its dialect, run statement by statement in one transaction
-(``Backend.migrate``) and recorded in the versions table. ``split_sql`` knows enough of SQL's
+(``SqlDriver.migrate``) and recorded in the versions table. ``split_sql`` knows enough of SQL's
 lexical rules to cut only at a statement's own semicolon: not inside a quoted string or
 identifier, a comment, a PostgreSQL dollar-quoted body (functions, ``DO`` blocks), or the
 ``BEGIN … END`` body of an SQLite trigger.
