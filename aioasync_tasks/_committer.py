@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 import anyio.abc
 
-from ._backends._driver import Checkpoint, Completion, Driver
+from ._backends._driver import Checkpoint, CheckpointParams, CompleteParams, Completion, Driver
 from ._errors import DatabaseError
 from ._validation import clean_error_text
 
@@ -131,7 +131,9 @@ class Committer:
     async def _flush(self, node_id: int, batch: _Batch) -> None:
         contexts = batch.contexts
         try:
-            accepted = await self._retry(lambda: self._driver.checkpoint(node_id, contexts))
+            accepted = await self._retry(
+                lambda: self._driver.checkpoint(CheckpointParams(node_id, contexts))
+            )
         except DatabaseError:
             accepted = await self._checkpoints_one_by_one(node_id, batch)
         completions = batch.completions
@@ -149,7 +151,7 @@ class Committer:
 
     async def _complete(self, node_id: int, completions: list[Completion]) -> set[int]:
         return await self._driver.complete(
-            node_id, completions, cleanup_attempts=self._cleanup_attempts
+            CompleteParams(node_id, completions, self._cleanup_attempts)
         )
 
     async def _retry(self, write: Callable[[], Awaitable[set[int]]]) -> set[int]:
@@ -174,7 +176,9 @@ class Committer:
         for task_id, checkpoint in batch.contexts.items():
             try:
                 accepted |= await self._retry(
-                    functools.partial(self._driver.checkpoint, node_id, {task_id: checkpoint})
+                    functools.partial(
+                        self._driver.checkpoint, CheckpointParams(node_id, {task_id: checkpoint})
+                    )
                 )
             except DatabaseError as exc:
                 self._log.warning("checkpoint of task %s refused: %s", task_id, exc)

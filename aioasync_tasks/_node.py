@@ -19,7 +19,16 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import driver_for
-from ._backends._driver import Driver, NewTask, TaskFilter
+from ._backends._driver import (
+    Driver,
+    InsertParams,
+    Limits,
+    NewTask,
+    OperateParams,
+    PauseGroupParams,
+    SetGroupParams,
+    TaskFilter,
+)
 from ._clock import Clock
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
@@ -469,7 +478,7 @@ class Node:
         elif connection is not None and not isinstance(connection, AsyncConnection):
             raise ConfigurationError("connection must be an AsyncConnection")
         backend = self._ready()
-        ids = await backend.insert_many(new, connection)
+        ids = await backend.insert_many(InsertParams(new, connection))
         self._wake_local()
         return ids
 
@@ -490,7 +499,7 @@ class Node:
     ) -> None:
         task_id = check_task_id(task_id)
         backend = self._ready()
-        result = await backend.operate(task_id, operation, force=force, group=group)
+        result = await backend.operate(OperateParams(task_id, operation, force=force, group=group))
         if result.outcome.changed:
             self._wake_local()
         runtime = self._runtime
@@ -577,7 +586,7 @@ class Node:
         group = check_group(group)
         if not isinstance(stop_running, bool):
             raise ConfigurationError("stop_running must be a bool")
-        stopped = await self._ready().pause_group(group, stop_running=stop_running)
+        stopped = await self._ready().pause_group(PauseGroupParams(group, stop_running))
         runtime = self._runtime
         for task_id, owner in stopped:
             if runtime is not None and owner == runtime.state.node_id:
@@ -585,7 +594,7 @@ class Node:
 
     async def resume_group(self, group: str) -> None:
         """Claim from ``group`` again."""
-        await self._ready().set_group(check_group(group), paused=False)
+        await self._ready().set_group(SetGroupParams(check_group(group), paused=False))
         self._wake_local()
 
     async def set_group_limits(
@@ -601,9 +610,8 @@ class Node:
             check_int("max_running", max_running, minimum=1)
         if max_running_per_user is not None:
             check_int("max_running_per_user", max_running_per_user, minimum=1)
-        await self._ready().set_group(
-            group, max_running=max_running, max_running_per_user=max_running_per_user
-        )
+        limits = Limits(max_running, max_running_per_user)
+        await self._ready().set_group(SetGroupParams(group, limits=limits))
         self._wake_local()
 
     async def get_groups(self) -> list[Group]:

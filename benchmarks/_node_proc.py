@@ -87,10 +87,11 @@ class Stats:
             if name in ("claim", "claim_cleanups"):
                 claimed = getattr(result, "claimed", result)
                 return len(claimed) if isinstance(claimed, list) else 0
+            params = args[0] if args else None
             if name == "checkpoint":
-                return len(args[1]) if len(args) > 1 else 0
+                return len(getattr(params, "checkpoints", ()))
             if name == "complete":
-                return len(args[1]) if len(args) > 1 else 0
+                return len(getattr(params, "completions", ()))
             return 0
 
         for name in ("claim", "claim_cleanups", "checkpoint", "complete", "heartbeat"):

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 from aioasync_tasks import FairShare, Fifo, Node, Report, SchedulingPolicy, State, TaskRegistry
+from aioasync_tasks._backends._driver import ClaimParams, DeregisterParams, RegisterParams
 
 USERS = 1_000
 GROUPS = 10
@@ -63,15 +64,17 @@ async def fill(node: Node, n: int, spread: str) -> None:
 async def time_claims(node: Node, policy: SchedulingPolicy, rounds: int) -> list[float]:
     backend = node.driver
     node_id = await backend.register_node(
-        "bench-claimer", 10, ["noop"], heartbeat_interval=5.0, node_timeout=30.0
+        RegisterParams("bench-claimer", 10, ["noop"], heartbeat_interval=5.0, node_timeout=30.0)
     )
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
-        result = await backend.claim(node_id, ["noop"], 10, policy)
+        result = await backend.claim(ClaimParams(node_id, ["noop"], 10, policy))
         times.append((time.perf_counter() - started) * 1000)
         assert len(result.claimed) == 10, result
-    await backend.deregister(node_id, cleanup_attempts=3)  # hands the claimed tasks back
+    await backend.deregister(
+        DeregisterParams(node_id, cleanup_attempts=3)
+    )  # hands the claimed tasks back
     return times
 
 

@@ -27,6 +27,7 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
+from aioasync_tasks._backends._driver import ClaimParams, RegisterParams
 from aioasync_tasks._backends._sqldriver import CLAIM, SqlDriver
 from aioasync_tasks._runner import Backoff
 
@@ -316,8 +317,10 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         backend = client.driver
         assert isinstance(backend, SqlDriver)  # its SQL, beyond the driver protocol
         liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
-        first_node = await backend.register_node("first", 10, ["job"], **liveness)
-        second_node = await backend.register_node("second", 10, ["other"], **liveness)
+        first_node = await backend.register_node(RegisterParams("first", 10, ["job"], **liveness))
+        second_node = await backend.register_node(
+            RegisterParams("second", 10, ["other"], **liveness)
+        )
         policy = FairShare()
         async with backend.write() as conn:
             prepare = backend.queries.statement("claim_prepare")
@@ -336,7 +339,9 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
                 },
             )
             assert len(result.all()) == 2
-            second = asyncio.ensure_future(backend.claim(second_node, ["other"], 10, policy))
+            second = asyncio.ensure_future(
+                backend.claim(ClaimParams(second_node, ["other"], 10, policy))
+            )
             probe = raw_engine(db)
 
             async def second_waits_or_is_done() -> bool:

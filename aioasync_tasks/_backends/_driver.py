@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
 from .._states import Event, Outcome
@@ -111,8 +111,118 @@ class Owned:
     token: int
 
 
+# -- the parameters of the operations: one frozen dataclass per operation (an operation on one
+# id takes the id itself)
+
+
+@dataclass(frozen=True, slots=True)
+class InsertParams:
+    tasks: Sequence[NewTask]
+    connection: AsyncConnection | None = None
+    """The application's connection: the tasks are inserted in its transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperateParams:
+    task_id: int
+    operation: Operation
+    force: bool = False
+    group: str | None = None
+    """The group to move the task to (``Operation.CHANGE_GROUP``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimParams:
+    node_id: int
+    types: Sequence[str]
+    limit: int
+    policy: SchedulingPolicy
+    groups: Sequence[str] | None = None
+    """Only these groups (the node's ``groups=`` option); None: every group."""
+    busy: Sequence[int] = ()
+    """Tasks the node still runs an execution of: never claimed again meanwhile."""
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupClaimParams:
+    node_id: int
+    types: Sequence[str]
+    """The types whose cleanup handler the node has."""
+    limit: int
+    busy: Sequence[int] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointParams:
+    node_id: int
+    checkpoints: Mapping[int, Checkpoint]
+    """Task id → the context to store for the execution holding the checkpoint's token."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteParams:
+    node_id: int
+    completions: Sequence[Completion]
+    cleanup_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseClaimsParams:
+    node_id: int
+    claims: Mapping[int, int]
+    """Task id → the token of the claim the node gives back."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterParams:
+    name: str
+    concurrency: int
+    types: Sequence[str]
+    heartbeat_interval: float
+    node_timeout: float
+    """The node's own lease: others declare it dead by this, never by their own."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeregisterParams:
+    node_id: int
+    cleanup_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RescueParams:
+    node_id: int
+    """The rescuer, which never rescues itself."""
+    cleanup_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_running: int | None
+    max_running_per_user: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetGroupParams:
+    name: str
+    paused: bool | None = None
+    """None: unchanged."""
+    limits: Limits | None = None
+    """None: unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class PauseGroupParams:
+    group: str
+    stop_running: bool
+    """Also pause every task of the group that runs now, in the same transaction."""
+
+
 class Driver(Protocol):
-    """What the engine (``Node``, its worker, committer and runners) asks of a database."""
+    """What the engine (``Node``, its services, committer and runners) asks of a database.
+
+    Each operation takes one frozen parameter dataclass (an operation on one id takes the id)
+    and returns typed values."""
 
     supports_notify: bool
     """Whether ``listen`` works: notifications wake nodes at once (PostgreSQL); without them
@@ -136,57 +246,28 @@ class Driver(Protocol):
     async def check_schema(self) -> None: ...
 
     # -- tasks, for users
-    async def insert_many(
-        self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
-    ) -> list[int]: ...
+    async def insert_many(self, params: InsertParams) -> list[int]: ...
     async def get_task(self, task_id: int) -> Task: ...
     async def get_tasks(self, f: TaskFilter) -> list[Task]: ...
     async def count_tasks(self, f: TaskFilter) -> int: ...
-    async def operate(
-        self,
-        task_id: int,
-        operation: Operation,
-        *,
-        force: bool = False,
-        group: str | None = None,
-    ) -> OperationResult: ...
+    async def operate(self, params: OperateParams) -> OperationResult: ...
 
     # -- tasks, for nodes
-    async def claim(  # noqa: PLR0917 - one argument per part of the claim
-        self,
-        node_id: int,
-        types: Sequence[str],
-        limit: int,
-        policy: SchedulingPolicy,
-        groups: Sequence[str] | None = None,
-        busy: Sequence[int] = (),
-    ) -> ClaimResult: ...
-    async def claim_cleanups(
-        self, node_id: int, types: Sequence[str], limit: int, busy: Sequence[int] = ()
-    ) -> list[Claimed]: ...
-    async def checkpoint(self, node_id: int, contexts: Mapping[int, Checkpoint]) -> set[int]: ...
-    async def complete(
-        self, node_id: int, completions: Sequence[Completion], *, cleanup_attempts: int
-    ) -> set[int]: ...
-    async def release_claims(self, node_id: int, claims: Mapping[int, int]) -> int: ...
+    async def claim(self, params: ClaimParams) -> ClaimResult: ...
+    async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]: ...
+    async def checkpoint(self, params: CheckpointParams) -> set[int]: ...
+    async def complete(self, params: CompleteParams) -> set[int]: ...
+    async def release_claims(self, params: ReleaseClaimsParams) -> int: ...
 
     # -- nodes
-    async def register_node(
-        self,
-        name: str,
-        concurrency: int,
-        types: Sequence[str],
-        *,
-        heartbeat_interval: float,
-        node_timeout: float,
-    ) -> int: ...
+    async def register_node(self, params: RegisterParams) -> int: ...
     async def heartbeat(self, node_id: int) -> list[Owned] | None: ...
     async def owned(self, node_id: int) -> list[Owned]: ...
-    async def deregister(self, node_id: int, *, cleanup_attempts: int) -> None: ...
-    async def rescue(self, node_id: int, *, cleanup_attempts: int) -> int: ...
+    async def deregister(self, params: DeregisterParams) -> None: ...
+    async def rescue(self, params: RescueParams) -> int: ...
     async def get_nodes(self) -> list[NodeInfo]: ...
 
     # -- groups
-    async def set_group(self, /, name: str, **fields: Any) -> Group: ...
+    async def set_group(self, params: SetGroupParams) -> Group: ...
     async def get_groups(self) -> list[Group]: ...
-    async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]: ...
+    async def pause_group(self, params: PauseGroupParams) -> list[tuple[int, int]]: ...

@@ -27,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import DatabaseError, TaskNotFound
 from .._models import Group, NodeInfo, Operation, State, Task
-from .._scheduling import SchedulingPolicy
 from .._schema import VERSIONS, Timestamp, tasks_table
 from .._states import (
     Event,
@@ -39,13 +38,23 @@ from .._states import (
 )
 from . import _rows
 from ._driver import (
-    Checkpoint,
+    CheckpointParams,
     Claimed,
+    ClaimParams,
     ClaimResult,
-    Completion,
-    NewTask,
+    CleanupClaimParams,
+    CompleteParams,
+    DeregisterParams,
+    InsertParams,
+    Limits,
+    OperateParams,
     OperationResult,
     Owned,
+    PauseGroupParams,
+    RegisterParams,
+    ReleaseClaimsParams,
+    RescueParams,
+    SetGroupParams,
     TaskFilter,
 )
 from ._migrations import check_version, migration_files, refuse_newer, split_sql
@@ -243,10 +252,9 @@ class SqlDriver:
     # -- creating and reading tasks ---------------------------------------------------------
 
     @cancel_safe
-    async def insert_many(
-        self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
-    ) -> list[int]:
+    async def insert_many(self, params: InsertParams) -> list[int]:
         """Insert tasks in one transaction (the caller's, when ``connection`` is given)."""
+        new_tasks, connection = params.tasks, params.connection
         if not new_tasks:
             return []
         rows = [
@@ -404,15 +412,9 @@ class SqlDriver:
         return len(writes)
 
     @cancel_safe
-    async def operate(
-        self,
-        task_id: int,
-        operation: Operation,
-        *,
-        force: bool = False,
-        group: str | None = None,
-    ) -> OperationResult:
+    async def operate(self, params: OperateParams) -> OperationResult:
         """Apply a user operation to one task, atomically (docs/design.md §3)."""
+        task_id, group = params.task_id, params.group
         async with self.write() as conn:
             if group is not None:
                 # Taken in the order claims take it (group, then task): a task moved into a
@@ -425,9 +427,9 @@ class SqlDriver:
             outcome = apply_operation(
                 row.state,
                 row.requested,
-                operation,
+                params.operation,
                 has_cleanup=row.has_cleanup,
-                force=force,
+                force=params.force,
                 task_id=task_id,
             )
             moved = group is not None and group != row.group
@@ -443,15 +445,7 @@ class SqlDriver:
     # -- execution --------------------------------------------------------------------------
 
     @cancel_safe
-    async def claim(  # noqa: PLR0917 - one argument per part of the claim
-        self,
-        node_id: int,
-        types: Sequence[str],
-        limit: int,
-        policy: SchedulingPolicy,
-        groups: Sequence[str] | None = None,
-        busy: Sequence[int] = (),
-    ) -> ClaimResult:
+    async def claim(self, params: ClaimParams) -> ClaimResult:
         """Claim up to ``limit`` due PENDING tasks of ``types`` (and of ``groups``, when given)
         for ``node_id`` (event CLAIM), in the ``policy``'s order, skipping paused groups and
         never exceeding group limits (docs/design.md §6).
@@ -462,50 +456,50 @@ class SqlDriver:
         changed since the statement's snapshot is skipped under its row lock, and so is every
         task in ``busy`` (the node still runs an execution of it).
         """
-        if limit <= 0 or not types:
+        p, limit = params, params.limit
+        if limit <= 0 or not p.types:
             return ClaimResult([], None)
-        params: dict[str, Any] = {
-            "node": node_id,
-            "types": self.bind_list(types),
+        bound: dict[str, Any] = {
+            "node": p.node_id,
+            "types": self.bind_list(p.types),
             "limit": limit,
             "pool": limit * self.claim_pool_factor,
-            "busy": self.bind_list(busy),
-            "all_groups": groups is None,
-            "groups": self.bind_list(groups or ()),
+            "busy": self.bind_list(p.busy),
+            "all_groups": p.groups is None,
+            "groups": self.bind_list(p.groups or ()),
             **CLAIM,
         }
         async with self.write() as conn:
-            prepared = (await self._run(conn, "claim_prepare", {"node": node_id})).one()
+            prepared = (await self._run(conn, "claim_prepare", {"node": p.node_id})).one()
             if not prepared.registered:
                 return ClaimResult([], None)
-            result = await self._run(conn, "claim", params, order_by=policy.order_by)
+            result = await self._run(conn, "claim", bound, order_by=p.policy.order_by)
             rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
             next_due = None
             if len(rows) < limit:
-                due = await self._run(conn, "next_due", {"types": params["types"]})
+                due = await self._run(conn, "next_due", {"types": bound["types"]})
                 next_due = due.scalar()
         claimed = [_rows.claimed(r) for r in rows]
         return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
 
     @cancel_safe
-    async def claim_cleanups(
-        self, node_id: int, types: Sequence[str], limit: int, busy: Sequence[int] = ()
-    ) -> list[Claimed]:
+    async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:
         """Claim unowned, due DELETING tasks to run their cleanup handler (CLEANUP_CLAIM)."""
-        if limit <= 0 or not types:
+        p = params
+        if p.limit <= 0 or not p.types:
             return []
         async with self.write() as conn:
             # Fencing: a node another node declared dead claims nothing more under its old id.
-            if (await self._run(conn, "node_registered", {"node": node_id})).first() is None:
+            if (await self._run(conn, "node_registered", {"node": p.node_id})).first() is None:
                 return []
             result = await self._run(
                 conn,
                 "claim_cleanups",
                 {
-                    "node": node_id,
-                    "types": self.bind_list(types),
-                    "limit": limit,
-                    "busy": self.bind_list(busy),
+                    "node": p.node_id,
+                    "types": self.bind_list(p.types),
+                    "limit": p.limit,
+                    "busy": self.bind_list(p.busy),
                     **CLEANUP_CLAIM,
                 },
             )
@@ -513,25 +507,24 @@ class SqlDriver:
         return [_rows.claimed(r) for r in rows]
 
     @cancel_safe
-    async def checkpoint(self, node_id: int, contexts: Mapping[int, Checkpoint]) -> set[int]:
+    async def checkpoint(self, params: CheckpointParams) -> set[int]:
         """Store checkpoints of executions on ``node_id``; returns the ids whose write was
         accepted: rows still owned by ``node_id`` under the execution's claim token, running,
         canceling, or deleting for a cleanup handler. One statement per batch."""
-        if not contexts:
+        checkpoints = params.checkpoints
+        if not checkpoints:
             return set()
-        rows = [(task_id, c.token, c.context) for task_id, c in contexts.items()]
-        params = {
+        rows = [(task_id, c.token, c.context) for task_id, c in checkpoints.items()]
+        bound = {
             **self.bind_rows(("ids", "tokens", "contexts"), rows),
-            "node": node_id,
+            "node": params.node_id,
             "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
         }
         async with self.write() as conn:
-            return {row.id for row in await self._run(conn, "checkpoint", params)}
+            return {row.id for row in await self._run(conn, "checkpoint", bound)}
 
     @cancel_safe
-    async def complete(
-        self, node_id: int, completions: Sequence[Completion], *, cleanup_attempts: int
-    ) -> set[int]:
+    async def complete(self, params: CompleteParams) -> set[int]:
         """Apply the ends of executions on ``node_id``; returns the accepted task ids.
 
         A completion applies only to the row its execution claimed: still owned by ``node_id``
@@ -539,9 +532,10 @@ class SqlDriver:
         since) is left alone, so a completion retried after its first try committed, or sent
         by an execution that lost its task, changes nothing.
         """
-        if not completions:
+        node_id, cleanup_attempts = params.node_id, params.cleanup_attempts
+        if not params.completions:
             return set()
-        by_id = {c.task_id: c for c in completions}
+        by_id = {c.task_id: c for c in params.completions}
         async with self.write() as conn:
             writes: list[_Write] = []
             for row in await self._lock(conn, list(by_id), owner=node_id):
@@ -581,14 +575,15 @@ class SqlDriver:
             return {w.row.id for w in writes}
 
     @cancel_safe
-    async def release_claims(self, node_id: int, claims: Mapping[int, int]) -> int:
+    async def release_claims(self, params: ReleaseClaimsParams) -> int:
         """Hand back tasks ``node_id`` claimed but never ran (``claims``: task id → token):
         a claim that came back after the node's lease ran out, or a row the node found it owns
         without an execution. Each goes back as a hand-off, with its attempt refunded."""
+        claims = params.claims
         if not claims:
             return 0
         async with self.write() as conn:
-            rows = await self._lock(conn, list(claims), owner=node_id)
+            rows = await self._lock(conn, list(claims), owner=params.node_id)
             mine = [row for row in rows if row.token == claims[row.id]]
             return await self._write_and_wake(conn, self._released(mine, graceful=True))
 
@@ -625,24 +620,16 @@ class SqlDriver:
     # -- nodes ------------------------------------------------------------------------------
 
     @cancel_safe
-    async def register_node(
-        self,
-        name: str,
-        concurrency: int,
-        types: Sequence[str],
-        *,
-        heartbeat_interval: float,
-        node_timeout: float,
-    ) -> int:
-        params = {
-            "name": name,
-            "concurrency": concurrency,
-            "types": _rows.node_types(types),
-            "heartbeat_interval": heartbeat_interval,
-            "node_timeout": node_timeout,
+    async def register_node(self, params: RegisterParams) -> int:
+        bound = {
+            "name": params.name,
+            "concurrency": params.concurrency,
+            "types": _rows.node_types(params.types),
+            "heartbeat_interval": params.heartbeat_interval,
+            "node_timeout": params.node_timeout,
         }
         async with self.write() as conn:
-            return int((await self._run(conn, "register_node", params)).scalar_one())
+            return int((await self._run(conn, "register_node", bound)).scalar_one())
 
     @cancel_safe
     async def heartbeat(self, node_id: int) -> list[Owned] | None:
@@ -683,25 +670,26 @@ class SqlDriver:
         return count
 
     @cancel_safe
-    async def deregister(self, node_id: int, *, cleanup_attempts: int) -> None:
+    async def deregister(self, params: DeregisterParams) -> None:
         """Remove the node's row at the end of a graceful stop. Whatever it still owns (a task
         claimed while it began to stop, or cancelled by ``stop(timeout=…)``) is handed back
         like any task the shutdown stopped, without using up an attempt."""
         async with self.write() as conn:
             await self._release_nodes(
-                conn, [node_id], graceful=True, cleanup_attempts=cleanup_attempts
+                conn, [params.node_id], graceful=True, cleanup_attempts=params.cleanup_attempts
             )
 
     @cancel_safe
-    async def rescue(self, node_id: int, *, cleanup_attempts: int) -> int:
+    async def rescue(self, params: RescueParams) -> int:
         """Declare dead every other node whose heartbeat is older than its own ``node_timeout``
         (database clock): release its tasks (NODE_LOST) and remove its row. Tasks owned by a
         node whose row is gone are released too. ``node_id`` — the rescuer — never rescues
         itself. Returns the number of tasks released."""
         async with self.write() as conn:
-            dead = [r.id for r in await self._run(conn, "dead_nodes", {"node": node_id})]
+            result = await self._run(conn, "dead_nodes", {"node": params.node_id})
+            dead = [r.id for r in result]
             return await self._release_nodes(
-                conn, dead, graceful=False, cleanup_attempts=cleanup_attempts, orphans=True
+                conn, dead, graceful=False, cleanup_attempts=params.cleanup_attempts, orphans=True
             )
 
     @cancel_safe
@@ -712,29 +700,32 @@ class SqlDriver:
     # -- groups -----------------------------------------------------------------------------
 
     @cancel_safe
-    async def set_group(self, /, name: str, **fields: Any) -> Group:
-        """Create or update a group's row with ``fields`` (paused, max_running, …)."""
+    async def set_group(self, params: SetGroupParams) -> Group:
+        """Create a group's row, or update its settings (what ``params`` leaves None stays)."""
         async with self.write() as conn:
-            group = await self._set_group(conn, name, fields)
+            group = await self._set_group(conn, params)
             if not group.paused:  # resumed, or limits changed: there may be room now
                 await self.notify(conn, "wake")
         return group
 
-    async def _set_group(
-        self, conn: AsyncConnection, name: str, fields: Mapping[str, Any]
-    ) -> Group:
+    async def _set_group(self, conn: AsyncConnection, params: SetGroupParams) -> Group:
+        name = params.name
         await self._run(conn, "create_group", {"name": name})
         row = (await self._run(conn, "lock_group_settings", {"name": name})).one()
-        values = {
-            "paused": bool(row.paused),
-            "max_running": row.max_running,
-            "max_running_per_user": row.max_running_per_user,
-            **fields,
-        }
-        await self._run(conn, "update_group", {"name": name, **values})
-        return Group(
-            name, bool(values["paused"]), values["max_running"], values["max_running_per_user"]
+        paused = bool(row.paused) if params.paused is None else params.paused
+        limits = params.limits or Limits(row.max_running, row.max_running_per_user)
+        group = Group(name, paused, limits.max_running, limits.max_running_per_user)
+        await self._run(
+            conn,
+            "update_group",
+            {
+                "name": name,
+                "paused": group.paused,
+                "max_running": group.max_running,
+                "max_running_per_user": group.max_running_per_user,
+            },
         )
+        return group
 
     @cancel_safe
     async def get_groups(self) -> list[Group]:
@@ -743,15 +734,17 @@ class SqlDriver:
             return [_rows.group(r) for r in await self._run(conn, "get_groups")]
 
     @cancel_safe
-    async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]:
-        """Pause ``group``; with ``stop_running`` also pause every task of it that runs now, in
+    async def pause_group(self, params: PauseGroupParams) -> list[tuple[int, int]]:
+        """Pause the group; with ``stop_running`` also pause every task of it that runs now, in
         the same transaction (all or nothing). Returns the stopped tasks with their owners."""
         async with self.write() as conn:
-            await self._set_group(conn, group, {"paused": True})
-            if not stop_running:
+            await self._set_group(conn, SetGroupParams(params.group, paused=True))
+            if not params.stop_running:
                 return []
             result = await self._run(
-                conn, "lock_running_in_group", {"group": group, "state": State.RUNNING.value}
+                conn,
+                "lock_running_in_group",
+                {"group": params.group, "state": State.RUNNING.value},
             )
             writes = []
             for row in (_rows.Locked.from_row(r) for r in result):

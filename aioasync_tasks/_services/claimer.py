@@ -10,7 +10,7 @@ import random
 
 import anyio
 
-from .._backends._driver import Claimed
+from .._backends._driver import Claimed, ClaimParams, CleanupClaimParams, ReleaseClaimsParams
 from .._committer import Committer
 from .._errors import DatabaseError
 from .._logging import task_logger
@@ -64,12 +64,14 @@ class Claimer:
         running = sum(1 for e in state.executions.values() if not e.cleanup)
         node_id = state.node_id
         result = await state.driver.claim(
-            node_id,
-            state.types,
-            config.concurrency - running,
-            config.policy,
-            config.groups,
-            busy=list(state.executions),
+            ClaimParams(
+                node_id,
+                state.types,
+                config.concurrency - running,
+                config.policy,
+                config.groups,
+                busy=list(state.executions),
+            )
         )
         self._next_due = result.next_due
         return await self._start_claimed(result.claimed, node_id, cleanup=False)
@@ -79,10 +81,12 @@ class Claimer:
         cleaning = sum(1 for e in state.executions.values() if e.cleanup)
         node_id = state.node_id
         claimed = await state.driver.claim_cleanups(
-            node_id,
-            state.cleanup_types,
-            state.config.cleanup_concurrency - cleaning,
-            busy=list(state.executions),
+            CleanupClaimParams(
+                node_id,
+                state.cleanup_types,
+                state.config.cleanup_concurrency - cleaning,
+                busy=list(state.executions),
+            )
         )
         return await self._start_claimed(claimed, node_id, cleanup=True)
 
@@ -94,7 +98,8 @@ class Claimer:
             # The claim came back after the lease ran out (or the node was fenced meanwhile):
             # its tasks must not start; they go back to the queue untouched.
             state.log.warning("a claim came back after the lease ran out; handing it back")
-            await state.driver.release_claims(node_id, {c.id: c.token for c in claimed})
+            claims = {c.id: c.token for c in claimed}
+            await state.driver.release_claims(ReleaseClaimsParams(node_id, claims))
             return 0
         for item in claimed:
             self._start(item, node_id, cleanup=cleanup)

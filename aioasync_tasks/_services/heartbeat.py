@@ -24,7 +24,7 @@ import asyncio
 
 import anyio
 
-from .._backends._driver import Owned
+from .._backends._driver import Owned, RegisterParams, ReleaseClaimsParams
 from .._errors import DatabaseError
 from .._logging import node_logger
 from .._models import State
@@ -49,11 +49,13 @@ class Heartbeat:
         config = state.config
         sent = state.clock()
         state.node_id = await state.driver.register_node(
-            state.name,
-            config.concurrency,
-            state.types,
-            heartbeat_interval=config.heartbeat_interval,
-            node_timeout=config.node_timeout,
+            RegisterParams(
+                state.name,
+                config.concurrency,
+                state.types,
+                heartbeat_interval=config.heartbeat_interval,
+                node_timeout=config.node_timeout,
+            )
         )
         state.start_lease(sent)
         state.log = node_logger(state.logger, state.node_id)
@@ -153,7 +155,9 @@ class Heartbeat:
             if (execution := state.executions.get(row.id)) is None or execution.token != row.token
         }
         if orphans:
-            released = await state.driver.release_claims(state.node_id, orphans)
+            released = await state.driver.release_claims(
+                ReleaseClaimsParams(state.node_id, orphans)
+            )
             if released:
                 state.log.warning(
                     "released %d task(s) this node owned without running them: %s",

@@ -8,6 +8,7 @@ import random
 
 import anyio
 
+from .._backends._driver import RescueParams
 from .._errors import DatabaseError
 from .state import NodeState
 
@@ -29,7 +30,7 @@ class Rescuer:
         state = self._state
         try:
             released = await state.driver.rescue(
-                state.node_id, cleanup_attempts=state.config.cleanup_attempts
+                RescueParams(state.node_id, state.config.cleanup_attempts)
             )
         except DatabaseError as exc:
             state.log.warning("rescue failed: %s", exc)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.abc
 
+from .._backends._driver import DeregisterParams
 from .._committer import Committer
 from .._errors import DatabaseError
 from .._runner import StopReason
@@ -113,7 +114,7 @@ class NodeRuntime:
             with anyio.CancelScope(shield=True), anyio.move_on_after(DEREGISTER_TIMEOUT):
                 try:
                     await state.driver.deregister(
-                        state.node_id, cleanup_attempts=state.config.cleanup_attempts
+                        DeregisterParams(state.node_id, state.config.cleanup_attempts)
                     )
                     state.log.info("node deregistered")
                 except DatabaseError as exc:

@@ -22,7 +22,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Fifo, Operation, State, StopRequest, Task
 from aioasync_tasks._backends import driver_for
-from aioasync_tasks._backends._driver import Completion, Driver, NewTask, TaskFilter
+from aioasync_tasks._backends._driver import (
+    ClaimParams,
+    CleanupClaimParams,
+    CompleteParams,
+    Completion,
+    Driver,
+    InsertParams,
+    NewTask,
+    OperateParams,
+    RegisterParams,
+    TaskFilter,
+)
 from aioasync_tasks._schema import TASKS
 from aioasync_tasks._states import Event, Outcome, apply_event
 
@@ -86,7 +97,9 @@ def new_task(
 
 async def insert(driver: Driver, task: NewTask | None = None, **fields: Any) -> int:
     """Insert one task (``task``, or ``new_task(**fields)``); its id."""
-    [task_id] = await driver.insert_many([task if task is not None else new_task(**fields)])
+    [task_id] = await driver.insert_many(
+        InsertParams([task if task is not None else new_task(**fields)])
+    )
     return task_id
 
 
@@ -99,11 +112,13 @@ async def register(
     heartbeat_interval: float = FAR,
 ) -> int:
     return await driver.register_node(
-        name,
-        4,
-        types,
-        heartbeat_interval=heartbeat_interval,
-        node_timeout=node_timeout,
+        RegisterParams(
+            name,
+            4,
+            types,
+            heartbeat_interval=heartbeat_interval,
+            node_timeout=node_timeout,
+        )
     )
 
 
@@ -180,7 +195,7 @@ class Made:
 
 async def claim_one(driver: Driver, node_id: int, type: str) -> tuple[int, int]:
     """Claim the one PENDING task of ``type``; its id and token."""
-    result = await driver.claim(node_id, [type], 1, FIFO)
+    result = await driver.claim(ClaimParams(node_id, [type], 1, FIFO))
     [claimed] = result.claimed
     return claimed.id, claimed.token
 
@@ -203,17 +218,19 @@ async def make_many(driver: Driver, node_id: int, wants: Sequence[Want]) -> list
     Each owned task has been claimed once."""
     types = [unique_type() for _ in wants]
     ids = await driver.insert_many(
-        [
-            new_task(
-                type,
-                has_cleanup=w.has_cleanup,
-                max_attempts=w.max_attempts,
-                state=State.INIT if w.start is Start.INIT else State.PENDING,
-                group=w.group,
-                user=w.user,
-            )
-            for type, w in zip(types, wants, strict=True)
-        ]
+        InsertParams(
+            [
+                new_task(
+                    type,
+                    has_cleanup=w.has_cleanup,
+                    max_attempts=w.max_attempts,
+                    state=State.INIT if w.start is Start.INIT else State.PENDING,
+                    group=w.group,
+                    user=w.user,
+                )
+                for type, w in zip(types, wants, strict=True)
+            ]
+        )
     )
     by_start: dict[Start, list[int]] = {}
     for task_id, w in zip(ids, wants, strict=True):
@@ -226,12 +243,12 @@ async def make_many(driver: Driver, node_id: int, wants: Sequence[Want]) -> list
 
     async def operate(operation: Operation, *starts: Start) -> None:
         for task_id in of(*starts):
-            await driver.operate(task_id, operation)
+            await driver.operate(OperateParams(task_id, operation))
 
     async def claim(task_ids: list[int]) -> None:
         if task_ids:
             result = await driver.claim(
-                node_id, [type_of[i] for i in task_ids], len(task_ids), FIFO
+                ClaimParams(node_id, [type_of[i] for i in task_ids], len(task_ids), FIFO)
             )
             assert sorted(c.id for c in result.claimed) == sorted(task_ids), result
             tokens.update((c.id, c.token) for c in result.claimed)
@@ -239,7 +256,9 @@ async def make_many(driver: Driver, node_id: int, wants: Sequence[Want]) -> list
     async def end(task_ids: list[int], event: Event) -> None:
         completions = [Completion(i, tokens.pop(i), event) for i in task_ids]
         if completions:
-            accepted = await driver.complete(node_id, completions, cleanup_attempts=1)
+            accepted = await driver.complete(
+                CompleteParams(node_id, completions, cleanup_attempts=1)
+            )
             assert accepted == set(task_ids), (event, accepted)
 
     await operate(Operation.PAUSE, Start.PAUSED)
@@ -247,7 +266,7 @@ async def make_many(driver: Driver, node_id: int, wants: Sequence[Want]) -> list
     cleaning = of(Start.CLEANING)
     if cleaning:
         claimed = await driver.claim_cleanups(
-            node_id, [type_of[i] for i in cleaning], len(cleaning)
+            CleanupClaimParams(node_id, [type_of[i] for i in cleaning], len(cleaning))
         )
         assert sorted(c.id for c in claimed) == sorted(cleaning), claimed
         tokens.update((c.id, c.token) for c in claimed)
@@ -310,7 +329,11 @@ async def complete_one(
     **fields: Any,
 ) -> set[int]:
     return await driver.complete(
-        node_id, [Completion(task_id, token, event, **fields)], cleanup_attempts=cleanup_attempts
+        CompleteParams(
+            node_id,
+            [Completion(task_id, token, event, **fields)],
+            cleanup_attempts=cleanup_attempts,
+        )
     )
 
 

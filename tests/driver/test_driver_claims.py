@@ -10,7 +10,19 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from aioasync_tasks import FairShare, Operation, State
-from aioasync_tasks._backends._driver import Claimed, ClaimResult, Driver, TaskFilter
+from aioasync_tasks._backends._driver import (
+    Claimed,
+    ClaimParams,
+    ClaimResult,
+    CleanupClaimParams,
+    DeregisterParams,
+    Driver,
+    InsertParams,
+    Limits,
+    OperateParams,
+    SetGroupParams,
+    TaskFilter,
+)
 from aioasync_tasks._states import Event, apply_event
 from driver._driverkit import (
     CLEANUP_ATTEMPTS,
@@ -43,7 +55,7 @@ async def test_claim_takes_only_due_pending_tasks_of_its_types(driver: Driver, p
     before = await snapshot(driver)
     tokens = await peek.tokens()
 
-    result = await driver.claim(node, [m.type for m in made], 100, FIFO)
+    result = await driver.claim(ClaimParams(node, [m.type for m in made], 100, FIFO))
 
     after = await snapshot(driver)
     claimable = {
@@ -78,34 +90,34 @@ async def test_claim_takes_at_most_limit_and_says_when_the_next_task_is_due(
 ) -> None:
     node = await register(driver)
     now = datetime.now(UTC)
-    await driver.insert_many([new_task("a") for _ in range(3)])
+    await driver.insert_many(InsertParams([new_task("a") for _ in range(3)]))
     await insert(driver, type="a", run_at=now + timedelta(seconds=600))
     await insert(driver, type="b", run_at=now + timedelta(seconds=300))
 
-    full = await driver.claim(node, ["a"], 2, FIFO)
+    full = await driver.claim(ClaimParams(node, ["a"], 2, FIFO))
     assert (len(full.claimed), full.next_due) == (2, None)
-    rest = await driver.claim(node, ["a"], 2, FIFO)
+    rest = await driver.claim(ClaimParams(node, ["a"], 2, FIFO))
     assert len(rest.claimed) == 1
     assert rest.next_due is not None
     assert 500 < rest.next_due <= 600
-    empty = await driver.claim(node, ["a", "b"], 2, FIFO)
+    empty = await driver.claim(ClaimParams(node, ["a", "b"], 2, FIFO))
     assert empty.claimed == []
     assert empty.next_due is not None
     assert 200 < empty.next_due <= 300
-    assert await driver.claim(node, ["c"], 2, FIFO) == ClaimResult([], None)
-    assert (await driver.claim(node, [], 2, FIFO)).claimed == []
-    assert (await driver.claim(node, ["a", "b"], 0, FIFO)).claimed == []
+    assert await driver.claim(ClaimParams(node, ["c"], 2, FIFO)) == ClaimResult([], None)
+    assert (await driver.claim(ClaimParams(node, [], 2, FIFO))).claimed == []
+    assert (await driver.claim(ClaimParams(node, ["a", "b"], 0, FIFO))).claimed == []
 
 
 async def test_claim_skips_paused_groups_until_resumed(driver: Driver) -> None:
     node = await register(driver)
     paused = await insert(driver, type="a", group="paused")
     running = await insert(driver, type="a", group="open")
-    await driver.set_group("paused", paused=True)
-    assert _ids((await driver.claim(node, ["a"], 10, FIFO)).claimed) == [running]
-    assert (await driver.claim(node, ["a"], 10, FIFO)).claimed == []
-    await driver.set_group("paused", paused=False)
-    assert _ids((await driver.claim(node, ["a"], 10, FIFO)).claimed) == [paused]
+    await driver.set_group(SetGroupParams("paused", paused=True))
+    assert _ids((await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed) == [running]
+    assert (await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed == []
+    await driver.set_group(SetGroupParams("paused", paused=False))
+    assert _ids((await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed) == [paused]
 
 
 async def test_claim_respects_max_running_of_a_group(driver: Driver) -> None:
@@ -113,61 +125,73 @@ async def test_claim_respects_max_running_of_a_group(driver: Driver) -> None:
     # Already running in the group, on any node: a RUNNING and a CANCELING task.
     running = await make(driver, node, Start.RUNNING, group="limited")
     await make(driver, node, Start.CANCELING_PAUSE, group="limited")
-    await driver.set_group("limited", max_running=3)
-    await driver.insert_many([new_task("a", group="limited") for _ in range(3)])
+    await driver.set_group(SetGroupParams("limited", limits=Limits(3, None)))
+    await driver.insert_many(InsertParams([new_task("a", group="limited") for _ in range(3)]))
     free = await insert(driver, type="a", group="free")
 
-    first = await driver.claim(node, ["a"], 10, FIFO)
+    first = await driver.claim(ClaimParams(node, ["a"], 10, FIFO))
     assert len(first.claimed) == 2
     assert free in _ids(first.claimed)
-    assert (await driver.claim(node, ["a"], 10, FIFO)).claimed == []
+    assert (await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed == []
     assert running.token is not None
     await complete_one(driver, node, running.id, running.token, Event.FINISHED)
-    assert len((await driver.claim(node, ["a"], 10, FIFO)).claimed) == 1
+    assert len((await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed) == 1
     assert await driver.count_tasks(TaskFilter(group="limited", states=(State.PENDING,))) == 1
 
 
 async def test_claim_respects_max_running_per_user(driver: Driver) -> None:
     node = await register(driver)
-    await driver.set_group("shared", max_running_per_user=2)
+    await driver.set_group(SetGroupParams("shared", limits=Limits(None, 2)))
     await make(driver, node, Start.RUNNING, group="shared", user="alice")
     await driver.insert_many(
-        [new_task("a", group="shared", user=user) for user in ("alice", "alice", "bob", "bob")]
-        + [new_task("a", group="other", user="alice")]
+        InsertParams(
+            [new_task("a", group="shared", user=user) for user in ("alice", "alice", "bob", "bob")]
+            + [new_task("a", group="other", user="alice")]
+        )
     )
-    claimed = (await driver.claim(node, ["a"], 10, FIFO)).claimed
+    claimed = (await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed
     assert sorted((c.group, c.user) for c in claimed) == [
         ("other", "alice"),
         ("shared", "alice"),
         ("shared", "bob"),
         ("shared", "bob"),
     ]
-    assert (await driver.claim(node, ["a"], 10, FIFO)).claimed == []
+    assert (await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed == []
 
 
 async def test_claim_takes_only_the_groups_asked_for_and_skips_busy_tasks(
     driver: Driver,
 ) -> None:
     node = await register(driver)
-    ids = await driver.insert_many([new_task("a", group=g) for g in ("g1", "g2", "g3", "g3")])
+    ids = await driver.insert_many(
+        InsertParams([new_task("a", group=g) for g in ("g1", "g2", "g3", "g3")])
+    )
     # groups=: only those; busy: the node still runs an execution of that task.
-    result = await driver.claim(node, ["a"], 10, FIFO, groups=["g1", "g3"], busy=[ids[2]])
+    result = await driver.claim(
+        ClaimParams(node, ["a"], 10, FIFO, groups=["g1", "g3"], busy=[ids[2]])
+    )
     assert sorted(_ids(result.claimed)) == [ids[0], ids[3]]
-    assert (await driver.claim(node, ["a"], 10, FIFO, busy=[ids[2]])).claimed[0].id == ids[1]
-    assert (await driver.claim(node, ["a"], 10, FIFO, busy=[ids[2]])).claimed == []
+    assert (await driver.claim(ClaimParams(node, ["a"], 10, FIFO, busy=[ids[2]]))).claimed[
+        0
+    ].id == ids[1]
+    assert (await driver.claim(ClaimParams(node, ["a"], 10, FIFO, busy=[ids[2]]))).claimed == []
     assert (await driver.get_task(ids[2])).state is State.PENDING
 
 
 async def test_claim_takes_hand_offs_first_then_priority_then_age(driver: Driver) -> None:
     node = await register(driver)
     old, urgent, young = await driver.insert_many(
-        [new_task("a", priority=0), new_task("a", priority=5), new_task("a", priority=0)]
+        InsertParams(
+            [new_task("a", priority=0), new_task("a", priority=5), new_task("a", priority=0)]
+        )
     )
     handed_off = await make(driver, node, Start.RUNNING, max_attempts=1)
     assert handed_off.token is not None
     await complete_one(driver, node, handed_off.id, handed_off.token, Event.STOPPED)
     types = ["a", handed_off.type]
-    order = [_ids((await driver.claim(node, types, 1, FIFO)).claimed) for _ in range(4)]
+    order = [
+        _ids((await driver.claim(ClaimParams(node, types, 1, FIFO))).claimed) for _ in range(4)
+    ]
     assert order == [[handed_off.id], [urgent], [old], [young]]
 
 
@@ -175,9 +199,12 @@ async def test_fair_share_claims_for_the_user_with_fewest_running_tasks(driver: 
     node = await register(driver)
     await make(driver, node, Start.RUNNING, user="alice")
     alices, bobs = await driver.insert_many(
-        [new_task("a", user="alice"), new_task("a", user="bob")]
+        InsertParams([new_task("a", user="alice"), new_task("a", user="bob")])
     )
-    order = [_ids((await driver.claim(node, ["a"], 1, FairShare())).claimed) for _ in range(2)]
+    order = [
+        _ids((await driver.claim(ClaimParams(node, ["a"], 1, FairShare()))).claimed)
+        for _ in range(2)
+    ]
     assert order == [[bobs], [alices]]
 
 
@@ -185,9 +212,9 @@ async def test_a_node_without_a_row_claims_nothing(driver: Driver) -> None:
     node = await register(driver)
     pending = await insert(driver, type="a")
     deleting = await make(driver, node, Start.DELETING, has_cleanup=True)
-    await driver.deregister(node, cleanup_attempts=CLEANUP_ATTEMPTS)
-    assert (await driver.claim(node, ["a"], 10, FIFO)).claimed == []
-    assert await driver.claim_cleanups(node, [deleting.type], 10) == []
+    await driver.deregister(DeregisterParams(node, cleanup_attempts=CLEANUP_ATTEMPTS))
+    assert (await driver.claim(ClaimParams(node, ["a"], 10, FIFO))).claimed == []
+    assert await driver.claim_cleanups(CleanupClaimParams(node, [deleting.type], 10)) == []
     assert (await driver.get_task(pending)).state is State.PENDING
     assert (await driver.get_task(deleting.id)).node is None
 
@@ -198,7 +225,7 @@ async def test_claim_cleanups_takes_only_unowned_deleting_tasks(driver: Driver, 
     before = await snapshot(driver)
     tokens = await peek.tokens()
 
-    claimed = await driver.claim_cleanups(node, [m.type for m in made], 100)
+    claimed = await driver.claim_cleanups(CleanupClaimParams(node, [m.type for m in made], 100))
 
     after = await snapshot(driver)
     claimable = {
@@ -223,23 +250,25 @@ async def test_claim_cleanups_respects_types_limit_busy_and_back_off(driver: Dri
     node = await register(driver)
     later = datetime.now(UTC) + timedelta(hours=1)
     ids = await driver.insert_many(
-        [new_task("x", has_cleanup=True, run_at=later) for _ in range(3)]
+        InsertParams([new_task("x", has_cleanup=True, run_at=later) for _ in range(3)])
     )
     for task_id in ids:
-        await driver.operate(task_id, Operation.DELETE)  # due at once, whatever its run_at
-    assert await driver.claim_cleanups(node, ["y"], 10) == []
-    assert await driver.claim_cleanups(node, ["x"], 0) == []
-    assert await driver.claim_cleanups(node, [], 10) == []
-    [first] = await driver.claim_cleanups(node, ["x"], 1, busy=[ids[0]])
+        await driver.operate(
+            OperateParams(task_id, Operation.DELETE)
+        )  # due at once, whatever its run_at
+    assert await driver.claim_cleanups(CleanupClaimParams(node, ["y"], 10)) == []
+    assert await driver.claim_cleanups(CleanupClaimParams(node, ["x"], 0)) == []
+    assert await driver.claim_cleanups(CleanupClaimParams(node, [], 10)) == []
+    [first] = await driver.claim_cleanups(CleanupClaimParams(node, ["x"], 1, busy=[ids[0]]))
     assert first.id == ids[1]
     # A failed cleanup with attempts left waits for its back-off.
     accepted = await complete_one(
         driver, node, first.id, first.token, Event.CLEANUP_FAILED, cleanup_attempts=3, delay=600
     )
     assert accepted == {first.id}
-    rest = await driver.claim_cleanups(node, ["x"], 10)
+    rest = await driver.claim_cleanups(CleanupClaimParams(node, ["x"], 10))
     assert sorted(_ids(rest)) == [ids[0], ids[2]]
-    assert await driver.claim_cleanups(node, ["x"], 10) == []
+    assert await driver.claim_cleanups(CleanupClaimParams(node, ["x"], 10)) == []
 
 
 async def test_claim_of_the_same_task_again_raises_its_token(driver: Driver) -> None:

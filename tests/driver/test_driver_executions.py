@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 
 from aioasync_tasks import State
-from aioasync_tasks._backends._driver import Checkpoint, Completion, Driver
+from aioasync_tasks._backends._driver import (
+    Checkpoint,
+    CheckpointParams,
+    ClaimParams,
+    CompleteParams,
+    Completion,
+    Driver,
+    ReleaseClaimsParams,
+)
 from aioasync_tasks._states import Event, apply_event
 from driver._driverkit import (
     FIFO,
@@ -71,7 +79,7 @@ async def test_complete_follows_the_state_table(driver: Driver, peek: Peek, even
             completions.append(
                 Completion(m.id, m.token, event, context="after", error=error, delay=DELAY)
             )
-        accepted |= await driver.complete(node, completions, cleanup_attempts=limit)
+        accepted |= await driver.complete(CompleteParams(node, completions, cleanup_attempts=limit))
     after = await snapshot(driver)
     handoffs = await peek.handoffs()
     tokens = await peek.tokens()
@@ -130,17 +138,19 @@ async def test_complete_applies_only_the_current_execution_of_the_owner(driver: 
     stale = Completion(made.id, made.token, Event.FINISHED)
     foreign = Completion(made.id, token, Event.FINISHED)
     missing = Completion(made.id + 1000, token, Event.FINISHED)
-    assert await driver.complete(node, [stale, missing], cleanup_attempts=1) == set()
-    assert await driver.complete(other, [foreign], cleanup_attempts=1) == set()
-    assert await driver.complete(node, [], cleanup_attempts=1) == set()
+    assert (
+        await driver.complete(CompleteParams(node, [stale, missing], cleanup_attempts=1)) == set()
+    )
+    assert await driver.complete(CompleteParams(other, [foreign], cleanup_attempts=1)) == set()
+    assert await driver.complete(CompleteParams(node, [], cleanup_attempts=1)) == set()
     assert await driver.get_task(made.id) == before
 
     current = Completion(made.id, token, Event.FINISHED)
-    assert await driver.complete(node, [current], cleanup_attempts=1) == {made.id}
+    assert await driver.complete(CompleteParams(node, [current], cleanup_attempts=1)) == {made.id}
     assert (await driver.get_task(made.id)).state is State.FINISHED
     # The same completion again (its first COMMIT reply lost) changes nothing more.
     finished = await driver.get_task(made.id)
-    assert await driver.complete(node, [current], cleanup_attempts=1) == set()
+    assert await driver.complete(CompleteParams(node, [current], cleanup_attempts=1)) == set()
     assert await driver.get_task(made.id) == finished
 
 
@@ -152,13 +162,15 @@ async def test_complete_applies_a_batch_row_by_row(driver: Driver) -> None:
     assert finishing.token is not None
     assert failing.token is not None
     accepted = await driver.complete(
-        node,
-        [
-            Completion(finishing.id, finishing.token, Event.FINISHED, context="done"),
-            Completion(failing.id, failing.token, Event.FAILED, error="boom", delay=DELAY),
-            Completion(paused.id, 1, Event.FINISHED),
-        ],
-        cleanup_attempts=1,
+        CompleteParams(
+            node,
+            [
+                Completion(finishing.id, finishing.token, Event.FINISHED, context="done"),
+                Completion(failing.id, failing.token, Event.FAILED, error="boom", delay=DELAY),
+                Completion(paused.id, 1, Event.FINISHED),
+            ],
+            cleanup_attempts=1,
+        )
     )
     assert accepted == {finishing.id, failing.id}
     done = await driver.get_task(finishing.id)
@@ -168,7 +180,7 @@ async def test_complete_applies_a_batch_row_by_row(driver: Driver) -> None:
     assert retried.run_at > retried.updated_at
     assert (await driver.get_task(paused.id)).state is State.PAUSED
     # Not due before the back-off: a claim does not take it.
-    assert (await driver.claim(node, [failing.type], 1, FIFO)).claimed == []
+    assert (await driver.claim(ClaimParams(node, [failing.type], 1, FIFO))).claimed == []
 
 
 async def test_checkpoint_is_accepted_from_the_owner_in_a_running_state(
@@ -179,14 +191,16 @@ async def test_checkpoint_is_accepted_from_the_owner_in_a_running_state(
     before = await snapshot(driver)
     tokens = await peek.tokens()  # an unowned task's token is that of its last claim
     contexts = {m.id: Checkpoint(tokens[m.id], f"c{m.id}") for m in made}
-    assert await driver.checkpoint(node, contexts) == {m.id for m in made if m.start.owned}
+    assert await driver.checkpoint(CheckpointParams(node, contexts)) == {
+        m.id for m in made if m.start.owned
+    }
     after = await snapshot(driver)
     for m in made:
         if m.start.owned:
             assert view(after[m.id]) == {**(view(before[m.id]) or {}), "context": f"c{m.id}"}
         else:
             assert after[m.id] == before[m.id], describe(m.want)
-    assert await driver.checkpoint(node, {}) == set()
+    assert await driver.checkpoint(CheckpointParams(node, {})) == set()
 
 
 async def test_checkpoint_with_a_stale_token_or_from_another_node_is_rejected(
@@ -196,15 +210,28 @@ async def test_checkpoint_with_a_stale_token_or_from_another_node_is_rejected(
     other = await register(driver, "other")
     made = await make(driver, node, Start.RUNNING)
     assert made.token is not None
-    assert await driver.checkpoint(node, {made.id: Checkpoint(made.token, "first")}) == {made.id}
+    assert await driver.checkpoint(
+        CheckpointParams(node, {made.id: Checkpoint(made.token, "first")})
+    ) == {made.id}
     assert await complete_one(driver, node, made.id, made.token, Event.STOPPED) == {made.id}
     # Handed back: no execution owns it, the old one may not write.
-    assert await driver.checkpoint(node, {made.id: Checkpoint(made.token, "late")}) == set()
+    assert (
+        await driver.checkpoint(CheckpointParams(node, {made.id: Checkpoint(made.token, "late")}))
+        == set()
+    )
     _, token = await claim_one(driver, node, made.type)
-    assert await driver.checkpoint(node, {made.id: Checkpoint(made.token, "late")}) == set()
-    assert await driver.checkpoint(other, {made.id: Checkpoint(token, "foreign")}) == set()
+    assert (
+        await driver.checkpoint(CheckpointParams(node, {made.id: Checkpoint(made.token, "late")}))
+        == set()
+    )
+    assert (
+        await driver.checkpoint(CheckpointParams(other, {made.id: Checkpoint(token, "foreign")}))
+        == set()
+    )
     assert (await driver.get_task(made.id)).context == "first"
-    assert await driver.checkpoint(node, {made.id: Checkpoint(token, "second")}) == {made.id}
+    assert await driver.checkpoint(
+        CheckpointParams(node, {made.id: Checkpoint(token, "second")})
+    ) == {made.id}
     assert (await driver.get_task(made.id)).context == "second"
 
 
@@ -215,12 +242,17 @@ async def _release_all(driver: Driver, peek: Peek, wants: list[Want]) -> Problem
     before = await snapshot(driver)
     # Nothing, a stale token, another node's claims, a missing task: nothing released.
     stale = {m.id: (m.token or 0) - 1 for m in made}
-    assert await driver.release_claims(node, {}) == 0
-    assert await driver.release_claims(node, stale) == 0
-    assert await driver.release_claims(other, {m.id: m.token or 0 for m in made}) == 0
-    assert await driver.release_claims(node, {made[0].id + 1000: 1}) == 0
+    assert await driver.release_claims(ReleaseClaimsParams(node, {})) == 0
+    assert await driver.release_claims(ReleaseClaimsParams(node, stale)) == 0
+    assert (
+        await driver.release_claims(ReleaseClaimsParams(other, {m.id: m.token or 0 for m in made}))
+        == 0
+    )
+    assert await driver.release_claims(ReleaseClaimsParams(node, {made[0].id + 1000: 1})) == 0
     assert await snapshot(driver) == before
-    assert await driver.release_claims(node, {m.id: m.token or 0 for m in made}) == len(made)
+    assert await driver.release_claims(
+        ReleaseClaimsParams(node, {m.id: m.token or 0 for m in made})
+    ) == len(made)
     after = await snapshot(driver)
     return given_back_problems("release", made, before, after, await peek.handoffs())
 

@@ -13,7 +13,14 @@ import asyncio
 import pytest
 
 from aioasync_tasks import Operation, State, StopRequest
-from aioasync_tasks._backends._driver import Driver, Owned
+from aioasync_tasks._backends._driver import (
+    DeregisterParams,
+    Driver,
+    OperateParams,
+    Owned,
+    RegisterParams,
+    RescueParams,
+)
 from aioasync_tasks._schema import NODES
 from aioasync_tasks._states import Event, apply_event
 from driver._driverkit import (
@@ -43,9 +50,11 @@ STALE = 0.15
 
 async def test_register_node_is_listed_by_get_nodes_until_it_is_gone(driver: Driver) -> None:
     first = await driver.register_node(
-        "first", 3, ["a", "b"], heartbeat_interval=2.5, node_timeout=20.0
+        RegisterParams("first", 3, ["a", "b"], heartbeat_interval=2.5, node_timeout=20.0)
     )
-    second = await driver.register_node("second", 0, [], heartbeat_interval=1.0, node_timeout=9.0)
+    second = await driver.register_node(
+        RegisterParams("second", 0, [], heartbeat_interval=1.0, node_timeout=9.0)
+    )
     assert second != first
     nodes = await driver.get_nodes()
     assert [n.id for n in nodes] == sorted([first, second])
@@ -57,7 +66,7 @@ async def test_register_node_is_listed_by_get_nodes_until_it_is_gone(driver: Dri
     assert (two.name, two.concurrency, two.types, two.node_timeout) == ("second", 0, (), 9.0)
 
     # Gone (here: deregistered): its heartbeat says so, it owns nothing.
-    await driver.deregister(second, cleanup_attempts=CLEANUP_ATTEMPTS)
+    await driver.deregister(DeregisterParams(second, cleanup_attempts=CLEANUP_ATTEMPTS))
     assert [n.id for n in await driver.get_nodes()] == [first]
     assert await driver.heartbeat(second) is None
     assert await driver.owned(second) == []
@@ -93,7 +102,7 @@ async def test_heartbeat_renews_the_node_and_returns_what_it_owns(driver: Driver
     assert renewed.started_at == registered.started_at
 
     # A stop request shows at the next heartbeat.
-    await driver.operate(made[0].id, Operation.DELETE)
+    await driver.operate(OperateParams(made[0].id, Operation.DELETE))
     owned = await driver.heartbeat(node)
     assert owned is not None
     [deleted] = [o for o in owned if o.id == made[0].id]
@@ -105,7 +114,7 @@ async def _deregister(driver: Driver, peek: Peek, wants: list[Want]) -> Problems
     stays = await register(driver, "stays")
     made = await make_many(driver, node, wants)
     before = await snapshot(driver)
-    await driver.deregister(node, cleanup_attempts=1)
+    await driver.deregister(DeregisterParams(node, cleanup_attempts=1))
     assert [n.id for n in await driver.get_nodes()] == [stays]
     assert await driver.heartbeat(node) is None
     after = await snapshot(driver)
@@ -132,7 +141,7 @@ async def test_rescue_releases_the_tasks_of_a_lost_node(
     before = await snapshot(driver)
     await asyncio.sleep(STALE)
 
-    released = await driver.rescue(rescuer, cleanup_attempts=limit)
+    released = await driver.rescue(RescueParams(rescuer, cleanup_attempts=limit))
 
     assert released == len(made)
     assert [n.id for n in await driver.get_nodes()] == [rescuer]
@@ -175,7 +184,7 @@ async def test_rescue_judges_each_node_by_its_own_timeout_and_never_itself(
     lost = await make(driver, dead, Start.RUNNING, max_attempts=2)
     await asyncio.sleep(STALE)
 
-    assert await driver.rescue(me, cleanup_attempts=CLEANUP_ATTEMPTS) == 1
+    assert await driver.rescue(RescueParams(me, cleanup_attempts=CLEANUP_ATTEMPTS)) == 1
     assert [n.id for n in await driver.get_nodes()] == [me, healthy]
     assert await driver.heartbeat(dead) is None
     assert ((await driver.get_task(lost.id)).state, (await driver.get_task(lost.id)).node) == (
@@ -184,10 +193,10 @@ async def test_rescue_judges_each_node_by_its_own_timeout_and_never_itself(
     )
     assert (await driver.get_task(mine.id)).node == me
     assert (await driver.get_task(theirs.id)).node == healthy
-    assert await driver.rescue(me, cleanup_attempts=CLEANUP_ATTEMPTS) == 0
+    assert await driver.rescue(RescueParams(me, cleanup_attempts=CLEANUP_ATTEMPTS)) == 0
 
     # Stale as well: any other node may declare it dead.
-    assert await driver.rescue(healthy, cleanup_attempts=CLEANUP_ATTEMPTS) == 1
+    assert await driver.rescue(RescueParams(healthy, cleanup_attempts=CLEANUP_ATTEMPTS)) == 1
     assert [n.id for n in await driver.get_nodes()] == [healthy]
     assert (await driver.get_task(mine.id)).state is State.FAILED
 
@@ -199,6 +208,6 @@ async def test_rescue_releases_tasks_whose_node_row_is_gone(driver: Driver, peek
     # No driver operation removes a node row and leaves its tasks owned: remove it behind
     # the driver's back.
     await peek.execute(f"DELETE FROM {peek.table(NODES)} WHERE id = :id", {"id": gone})
-    assert await driver.rescue(rescuer, cleanup_attempts=CLEANUP_ATTEMPTS) == 1
+    assert await driver.rescue(RescueParams(rescuer, cleanup_attempts=CLEANUP_ATTEMPTS)) == 1
     task = await driver.get_task(made.id)
     assert (task.state, task.node, task.attempts) == (State.PENDING, None, 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from aioasync_tasks import InvalidTransition, Operation, TaskNotFound
-from aioasync_tasks._backends._driver import Driver, OperationResult
+from aioasync_tasks._backends._driver import Driver, OperateParams, OperationResult
 from aioasync_tasks._states import apply_operation
 from driver._driverkit import (
     Problems,
@@ -52,7 +52,9 @@ async def test_operate_follows_the_state_table(
     results: dict[int, OperationResult | InvalidTransition] = {}
     for m in made:
         try:
-            results[m.id] = await driver.operate(m.id, operation, force=force, group=group)
+            results[m.id] = await driver.operate(
+                OperateParams(m.id, operation, force=force, group=group)
+            )
         except InvalidTransition as exc:
             results[m.id] = exc
     after = await snapshot(driver)
@@ -99,5 +101,5 @@ async def test_operate_on_a_missing_task_raises_task_not_found(driver: Driver) -
     made = await make(driver, await register(driver), Start.PENDING)
     for operation in Operation:
         with pytest.raises(TaskNotFound) as caught:
-            await driver.operate(made.id + 1000, operation)
+            await driver.operate(OperateParams(made.id + 1000, operation))
         assert caught.value.task_id == made.id + 1000

@@ -14,7 +14,13 @@ from _db import DbTarget
 from _helpers import raw_engine
 
 from aioasync_tasks import Operation, State, Task, TaskNotFound
-from aioasync_tasks._backends._driver import Driver, NewTask, TaskFilter
+from aioasync_tasks._backends._driver import (
+    Driver,
+    InsertParams,
+    NewTask,
+    OperateParams,
+    TaskFilter,
+)
 from driver._driverkit import new_task
 
 CLOSE = timedelta(milliseconds=1)
@@ -23,7 +29,7 @@ CLOSE = timedelta(milliseconds=1)
 
 async def test_insert_many_returns_the_ids_in_input_order(driver: Driver) -> None:
     tasks = [new_task(user=f"user{i}", priority=i, context=f'{{"i": {i}}}') for i in range(5)]
-    ids = await driver.insert_many(tasks)
+    ids = await driver.insert_many(InsertParams(tasks))
     assert len(set(ids)) == 5
     assert ids == sorted(ids)
     for task_id, new in zip(ids, tasks, strict=True):
@@ -38,7 +44,7 @@ async def test_insert_many_returns_the_ids_in_input_order(driver: Driver) -> Non
 
 
 async def test_insert_many_of_nothing_inserts_nothing(driver: Driver) -> None:
-    assert await driver.insert_many([]) == []
+    assert await driver.insert_many(InsertParams([])) == []
     assert await driver.count_tasks(TaskFilter()) == 0
 
 
@@ -55,7 +61,9 @@ async def test_a_new_task_is_stored_as_given(driver: Driver) -> None:
         run_at=later,
     )
     # One task, and several (a driver may insert them with other statements).
-    ids = await driver.insert_many([given]) + await driver.insert_many([given, given])
+    ids = await driver.insert_many(InsertParams([given])) + await driver.insert_many(
+        InsertParams([given, given])
+    )
     for task_id in ids:
         task = await driver.get_task(task_id)
         assert (task.type, task.user, task.group, task.context) == (
@@ -72,8 +80,8 @@ async def test_a_new_task_is_stored_as_given(driver: Driver) -> None:
 
     # Without run_at: due when created (the database's clock).
     before = datetime.now(UTC)
-    for due in await driver.insert_many([new_task()]) + await driver.insert_many(
-        [new_task(), new_task()]
+    for due in await driver.insert_many(InsertParams([new_task()])) + await driver.insert_many(
+        InsertParams([new_task(), new_task()])
     ):
         task = await driver.get_task(due)
         assert task.state is State.PENDING
@@ -88,7 +96,9 @@ async def test_insert_many_in_a_callers_transaction_commits_with_it(
     try:
         async with engine.connect() as conn:
             transaction = await conn.begin()
-            rolled_back = await driver.insert_many([new_task(), new_task()], connection=conn)
+            rolled_back = await driver.insert_many(
+                InsertParams([new_task(), new_task()], connection=conn)
+            )
             await transaction.rollback()
         assert len(rolled_back) == 2
         assert await driver.count_tasks(TaskFilter()) == 0
@@ -98,7 +108,7 @@ async def test_insert_many_in_a_callers_transaction_commits_with_it(
             assert caught.value.task_id == task_id
 
         async with engine.begin() as conn:
-            committed = await driver.insert_many([new_task()], connection=conn)
+            committed = await driver.insert_many(InsertParams([new_task()], connection=conn))
         assert [t.id for t in await driver.get_tasks(TaskFilter())] == committed
     finally:
         await engine.dispose()
@@ -114,8 +124,8 @@ async def _dataset(driver: Driver) -> list[Task]:
         new_task("b", user="carol", group="g1"),
         new_task("c", user="bob", group="g1"),
     ]
-    ids = await driver.insert_many(rows)
-    await driver.operate(ids[-1], Operation.PAUSE)
+    ids = await driver.insert_many(InsertParams(rows))
+    await driver.operate(OperateParams(ids[-1], Operation.PAUSE))
     return [await driver.get_task(task_id) for task_id in reversed(ids)]
 
 
