@@ -725,3 +725,10 @@ def test_registry_without_a_function_or_factory_and_unknown_lookups() -> None:
         registry.get("missing")
     assert raised.value.type == "missing"
     assert "missing" not in registry
+
+
+@pytest.mark.parametrize("option", ["retry_base", "retry_cap"])
+@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, True, "1"])
+def test_a_type_back_off_must_be_positive_seconds(option: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=f"{option} must be a positive number"):
+        TaskRegistry().register_task("t", _running, **{option: value})  # type: ignore[arg-type]
