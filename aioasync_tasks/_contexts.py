@@ -442,8 +442,7 @@ class ContextCodec:
         except ValueError as exc:  # not JSON, or pydantic's ValidationError
             problem = _problem_of(exc)
         raise self._error(
-            f"the stored context is not a valid {self._name()} (task type {self.task_type!r}): "
-            f"{problem}"
+            f"context is not a valid {self._name()} (task type {self.task_type!r}): {problem}"
         )
 
 

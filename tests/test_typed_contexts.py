@@ -163,7 +163,7 @@ async def test_a_context_that_does_not_decode_fails_the_task_without_retries(
     for task in failed:
         assert task.attempts == 1
         assert task.error is not None
-        assert task.error.startswith("ContextError: the stored context is not a valid Count")
+        assert task.error.startswith("ContextError: context is not a valid Count")
         assert "Traceback" not in task.error
     assert failed[0].error is not None
     assert "missing field 'n' of Count" in failed[0].error
