@@ -222,15 +222,20 @@ class _RecordShape(_Shape):
         self.fields: dict[str, _Shape] = {}
         self.required: frozenset[str] = frozenset()
 
-    def load(self, value: JsonValue, path: str) -> object:
+    def _check_keys(self, value: object, path: str, *, kind: str, key: str) -> dict[str, object]:
+        """``value`` as a dict with no unknown key and every required one."""
         if not isinstance(value, dict):
-            raise _Invalid(path, f"expected an object ({self.cls.__name__}), got {_kind(value)}")
+            raise _Invalid(path, f"expected {kind} ({self.cls.__name__}), got {_kind(value)}")
         unknown = sorted(set(value) - set(self.fields))
         if unknown:
-            raise _Invalid(path, f"unknown field {unknown[0]!r} for {self.cls.__name__}")
+            raise _Invalid(path, f"unknown {key} {unknown[0]!r} for {self.cls.__name__}")
         missing = sorted(self.required - set(value))
         if missing:
-            raise _Invalid(path, f"missing field {missing[0]!r} of {self.cls.__name__}")
+            raise _Invalid(path, f"missing {key} {missing[0]!r} of {self.cls.__name__}")
+        return value
+
+    def load(self, value: JsonValue, path: str) -> object:
+        value = self._check_keys(value, path, kind="an object", key="field")
         loaded = {
             name: self.fields[name].load(item, f"{path}.{name}") for name, item in value.items()
         }
@@ -247,15 +252,7 @@ class _RecordShape(_Shape):
                 raise _Invalid(path, f"expected {self.cls.__name__}, got {_kind(value)}")
             items = {name: getattr(value, name) for name in self.fields}
         else:
-            if not isinstance(value, dict):
-                raise _Invalid(path, f"expected a dict ({self.cls.__name__}), got {_kind(value)}")
-            unknown = sorted(set(value) - set(self.fields))
-            if unknown:
-                raise _Invalid(path, f"unknown key {unknown[0]!r} for {self.cls.__name__}")
-            missing = sorted(self.required - set(value))
-            if missing:
-                raise _Invalid(path, f"missing key {missing[0]!r} of {self.cls.__name__}")
-            items = dict(value)
+            items = dict(self._check_keys(value, path, kind="a dict", key="key"))
         return {
             name: self.fields[name].dump(item, f"{path}.{name}") for name, item in items.items()
         }
