@@ -7,6 +7,7 @@ Tasks are async generators that yield ``Report`` checkpoints; every process that
 from ._errors import (
     AsyncTasksError,
     ConfigurationError,
+    ContextError,
     DatabaseError,
     DuplicateTaskType,
     InvalidTransition,
@@ -28,6 +29,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "AsyncTasksError",
     "ConfigurationError",
+    "ContextError",
     "DatabaseError",
     "DuplicateTaskType",
     "FairShare",

@@ -8,6 +8,7 @@ Every error the library raises on purpose derives from one root::
     ├── UnknownTaskType(type)
     ├── DuplicateTaskType(type)
     ├── ConfigurationError          (also a ValueError: bad arguments and options)
+    │   └── ContextError            (a context that does not fit its task type's context_type)
     ├── NodeNotStarted
     ├── NodeStopped
     ├── SchemaError                 (schema missing, or newer than this library)
@@ -63,6 +64,18 @@ class DuplicateTaskType(AsyncTasksError):
 
 class ConfigurationError(AsyncTasksError, ValueError):
     """A bad argument or option; raised before any database I/O."""
+
+
+class ContextError(ConfigurationError):
+    """A context does not fit its task type's declared ``context_type``: a value of another
+    type given to ``create_task`` or yielded in a ``Report``, a value that cannot be encoded as
+    JSON, or a stored context that does not decode. Attributes ``task_type`` (the type's name)
+    and ``context_type`` (the declared class)."""
+
+    def __init__(self, message: str, *, task_type: str, context_type: type) -> None:
+        super().__init__(message)
+        self.task_type = task_type
+        self.context_type = context_type
 
 
 class NodeNotStarted(AsyncTasksError):

@@ -386,6 +386,8 @@ class Node:
     def _new_task(self, type: object, context: object, options: Mapping[str, object]) -> NewTask:
         # The defaults of ``TaskOptions`` live here, and only here.
         task_type = self.registry.get(check_type_name(type))
+        if task_type.context_type is not None:  # a typed value, stored as JSON
+            context = task_type.encode_context(context)
         context = check_context(context, self.max_context_bytes)
         user = options.get("user", "")
         group = options.get("group", "default")
@@ -417,14 +419,15 @@ class Node:
     async def create_task(
         self,
         type: str,
-        context: str = "",
+        context: object = "",
         *,
         connection: AsyncConnection | None = None,
         session: AsyncSession | None = None,
         **options: Unpack[TaskOptions],
     ) -> int:
-        """Create a task; returns its id. ``options``: ``user`` (""), ``group`` ("default"),
-        ``auto_run`` (True; False leaves it INIT until ``run_task``), ``priority`` (0),
+        """Create a task; returns its id. ``context`` is a ``str``, or a value of the type's
+        ``context_type`` (``ContextError`` for any other). ``options``: ``user`` (""), ``group``
+        ("default"), ``auto_run`` (True; False leaves it INIT until ``run_task``), ``priority`` (0),
         ``run_at`` (None: now), ``max_attempts`` (None: the task type's).
 
         With ``connection=`` or ``session=`` the task is inserted in the caller's transaction

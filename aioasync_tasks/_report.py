@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ._contexts import is_typed_context_value
 from ._errors import ConfigurationError
 from ._validation import check_text
 
@@ -24,20 +25,27 @@ class Phase(enum.StrEnum):
 class Report:
     """One checkpoint or final word of a running task.
 
-    ``context`` None keeps the stored context; a context with a NUL character or a lone
-    surrogate cannot be stored and is refused here, so the task that yields it fails alone with
-    a clear error. ``delete`` (terminal phases only) removes the task's row instead of keeping it
+    ``context`` None keeps the stored context. It is a ``str`` — one with a NUL character or a
+    lone surrogate cannot be stored and is refused here, so the task that yields it fails alone
+    with a clear error — or, for a task type with a ``context_type``, a value of that type (a
+    dataclass or pydantic model instance, or a TypedDict's dict), checked and encoded when it is
+    stored. ``delete`` (terminal phases only) removes the task's row instead of keeping it
     FINISHED or FAILED. ``error`` is the failure text: any ``str``, made storable when stored.
     """
 
-    context: str | None = None
+    context: object = None
     phase: Phase = Phase.NORMAL
     delete: bool = False
     error: str | None = None
 
     def __post_init__(self) -> None:
-        if self.context is not None:
+        if isinstance(self.context, str):
             check_text("Report context", self.context, allow_empty=True)
+        elif self.context is not None and not is_typed_context_value(self.context):
+            raise ConfigurationError(
+                "Report context must be a str or a typed context (a dataclass, TypedDict or "
+                f"pydantic model), not {type(self.context).__name__}"
+            )
         if not isinstance(self.phase, Phase):
             raise ConfigurationError(f"Report phase must be a Phase, not {self.phase!r}")
         if self.delete and self.phase is Phase.NORMAL:
@@ -48,13 +56,13 @@ class Report:
             raise ConfigurationError(f"Report error must be a str, not {type(self.error).__name__}")
 
     @classmethod
-    def finished(cls, context: str | None = None, *, delete: bool = False) -> Report:
+    def finished(cls, context: object = None, *, delete: bool = False) -> Report:
         """The task is done; ``delete=True`` removes its record."""
         return cls(context=context, phase=Phase.FINISHED, delete=delete)
 
     @classmethod
     def failed(
-        cls, error: str = "failed", *, context: str | None = None, delete: bool = False
+        cls, error: str = "failed", *, context: object = None, delete: bool = False
     ) -> Report:
         """The task failed with ``error``; it is retried while attempts are left."""
         return cls(context=context, phase=Phase.FAILED, delete=delete, error=error)

@@ -14,6 +14,7 @@ still the execution's own (docs/explanation.md, "Claim tokens").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import random
@@ -21,11 +22,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from ._backends._driver import Claimed, Completion
 from ._clock import Clock
 from ._committer import Committer
-from ._errors import ConfigurationError, DatabaseError
+from ._errors import ConfigurationError, ContextError, DatabaseError
 from ._models import TaskInfo
 from ._registry import TaskGenerator, TaskType
 from ._report import Phase, Report
@@ -79,7 +81,12 @@ class Execution:
         self.claimed_at = clock()
         self.done = asyncio.Event()
         self._committer = committer
-        self._backoff = backoff
+        self._backoff = Backoff(
+            backoff.base if task_type.retry_base is None else task_type.retry_base,
+            backoff.cap if task_type.retry_cap is None else task_type.retry_cap,
+        )
+        self._exception: BaseException | None = None
+        """What the generator raised, for the log record of its failure (with its traceback)."""
         self._lease_valid = lease_valid
         self._max_context_bytes = max_context_bytes
         self._log = logger
@@ -157,6 +164,10 @@ class Execution:
         loop = asyncio.get_running_loop()
         deadline: asyncio.Timeout | None = None
         try:
+            context = self.task_type.decode_context(self.claimed.context)
+        except ContextError as exc:
+            return self._reject(exc)
+        try:
             async with asyncio.timeout(None) as deadline:
                 self._deadline = deadline
                 try:
@@ -166,7 +177,7 @@ class Execution:
                         self._timer = loop.call_later(
                             self.task_type.timeout, self.request_stop, StopReason.TIMEOUT
                         )
-                    generator = start(self.claimed.context, self.stop)
+                    generator = start(context, self.stop)
                     final = await self._drive(generator)
                 finally:
                     # A stop request arriving later (while the completion is written) must
@@ -179,9 +190,10 @@ class Execution:
                     self._log.warning("task ignored stop for its grace period: cancelled")
             else:  # the task's own TimeoutError
                 error = "".join(traceback.format_exception(exc))
+                self._exception = exc
         except Exception as exc:
             error = "".join(traceback.format_exception(exc))
-            self._log.warning("task raised %s: %s", type(exc).__name__, exc)
+            self._exception = exc
         finally:
             if generator is not None:
                 await self._close(generator)
@@ -198,13 +210,13 @@ class Execution:
                 return None  # nothing may be written for a lost task: the row is not ours
             if not isinstance(report, Report):
                 raise TypeError(f"a task must yield Report objects, not {type(report).__name__}")
-            self._check_size(report.context)
+            context = self._encode(report.context)
             if report.terminal:
-                return report
-            if report.context is not None:
+                return dataclasses.replace(report, context=context)
+            if context is not None:
                 try:
                     accepted = await self._committer.checkpoint(
-                        self.node_id, self.claimed.id, self.token, report.context
+                        self.node_id, self.claimed.id, self.token, context
                     )
                 except DatabaseError as exc:  # the database refused this value: fail the task
                     raise DatabaseError(f"the checkpoint could not be stored: {exc}") from exc
@@ -219,15 +231,35 @@ class Execution:
                 return None
         return None
 
-    def _check_size(self, context: str | None) -> None:
+    def _encode(self, context: object) -> str | None:
+        """A yielded context as stored (None: keep the stored one); its size checked."""
         if context is None:
-            return
-        size = len(context.encode("utf-8"))
+            return None
+        if not isinstance(context, str) and self.task_type.context_type is None:
+            raise ConfigurationError(
+                f"task type {self.task_type.name!r} has no context_type: a Report context must "
+                f"be a str, not {type(context).__name__}"
+            )
+        text = self.task_type.encode_context(context)
+        size = len(text.encode("utf-8"))
         if size > self._max_context_bytes:
             raise ConfigurationError(
                 f"the task yielded a context of {size} bytes, more than "
                 f"max_context_bytes={self._max_context_bytes}"
             )
+        return text
+
+    def _reject(self, error: ContextError) -> Completion:
+        """The end of an execution whose stored context does not decode: FAILED for good."""
+        self._log.error(
+            "%s of attempt %d not started: %s; the task is FAILED, without retries (fix the "
+            "context type or the context, then run the task again)",
+            "cleanup" if self.cleanup else "task",
+            self.claimed.attempts,
+            error,
+        )
+        text = f"{type(error).__name__}: {error}"
+        return Completion(self.claimed.id, self.token, Event.REJECTED, error=clean_error_text(text))
 
     async def _close(self, generator: TaskGenerator) -> None:
         aclose = getattr(generator, "aclose", None)
@@ -243,12 +275,14 @@ class Execution:
 
     def _completion(self, final: Report | None, error: str | None, cancelled: bool) -> Completion:
         timed_out = self.reason is StopReason.TIMEOUT
-        if final is not None and final.phase is Phase.FINISHED:
-            event = Event.DISCARD if final.delete else Event.FINISHED
-            return self._finish(event, final.context, None)
-        if final is not None:  # Phase.FAILED
-            event = Event.DISCARD if final.delete else Event.FAILED
-            return self._finish(event, final.context, final.error)
+        if final is not None:
+            # _drive encoded a terminal report's context: a str or None here
+            context = final.context if isinstance(final.context, str) else None
+            if final.phase is Phase.FINISHED:
+                event = Event.DISCARD if final.delete else Event.FINISHED
+                return self._finish(event, context, None)
+            event = Event.DISCARD if final.delete else Event.FAILED  # Phase.FAILED
+            return self._finish(event, context, final.error)
         if error is not None:
             return self._finish(Event.FAILED, None, error)
         if timed_out:
@@ -269,6 +303,7 @@ class Execution:
         delay = 0.0
         if event in (Event.FAILED, Event.CLEANUP_FAILED):
             delay = self._backoff.delay(self.claimed.attempts)
+            self._log_failure(error, delay)
         return Completion(
             self.claimed.id,
             self.token,
@@ -277,3 +312,34 @@ class Execution:
             error=None if error is None else clean_error_text(error),
             delay=delay,
         )
+
+    def _log_failure(self, error: str | None, delay: float) -> None:
+        """One record per failed attempt: the attempt, what failed (with the traceback of an
+        exception, as ``exc_info``) and when the task runs again, if it does."""
+        attempt = self.claimed.attempts
+        if self.cleanup:
+            what = f"cleanup failed on attempt {attempt}"
+            then = f"retried in {delay:.2f}s (at {_at(delay)}) while cleanup attempts are left"
+        else:
+            what = f"task failed on attempt {attempt} of {self.claimed.max_attempts}"
+            if attempt < self.claimed.max_attempts:
+                then = f"retry in {delay:.2f}s, at {_at(delay)}"
+            else:
+                then = "no attempts left: FAILED"
+        exception = self._exception
+        if exception is not None:
+            summary = f"{type(exception).__name__}: {exception}"
+        else:
+            summary = error.strip().splitlines()[-1] if error and error.strip() else "failed"
+        self._log.warning(
+            "%s (%s); %s",
+            what,
+            summary,
+            then,
+            exc_info=(type(exception), exception, exception.__traceback__) if exception else None,
+        )
+
+
+def _at(delay: float) -> str:
+    """The wall-clock time ``delay`` seconds from now, in UTC, for a log record."""
+    return (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(timespec="milliseconds")

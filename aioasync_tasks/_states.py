@@ -52,6 +52,9 @@ class Event(enum.StrEnum):
     """A node takes an unowned DELETING task to run its cleanup handler."""
     CLEANUP_FINISHED = "cleanup finished"
     CLEANUP_FAILED = "cleanup failed"
+    REJECTED = "rejected"
+    """The task's stored context does not decode into its type's context type: FAILED at once,
+    whatever attempts are left — every retry would fail the same way (a cleanup too)."""
 
 
 ACTIVE_STATES = frozenset({State.RUNNING, State.CANCELING})
@@ -166,6 +169,8 @@ def apply_event(
             return None
         return Outcome(State.DELETING, retry=True) if can_retry else Outcome(State.FAILED)
 
+    if state is State.DELETING and event is Event.REJECTED:
+        return Outcome(State.FAILED)  # its cleanup handler cannot take the context either
     if state is State.DELETING and event is Event.NODE_LOST:
         # The cleanup's node was lost (or gave the cleanup back): any node may take it again,
         # unless its attempts are used up — a cleanup that crashes its process ends FAILED.
@@ -180,7 +185,7 @@ def apply_event(
         # CANCELING(pause): the task ended its own way before it could pause, or stopped.
         if event is Event.FINISHED:
             return Outcome(State.FINISHED)
-        if event is Event.FAILED:
+        if event in (Event.FAILED, Event.REJECTED):
             return Outcome(State.FAILED)
         return Outcome(State.PAUSED)
 
@@ -189,6 +194,8 @@ def apply_event(
         return Outcome(State.FINISHED)
     if event is Event.STOPPED:
         return Outcome(State.PENDING)  # hand-off: claimable at once by any node
+    if event is Event.REJECTED:
+        return Outcome(State.FAILED)  # no retry: the context would not decode the next time
     # FAILED and NODE_LOST
     if can_retry:
         return Outcome(State.PENDING, retry=event is Event.FAILED)

@@ -3,7 +3,7 @@
 A ``cleanup_ctx`` starts the node with the application and stops it gracefully (running tasks
 are handed off) when the application shuts down. Run it::
 
-    AIOASYNC_TASKS_DB=sqlite:///tasks.db python examples/aiohttp_app.py
+    AIOASYNC_TASKS_DB=sqlite:///aioasync_tasks.db python examples/aiohttp_app.py
 
 It serves the same endpoints as ``fastapi_app.py``: ``POST /tasks``, ``GET /tasks``,
 ``GET /tasks/{id}``, ``POST /tasks/{id}/pause``, ``POST /tasks/{id}/run``,

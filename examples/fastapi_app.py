@@ -6,7 +6,7 @@ The lifespan starts the node (it also runs the tasks, ``concurrency`` at a time;
 
 Run it (``pip install uvicorn`` first)::
 
-    AIOASYNC_TASKS_DB=sqlite:///tasks.db uvicorn examples.fastapi_app:app
+    AIOASYNC_TASKS_DB=sqlite:///aioasync_tasks.db uvicorn examples.fastapi_app:app
 
 Endpoints: ``POST /tasks``, ``GET /tasks``, ``GET /tasks/{id}``, ``POST /tasks/{id}/pause``,
 ``POST /tasks/{id}/run``, ``DELETE /tasks/{id}``, ``POST /tasks/{id}/move`` and ``POST /orders``,

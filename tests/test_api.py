@@ -16,6 +16,7 @@ import aioasync_tasks
 from aioasync_tasks import (
     AsyncTasksError,
     ConfigurationError,
+    ContextError,
     DatabaseError,
     DuplicateTaskType,
     InvalidTransition,
@@ -32,6 +33,7 @@ PUBLIC_API = [
     "MAX_PAGE_SIZE",
     "AsyncTasksError",
     "ConfigurationError",
+    "ContextError",
     "DatabaseError",
     "DuplicateTaskType",
     "FairShare",
@@ -68,6 +70,7 @@ EXCEPTIONS = {
     "UnknownTaskType": (LookupError,),
     "DuplicateTaskType": (),
     "ConfigurationError": (ValueError,),
+    "ContextError": (ConfigurationError, ValueError),
     "NodeNotStarted": (),
     "NodeStopped": (),
     "SchemaError": (),
@@ -139,6 +142,8 @@ def test_exceptions_carry_their_fields() -> None:
     assert DuplicateTaskType("y").type == "y"
     for error in (ConfigurationError, NodeNotStarted, NodeStopped, SchemaError, DatabaseError):
         assert isinstance(error("message"), AsyncTasksError)
+    context = ContextError("message", task_type="ship", context_type=dict)
+    assert (context.task_type, context.context_type) == ("ship", dict)
 
 
 def test_public_classes_report_the_public_module() -> None:

@@ -551,15 +551,15 @@ async def test_register_task_after_start_is_refused(db: DbTarget) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: Report(context=5),  # type: ignore[arg-type]
-        lambda: Report(context=b"bytes"),  # type: ignore[arg-type]
+        lambda: Report(context=5),
+        lambda: Report(context=b"bytes"),
         lambda: Report(phase="finished"),  # type: ignore[arg-type]
         lambda: Report(phase=None),  # type: ignore[arg-type]
         lambda: Report(delete=True),
         lambda: Report(error="not failed"),
         lambda: Report(phase=Phase.FINISHED, error="finished with an error"),
-        lambda: Report.finished(context=1),  # type: ignore[arg-type]
-        lambda: Report.failed(context=["x"]),  # type: ignore[arg-type]
+        lambda: Report.finished(context=1),
+        lambda: Report.failed(context=["x"]),
         lambda: Report(context="a\x00b"),
         lambda: Report(context=f"a{LONE}b"),
         lambda: Report.finished(context="\x00"),
@@ -668,7 +668,7 @@ def test_a_plain_coroutine_function_is_not_a_task() -> None:
         registry.register_task("t", _running, plain)  # type: ignore[arg-type]
     task_type = registry.register_task("ok", _running)
     with pytest.raises(ConfigurationError):
-        task_type.deleting(plain)  # type: ignore[arg-type]
+        task_type.deleting(plain)  # type: ignore[type-var]
     assert not task_type.has_cleanup
     assert registry.names == ["ok"]
 
@@ -725,3 +725,10 @@ def test_registry_without_a_function_or_factory_and_unknown_lookups() -> None:
         registry.get("missing")
     assert raised.value.type == "missing"
     assert "missing" not in registry
+
+
+@pytest.mark.parametrize("option", ["retry_base", "retry_cap"])
+@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, True, "1"])
+def test_a_type_back_off_must_be_positive_seconds(option: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=f"{option} must be a positive number"):
+        TaskRegistry().register_task("t", _running, **{option: value})  # type: ignore[arg-type]

@@ -7,12 +7,13 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,15 @@ from _helpers import (
     client_registry,
     db_args,
     make_node,
+    raw_engine,
     spawn_cli,
     wait_for,
 )
 
 from aioasync_tasks import Node, NodeInfo, State, StopRequest, Task, TaskRegistry
+from aioasync_tasks._backends._migrations import split_sql
 from aioasync_tasks._cli.output import table
+from aioasync_tasks._schema import SCHEMA_VERSION
 from aioasync_tasks.samples import registry as seed_registry
 
 pytestmark = pytest.mark.slow
@@ -109,9 +113,36 @@ async def test_migrate(db: DbTarget) -> None:
 
 
 async def test_missing_schema_is_one_line(db: DbTarget) -> None:
+    if not db.is_postgres:  # a SQLite file that exists, without the tables
+        await asyncio.to_thread(Path(db.url.removeprefix("sqlite+aiosqlite:///")).touch)
     result = await cli("tasks", "list", db=db)
     assert result.code == 1
     assert "aioasync-tasks migrate" in result.error_line
+    assert db.url.split("@")[-1] in result.error_line  # the database it looked at
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tasks", "list"],
+        ["tasks", "show", "1"],
+        ["groups"],
+        ["groups", "limits", "g"],
+        ["nodes"],
+        ["tasks", "pause", "1"],
+        ["tasks", "create", "--registry", "aioasync_tasks.samples:registry", "dot", "{}"],
+    ],
+    ids=" ".join,
+)
+async def test_commands_never_create_a_database_file(tmp_path: Path, args: list[str]) -> None:
+    result = await cli(*args, cwd=tmp_path)
+    assert result.code == 1
+    expected = (
+        f"aioasync-tasks: error: no database at {tmp_path / 'aioasync_tasks.db'} "
+        "(sqlite+aiosqlite:///aioasync_tasks.db): create it with `aioasync-tasks migrate`"
+    )
+    assert result.error_line.startswith(expected)
+    assert os.listdir(tmp_path) == []
 
 
 async def test_unreachable_database_is_one_line() -> None:
@@ -147,6 +178,45 @@ async def test_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
     assert result.code == 2
     assert result.error_line.startswith("aioasync-tasks: usage error: ")
     assert result.out == ""
+
+
+async def test_migrate_sql_makes_a_schema_nodes_accept(db: DbTarget, tmp_path: Path) -> None:
+    script = expect_ok(await cli("migrate", "--sql", db=db, cwd=tmp_path))
+    assert os.listdir(tmp_path) == []  # it connected to nothing
+    dialect = "postgresql" if db.is_postgres else "sqlite"
+    assert f"the migrations after schema version 0 for {dialect}" in script
+    assert "-- migration 1\n" in script
+    assert f"VALUES ({SCHEMA_VERSION}, " in script
+    engine = raw_engine(db)
+    try:
+        async with engine.begin() as conn:  # as the user's migration tool would
+            for statement in split_sql(script):
+                await conn.exec_driver_sql(statement)
+    finally:
+        await engine.dispose()
+    node = make_node(db, seed_registry, concurrency=0, auto_migrate=False)
+    async with node:  # the schema is the library's, at its version
+        await node.create_task("dot", _dot(2))
+        assert await node.count_tasks() == 1
+    assert "is up to date" in expect_ok(await cli("migrate", db=db))
+
+
+async def test_migrate_sql_needs_only_the_dialect_of_the_url(tmp_path: Path) -> None:
+    unreachable = "postgresql+asyncpg://nobody@127.0.0.1:1/nowhere"
+    script = expect_ok(
+        await cli("--db", unreachable, "--schema", "billing", "migrate", "--sql", "--since", "1")
+    )
+    assert 'CREATE SCHEMA IF NOT EXISTS "billing";\nSET search_path TO "billing";' in script
+    assert "-- migration 1\n" not in script
+    assert "-- migration 2\n" in script
+    assert "VALUES (2, now());" in script
+    newest = expect_ok(await cli("migrate", "--sql", "--since", str(SCHEMA_VERSION)))
+    assert "nothing to do" in newest
+    refused = await cli("--schema", "billing", "migrate", "--sql", cwd=tmp_path)
+    assert refused.code == 1
+    assert "--schema is for PostgreSQL" in refused.error_line
+    bad = await cli("--db", "mysql://x@h/db", "migrate", "--sql")
+    assert "unsupported database URL scheme" in bad.error_line
 
 
 async def test_help() -> None:
@@ -257,6 +327,81 @@ async def test_move_unknown_task_is_one_line(db: DbTarget, client: Node) -> None
     assert result.error_line == "aioasync-tasks: error: task 424242 not found"
 
 
+TYPED_MODULE = textwrap.dedent(
+    """
+    import asyncio
+    from dataclasses import dataclass
+
+    from aioasync_tasks import Report, TaskRegistry
+
+    registry = TaskRegistry()
+
+
+    @dataclass
+    class Order:
+        reference: str
+        lines: list[int]
+
+
+    @registry.task("ship", max_attempts=4)
+    async def ship(order: Order, stop):
+        yield Report.finished(context=order)
+    """
+)
+
+
+async def test_tasks_create(db: DbTarget, client: Node, tmp_path: Path) -> None:
+    (tmp_path / "shop.py").write_text(TYPED_MODULE)
+    samples = ("--registry", "aioasync_tasks.samples:registry")
+    out = expect_ok(await cli("tasks", "create", *samples, "dot", _dot(2), db=db, cwd=tmp_path))
+    (plain,) = await client.get_tasks()
+    assert out.strip() == f"task {plain.id}: pending, group default"
+    assert (plain.type, plain.context, plain.user, plain.max_attempts) == ("dot", _dot(2), "", 3)
+
+    before = datetime.now(UTC)
+    created = await cli_json(
+        "tasks", "create", *samples, "dot", "--user", "alice", "--group", "math",
+        "--run-at", "+2h", db=db,
+    )  # fmt: skip
+    task = task_from_json(created)
+    assert (task.user, task.group, task.state) == ("alice", "math", State.PENDING)
+    assert task.run_at > before + timedelta(hours=1)
+    created = await cli_json(
+        "tasks", "create", *samples, "dot", "--run-at", "2030-01-02T03:04:05+00:00", db=db
+    )
+    assert created["run_at"] == "2030-01-02T03:04:05+00:00"
+
+    typed = ("--registry", "shop:registry", "ship")
+    document = await cli_json(
+        "tasks", "create", *typed, '{"reference": "A-1", "lines": [1, 2]}', db=db, cwd=tmp_path
+    )
+    assert json.loads(document["context"]) == {"reference": "A-1", "lines": [1, 2]}
+    assert document["max_attempts"] == 4
+    assert await client.count_tasks() == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["ship", '{"reference": "A-1"}'],
+            "Invalid value for CONTEXT: context is not a valid Order",
+        ),
+        (["ship", "not json"], "Invalid value for CONTEXT: context is not a valid Order"),
+        (["ship", "{}", "--run-at", "tomorrow"], "'tomorrow' is neither +N"),
+        (["nothing"], "error: unknown task type 'nothing'"),
+    ],
+)
+async def test_tasks_create_refuses_bad_input_before_writing(
+    db: DbTarget, client: Node, tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "shop.py").write_text(TYPED_MODULE)
+    result = await cli("tasks", "create", "--registry", "shop:registry", *args, db=db, cwd=tmp_path)
+    assert result.code in (1, 2)
+    assert message in result.error_line
+    assert await client.count_tasks() == 0
+
+
 # -- groups and nodes -----------------------------------------------------------------------
 
 
@@ -318,9 +463,9 @@ async def test_nodes(db: DbTarget, client: Node) -> None:
 # -- --json ---------------------------------------------------------------------------------
 
 
-async def cli_json(*args: str, db: DbTarget) -> Any:
+async def cli_json(*args: str, db: DbTarget, cwd: Path | None = None) -> Any:
     """The JSON document a command prints with --json (and nothing else on stdout)."""
-    return json.loads(expect_ok(await cli(*args, "--json", db=db)))
+    return json.loads(expect_ok(await cli(*args, "--json", db=db, cwd=cwd)))
 
 
 def task_from_json(document: dict[str, Any]) -> Task:
@@ -603,6 +748,12 @@ async def test_worker_with_a_bad_registry_is_one_line(sqlite_db: DbTarget, tmp_p
 # -- demo -----------------------------------------------------------------------------------
 
 
+def _demo_commands(out: str) -> list[list[str]]:
+    """The commands the demo prints at its end to look at its database."""
+    end = out[out.index("Look at the demo's database with the command line:") :]
+    return [shlex.split(line) for line in end.splitlines()[1:] if line.startswith("  ")]
+
+
 def _check_demo_output(out: str) -> None:
     assert "Summary" in out
     summary = out[out.index("Summary") :].splitlines()
@@ -617,6 +768,10 @@ def _check_demo_output(out: str) -> None:
     assert "to group 'math'" in out
     assert "exited with code 0" in out
     assert "every result is correct" in out
+    commands = _demo_commands(out)
+    assert [c[0] for c in commands] == ["aioasync-tasks"] * 4
+    assert [c[1] for c in commands] == ["--db"] * 4
+    assert [c[-1] for c in commands] == ["list", "5", "groups", "--json"]
 
 
 async def test_demo_on_sqlite(tmp_path: Path) -> None:
@@ -625,6 +780,9 @@ async def test_demo_on_sqlite(tmp_path: Path) -> None:
     out = expect_ok(result)
     _check_demo_output(out)
     assert re.search(r"moved from worker \d to worker \d, resuming from its checkpoint", out), out
+    # The commands it prints work, from anywhere.
+    listed = expect_ok(await cli(*_demo_commands(out)[0][1:]))
+    assert {"dot", "matmul"} <= {row[1] for row in table_rows(listed)[1:-1]}
     # Every worker process was stopped: no node is registered any more.
     client = Node(url, concurrency=0)
     await client.start()

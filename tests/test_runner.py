@@ -579,3 +579,59 @@ async def test_delete_running_task_stops_it_then_cleans_up_once(db: DbTarget) ->
         await wait_state(node, task_id, None, what="the cleanup to remove the row")
     assert cleanups == ["c1"]
     assert runs == [1]
+
+
+# -- retries: back-off per type, and their log records ------------------------------------
+
+
+async def test_a_task_type_sets_its_own_back_off(
+    db: DbTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's back-off is a million seconds; the type's is a millisecond: its three
+    attempts run at once, and the log records show the type's delays."""
+    caplog.set_level(logging.WARNING, logger="aioasync_tasks")
+    registry = TaskRegistry()
+
+    @registry.task("quick", max_attempts=3, retry_base=0.001, retry_cap=0.001)
+    async def quick(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report.failed("again")
+
+    async with make_node(db, registry, retry_base=1e6, retry_cap=1e6) as node:
+        task_id = await node.create_task("quick")
+        task = await wait_state(node, task_id, State.FAILED)
+    assert task.attempts == 3
+    failures = [
+        r.getMessage() for r in caplog.records if "task failed on attempt" in r.getMessage()
+    ]
+    assert len(failures) == 3
+    assert "attempt 1 of 3 (again); retry in 0.00s, at " in failures[0]
+    assert "attempt 3 of 3 (again); no attempts left: FAILED" in failures[2]
+
+
+async def test_a_failed_attempt_is_logged_with_its_traceback_and_next_retry(
+    db: DbTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aioasync_tasks")
+    registry = TaskRegistry()
+
+    @registry.task("crash", max_attempts=2)
+    async def crash(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report(context="before")
+        raise ValueError("the input was wrong")
+
+    async with make_node(db, registry) as node:
+        task_id = await node.create_task("crash")
+        await wait_state(node, task_id, State.FAILED)
+    records = [r for r in caplog.records if "task failed on attempt" in r.getMessage()]
+    assert len(records) == 2
+    first, last = records
+    assert f"task_id={task_id}" in first.getMessage()
+    assert "attempt 1 of 2 (ValueError: the input was wrong); retry in " in first.getMessage()
+    assert "attempt 2 of 2 (ValueError: the input was wrong); no attempts left: FAILED" in (
+        last.getMessage()
+    )
+    for record in records:
+        assert record.levelno == logging.WARNING
+        assert record.exc_info is not None
+        assert isinstance(record.exc_info[1], ValueError)
+        assert getattr(record, "task_id", None) == task_id

@@ -1,9 +1,10 @@
 """The command group, its global options, and ``main``, the entry point.
 
-Commands: ``worker`` runs a node until SIGINT/SIGTERM; ``migrate``; ``tasks list|show|run|
-pause|delete|move``; ``groups`` (list, ``pause``, ``resume``, ``limits``); ``nodes``; ``demo``.
-Management commands use a client-only node (``concurrency=0``) and never migrate by themselves;
-those that list or show print JSON with ``--json``.
+Commands: ``worker`` runs a node until SIGINT/SIGTERM; ``migrate`` (``--sql`` prints it);
+``tasks list|show|create|run|pause|delete|move``; ``groups`` (list, ``pause``, ``resume``,
+``limits``); ``nodes``; ``demo``. Management commands use a client-only node
+(``concurrency=0``), never migrate by themselves and never create a SQLite file; those that
+list or show print JSON with ``--json``.
 
 This is the only module that reads environment variables: ``AIOASYNC_TASKS_DB`` and
 ``AIOASYNC_TASKS_SCHEMA``. Every library error ends the command with one line on stderr and

@@ -1,22 +1,24 @@
-"""``tasks``: list, show and control tasks."""
+"""``tasks``: list, show, create and control tasks."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
 
-from .._errors import TaskNotFound
+from .._errors import ContextError, TaskNotFound
 from .._models import State, Task
 from .._node import MAX_PAGE_SIZE, Node
-from .client import Settings, with_client
+from .client import Settings, load_registry, with_client
 from .output import emit, fields, json_option, local_time, shorten, table, task_state, text
 
 
 @click.group()
 def tasks() -> None:
-    """List, show and control tasks."""
+    """List, show, create and control tasks."""
 
 
 def _positive_id(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -170,3 +172,75 @@ def delete_task(settings: Settings, task_id: int, force: bool) -> None:
 def move_task(settings: Settings, task_id: int, group: str) -> None:
     """Move a task to another GROUP (queue)."""
     _operate(settings, task_id, lambda node: node.change_task_group(task_id, group))
+
+
+_RELATIVE = re.compile(r"\+(\d+(?:\.\d+)?)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _parse_run_at(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """``+N[smhd]`` from now, or an ISO 8601 time (local time when it has no offset)."""
+    if value is None:
+        return None
+    relative = _RELATIVE.fullmatch(value.strip())
+    if relative is not None:
+        delta = timedelta(**{_UNITS[relative.group(2)]: float(relative.group(1))})
+        return datetime.now().astimezone() + delta
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither +N followed by s, m, h or d, nor an ISO 8601 time"
+        ) from None
+    return when if when.utcoffset() is not None else when.astimezone()
+
+
+@tasks.command("create")
+@click.argument("task_type", metavar="TYPE")
+@click.argument("context", default="")
+@click.option(
+    "--registry",
+    "registry_spec",
+    required=True,
+    metavar="MODULE:REGISTRY",
+    help="The TaskRegistry that defines TYPE: its options, cleanup handler and context type.",
+)
+@click.option("--user", default="", help="The task's user [default: none].")
+@click.option("--group", default="default", show_default=True, help="The task's group (queue).")
+@click.option(
+    "--run-at",
+    callback=_parse_run_at,
+    metavar="TIME",
+    help="When it is due: +N followed by s, m, h or d from now, or an ISO 8601 time (local "
+    "unless it has an offset) [default: now].",
+)
+@json_option
+@click.pass_obj
+def create_task(
+    settings: Settings,
+    *,
+    task_type: str,
+    context: str,
+    registry_spec: str,
+    user: str,
+    group: str,
+    run_at: datetime | None,
+    as_json: bool,
+) -> None:
+    """Create a task of TYPE with CONTEXT (text; JSON for a type with a context type, checked
+    against it) and print it (with --json: the task as one object)."""
+    registry = load_registry(registry_spec)
+    kind = registry.get(task_type)
+    value: object = context
+    if kind.context_type is not None:
+        try:
+            value = kind.decode_context(context)
+        except ContextError as exc:
+            raise click.BadParameter(str(exc), param_hint="CONTEXT") from None
+
+    async def create(node: Node) -> Task:
+        task_id = await node.create_task(task_type, value, user=user, group=group, run_at=run_at)
+        return await node.get_task(task_id)
+
+    task = with_client(settings, create, registry=registry)
+    emit(as_json, fields(task), f"task {task.id}: {task_state(task)}, group {task.group}")

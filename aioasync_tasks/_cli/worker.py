@@ -3,56 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import os
 import signal
 import sys
 from typing import Any
 
 import click
 
-from .._errors import ConfigurationError, NodeStopped
+from .._errors import NodeStopped
 from .._node import Node
 from .._registry import TaskRegistry
 from .._schema import SCHEMA_VERSION
-from .client import Settings, reach, with_client
+from .client import Settings, load_registry, reach, with_client
+from .migrations import migration_script
 
 FORCE_STOP_TIMEOUT = 2.0
 """Seconds a worker's forced stop (second signal) gives its tasks before cancelling them."""
 
 _log = logging.getLogger("aioasync_tasks.cli")
 _SECONDS = click.FloatRange(min=0, min_open=True)
-
-
-def _load_registry(spec: str) -> TaskRegistry:
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise click.BadParameter(
-            f"{spec!r} is not module:attribute, e.g. myapp.tasks:registry",
-            param_hint="'MODULE:REGISTRY'",
-        )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the working directory
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not module_name.startswith(exc.name):
-            raise  # a missing import inside the module: its traceback helps
-        raise ConfigurationError(f"cannot import module {module_name!r}: {exc}") from exc
-    target: object = module
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ConfigurationError(
-                f"module {module_name!r} has no attribute {attribute!r}"
-            ) from None
-    if not isinstance(target, TaskRegistry):
-        raise ConfigurationError(f"{spec} is a {type(target).__name__}, not a TaskRegistry")
-    if not len(target):
-        raise ConfigurationError(f"{spec} has no task types registered")
-    return target
 
 
 async def _work(settings: Settings, registry: TaskRegistry, options: dict[str, Any]) -> None:
@@ -143,7 +112,7 @@ def worker(
     The first signal stops gracefully: running tasks are asked to stop and handed back from
     their last checkpoint, for any node to resume. A second signal stops at once.
     """
-    task_registry = _load_registry(registry)
+    task_registry = load_registry(registry)
     logging.basicConfig(
         level=log_level.upper(),
         stream=sys.stderr,
@@ -161,9 +130,27 @@ def worker(
 
 
 @click.command()
+@click.option(
+    "--sql",
+    "as_sql",
+    is_flag=True,
+    help="Print the SQL of the migrations, for your own migration tool, instead of applying "
+    "them: for the dialect of --db, which is not connected to.",
+)
+@click.option(
+    "--since",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="VERSION",
+    help="With --sql: only the migrations after this schema version.",
+)
 @click.pass_obj
-def migrate(settings: Settings) -> None:
-    """Create or upgrade the tables."""
+def migrate(settings: Settings, as_sql: bool, since: int) -> None:
+    """Create or upgrade the tables (or, with --sql, print the SQL that does)."""
+    if as_sql:
+        click.echo(migration_script(settings.db, settings.schema, since=since), nl=False)
+        return
     applied = with_client(settings, lambda node: reach(settings, node.migrate()), start=False)
     if applied:
         versions = ", ".join(str(v) for v in applied)

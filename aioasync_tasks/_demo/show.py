@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shlex
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -238,6 +239,21 @@ class Demo:
         if wrong:
             raise DemoFailed(f"tasks {', '.join(f'#{i}' for i in wrong)} did not end right")
         self.echo(f"demo finished in {elapsed:.1f}s: every result is correct")
+        self._how_to_look(self.tracked[-1].id if self.tracked else 1)
+
+    def _how_to_look(self, task_id: int) -> None:
+        """The commands that show the demo's database, ready to copy."""
+        url = make_url(self.url)
+        options = ["--db", url.render_as_string(hide_password=True)]
+        if self.schema:
+            options += ["--schema", self.schema]
+        prefix = shlex.join(["aioasync-tasks", *options])
+        self.echo("")
+        self.echo("Look at the demo's database with the command line:")
+        for command in ("tasks list", f"tasks show {task_id}", "groups", "tasks list --json"):
+            self.echo(f"  {prefix} {command}")
+        if url.password:
+            self.echo("(with your password in place of ***)")
 
 
 async def run_demo(

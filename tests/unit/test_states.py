@@ -160,6 +160,7 @@ EVENTS: dict[tuple[State, StopRequest | None, Event], Expected] = {
     (S.PENDING, None, E.CLEANUP_CLAIM): None,
     (S.PENDING, None, E.CLEANUP_FINISHED): None,
     (S.PENDING, None, E.CLEANUP_FAILED): None,
+    (S.PENDING, None, E.REJECTED): None,
     # RUNNING
     (S.RUNNING, None, E.CLAIM): None,
     (S.RUNNING, None, E.FINISHED): Outcome(S.FINISHED),
@@ -170,6 +171,7 @@ EVENTS: dict[tuple[State, StopRequest | None, Event], Expected] = {
     (S.RUNNING, None, E.CLEANUP_CLAIM): None,
     (S.RUNNING, None, E.CLEANUP_FINISHED): None,
     (S.RUNNING, None, E.CLEANUP_FAILED): None,
+    (S.RUNNING, None, E.REJECTED): Outcome(S.FAILED),  # whatever attempts are left
     # CANCELING(pause): whatever ends the generator, no retry.
     (S.CANCELING, R.PAUSE, E.CLAIM): None,
     (S.CANCELING, R.PAUSE, E.FINISHED): Outcome(S.FINISHED),
@@ -180,6 +182,7 @@ EVENTS: dict[tuple[State, StopRequest | None, Event], Expected] = {
     (S.CANCELING, R.PAUSE, E.CLEANUP_CLAIM): None,
     (S.CANCELING, R.PAUSE, E.CLEANUP_FINISHED): None,
     (S.CANCELING, R.PAUSE, E.CLEANUP_FAILED): None,
+    (S.CANCELING, R.PAUSE, E.REJECTED): Outcome(S.FAILED),
     # CANCELING(delete): every end goes to DELETING¹; the user's delete wins over the task's
     # own delete=True, so a cleanup handler still runs.
     (S.CANCELING, R.DELETE, E.CLAIM): None,
@@ -193,6 +196,7 @@ EVENTS: dict[tuple[State, StopRequest | None, Event], Expected] = {
     (S.CANCELING, R.DELETE, E.CLEANUP_CLAIM): None,
     (S.CANCELING, R.DELETE, E.CLEANUP_FINISHED): None,
     (S.CANCELING, R.DELETE, E.CLEANUP_FAILED): None,
+    (S.CANCELING, R.DELETE, E.REJECTED): DELETED,
     # PAUSED, FINISHED, FAILED: only the user moves them.
     **{(S.PAUSED, None, e): v for e, v in _NO_EVENTS.items()},
     **{(S.FINISHED, None, e): v for e, v in _NO_EVENTS.items()},
@@ -211,6 +215,7 @@ EVENTS: dict[tuple[State, StopRequest | None, Event], Expected] = {
     (S.DELETING, None, E.CLEANUP_FAILED): Retry(
         yes=Outcome(S.DELETING, retry=True), no=Outcome(S.FAILED)
     ),
+    (S.DELETING, None, E.REJECTED): Outcome(S.FAILED),  # the cleanup cannot take it either
 }
 
 

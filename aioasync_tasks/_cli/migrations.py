@@ -1,0 +1,58 @@
+"""``migrate --sql``: the library's migrations as one SQL script, for an application's own
+migration tool (Alembic, Flyway, sqitch, psql in a deploy step …).
+
+The dialect is read from the URL, without connecting. Each migration is the shipped file as
+it is, followed by the row that records its version, as ``Node.migrate()`` writes it: a node
+checks that version at start, so a schema made by the script is one the library accepts.
+"""
+
+from __future__ import annotations
+
+from .._backends._migrations import migration_files
+from .._errors import ConfigurationError
+from .._schema import SCHEMA_VERSION, VERSIONS
+from .._urls import engine_from_url
+from .._validation import check_schema
+
+NOW = {
+    "postgresql": "now()",
+    "sqlite": "(julianday('now') - 2440587.5) * 86400.0",  # epoch seconds, as the library stores
+}
+"""The database clock in each dialect, in the form the library stores its times."""
+
+
+def dialect_of(url: str) -> str:
+    """The SQL dialect of a database URL (checked as a node checks it), without connecting."""
+    engine = engine_from_url(url)  # makes no connection
+    try:
+        return engine.dialect.name
+    finally:
+        engine.sync_engine.dispose()
+
+
+def migration_script(url: str, schema: str | None, *, since: int = 0) -> str:
+    """The SQL of the migrations after version ``since`` for the dialect of ``url``, with the
+    rows that record their versions; on PostgreSQL, in ``schema`` if given."""
+    dialect = dialect_of(url)
+    if schema is not None and dialect != "postgresql":
+        raise ConfigurationError("--schema is for PostgreSQL; SQLite keeps the tables in its file")
+    migrations = [(v, sql) for v, sql in migration_files(dialect) if v > since]
+    lines = [
+        f"-- aioasync_tasks: the migrations after schema version {since} for {dialect}, "
+        f"up to version {SCHEMA_VERSION}",
+        "-- (printed by `aioasync-tasks migrate --sql`). Run them in one transaction; nodes then",
+        "-- find the schema up to date, and may start with auto_migrate=False.",
+    ]
+    if not migrations:
+        lines.append(f"-- nothing to do: version {SCHEMA_VERSION} is the newest")
+    elif schema is not None:
+        quoted = '"' + check_schema(schema) + '"'
+        lines += [f"CREATE SCHEMA IF NOT EXISTS {quoted};", f"SET search_path TO {quoted};"]
+    for version, sql in migrations:
+        lines += [
+            "",
+            f"-- migration {version}",
+            sql.strip(),
+            f"INSERT INTO {VERSIONS} (version, applied_at) VALUES ({version}, {NOW[dialect]});",
+        ]
+    return "\n".join(lines) + "\n"
