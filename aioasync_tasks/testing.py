@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -39,6 +40,8 @@ retries (a task type's own ``retry_base``/``retry_cap`` still win)."""
 DRAIN_TIMEOUT = 30.0
 """Seconds ``drain`` waits by default before it raises ``DrainTimeout``."""
 _BUSY = (State.RUNNING, State.CANCELING, State.DELETING)
+_drained: weakref.WeakKeyDictionary[Node, int] = weakref.WeakKeyDictionary()
+"""The newest task id each node's previous ``drain`` saw: the next one returns what is newer."""
 
 
 class DrainTimeout(AsyncTasksError, TimeoutError):
@@ -91,10 +94,12 @@ async def drain(
     *,
     timeout: float = DRAIN_TIMEOUT,  # noqa: ASYNC109 - a bound, reported as DrainTimeout
 ) -> list[Task]:
-    """Run ``node`` until it has nothing left to do, and return the tasks that ran — those to do
-    when it was called and every task created meanwhile (by the tasks themselves, say) — as
-    they are at the end, oldest first; a task removed meanwhile (``delete=True``, a cleanup)
-    is not among them.
+    """Run ``node`` until it has nothing left to do, and return the tasks that ran — every task
+    created since the previous ``drain`` of this node returned (since the node started, for the
+    first; the node may have run some before ``drain`` was called), those created meanwhile (by
+    the tasks themselves, say), and any older one it still found to do — if they started, as
+    they are at the end, oldest first; a task removed meanwhile (``delete=True``, a cleanup) is
+    not among them.
 
     Nothing to do means: no task running, canceling or being cleaned up, and none pending and
     due (a retry waiting for its back-off counts as due). Tasks delayed by ``run_at``, in a
@@ -104,7 +109,7 @@ async def drain(
         raise ConfigurationError("drain needs a node that runs tasks, not a client-only one")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    newest = max((t.id for t in await node.get_tasks(limit=1)), default=0)
+    newest = _drained.get(node, 0)
     ran: set[int] = set()
     while True:
         paused = {g.name for g in await node.get_groups() if g.paused}
@@ -118,10 +123,12 @@ async def drain(
             raise DrainTimeout(
                 f"drain: after {timeout}s, {len(to_do)} task(s) still to run: {shown}", to_do
             )
-        node._wake_local()
+        node.services.state.wake()
         await asyncio.sleep(TEST_TIMINGS["poll_interval"])
     ended = await _all_tasks(node)
-    return sorted((t for t in ended if t.id in ran or t.id > newest), key=lambda t: t.id)
+    _drained[node] = max((t.id for t in ended), default=newest)
+    started = (t for t in ended if t.id in ran or (t.id > newest and t.started_at is not None))
+    return sorted(started, key=lambda t: t.id)
 
 
 async def created(
