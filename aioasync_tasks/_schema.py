@@ -2,8 +2,11 @@
 
 The migration files in ``_backends/<dialect>/migrations/`` create exactly these tables (a test
 checks it).
-Timestamps are ``timestamptz`` on PostgreSQL and seconds since the epoch (REAL) on SQLite, where
-comparing numbers is what the database can do fast; both read back as aware ``datetime``.
+Timestamps are ``timestamptz`` on PostgreSQL, seconds since the epoch (REAL) on SQLite, where
+comparing numbers is what the database can do fast, and ``DATETIME(6)`` in UTC on MySQL and
+MariaDB; all read back as aware ``datetime``. MySQL cannot index ``TEXT`` or make it a key: names
+(at most 200 characters, ``_validation``) are ``VARCHAR(200)`` there, and long texts
+``LONGTEXT``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 
 SCHEMA_VERSION = 2
@@ -22,9 +26,14 @@ NODES = "aioasync_nodes"
 GROUPS = "aioasync_groups"
 VERSIONS = "aioasync_schema_version"
 
+MYSQL = ("mysql", "mariadb")
+"""SQLAlchemy's names of the MySQL dialect (a ``mariadb://`` URL gets the second)."""
+
 
 class Timestamp(sa.types.TypeDecorator[datetime]):
-    """An aware UTC datetime: ``timestamptz`` on PostgreSQL, epoch seconds on SQLite."""
+    """An aware UTC datetime: ``timestamptz`` on PostgreSQL, epoch seconds on SQLite, a naive
+    UTC ``DATETIME(6)`` on MySQL (whose ``UTC_TIMESTAMP(6)`` is the database clock, whatever
+    the session's time zone)."""
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
@@ -32,21 +41,28 @@ class Timestamp(sa.types.TypeDecorator[datetime]):
     def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
         if dialect.name == "sqlite":
             return dialect.type_descriptor(sa.Double())
+        if dialect.name in MYSQL:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
         return dialect.type_descriptor(sa.DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
-        if value is None or dialect.name != "sqlite":
+        if value is None:
             return value
-        return value.timestamp()
+        if dialect.name == "sqlite":
+            return value.timestamp()
+        if dialect.name in MYSQL:
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         return None if value is None else time_from_db(value)
 
 
 def time_from_db(value: Any) -> datetime:
-    """An aware UTC datetime from a ``timestamptz`` (PostgreSQL) or epoch seconds (SQLite)."""
+    """An aware UTC datetime from a ``timestamptz`` (PostgreSQL), epoch seconds (SQLite) or a
+    naive UTC ``DATETIME`` (MySQL)."""
     if isinstance(value, datetime):
-        return value
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     return datetime.fromtimestamp(float(value), UTC)
 
 
@@ -55,10 +71,23 @@ metadata = sa.MetaData()
 the schema yourself (then call neither ``migrate()`` nor pass ``auto_migrate=True``)."""
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_NAME = sa.Text().with_variant(sa.String(200), *MYSQL)
+"""A user, group or node name: indexed, or a key, which MySQL's TEXT cannot be."""
+_LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL)
+"""A context, an error, a list of types: MySQL's TEXT holds only 64 KiB."""
 _PENDING = sa.text("state = 'pending'")
 _ACTIVE = sa.text("state IN ('running', 'canceling')")
 _DELETING = sa.text("state = 'deleting' AND node_id IS NULL")
 _OWNED = sa.text("node_id IS NOT NULL")
+
+
+_TABLE_OPTIONS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+"""MySQL tables: InnoDB (row locks, transactions), 4-byte UTF-8, and names compared byte for
+byte, as on the other databases (the server's default collation ignores case and accents)."""
 
 
 def _partial(where: sa.TextClause) -> dict[str, Any]:
@@ -70,17 +99,17 @@ tasks_table = sa.Table(
     metadata,
     sa.Column("id", _ID, primary_key=True, autoincrement=True),
     sa.Column("type", sa.String(200), nullable=False),
-    sa.Column("user_name", sa.Text(), nullable=False),
-    sa.Column("group_name", sa.Text(), nullable=False),
+    sa.Column("user_name", _NAME, nullable=False),
+    sa.Column("group_name", _NAME, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("requested", sa.String(16), nullable=True),
-    sa.Column("context", sa.Text(), nullable=False),
+    sa.Column("context", _LONG_TEXT, nullable=False),
     sa.Column("priority", sa.Integer(), nullable=False),
     sa.Column("attempts", sa.Integer(), nullable=False),
     sa.Column("max_attempts", sa.Integer(), nullable=False),
     sa.Column("has_cleanup", sa.Boolean(), nullable=False),
     sa.Column("handoff", sa.Boolean(), nullable=False),
-    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("error", _LONG_TEXT, nullable=True),
     sa.Column("node_id", _ID, nullable=True),
     sa.Column("created_at", Timestamp(), nullable=False),
     sa.Column("updated_at", Timestamp(), nullable=False),
@@ -111,6 +140,7 @@ tasks_table = sa.Table(
     sa.Index("aioasync_tasks_group_idx", "group_name", "id"),
     sa.Index("aioasync_tasks_state_idx", "state", "id"),
     sqlite_autoincrement=True,  # ids are never reused: stale writes cannot hit a newer task
+    **_TABLE_OPTIONS,
 )
 sa.Index(
     # The claim walks (group, user) queues of pending tasks in their queue order.
@@ -127,25 +157,27 @@ nodes_table = sa.Table(
     NODES,
     metadata,
     sa.Column("id", _ID, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.Text(), nullable=False),
+    sa.Column("name", _NAME, nullable=False),
     sa.Column("concurrency", sa.Integer(), nullable=False),
-    sa.Column("types", sa.Text(), nullable=False),
+    sa.Column("types", _LONG_TEXT, nullable=False),
     sa.Column("started_at", Timestamp(), nullable=False),
     sa.Column("heartbeat_at", Timestamp(), nullable=False),
     # The node's own liveness settings: others judge it by these, never by their own.
     sa.Column("heartbeat_interval", sa.Double(), nullable=False, server_default="5.0"),
     sa.Column("node_timeout", sa.Double(), nullable=False, server_default="30.0"),
     sqlite_autoincrement=True,  # a fenced node's old id never comes back for another node
+    **_TABLE_OPTIONS,
 )
 
 groups_table = sa.Table(
     GROUPS,
     metadata,
-    sa.Column("name", sa.Text(), primary_key=True),
+    sa.Column("name", _NAME, primary_key=True),
     sa.Column("paused", sa.Boolean(), nullable=False),
     sa.Column("max_running", sa.Integer(), nullable=True),
     sa.Column("max_running_per_user", sa.Integer(), nullable=True),
     sa.Column("updated_at", Timestamp(), nullable=False),
+    **_TABLE_OPTIONS,
 )
 
 versions_table = sa.Table(
@@ -153,4 +185,5 @@ versions_table = sa.Table(
     metadata,
     sa.Column("version", sa.Integer(), primary_key=True, autoincrement=False),
     sa.Column("applied_at", Timestamp(), nullable=False),
+    **_TABLE_OPTIONS,
 )

@@ -5,10 +5,14 @@ PostgreSQL URLs as managed services hand them out carry libpq parameters
 query parameter is checked before any I/O and either translated (``sslmode``,
 ``connect_timeout``, ``application_name``), passed on as asyncpg or SQLAlchemy takes it
 (converted to the type they want), or refused with a ``ConfigurationError`` naming it.
+
+MySQL and MariaDB URLs (``mysql://``, ``mariadb://``, with or without ``+aiomysql``) get the
+aiomysql driver, which the ``mysql`` extra installs, and the utf8mb4 character set, always.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import re
@@ -31,7 +35,15 @@ _DRIVERS = {
     "postgresql+asyncpg": "postgresql+asyncpg",
     "sqlite": "sqlite+aiosqlite",
     "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "mysql": "mysql+aiomysql",
+    "mysql+aiomysql": "mysql+aiomysql",
+    "mariadb": "mariadb+aiomysql",
+    "mariadb+aiomysql": "mariadb+aiomysql",
 }
+_MYSQL_DRIVERS = ("mysql+aiomysql", "mariadb+aiomysql")
+MYSQL_CHARSET = "utf8mb4"
+"""The only character set of our connections: 4-byte UTF-8, as the tables (MySQL's ``utf8`` is
+3-byte)."""
 
 
 # -- value conversions (a URL's query values are strings) ------------------------------------
@@ -145,6 +157,16 @@ overridden by the library (a 60 s busy timeout; transactions it begins itself), 
 options (``mode=ro``, ``cache=shared`` …) would change how the file is shared."""
 
 
+_MYSQL_PASSED: dict[str, Callable[[str, str], Any]] = {
+    # aiomysql.connect's keyword arguments that a string can express
+    "unix_socket": _text,
+    "connect_timeout": _seconds,
+    "charset": _choice((MYSQL_CHARSET,)),
+    "init_command": _text,
+    "local_infile": _flag,
+}
+
+
 def _accepted(names: list[str]) -> str:
     return ", ".join(names)
 
@@ -203,6 +225,27 @@ def _sqlite_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str
     return args
 
 
+def _mysql_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, Any]:
+    args: dict[str, Any] = {"charset": MYSQL_CHARSET}
+    for name, value in query.items():
+        if name not in _MYSQL_PASSED:
+            raise ConfigurationError(
+                f"unsupported MySQL URL parameter {name!r}; accepted: "
+                f"{_accepted(sorted(_MYSQL_PASSED))}"
+            )
+        if not isinstance(value, str):
+            raise ConfigurationError(f"database URL parameter {name!r} is given more than once")
+        args[name] = _MYSQL_PASSED[name](name, value)
+    return args
+
+
+def _require_mysql_driver() -> None:
+    if importlib.util.find_spec("aiomysql") is None:
+        raise ConfigurationError(
+            "MySQL and MariaDB need the aiomysql driver: pip install 'aioasync-tasks[mysql]'"
+        )
+
+
 def _hide_password(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
@@ -216,8 +259,8 @@ def engine_from_url(url: str) -> AsyncEngine:
     driver = _DRIVERS.get(parsed.drivername)
     if driver is None:
         raise ConfigurationError(
-            f"unsupported database URL scheme {parsed.drivername!r}: use postgresql+asyncpg:// "
-            "or sqlite+aiosqlite:///path"
+            f"unsupported database URL scheme {parsed.drivername!r}: use postgresql+asyncpg://, "
+            "sqlite+aiosqlite:///path or mysql+aiomysql://"
         )
     parsed = parsed.set(drivername=driver)
     if driver == "sqlite+aiosqlite":
@@ -227,6 +270,10 @@ def engine_from_url(url: str) -> AsyncEngine:
                 "database cannot be shared between connections or nodes"
             )
         connect_args = _sqlite_connect_args(parsed.query)
+        parsed = parsed.set(query={})
+    elif driver in _MYSQL_DRIVERS:
+        _require_mysql_driver()
+        connect_args = _mysql_connect_args(parsed.query)
         parsed = parsed.set(query={})
     else:
         connect_args = _pg_connect_args(parsed.query)

@@ -1,4 +1,4 @@
-"""Test database targets and PostgreSQL discovery.
+"""Test database targets: PostgreSQL discovery, and MySQL/MariaDB discovery (at the end).
 
 Importable from tests as ``from _db import DbTarget`` (``tests`` is on ``pythonpath``).
 
@@ -27,6 +27,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # no type information
 
@@ -44,8 +45,9 @@ _T = TypeVar("_T")
 class DbTarget:
     """Where a test's database lives.
 
-    ``url`` is an SQLAlchemy async URL (``sqlite+aiosqlite://…`` or ``postgresql+asyncpg://…``).
-    ``schema`` is the per-test PostgreSQL schema (``None`` for SQLite).
+    ``url`` is an SQLAlchemy async URL (``sqlite+aiosqlite://…``, ``postgresql+asyncpg://…`` or
+    ``mysql+aiomysql://…/t_<hex>``). ``schema`` is the per-test PostgreSQL schema (``None`` for
+    SQLite and MySQL, whose tests get a fresh file or database).
     """
 
     backend: str
@@ -338,3 +340,94 @@ def create_schema(url: str, schema: str) -> None:
 
 def drop_schema(url: str, schema: str) -> None:
     run_sync(_drop_schema(url, schema))
+
+
+# -- MySQL and MariaDB ------------------------------------------------------------------------
+
+MYSQL_URL_ENV = "AIOASYNC_TASKS_TEST_MYSQL_URL"
+"""A MySQL or MariaDB server for the ``mysql`` target (``mysql://user:pass@host:port``; a
+database in it is ignored: each test gets a fresh one). Set but unreachable: an error."""
+MYSQL_LOCAL = "mysql://root@127.0.0.1:3306"
+
+
+class MysqlUnavailableError(Exception):
+    """No MySQL or MariaDB server could be reached; the message is the skip reason."""
+
+
+@dataclass(frozen=True)
+class MysqlServer:
+    """A reachable MySQL or MariaDB server; tests get a fresh database ``t_<12 hex>`` on it."""
+
+    url: str
+    source: str
+
+    def target(self, database: str) -> DbTarget:
+        return DbTarget(
+            backend="mysql",
+            url=self.url.replace("mysql://", "mysql+aiomysql://", 1)
+            + f"/{database}?charset=utf8mb4",
+            schema=None,
+        )
+
+
+def _mysql_connect(url: str) -> Any:
+    import pymysql  # type: ignore[import-untyped]  # noqa: PLC0415 - the mysql target only
+
+    parsed = urlsplit(url)
+    return pymysql.connect(
+        host=parsed.hostname or LOCAL_HOST,
+        port=parsed.port or 3306,
+        user=unquote(parsed.username or "root"),
+        password=unquote(parsed.password or ""),
+        charset="utf8mb4",
+        connect_timeout=CONNECT_TIMEOUT,
+        autocommit=True,
+    )
+
+
+def _server_url(url: str) -> str:
+    """``mysql://user@host:port`` from a URL of any of our MySQL schemes, without a database."""
+    parsed = urlsplit(url)
+    return f"mysql://{parsed.netloc}"
+
+
+def discover_mysql() -> MysqlServer:
+    """``AIOASYNC_TASKS_TEST_MYSQL_URL``, else a server on 127.0.0.1:3306 (user root, no
+    password); raise MysqlUnavailableError to skip."""
+    given = os.environ.get(MYSQL_URL_ENV, "").strip()
+    url = _server_url(given or MYSQL_LOCAL)
+    try:
+        import pymysql  # noqa: F401, PLC0415 - only to say why the target is skipped
+    except ImportError as exc:
+        raise MysqlUnavailableError("MySQL not available: aiomysql is not installed") from exc
+    try:
+        _mysql_connect(url).close()
+    except Exception as exc:  # any failure means: not usable
+        if given:
+            raise RuntimeError(f"{MYSQL_URL_ENV} is set but unusable: {_describe(exc)}") from exc
+        raise MysqlUnavailableError(
+            f"MySQL not available: no {MYSQL_URL_ENV}, {MYSQL_LOCAL}: {_describe(exc)}"
+        ) from exc
+    return MysqlServer(url=url, source=MYSQL_URL_ENV if given else MYSQL_LOCAL)
+
+
+def create_mysql_database(server: MysqlServer, database: str) -> None:
+    conn = _mysql_connect(server.url)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+            )
+    finally:
+        conn.close()
+
+
+def drop_mysql_database(server: MysqlServer, database: str) -> None:
+    conn = _mysql_connect(server.url)
+    try:
+        with conn.cursor() as cursor:
+            # A leaked connection holding locks makes this fail loudly, not hang.
+            cursor.execute("SET SESSION lock_wait_timeout = 20")
+            cursor.execute(f"DROP DATABASE IF EXISTS `{database}`")
+    finally:
+        conn.close()

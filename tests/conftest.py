@@ -3,15 +3,19 @@
 Fixtures
 --------
 ``db``
-    Function-scoped, parametrised over ``sqlite`` and ``postgres`` (test ids ``[sqlite]`` and
-    ``[postgres]``); yields a :class:`_db.DbTarget`.  Tests marked ``postgres_only`` get only
-    the ``postgres`` parameter.  Fixtures that depend on ``db`` are parametrised too.
+    Function-scoped, parametrised over ``sqlite``, ``postgres`` and ``mysql`` (test ids
+    ``[sqlite]``, ``[postgres]``, ``[mysql]``); yields a :class:`_db.DbTarget`.  Tests marked
+    ``postgres_only`` get only the ``postgres`` parameter.  Fixtures that depend on ``db`` are
+    parametrised too.
 ``sqlite_db`` / ``pg_db``
     The same, for one backend only.
 ``other_pg_db``
     A second fresh schema beside ``pg_db``, on the same server.
 ``pg_server``
     Session-scoped :class:`_db.PgServer` (found or started once); skips when unavailable.
+``mysql_server``
+    Session-scoped :class:`_db.MysqlServer` (``AIOASYNC_TASKS_TEST_MYSQL_URL``, or MySQL or
+    MariaDB on 127.0.0.1:3306 as root); skips when unavailable.
 ``pg_proxy`` / ``pg_proxy_db``
     A fault-injecting :class:`_faults.PgProxy` in front of ``pg_server`` (closed after the
     test), and ``pg_db`` (same fresh schema) with its URL through that proxy.
@@ -22,7 +26,8 @@ Fixtures
     Node processes on ``db`` (``_cluster.Cluster``).
 
 SQLite targets are a fresh file under ``tmp_path``; PostgreSQL targets are a fresh schema
-``t_<12 hex>`` created before the test and dropped (CASCADE) after it.  Connect with::
+``t_<12 hex>`` created before the test and dropped (CASCADE) after it; MySQL targets a fresh
+database ``t_<12 hex>``, dropped after the test.  Connect with::
 
     engine = create_async_engine(db.url, connect_args=db.connect_args())
 """
@@ -36,10 +41,15 @@ import pytest
 from _cluster import Cluster, open_cluster
 from _db import (
     DbTarget,
+    MysqlServer,
+    MysqlUnavailableError,
     PgServer,
     PgUnavailableError,
+    create_mysql_database,
     create_schema,
+    discover_mysql,
     discover_postgres,
+    drop_mysql_database,
     drop_schema,
     new_schema_name,
 )
@@ -47,7 +57,7 @@ from _faults import PgProxy
 from _helpers import raw_engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-BACKENDS = ("sqlite", "postgres")
+BACKENDS = ("sqlite", "postgres", "mysql")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -79,6 +89,24 @@ def pg_server() -> Iterator[PgServer]:
         server.close()
 
 
+@pytest.fixture(scope="session")
+def mysql_server() -> MysqlServer:
+    """The session's MySQL or MariaDB server; skips every MySQL test with one reason if none."""
+    try:
+        return discover_mysql()
+    except MysqlUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+def _mysql_target(server: MysqlServer) -> Iterator[DbTarget]:
+    database = new_schema_name()
+    create_mysql_database(server, database)
+    try:
+        yield server.target(database)
+    finally:
+        drop_mysql_database(server, database)
+
+
 def _sqlite_target(tmp_path: Path) -> DbTarget:
     return DbTarget(
         backend="sqlite", url=f"sqlite+aiosqlite:///{tmp_path / 'tasks.db'}", schema=None
@@ -96,12 +124,15 @@ def _pg_target(server: PgServer) -> Iterator[DbTarget]:
 
 @pytest.fixture
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbTarget]:
-    """A fresh database on the backend named by the ``sqlite``/``postgres`` parameter."""
+    """A fresh database on the backend named by the ``sqlite``/``postgres``/``mysql``
+    parameter."""
     backend = getattr(request, "param", None)
     if backend == "sqlite":
         yield _sqlite_target(tmp_path)
     elif backend == "postgres":
         yield from _pg_target(request.getfixturevalue("pg_server"))
+    elif backend == "mysql":
+        yield from _mysql_target(request.getfixturevalue("mysql_server"))
     else:
         raise pytest.UsageError(f"db fixture got unexpected backend {backend!r}")
 

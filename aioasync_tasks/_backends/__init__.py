@@ -6,7 +6,9 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._errors import ConfigurationError
+from .._schema import MYSQL
 from ._sqldriver import SqlDriver
+from .mysql import MysqlDriver
 from .postgresql import PostgresDriver
 from .sqlite import SqliteDriver
 
@@ -22,7 +24,17 @@ def driver_for(engine: AsyncEngine, schema: str | None) -> SqlDriver:
         if schema is not None:
             raise ConfigurationError("schema= is for PostgreSQL; use another SQLite file instead")
         return SqliteDriver(engine)
-    raise ConfigurationError(f"unsupported database {name!r}: use PostgreSQL or SQLite")
+    if name in MYSQL:
+        if engine.dialect.driver != "aiomysql":
+            raise ConfigurationError(
+                "MySQL and MariaDB need the aiomysql driver: mysql+aiomysql://"
+            )
+        if schema is not None:
+            raise ConfigurationError("schema= is for PostgreSQL; name another MySQL database")
+        return MysqlDriver(engine)
+    raise ConfigurationError(
+        f"unsupported database {name!r}: use PostgreSQL, SQLite, MySQL or MariaDB"
+    )
 
 
-__all__ = ["PostgresDriver", "SqlDriver", "SqliteDriver", "driver_for"]
+__all__ = ["MysqlDriver", "PostgresDriver", "SqlDriver", "SqliteDriver", "driver_for"]

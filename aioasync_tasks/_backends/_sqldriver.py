@@ -178,6 +178,14 @@ class SqlDriver:
         """Have the server end a write transaction of ours that stays idle for ``seconds`` (its
         node was cut off in the middle of it), where the server can."""
 
+    def inserted_id(self, result: sa.CursorResult[Any]) -> int:
+        """The id of the row an ``INSERT`` of one row made (its ``RETURNING id``)."""
+        return int(result.scalar_one())
+
+    def found(self, result: sa.CursorResult[Any]) -> bool:
+        """Whether an ``UPDATE`` of one row found it (its ``RETURNING id``)."""
+        return result.first() is not None
+
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _run(
@@ -303,7 +311,7 @@ class SqlDriver:
                 params |= self.notify_params
                 result = await self._run(conn, "insert_task_and_wake", params)
                 return [result.scalar_one()]
-            ids = [(await self._run(conn, "insert_task", params)).scalar_one()]
+            ids = [self.inserted_id(await self._run(conn, "insert_task", params))]
         else:
             result = await self._run(conn, "insert_tasks", self.bind_rows(_NEW_TASK_COLUMNS, rows))
             ids = sorted(row.id for row in result)  # ids are given in the rows' order
@@ -629,14 +637,14 @@ class SqlDriver:
             "node_timeout": params.node_timeout,
         }
         async with self.write() as conn:
-            return int((await self._run(conn, "register_node", bound)).scalar_one())
+            return self.inserted_id(await self._run(conn, "register_node", bound))
 
     @cancel_safe
     async def heartbeat(self, node_id: int) -> list[Owned] | None:
         """Renew the node's row and read the tasks it owns; None when the row is gone
         (the node was declared dead: it must fence itself)."""
         async with self.write() as conn:
-            if (await self._run(conn, "heartbeat", {"node": node_id})).first() is None:
+            if not self.found(await self._run(conn, "heartbeat", {"node": node_id})):
                 return None
             return await self._owned(conn, node_id)
 

@@ -38,6 +38,26 @@ statement timeout), system error."""
 _TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})
 """Lock not available, object in use."""
 _TRANSIENT_SQLITE = ("locked", "busy", "disk i/o", "unable to open")
+_TRANSIENT_MYSQL = frozenset(
+    {
+        1040,  # too many connections
+        1053,  # server shutdown in progress
+        1205,  # lock wait timeout exceeded
+        1213,  # deadlock found
+        1317,  # query execution was interrupted
+        1927,  # MariaDB: connection was killed
+        2002,  # can't connect through the socket
+        2003,  # can't connect to the server
+        2006,  # server has gone away
+        2013,  # lost connection during a query
+        2014,  # commands out of sync (a connection left half-way)
+        2055,  # lost connection (system error)
+        3024,  # MySQL: maximum statement execution time exceeded
+        1969,  # MariaDB: maximum statement time exceeded
+        4031,  # MySQL: the server closed an idle connection
+    }
+)
+"""MySQL and MariaDB error codes a retry may cure (the first argument of a PyMySQL error)."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -52,6 +72,9 @@ def is_transient(exc: BaseException) -> bool:
         sqlstate = getattr(orig, "sqlstate", None)
         if isinstance(sqlstate, str):
             return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+        code = orig.args[0] if orig is not None and orig.args else None
+        if type(orig).__module__.startswith("pymysql") and isinstance(code, int):
+            return code in _TRANSIENT_MYSQL
         if isinstance(orig, sqlite3.Error) or type(orig).__module__.startswith("sqlalchemy"):
             message = str(orig).lower()
             if any(word in message for word in _TRANSIENT_SQLITE):
@@ -67,8 +90,12 @@ def is_transient(exc: BaseException) -> bool:
 
 def describe_database(url: URL) -> str:
     """Where a database is, without credentials: ``PostgreSQL at host:port/db``."""
-    if url.get_backend_name() == "sqlite":
+    backend = url.get_backend_name()
+    if backend == "sqlite":
         return f"SQLite at {url.database}"
+    if backend in ("mysql", "mariadb"):
+        name = "MariaDB" if backend == "mariadb" else "MySQL"
+        return f"{name} at {url.host or 'localhost'}:{url.port or 3306}/{url.database or ''}"
     host: object = url.host or url.query.get("host") or "localhost"
     if isinstance(host, tuple):
         host = ",".join(host)

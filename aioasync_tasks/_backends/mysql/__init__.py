@@ -1,0 +1,270 @@
+"""The MySQL driver (aiomysql), for MySQL 8 and MariaDB 10.6 or newer: its statements are in
+``queries.sql`` beside this file, its schema in ``migrations/``.
+
+Neither database has ``UPDATE … RETURNING`` (MariaDB has it for INSERT and DELETE only), and
+MariaDB has no ``LATERAL``: a claim, a cleanup claim and a checkpoint are a locking ``SELECT`` of
+the rows to change (``FOR UPDATE SKIP LOCKED`` for claims), the ``UPDATE`` of exactly those rows,
+and a ``SELECT`` of what was written, in one transaction. Our write transactions run under READ
+COMMITTED (the engine's ``begin`` listener): each statement sees what committed before it began,
+which is what makes a claim after the group locks count every task the previous claim took,
+and locking reads take no gap locks, which would block inserts. Lists and batches travel as
+JSON arrays read with ``JSON_TABLE``. There are no notifications: nodes poll.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ..._errors import DatabaseError
+from ..._schema import SCHEMA_VERSION
+from .. import _rows
+from .._driver import (
+    CheckpointParams,
+    Claimed,
+    ClaimParams,
+    ClaimResult,
+    CleanupClaimParams,
+)
+from .._migrations import migration_files, refuse_newer, split_sql
+from .._sqldriver import (
+    CHECKPOINT_STATES,
+    CLAIM,
+    CLEANUP_CLAIM,
+    SqlDriver,
+)
+from .._transaction import cancel_safe, set_session_value
+
+IDLE_TIMEOUT_OPTION = "aioasync_idle_s"
+"""The execution option of our write transactions: MariaDB's ``idle_transaction_timeout`` for
+them, in whole seconds."""
+WRITE_ISOLATION = "READ COMMITTED"
+MIGRATION_LOCK_TIMEOUT = 60
+"""Seconds a migration waits for another node's migration of the same database."""
+
+
+def configure_engine(engine: AsyncEngine) -> None:
+    """Give our write transactions READ COMMITTED and (MariaDB) the idle bound they ask for, and
+    the application's transactions on the same engine the server's defaults.
+
+    Both are set for the session and remembered per pooled connection (``set_session_value``),
+    so a connection that serves our writes one after another pays no round trip for them."""
+    sync_engine = engine.sync_engine
+    if getattr(sync_engine, "_aioasync_configured", False):
+        return
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        options = conn.get_execution_options()
+        ours = options.get("aioasync_write")
+        if ours is False:
+            return  # our reads: either level will do
+        default = conn.dialect.default_isolation_level or "REPEATABLE READ"
+        level = WRITE_ISOLATION if ours else default
+        set_session_value(
+            conn, "isolation", level, f"SET SESSION TRANSACTION ISOLATION LEVEL {level}"
+        )
+        if conn.dialect.is_mariadb:  # type: ignore[attr-defined]
+            seconds = options.get(IDLE_TIMEOUT_OPTION) if ours else None
+            value = "DEFAULT" if seconds is None else str(int(seconds))
+            set_session_value(
+                conn, "idle_timeout", value, f"SET SESSION idle_transaction_timeout = {value}"
+            )
+
+    sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+def _json_value(value: Any) -> Any:
+    """A batch's value as JSON_TABLE reads it: a DATETIME as its text, a BOOL as 0 or 1."""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+class MysqlDriver(SqlDriver):
+    dialect = "mysql"
+    claim_pool_factor = 3  # concurrent claimers choose alike; SKIP LOCKED then skips past
+
+    def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
+        super().__init__(engine, schema)
+        configure_engine(engine)
+
+    def bind_list(self, values: Iterable[Any]) -> Any:
+        return _json(list(values))
+
+    def bind_rows(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        return {"rows": _json([[_json_value(v) for v in row] for row in rows])}
+
+    def bound_idle_transactions(self, seconds: float) -> None:
+        # MariaDB ends a transaction of ours left idle this long; MySQL 8 has no such setting
+        # (docs/design.md §9.5).
+        self._write_options = {IDLE_TIMEOUT_OPTION: max(math.ceil(seconds), 1)}
+
+    # -- schema: MySQL commits at every DDL statement, so the lock is the session's ----------
+
+    @cancel_safe
+    async def migrate(self) -> list[int]:
+        """Apply the missing migrations under a named lock of the session (``GET_LOCK``), which
+        outlives the commit MySQL makes at each DDL statement. A migration that fails half-way
+        leaves the statements before the failure applied: MySQL's DDL is not transactional."""
+        key = {"key": f"aioasync_tasks:{self.engine.url.database or ''}"[:64]}
+        applied: list[int] = []
+        async with self.write() as conn:
+            got = (
+                await self._run(conn, "migration_lock", {**key, "timeout": MIGRATION_LOCK_TIMEOUT})
+            ).scalar()
+            if got != 1:
+                raise DatabaseError(
+                    f"another node's migration held the lock for {MIGRATION_LOCK_TIMEOUT} s",
+                    transient=True,
+                )
+            try:
+                current = await self._current_version(conn) or 0
+                refuse_newer(current)
+                for version, sql in migration_files(self.dialect):
+                    if version <= current or version > SCHEMA_VERSION:
+                        continue
+                    for statement in split_sql(sql):
+                        await conn.exec_driver_sql(statement)
+                    await self._run(conn, "record_migration", {"version": version})
+                    applied.append(version)
+            finally:
+                await self._run(conn, "migration_unlock", key)
+        return applied
+
+    # -- inserts: no RETURNING on MySQL 8 --------------------------------------------------
+
+    async def _insert(
+        self, conn: AsyncConnection, rows: Sequence[Sequence[Any]], wake: bool
+    ) -> list[int]:
+        if len(rows) == 1 or conn.dialect.is_mariadb:  # type: ignore[attr-defined]
+            return await super()._insert(conn, rows, wake)  # MariaDB: INSERT … RETURNING
+        # MySQL 8 has no RETURNING and gives only the last insert id: one row at a time.
+        return [i for row in rows for i in await super()._insert(conn, [row], wake)]
+
+    # -- claims: lock, update, read back --------------------------------------------------
+
+    async def _take(
+        self, conn: AsyncConnection, statement: str, ids: list[int], bound: dict[str, Any]
+    ) -> list[Any]:
+        """Claim the locked rows ``ids`` with ``statement`` and read them back."""
+        if not ids:
+            return []
+        listed = self.bind_list(ids)
+        await self._run(conn, statement, {**bound, "ids": listed})
+        return list(await self._run(conn, "claimed_rows", {"ids": listed}))
+
+    @cancel_safe
+    async def claim(self, params: ClaimParams) -> ClaimResult:
+        """As ``SqlDriver.claim`` (docs/design.md §6): the node row share-locked, the limited
+        groups locked in name order, the candidates chosen by the ``claim`` statement, locked
+        with ``SKIP LOCKED`` (a row that is no longer PENDING, moved to another group, or busy
+        is skipped), the first ``limit`` of them by the policy's order taken."""
+        p, limit = params, params.limit
+        if limit <= 0 or not p.types:
+            return ClaimResult([], None)
+        types = self.bind_list(p.types)
+        async with self.write() as conn:
+            registered = (await self._run(conn, "claim_prepare", {"node": p.node_id})).scalar()
+            if not registered:
+                return ClaimResult([], None)
+            await self._run(conn, "lock_limited_groups")
+            chosen = await self._run(
+                conn,
+                "claim",
+                {
+                    "types": types,
+                    "pool": limit * self.claim_pool_factor,
+                    "all_groups": p.groups is None,
+                    "groups": self.bind_list(p.groups or ()),
+                },
+                order_by=p.policy.order_by,
+            )
+            candidates = [(r.id, r.group_name) for r in chosen]
+            locked: dict[int, Any] = {}
+            if candidates:
+                result = await self._run(
+                    conn,
+                    "lock_claims",
+                    {
+                        "ids": self.bind_list(i for i, _ in candidates),
+                        "busy": self.bind_list(p.busy),
+                        "from_state": CLAIM["from_state"],
+                    },
+                )
+                locked = {r.id: r for r in result}
+            ids = [i for i, group in candidates if i in locked and locked[i].group_name == group]
+            bound = {"node": p.node_id, **CLAIM}
+            rows = await self._take(conn, "take_claims", ids[:limit], bound)
+            next_due = None
+            if len(rows) < limit:
+                next_due = (await self._run(conn, "next_due", {"types": types})).scalar()
+        # Hand-offs first, as they were before the claim cleared the flag.
+        rows.sort(key=lambda r: (not locked[r.id].handoff, -r.priority, r.id))
+        claimed = [_rows.claimed(r) for r in rows]
+        return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
+
+    @cancel_safe
+    async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:
+        p = params
+        if p.limit <= 0 or not p.types:
+            return []
+        async with self.write() as conn:
+            if (await self._run(conn, "node_registered", {"node": p.node_id})).first() is None:
+                return []
+            result = await self._run(
+                conn,
+                "claim_cleanups",
+                {
+                    "types": self.bind_list(p.types),
+                    "limit": p.limit,
+                    "busy": self.bind_list(p.busy),
+                    "from_state": CLEANUP_CLAIM["from_state"],
+                },
+            )
+            ids = [r.id for r in result]
+            bound = {"node": p.node_id, **CLEANUP_CLAIM}
+            rows = await self._take(conn, "take_cleanups", ids, bound)
+        return [_rows.claimed(r) for r in sorted(rows, key=lambda r: r.id)]
+
+    @cancel_safe
+    async def checkpoint(self, params: CheckpointParams) -> set[int]:
+        """As ``SqlDriver.checkpoint``: the accepted rows are locked first, then written by one
+        ``UPDATE``; the ids returned are those locked."""
+        checkpoints = params.checkpoints
+        if not checkpoints:
+            return set()
+        rows = [(task_id, c.token, c.context) for task_id, c in checkpoints.items()]
+        bound = {
+            **self.bind_rows(("ids", "tokens", "contexts"), rows),
+            "node": params.node_id,
+            "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
+        }
+        async with self.write() as conn:
+            accepted = {r.id for r in await self._run(conn, "lock_checkpoints", bound)}
+            if accepted:
+                await self._run(conn, "checkpoint", bound)
+            return accepted
+
+    # -- no RETURNING ------------------------------------------------------------------------
+
+    def inserted_id(self, result: sa.CursorResult[Any]) -> int:
+        return int(result.lastrowid)
+
+    def found(self, result: sa.CursorResult[Any]) -> bool:
+        # The dialect counts matched rows (CLIENT_FOUND_ROWS), not changed ones.
+        return bool(result.rowcount)

@@ -1,0 +1,318 @@
+-- Every statement the MySQL driver runs, by name (read by _backends/_queries.py). One file for
+-- MySQL 8 and MariaDB 10.6 or newer.
+--
+-- {tasks}, {nodes}, {groups} and {versions} stand for the tables; {now} for the fragment of
+-- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
+-- docs/design.md §6). Parameters are bound by name (:name). A list, or a batch of rows, is
+-- bound as one JSON array and read with JSON_TABLE, so that a statement's text never depends
+-- on how many items it gets; strings read from it are utf8mb4 with the tables' binary
+-- collation.
+--
+-- Neither MySQL nor MariaDB has UPDATE … RETURNING, and MariaDB has no LATERAL: the driver
+-- (mysql/__init__.py) runs a claim, a cleanup claim and a checkpoint as a locking SELECT of
+-- the rows it will change, the UPDATE, and a SELECT of what it changed, in one transaction
+-- (docs/design.md §16). Our write transactions run under READ COMMITTED: each statement reads
+-- what committed before it began, and locking reads take no gap locks.
+--
+-- State values that a row moves between are bound parameters taken from the state table
+-- (aioasync_tasks/_states.py); the literal states below only select rows.
+
+-- name: now
+-- The database clock, in UTC whatever the session's time zone (timestamps are stored so).
+UTC_TIMESTAMP(6)
+
+-- name: schema_version
+SELECT max(version) FROM {versions}
+
+-- name: migration_lock
+-- Concurrent migrations of one database run one after the other. A lock of the session, not of
+-- the transaction: MySQL commits at every DDL statement. Waits up to :timeout seconds.
+SELECT GET_LOCK(:key, :timeout)
+
+-- name: migration_unlock
+SELECT RELEASE_LOCK(:key)
+
+-- name: record_migration
+INSERT INTO {versions} (version, applied_at) VALUES (:version, {now})
+
+-- name: insert_task
+-- The new id is the cursor's last insert id.
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at)
+VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}))
+
+-- name: insert_tasks
+-- MariaDB only (INSERT … RETURNING): many tasks in one statement with one parameter, :rows, a
+-- JSON array of rows [type, user, group, state, context, priority, max_attempts, has_cleanup,
+-- run_at], inserted in the array's order. MySQL 8 inserts them one by one (insert_task).
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at)
+SELECT v.type, v.user_name, v.group_name, v.state, NULL, v.context, v.priority, 0,
+    v.max_attempts, v.has_cleanup, false, NULL, NULL, {now}, {now},
+    COALESCE(v.run_at, {now})
+FROM JSON_TABLE(:rows, '$[*]' COLUMNS (
+    ord FOR ORDINALITY,
+    type VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
+    user_name VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
+    group_name VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[2]',
+    state VARCHAR(16) CHARACTER SET utf8mb4 PATH '$[3]',
+    context LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[4]',
+    priority INTEGER PATH '$[5]',
+    max_attempts INTEGER PATH '$[6]',
+    has_cleanup BOOL PATH '$[7]',
+    run_at DATETIME(6) PATH '$[8]')) AS v
+ORDER BY v.ord
+RETURNING id
+
+-- name: get_task
+SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
+    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at
+FROM {tasks} WHERE id = :id
+
+-- name: lock_tasks
+-- Rows about to be changed by the state rules, locked in id order (no deadlocks).
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+ORDER BY id FOR UPDATE
+
+-- name: lock_owned_tasks
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+    AND node_id = :owner
+ORDER BY id FOR UPDATE
+
+-- name: lock_tasks_of_nodes
+-- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} t
+WHERE node_id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+    OR (:orphans AND node_id IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = t.node_id))
+ORDER BY id FOR UPDATE
+
+-- name: lock_running_in_group
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
+
+-- name: update_task
+-- The state rules' decision for one locked row, written only if the row is still as it was
+-- read: same state, same claim token (compare-and-set). A negative :delay keeps run_at.
+-- (MySQL assigns left to right, each assignment seeing the ones before it: no assignment
+-- here reads a column assigned before it.)
+UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
+    attempts = :attempts, handoff = :handoff, group_name = :group,
+    context = COALESCE(:context, context), error = COALESCE(:error, error),
+    run_at = CASE WHEN :delay < 0 THEN run_at
+        ELSE {now} + INTERVAL ROUND(:delay * 1000000) MICROSECOND END,
+    done_at = CASE WHEN :done THEN {now} ELSE done_at END,
+    updated_at = {now}
+WHERE id = :id AND token = :token AND state = :expected
+
+-- name: delete_tasks
+DELETE FROM {tasks}
+WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+
+-- name: lock_group
+-- Taken in the order claims take it (group, then task).
+SELECT name FROM {groups} WHERE name = :name FOR UPDATE
+
+-- name: claim_prepare
+-- Fencing: share-lock our node row until the commit (a node declared dead claims nothing; a
+-- rescuer's FOR UPDATE SKIP LOCKED passes it by meanwhile).
+SELECT count(*) AS registered FROM {nodes} WHERE id = :node LOCK IN SHARE MODE
+
+-- name: lock_limited_groups
+-- Then the rows of the groups with limits, in name order, so that claimers that could exceed
+-- a limit run one after the other, and the claim that follows (a fresh snapshot under READ
+-- COMMITTED) counts every task the previous one took.
+SELECT name FROM {groups}
+WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL
+ORDER BY name FOR UPDATE
+
+-- name: claim
+-- The candidates of a claim: up to :pool due tasks of :types (of :groups unless :all_groups),
+-- in the policy's order (pick), skipping paused groups and never exceeding a group's limits
+-- (docs/design.md §6). The driver then locks them (lock_claims) and takes the first :limit it
+-- could lock (take_claims). No LATERAL in MariaDB: every due task of the open queues is
+-- ranked in its queue by a window function.
+WITH
+-- Every (group, user) queue with pending tasks.
+pairs AS (SELECT DISTINCT group_name, user_name FROM {tasks} WHERE state = 'pending'),
+-- What runs now, per queue and per group (all nodes).
+active AS (
+    SELECT group_name, user_name, count(*) AS n FROM {tasks}
+    WHERE state IN ('running', 'canceling') GROUP BY group_name, user_name
+),
+group_active AS (SELECT group_name, sum(n) AS n FROM active GROUP BY group_name),
+-- Queues their group lets run: not paused, below both limits.
+open_pairs AS (
+    SELECT p.group_name, p.user_name, COALESCE(a.n, 0) AS user_running,
+        g.max_running - COALESCE(ga.n, 0) AS group_room,
+        g.max_running_per_user - COALESCE(a.n, 0) AS user_room
+    FROM pairs p
+    LEFT JOIN {groups} g ON g.name = p.group_name
+    LEFT JOIN active a ON a.group_name = p.group_name AND a.user_name = p.user_name
+    LEFT JOIN group_active ga ON ga.group_name = p.group_name
+    WHERE NOT COALESCE(g.paused, false)
+        AND (:all_groups OR p.group_name IN (SELECT v FROM JSON_TABLE(:groups, '$[*]'
+            COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS gl))
+        AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))
+        AND (g.max_running_per_user IS NULL OR g.max_running_per_user > COALESCE(a.n, 0))
+),
+-- The due tasks of the open queues, ranked within their queue.
+ranked AS (
+    SELECT c.id, c.handoff, c.priority, c.run_at, c.group_name, c.user_name, op.user_running,
+        op.group_room, op.user_room,
+        row_number() OVER (PARTITION BY c.group_name, c.user_name
+            ORDER BY c.handoff DESC, c.priority DESC, c.id) AS user_rank
+    FROM open_pairs op
+    JOIN {tasks} c ON c.group_name = op.group_name AND c.user_name = op.user_name
+    WHERE c.state = 'pending' AND c.run_at <= {now}
+        AND c.type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
+            COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
+),
+candidates AS (SELECT * FROM ranked WHERE user_rank <= :pool),
+-- The limits, applied in policy order.
+allowed AS (
+    SELECT id, handoff, priority, run_at, group_name, user_name, user_running, user_rank,
+        group_room,
+        row_number() OVER (PARTITION BY group_name ORDER BY {order_by}) AS group_rank
+    FROM candidates WHERE user_room IS NULL OR user_rank <= user_room
+),
+chosen AS (
+    SELECT id, group_name, row_number() OVER (ORDER BY {order_by}) AS pick
+    FROM allowed WHERE group_room IS NULL OR group_rank <= group_room
+)
+SELECT id, group_name, pick FROM chosen WHERE pick <= :pool ORDER BY pick
+
+-- name: lock_claims
+-- The candidates still PENDING, locked; rows another claimer holds are skipped, not waited
+-- for; so are the tasks the node still runs an execution of (:busy). The driver checks each
+-- row's group against the candidate's under the lock.
+SELECT id, group_name, handoff FROM {tasks}
+WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+    AND state = :from_state
+    AND id NOT IN (SELECT v FROM JSON_TABLE(:busy, '$[*]' COLUMNS (v BIGINT PATH '$')) AS b)
+FOR UPDATE SKIP LOCKED
+
+-- name: take_claims
+-- The claim of locked rows (:ids): RUNNING, owned, an attempt and a new token.
+UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
+    token = token + 1, handoff = false, started_at = COALESCE(started_at, {now}),
+    updated_at = {now}
+WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+    AND state = :from_state
+
+-- name: claimed_rows
+-- What a claim took, read back in its transaction.
+SELECT id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
+    token
+FROM {tasks}
+WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+
+-- name: next_due
+-- Seconds until the next delayed task of :types is due (NULL: none).
+SELECT TIMESTAMPDIFF(MICROSECOND, {now}, min(run_at)) / 1000000 FROM {tasks}
+WHERE state = 'pending' AND run_at > {now}
+    AND type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
+        COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
+
+-- name: node_registered
+-- Whether the node's row still exists, kept (share lock) until the transaction commits.
+SELECT id FROM {nodes} WHERE id = :node LOCK IN SHARE MODE
+
+-- name: claim_cleanups
+-- Unowned, due DELETING tasks, to run their cleanup handler: locked here, taken by
+-- take_cleanups.
+SELECT id FROM {tasks}
+WHERE state = 'deleting' AND node_id IS NULL AND run_at <= {now}
+    AND type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
+        COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
+    AND state = :from_state
+    AND id NOT IN (SELECT v FROM JSON_TABLE(:busy, '$[*]' COLUMNS (v BIGINT PATH '$')) AS b)
+ORDER BY run_at, id LIMIT :limit
+FOR UPDATE SKIP LOCKED
+
+-- name: take_cleanups
+UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
+    token = token + 1, updated_at = {now}
+WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+    AND state = :from_state
+
+-- name: lock_checkpoints
+-- The rows whose checkpoint is accepted (:rows a JSON array of [id, token, context]): still
+-- owned by :node under the execution's claim token, in one of :states; locked, so that the
+-- checkpoint statement that follows writes exactly these.
+SELECT t.id FROM {tasks} t
+JOIN JSON_TABLE(:rows, '$[*]' COLUMNS (id BIGINT PATH '$[0]', token INTEGER PATH '$[1]'))
+    AS v ON t.id = v.id AND t.token = v.token
+WHERE t.node_id = :node
+    AND t.state IN (SELECT s FROM JSON_TABLE(:states, '$[*]'
+        COLUMNS (s VARCHAR(16) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS sl)
+ORDER BY t.id FOR UPDATE
+
+-- name: checkpoint
+-- Many contexts in one statement, each written only under its execution's claim token.
+UPDATE {tasks} t
+JOIN JSON_TABLE(:rows, '$[*]' COLUMNS (id BIGINT PATH '$[0]', token INTEGER PATH '$[1]',
+    context LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[2]'))
+    AS v ON t.id = v.id AND t.token = v.token
+SET t.context = v.context, t.updated_at = {now}
+WHERE t.node_id = :node
+    AND t.state IN (SELECT s FROM JSON_TABLE(:states, '$[*]'
+        COLUMNS (s VARCHAR(16) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS sl)
+
+-- name: register_node
+-- The new id is the cursor's last insert id.
+INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
+    node_timeout)
+VALUES (:name, :concurrency, :types, {now}, {now}, :heartbeat_interval, :node_timeout)
+
+-- name: heartbeat
+-- Matched rows (the dialect counts found rows): 0 when the node row is gone.
+UPDATE {nodes} SET heartbeat_at = {now} WHERE id = :node
+
+-- name: owned_tasks
+SELECT id, state, requested, token FROM {tasks} WHERE node_id = :node
+
+-- name: dead_nodes
+-- Other nodes whose heartbeat is older than their own node_timeout (the database's clock).
+SELECT id FROM {nodes}
+WHERE id <> :node
+    AND heartbeat_at < {now} - INTERVAL ROUND(node_timeout * 1000000) MICROSECOND
+ORDER BY id FOR UPDATE SKIP LOCKED
+
+-- name: delete_nodes
+DELETE FROM {nodes}
+WHERE id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+
+-- name: get_nodes
+SELECT id, name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
+    node_timeout
+FROM {nodes} ORDER BY id
+
+-- name: create_group
+-- An upsert: two nodes setting a new group at once both succeed, one after the other.
+INSERT INTO {groups} (name, paused, max_running, max_running_per_user, updated_at)
+VALUES (:name, false, NULL, NULL, {now})
+ON DUPLICATE KEY UPDATE name = name
+
+-- name: lock_group_settings
+SELECT paused, max_running, max_running_per_user FROM {groups} WHERE name = :name FOR UPDATE
+
+-- name: update_group
+UPDATE {groups} SET paused = :paused, max_running = :max_running,
+    max_running_per_user = :max_running_per_user, updated_at = {now}
+WHERE name = :name
+
+-- name: get_groups
+-- Every group that has tasks or settings, with its settings (NULL when unset).
+SELECT n.name, g.paused, g.max_running, g.max_running_per_user
+FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
+LEFT JOIN {groups} g ON g.name = n.name
+ORDER BY n.name
