@@ -1,5 +1,5 @@
 """Conformance: the schema and its migrations (``docs/how-to.md``, "Manage the schema:
-migrations and Alembic"), on both backends.
+migrations and Alembic"), on every backend.
 
 Migrating an empty database yields exactly ``aioasync_tasks.metadata`` — tables, columns (type
 affinity and nullability), primary keys, indexes (columns, order, partial or not), check
@@ -33,9 +33,9 @@ def _affinity(type_: sa.types.TypeEngine[Any], dialect: sa.engine.Dialect) -> st
     """What kind of value a column holds, from its DDL type name (SQLite's affinity rules,
     with timestamps and booleans kept apart)."""
     ddl = type_.compile(dialect=dialect).upper()
-    if "TIMESTAMP" in ddl:
+    if "TIMESTAMP" in ddl or "DATETIME" in ddl:
         return "timestamp"
-    if "BOOL" in ddl:
+    if "BOOL" in ddl or ddl == "TINYINT(1)":  # MySQL's BOOL is TINYINT(1)
         return "boolean"
     if "INT" in ddl:
         return "integer"
@@ -62,7 +62,8 @@ def _declared(dialect: sa.engine.Dialect) -> dict[str, Any]:
                     assert isinstance(expression, sa.Column), expression
                     column = expression
                 columns.append(column.name)
-            partial = index.dialect_options[dialect.name]["where"] is not None
+            # MySQL has no partial indexes (no "where" option): its indexes cover every row.
+            partial = index.dialect_options[dialect.name].get("where") is not None
             indexes[index.name] = (columns, sorted(descending), partial, bool(index.unique))
         shape[table.name] = {
             "columns": {
@@ -89,6 +90,13 @@ def _reflected(sync: Connection, schema: str | None) -> dict[str, Any]:
             if dialect.name == "sqlite":  # the inspector does not report DESC there
                 info = sync.exec_driver_sql(f'PRAGMA index_xinfo("{index["name"]}")')
                 descending = sorted(row[2] for row in info if row[5] and row[3])
+            elif dialect.name in ("mysql", "mariadb"):  # nor there: SHOW INDEX has it
+                info = sync.exec_driver_sql(f"SHOW INDEX FROM {name}").mappings()
+                descending = sorted(
+                    r["Column_name"]
+                    for r in info
+                    if r["Key_name"] == index["name"] and r["Collation"] == "D"
+                )
             else:
                 sorting = index.get("column_sorting", {})
                 descending = sorted(c for c, how in sorting.items() if "desc" in how)
