@@ -447,7 +447,7 @@ async def test_plain_identifier_schemas_are_accepted(schema: str) -> None:
         "sqlite+aiosqlite:///:memory:",
         "sqlite+aiosqlite://",
         "sqlite://",
-        "mysql+aiomysql://user@localhost/db",
+        "mysql+asyncmy://user@localhost/db",  # MySQL, with a driver the library does not use
         "postgresql+psycopg2://postgres@localhost/test",
         "oracle://scott@localhost/xe",
         "not a url",

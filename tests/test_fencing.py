@@ -111,6 +111,8 @@ async def make_stale(db: DbTarget, engine: AsyncEngine, node_id: int) -> None:
     """Move a node's last heartbeat a day into the past (epoch seconds on SQLite)."""
     if db.is_postgres:
         sql = "UPDATE aioasync_nodes SET heartbeat_at = heartbeat_at - interval '1 day'"
+    elif db.backend == "mysql":
+        sql = "UPDATE aioasync_nodes SET heartbeat_at = heartbeat_at - INTERVAL 1 DAY"
     else:
         sql = "UPDATE aioasync_nodes SET heartbeat_at = heartbeat_at - 86400.0"
     async with engine.begin() as conn:

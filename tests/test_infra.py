@@ -26,12 +26,17 @@ async def _check(db: DbTarget) -> None:
                 assert current.scalar_one() == db.schema
             else:
                 assert db.schema is None
+            if db.backend == "mysql":  # a fresh database of utf8mb4 on a utf8mb4 connection
+                found = await conn.execute(
+                    text("SELECT @@character_set_database, @@character_set_connection")
+                )
+                assert tuple(found.one()) == ("utf8mb4", "utf8mb4")
     finally:
         await engine.dispose()
 
 
 async def test_db_fixture_connects(db: DbTarget) -> None:
-    assert db.backend in {"sqlite", "postgres"}
+    assert db.backend in {"sqlite", "postgres", "mysql"}
     await _check(db)
 
 

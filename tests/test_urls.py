@@ -214,6 +214,14 @@ async def test_a_failing_statement_says_which_and_where(db: DbTarget) -> None:
         url = make_url(db.url)
         where = f"PostgreSQL at {url.host}:{url.port or 5432}/{url.database}"
         assert message.startswith(f"SELECT failed on {where}: UndefinedTableError: ")
+    elif db.backend == "mysql":
+        url = make_url(db.url)
+        where = f"MySQL at {url.host}:{url.port or 3306}/{url.database}"
+        table = f"{url.database}.aioasync_tasks"
+        assert message == (
+            f"SELECT failed on {where}: ProgrammingError: "
+            f"(1146, \"Table '{table}' doesn't exist\")"
+        )
     else:
         where = f"SQLite at {make_url(db.url).database}"
         assert (
