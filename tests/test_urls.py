@@ -219,8 +219,7 @@ async def test_a_failing_statement_says_which_and_where(db: DbTarget) -> None:
         where = f"MySQL at {url.host}:{url.port or 3306}/{url.database}"
         table = f"{url.database}.aioasync_tasks"
         assert message == (
-            f"SELECT failed on {where}: ProgrammingError: "
-            f"(1146, \"Table '{table}' doesn't exist\")"
+            f"SELECT failed on {where}: ProgrammingError: (1146, \"Table '{table}' doesn't exist\")"
         )
     else:
         where = f"SQLite at {make_url(db.url).database}"
