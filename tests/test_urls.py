@@ -5,23 +5,27 @@ managed services hand them out) are translated for asyncpg and actually connect;
 is refused before any I/O. A database that cannot be reached gives a ``DatabaseError`` whose
 message names the place (host, port, database — never the password) and the driver's error, and
 is never empty (a connect timeout used to give ``DatabaseError('')``). A failing statement says
-which statement kind failed where.
+which statement kind failed where. MySQL and MariaDB URLs get aiomysql and utf8mb4.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import re
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _db import DbTarget, free_port
+from _db import DbTarget, MysqlServer, free_port
 from _helpers import make_node, raw_engine, wait_for
 from sqlalchemy import make_url
 
 from aioasync_tasks import ConfigurationError, DatabaseError, Node, Report, TaskRegistry
+from aioasync_tasks._urls import engine_from_url
 
 SESSION_SQL = (
     "SELECT current_setting('application_name'), coalesce((SELECT ssl FROM pg_stat_ssl"
@@ -226,3 +230,56 @@ async def test_a_failing_statement_says_which_and_where(db: DbTarget) -> None:
         assert (
             message == f"SELECT failed on {where}: OperationalError: no such table: aioasync_tasks"
         )
+
+
+# -- MySQL and MariaDB ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "dialect"),
+    [
+        ("mysql://u@db.example/tasks", "mysql"),
+        ("mysql+aiomysql://u@db.example/tasks", "mysql"),
+        ("mariadb://u@db.example/tasks", "mariadb"),
+        ("mariadb+aiomysql://u@db.example/tasks", "mariadb"),
+    ],
+)
+async def test_mysql_urls_get_aiomysql(url: str, dialect: str) -> None:
+    engine = engine_from_url(url)
+    try:
+        assert (engine.dialect.name, engine.dialect.driver) == (dialect, "aiomysql")
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("charset=latin1", "charset='latin1': use one of utf8mb4"),
+        ("sslmode=require", "unsupported MySQL URL parameter 'sslmode'"),
+    ],
+)
+def test_mysql_url_parameters_are_checked(query: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        engine_from_url(f"mysql://u@db.example/tasks?{query}")
+
+
+def test_mysql_without_the_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "aiomysql" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ConfigurationError, match=re.escape("pip install 'aioasync-tasks[mysql]'")):
+        engine_from_url("mysql://u@db.example/tasks")
+
+
+async def test_a_bare_mysql_url_talks_utf8mb4(mysql_server: MysqlServer) -> None:
+    engine = engine_from_url(f"{mysql_server.url}/mysql")
+    try:
+        async with engine.connect() as conn:
+            found = await conn.execute(sa.text("SELECT @@character_set_connection, '\U0001f600'"))
+            assert tuple(found.one()) == ("utf8mb4", "\U0001f600")
+    finally:
+        await engine.dispose()
