@@ -91,10 +91,10 @@ def _reflected(sync: Connection, schema: str | None) -> dict[str, Any]:
                 info = sync.exec_driver_sql(f'PRAGMA index_xinfo("{index["name"]}")')
                 descending = sorted(row[2] for row in info if row[5] and row[3])
             elif dialect.name in ("mysql", "mariadb"):  # nor there: SHOW INDEX has it
-                info = sync.exec_driver_sql(f"SHOW INDEX FROM {name}").mappings()
+                shown = sync.exec_driver_sql(f"SHOW INDEX FROM {name}").mappings()
                 descending = sorted(
                     r["Column_name"]
-                    for r in info
+                    for r in shown
                     if r["Key_name"] == index["name"] and r["Collation"] == "D"
                 )
             else:
