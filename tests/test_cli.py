@@ -113,7 +113,7 @@ async def test_migrate(db: DbTarget) -> None:
 
 
 async def test_missing_schema_is_one_line(db: DbTarget) -> None:
-    if not db.is_postgres:  # a SQLite file that exists, without the tables
+    if db.backend == "sqlite":  # a SQLite file that exists, without the tables
         await asyncio.to_thread(Path(db.url.removeprefix("sqlite+aiosqlite:///")).touch)
     result = await cli("tasks", "list", db=db)
     assert result.code == 1
@@ -183,7 +183,7 @@ async def test_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
 async def test_migrate_sql_makes_a_schema_nodes_accept(db: DbTarget, tmp_path: Path) -> None:
     script = expect_ok(await cli("migrate", "--sql", db=db, cwd=tmp_path))
     assert os.listdir(tmp_path) == []  # it connected to nothing
-    dialect = "postgresql" if db.is_postgres else "sqlite"
+    dialect = {"postgres": "postgresql", "sqlite": "sqlite", "mysql": "mysql"}[db.backend]
     assert f"the migrations after schema version 0 for {dialect}" in script
     assert "-- migration 1\n" in script
     assert f"VALUES ({SCHEMA_VERSION}, " in script
@@ -215,7 +215,11 @@ async def test_migrate_sql_needs_only_the_dialect_of_the_url(tmp_path: Path) -> 
     refused = await cli("--schema", "billing", "migrate", "--sql", cwd=tmp_path)
     assert refused.code == 1
     assert "--schema is for PostgreSQL" in refused.error_line
-    bad = await cli("--db", "mysql://x@h/db", "migrate", "--sql")
+    mysql = expect_ok(await cli("--db", "mariadb://x@h/db", "migrate", "--sql"))
+    assert "-- migration 1\n" in mysql
+    assert "ENGINE=InnoDB" in mysql
+    assert "VALUES (2, UTC_TIMESTAMP(6));" in mysql
+    bad = await cli("--db", "oracle://x@h/db", "migrate", "--sql")
     assert "unsupported database URL scheme" in bad.error_line
 
 

@@ -311,6 +311,23 @@ async def _pg_write_now(raw: AsyncEngine, app: str) -> None:
         await conn.execute(text("LOCK TABLE aioasync_groups IN EXCLUSIVE MODE"))
 
 
+async def _mysql_write_now(raw: AsyncEngine) -> None:
+    """The same on MySQL: no session on the test database sits in a transaction, and another
+    connection can lock every task and group row at once."""
+    async with raw.begin() as conn:
+        result = await conn.execute(
+            text(
+                "SELECT count(*) FROM information_schema.innodb_trx t"
+                " JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id"
+                " WHERE p.db = DATABASE() AND p.id <> CONNECTION_ID() AND p.command = 'Sleep'"
+            )
+        )
+        assert result.scalar() == 0, "a cancelled caller left a connection idle in transaction"
+        await conn.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+        await conn.execute(text("UPDATE aioasync_tasks SET priority = priority"))
+        await conn.execute(text("SELECT name FROM aioasync_groups FOR UPDATE"))
+
+
 @pytest.mark.slow
 async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
     db: DbTarget, raw: AsyncEngine
@@ -342,7 +359,7 @@ async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
     await node.start()
     path = db.url.removeprefix("sqlite+aiosqlite:///")
     try:
-        if not db.is_postgres:
+        if db.backend == "sqlite":
             async with raw.begin() as conn:
                 await conn.execute(text("CREATE TABLE probe (at REAL NOT NULL)"))
         ids = [await node.create_task("noop", auto_run=False) for _ in range(20)]
@@ -381,6 +398,8 @@ async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
             assert engine.pool.checkedout() == 0, f"call {i} left a connection checked out"
             if db.is_postgres:
                 await _pg_write_now(raw, app)
+            elif db.backend == "mysql":
+                await _mysql_write_now(raw)
             else:
                 await asyncio.to_thread(_sqlite_write_now, path)
                 if i % 50 == 49:
@@ -394,7 +413,7 @@ async def test_cancelled_callers_leave_no_lock_and_no_open_transaction(
         async with asyncio.timeout(BOUND):
             await node.stop()
             await engine.dispose()
-    if not db.is_postgres:
+    if db.backend == "sqlite":
         await _sqlite_write_from_another_process(path)
 
 

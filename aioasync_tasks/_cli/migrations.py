@@ -17,6 +17,8 @@ from .._validation import check_schema
 NOW = {
     "postgresql": "now()",
     "sqlite": "(julianday('now') - 2440587.5) * 86400.0",  # epoch seconds, as the library stores
+    "mysql": "UTC_TIMESTAMP(6)",
+    "mariadb": "UTC_TIMESTAMP(6)",
 }
 """The database clock in each dialect, in the form the library stores its times."""
 
@@ -35,8 +37,12 @@ def migration_script(url: str, schema: str | None, *, since: int = 0) -> str:
     rows that record their versions; on PostgreSQL, in ``schema`` if given."""
     dialect = dialect_of(url)
     if schema is not None and dialect != "postgresql":
-        raise ConfigurationError("--schema is for PostgreSQL; SQLite keeps the tables in its file")
-    migrations = [(v, sql) for v, sql in migration_files(dialect) if v > since]
+        raise ConfigurationError(
+            "--schema is for PostgreSQL; SQLite keeps the tables in its file, MySQL in the "
+            "URL's database"
+        )
+    folder = "mysql" if dialect == "mariadb" else dialect
+    migrations = [(v, sql) for v, sql in migration_files(folder) if v > since]
     lines = [
         f"-- aioasync_tasks: the migrations after schema version {since} for {dialect}, "
         f"up to version {SCHEMA_VERSION}",
