@@ -211,31 +211,22 @@ def _pg_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, An
     return args
 
 
-def _sqlite_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, Any]:
+def _passed_args(
+    database: str,
+    query: Mapping[str, str | tuple[str, ...]],
+    passed: Mapping[str, Callable[[str, str], Any]],
+) -> dict[str, Any]:
+    """The URL's parameters as the driver's connect arguments, each one of ``passed``."""
     args: dict[str, Any] = {}
     for name, value in query.items():
-        if name not in _SQLITE_PASSED:
+        if name not in passed:
             raise ConfigurationError(
-                f"unsupported SQLite URL parameter {name!r}; accepted: "
-                f"{_accepted(sorted(_SQLITE_PASSED))}"
+                f"unsupported {database} URL parameter {name!r}; accepted: "
+                f"{_accepted(sorted(passed))}"
             )
         if not isinstance(value, str):
             raise ConfigurationError(f"database URL parameter {name!r} is given more than once")
-        args[name] = _SQLITE_PASSED[name](name, value)
-    return args
-
-
-def _mysql_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, Any]:
-    args: dict[str, Any] = {"charset": MYSQL_CHARSET}
-    for name, value in query.items():
-        if name not in _MYSQL_PASSED:
-            raise ConfigurationError(
-                f"unsupported MySQL URL parameter {name!r}; accepted: "
-                f"{_accepted(sorted(_MYSQL_PASSED))}"
-            )
-        if not isinstance(value, str):
-            raise ConfigurationError(f"database URL parameter {name!r} is given more than once")
-        args[name] = _MYSQL_PASSED[name](name, value)
+        args[name] = passed[name](name, value)
     return args
 
 
@@ -269,11 +260,14 @@ def engine_from_url(url: str) -> AsyncEngine:
                 "SQLite needs a file (sqlite+aiosqlite:///path/to/tasks.db): an in-memory "
                 "database cannot be shared between connections or nodes"
             )
-        connect_args = _sqlite_connect_args(parsed.query)
+        connect_args = _passed_args("SQLite", parsed.query, _SQLITE_PASSED)
         parsed = parsed.set(query={})
     elif driver in _MYSQL_DRIVERS:
         _require_mysql_driver()
-        connect_args = _mysql_connect_args(parsed.query)
+        connect_args = {
+            "charset": MYSQL_CHARSET,
+            **_passed_args("MySQL", parsed.query, _MYSQL_PASSED),
+        }
         parsed = parsed.set(query={})
     else:
         connect_args = _pg_connect_args(parsed.query)

@@ -519,17 +519,19 @@ class SqlDriver:
         """Store checkpoints of executions on ``node_id``; returns the ids whose write was
         accepted: rows still owned by ``node_id`` under the execution's claim token, running,
         canceling, or deleting for a cleanup handler. One statement per batch."""
-        checkpoints = params.checkpoints
-        if not checkpoints:
+        if not params.checkpoints:
             return set()
-        rows = [(task_id, c.token, c.context) for task_id, c in checkpoints.items()]
-        bound = {
+        async with self.write() as conn:
+            result = await self._run(conn, "checkpoint", self._checkpoint_params(params))
+            return {row.id for row in result}
+
+    def _checkpoint_params(self, params: CheckpointParams) -> dict[str, Any]:
+        rows = [(task_id, c.token, c.context) for task_id, c in params.checkpoints.items()]
+        return {
             **self.bind_rows(("ids", "tokens", "contexts"), rows),
             "node": params.node_id,
             "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
         }
-        async with self.write() as conn:
-            return {row.id for row in await self._run(conn, "checkpoint", bound)}
 
     @cancel_safe
     async def complete(self, params: CompleteParams) -> set[int]:

@@ -36,7 +36,6 @@ from .._driver import (
 )
 from .._migrations import migration_files, refuse_newer, split_sql
 from .._sqldriver import (
-    CHECKPOINT_STATES,
     CLAIM,
     CLEANUP_CLAIM,
     SqlDriver,
@@ -245,15 +244,9 @@ class MysqlDriver(SqlDriver):
     async def checkpoint(self, params: CheckpointParams) -> set[int]:
         """As ``SqlDriver.checkpoint``: the accepted rows are locked first, then written by one
         ``UPDATE``; the ids returned are those locked."""
-        checkpoints = params.checkpoints
-        if not checkpoints:
+        if not params.checkpoints:
             return set()
-        rows = [(task_id, c.token, c.context) for task_id, c in checkpoints.items()]
-        bound = {
-            **self.bind_rows(("ids", "tokens", "contexts"), rows),
-            "node": params.node_id,
-            "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
-        }
+        bound = self._checkpoint_params(params)
         async with self.write() as conn:
             accepted = {r.id for r in await self._run(conn, "lock_checkpoints", bound)}
             if accepted:
