@@ -31,6 +31,9 @@ TASK_FIELDS = (
     "started_at",
     "done_at",
     "run_at",
+    "unique_key",
+    "progress",
+    "message",
 )
 """The columns ``task`` reads."""
 
@@ -54,6 +57,9 @@ def task(row: Any) -> Task:
         started_at=None if row.started_at is None else time_from_db(row.started_at),
         done_at=None if row.done_at is None else time_from_db(row.done_at),
         run_at=time_from_db(row.run_at),
+        unique_key=row.unique_key,
+        progress=None if row.progress is None else float(row.progress),
+        message=row.message,
     )
 
 

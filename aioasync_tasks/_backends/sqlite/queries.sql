@@ -50,7 +50,8 @@ RETURNING id
 
 -- name: get_task
 SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
-    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at
+    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at,
+    unique_key, progress, message
 FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
