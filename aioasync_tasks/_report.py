@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from ._errors import ConfigurationError
-from ._validation import check_text
+from ._validation import check_message, check_progress, check_text
 
 
 class Phase(enum.StrEnum):
@@ -28,12 +28,16 @@ class Report:
     surrogate cannot be stored and is refused here, so the task that yields it fails alone with
     a clear error. ``delete`` (terminal phases only) removes the task's row instead of keeping it
     FINISHED or FAILED. ``error`` is the failure text: any ``str``, made storable when stored.
+    ``progress`` (a fraction from 0 to 1) and ``message`` (at most 1,000 characters) are stored
+    with the checkpoint, in the same write; None keeps the stored value (docs/design.md §2.6).
     """
 
     context: str | None = None
     phase: Phase = Phase.NORMAL
     delete: bool = False
     error: str | None = None
+    progress: float | None = None
+    message: str | None = None
 
     def __post_init__(self) -> None:
         if self.context is not None:
@@ -46,18 +50,53 @@ class Report:
             raise ConfigurationError("error is only meaningful on a failed report")
         if self.error is not None and not isinstance(self.error, str):
             raise ConfigurationError(f"Report error must be a str, not {type(self.error).__name__}")
+        if self.progress is not None:
+            object.__setattr__(self, "progress", check_progress(self.progress))
+        if self.message is not None:
+            check_message(self.message)
 
     @classmethod
-    def finished(cls, context: str | None = None, *, delete: bool = False) -> Report:
+    def finished(
+        cls,
+        context: str | None = None,
+        *,
+        delete: bool = False,
+        progress: float | None = None,
+        message: str | None = None,
+    ) -> Report:
         """The task is done; ``delete=True`` removes its record."""
-        return cls(context=context, phase=Phase.FINISHED, delete=delete)
+        return cls(
+            context=context,
+            phase=Phase.FINISHED,
+            delete=delete,
+            progress=progress,
+            message=message,
+        )
 
     @classmethod
     def failed(
-        cls, error: str = "failed", *, context: str | None = None, delete: bool = False
+        cls,
+        error: str = "failed",
+        *,
+        context: str | None = None,
+        delete: bool = False,
+        progress: float | None = None,
+        message: str | None = None,
     ) -> Report:
         """The task failed with ``error``; it is retried while attempts are left."""
-        return cls(context=context, phase=Phase.FAILED, delete=delete, error=error)
+        return cls(
+            context=context,
+            phase=Phase.FAILED,
+            delete=delete,
+            error=error,
+            progress=progress,
+            message=message,
+        )
+
+    @property
+    def stores(self) -> bool:
+        """Whether a checkpoint has anything to store (context, progress or message)."""
+        return self.context is not None or self.progress is not None or self.message is not None
 
     @property
     def terminal(self) -> bool:

@@ -20,7 +20,8 @@ import random
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ._backends._driver import Claimed, Completion
 from ._committer import Committer
@@ -50,6 +51,11 @@ class Backoff:
     def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
         ceiling = min(self.cap, self.base * 2 ** max(attempt - 1, 0))
         return float(ceiling * rng())
+
+
+def _progress_of(report: Report) -> dict[str, Any]:
+    """The progress and message a final report stores with its completion."""
+    return {"progress": report.progress, "message": report.message}
 
 
 class Execution:
@@ -200,10 +206,15 @@ class Execution:
             self._check_size(report.context)
             if report.terminal:
                 return report
-            if report.context is not None:
+            if report.stores:
                 try:
                     accepted = await self._committer.checkpoint(
-                        self.node_id, self.claimed.id, self.token, report.context
+                        self.node_id,
+                        self.claimed.id,
+                        self.token,
+                        report.context,
+                        progress=report.progress,
+                        message=report.message,
                     )
                 except DatabaseError as exc:  # the database refused this value: fail the task
                     raise DatabaseError(f"the checkpoint could not be stored: {exc}") from exc
@@ -244,10 +255,10 @@ class Execution:
         timed_out = self.reason is StopReason.TIMEOUT
         if final is not None and final.phase is Phase.FINISHED:
             event = Event.DISCARD if final.delete else Event.FINISHED
-            return self._finish(event, final.context, None)
+            return replace(self._finish(event, final.context, None), **_progress_of(final))
         if final is not None:  # Phase.FAILED
             event = Event.DISCARD if final.delete else Event.FAILED
-            return self._finish(event, final.context, final.error)
+            return replace(self._finish(event, final.context, final.error), **_progress_of(final))
         if error is not None:
             return self._finish(Event.FAILED, None, error)
         if timed_out:

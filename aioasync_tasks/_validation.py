@@ -36,6 +36,8 @@ SCHEMA_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 """A PostgreSQL schema name: a plain identifier of at most 63 characters (NAMEDATALEN - 1)."""
 MAX_ERROR_LENGTH = 65_536
 """The longest stored error text, in characters (``clean_error_text``)."""
+MAX_MESSAGE_LENGTH = 1_000
+"""The longest progress message of a ``Report``, in characters."""
 
 
 def check_int(
@@ -119,6 +121,24 @@ def check_context(context: object, max_bytes: int) -> str:
             f"context is {size} bytes, more than max_context_bytes={max_bytes}"
         )
     return context
+
+
+def check_progress(progress: object) -> float:
+    """A task's progress: a finite number from 0 to 1 (a fraction, not a percentage)."""
+    if (
+        isinstance(progress, bool)
+        or not isinstance(progress, int | float)
+        or not math.isfinite(progress)
+    ):
+        raise ConfigurationError(f"progress must be a number from 0 to 1, not {progress!r}")
+    if not 0 <= progress <= 1:
+        raise ConfigurationError(f"progress must be from 0 to 1 (a fraction), not {progress}")
+    return float(progress)
+
+
+def check_message(message: object) -> str:
+    """A progress message: storable text of at most ``MAX_MESSAGE_LENGTH`` characters."""
+    return check_text("message", message, allow_empty=True, max_length=MAX_MESSAGE_LENGTH)
 
 
 def check_schema(schema: object) -> str:

@@ -84,14 +84,32 @@ class Completion:
     error: str | None = None
     delay: float = 0.0
     """Back-off in seconds, used when the outcome is a retry."""
+    progress: float | None = None
+    message: str | None = None
+    """The progress and message of the final report (None: keep the stored ones)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A context to store for the execution that holds ``token``."""
+    """What to store for the execution that holds ``token``: a context, a progress, a message
+    (each None: keep the stored one), in one write (docs/design.md §2.6)."""
 
     token: int
-    context: str
+    context: str | None
+    progress: float | None = None
+    message: str | None = None
+
+    def then(self, newer: Checkpoint) -> Checkpoint:
+        """This checkpoint followed by ``newer``, as one write: what ``newer`` leaves out is
+        kept from this one if both are of the same execution (the same token)."""
+        if newer.token != self.token:
+            return newer
+        return Checkpoint(
+            newer.token,
+            self.context if newer.context is None else newer.context,
+            self.progress if newer.progress is None else newer.progress,
+            self.message if newer.message is None else newer.message,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,9 @@ A file is a list of blocks, each opened by a ``-- name: <name>`` line; the comme
 after it document the query, and the rest of the block, up to the next ``-- name:``, is its
 SQL. In the SQL, ``{tasks}``, ``{nodes}``, ``{groups}``, ``{task_types}`` and ``{versions}``
 stand for the tables (qualified by the schema, where the database has schemas), ``{<name>}``
-for another block of the same file (a fragment, such as SQLite's clock), and ``{order_by}`` for the scheduling policy's
-``ORDER BY`` — the only part filled in when the statement is used. Nothing else is assembled:
-each statement reads top to bottom in its file.
+for another block of the same file (a fragment, such as SQLite's clock), and ``{order_by}``
+for the scheduling policy's ``ORDER BY`` — the only part filled in when the statement is used.
+Nothing else is assembled: each statement reads top to bottom in its file.
 """
 
 from __future__ import annotations

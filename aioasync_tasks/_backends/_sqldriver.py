@@ -94,6 +94,8 @@ class _Write:
     context: str | None = None
     error: str | None = None
     delay: float = 0.0
+    progress: float | None = None
+    message: str | None = None
     group: str | None = None
     handoff: bool = False
     """Handed back by a graceful shutdown: claimed first by the next node."""
@@ -385,6 +387,8 @@ class SqlDriver:
                     "group": w.group if w.group is not None else w.row.group,
                     "context": w.context,
                     "error": w.error,
+                    "progress": w.progress,
+                    "message": w.message,
                     "delay": delay,
                     "done": o.state in (State.FINISHED, State.FAILED),
                     "token": w.row.token,
@@ -514,14 +518,17 @@ class SqlDriver:
 
     @cancel_safe
     async def checkpoint(self, node_id: int, contexts: Mapping[int, Checkpoint]) -> set[int]:
-        """Store checkpoints of executions on ``node_id``; returns the ids whose write was
-        accepted: rows still owned by ``node_id`` under the execution's claim token, running,
-        canceling, or deleting for a cleanup handler. One statement per batch."""
+        """Store checkpoints (context, progress, message) of executions on ``node_id``; returns
+        the ids whose write was accepted: rows still owned by ``node_id`` under the execution's
+        claim token, running, canceling, or deleting for a cleanup handler. One statement per
+        batch."""
         if not contexts:
             return set()
-        rows = [(task_id, c.token, c.context) for task_id, c in contexts.items()]
+        rows = [
+            (task_id, c.token, c.context, c.progress, c.message) for task_id, c in contexts.items()
+        ]
         params = {
-            **self.bind_rows(("ids", "tokens", "contexts"), rows),
+            **self.bind_rows(("ids", "tokens", "contexts", "progress", "messages"), rows),
             "node": node_id,
             "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
         }
@@ -571,6 +578,8 @@ class SqlDriver:
                         context=c.context,
                         error=_lost_error(row, outcome) if lost else c.error,
                         delay=c.delay,
+                        progress=c.progress,
+                        message=c.message,
                         handoff=back.handoff,
                         refund=back.refund,
                     )

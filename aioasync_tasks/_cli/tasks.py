@@ -11,7 +11,17 @@ from .._errors import TaskNotFound
 from .._models import State, Task
 from .._node import MAX_PAGE_SIZE, Node
 from .client import Settings, with_client
-from .output import emit, fields, json_option, local_time, shorten, table, task_state, text
+from .output import (
+    emit,
+    fields,
+    json_option,
+    local_time,
+    percent,
+    shorten,
+    table,
+    task_state,
+    text,
+)
 
 
 @click.group()
@@ -26,7 +36,18 @@ def _positive_id(ctx: click.Context, param: click.Parameter, value: int) -> int:
 
 
 _TASK_ID = click.argument("task_id", metavar="ID", type=int, callback=_positive_id)
-_HEADERS = ["ID", "TYPE", "USER", "GROUP", "STATE", "ATTEMPTS", "NODE", "UPDATED", "CONTEXT"]
+_HEADERS = [
+    "ID",
+    "TYPE",
+    "USER",
+    "GROUP",
+    "STATE",
+    "PROGRESS",
+    "ATTEMPTS",
+    "NODE",
+    "UPDATED",
+    "CONTEXT",
+]
 
 
 def _row(task: Task) -> list[str]:
@@ -36,6 +57,7 @@ def _row(task: Task) -> list[str]:
         task.user or "-",
         task.group,
         task_state(task),
+        percent(task.progress),
         f"{task.attempts}/{task.max_attempts}",
         text(task.node),
         local_time(task.updated_at),
@@ -116,7 +138,8 @@ def show_task(settings: Settings, task_id: int, as_json: bool) -> None:
     width = max(len(name) for name in task) + 1
     lines = []
     for name, value in task.items():
-        first, *rest = text(value).splitlines() or [""]
+        shown = percent(value) if name == "progress" else text(value)
+        first, *rest = shown.splitlines() or [""]
         lines.append(f"{name + ':':<{width}} {first}".rstrip())
         lines.extend(f"{'':<{width}} {line}".rstrip() for line in rest)
     emit(as_json, task, "\n".join(lines))

@@ -88,6 +88,8 @@ FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
 UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
     attempts = :attempts, handoff = :handoff, group_name = :group,
     context = COALESCE(:context, context), error = COALESCE(:error, error),
+    progress = COALESCE(CAST(:progress AS double precision), progress),
+    message = COALESCE(:message, message),
     run_at = CASE WHEN CAST(:delay AS double precision) < 0 THEN run_at
         ELSE now() + make_interval(secs => CAST(:delay AS double precision)) END,
     done_at = CASE WHEN :done THEN now() ELSE done_at END,
@@ -228,10 +230,14 @@ RETURNING id, type, user_name, group_name, context, attempts, max_attempts, hand
     token
 
 -- name: checkpoint
--- Many contexts in one statement, each written only under its execution's claim token.
-UPDATE {tasks} t SET context = v.context, updated_at = now()
-FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]))
-    AS v(id, token, context)
+-- Many checkpoints in one statement, each written only under its execution's claim token: a
+-- context, a progress and a message, each NULL to keep the stored one (docs/design.md §2.6).
+UPDATE {tasks} t SET context = COALESCE(v.context, t.context),
+    progress = COALESCE(v.progress, t.progress), message = COALESCE(v.message, t.message),
+    updated_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]),
+    CAST(:progress AS double precision[]), CAST(:messages AS text[]))
+    AS v(id, token, context, progress, message)
 WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = ANY(:states)
 RETURNING t.id
 

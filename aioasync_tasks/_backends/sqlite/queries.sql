@@ -82,6 +82,7 @@ FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id
 UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
     attempts = :attempts, handoff = :handoff, group_name = :group,
     context = COALESCE(:context, context), error = COALESCE(:error, error),
+    progress = COALESCE(:progress, progress), message = COALESCE(:message, message),
     run_at = CASE WHEN :delay < 0 THEN run_at ELSE {now} + :delay END,
     done_at = CASE WHEN :done THEN {now} ELSE done_at END,
     updated_at = {now}
@@ -214,13 +215,16 @@ RETURNING id, type, user_name, group_name, context, attempts, max_attempts, hand
     token
 
 -- name: checkpoint
--- Many contexts in one statement, :rows a JSON array of [id, token, context], each written
--- only under its execution's claim token.
-WITH v(id, token, context) AS (
+-- Many checkpoints in one statement, :rows a JSON array of [id, token, context, progress,
+-- message], each written only under its execution's claim token; a null keeps the stored
+-- value (docs/design.md §2.6).
+WITH v(id, token, context, progress, message) AS (
     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-        json_extract(value, '$[2]')
+        json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]')
     FROM json_each(:rows))
-UPDATE {tasks} SET context = v.context, updated_at = {now} FROM v
+UPDATE {tasks} SET context = COALESCE(v.context, {tasks}.context),
+    progress = COALESCE(v.progress, {tasks}.progress),
+    message = COALESCE(v.message, {tasks}.message), updated_at = {now} FROM v
 WHERE {tasks}.id = v.id AND {tasks}.token = v.token AND node_id = :node
     AND state IN (SELECT value FROM json_each(:states))
 RETURNING {tasks}.id
