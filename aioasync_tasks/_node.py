@@ -30,11 +30,13 @@ from ._task import _current_node
 from ._urls import engine_from_url
 from ._validation import (
     INT64_MAX,
+    OnConflict,
     check_context,
     check_group,
     check_groups,
     check_int,
     check_name,
+    check_on_conflict,
     check_policy,
     check_schema,
     check_seconds,
@@ -42,6 +44,7 @@ from ._validation import (
     check_task_id,
     check_type_name,
     check_types,
+    check_unique_key,
     check_user,
 )
 from ._worker import Worker, WorkerConfig
@@ -61,6 +64,8 @@ class TaskOptions(TypedDict, total=False):
     priority: int
     run_at: datetime | None
     max_attempts: int | None
+    unique_key: str | None
+    on_conflict: OnConflict
 
 
 _OPTION_KEYS = TaskOptions.__optional_keys__
@@ -355,6 +360,12 @@ class Node:
             raise ConfigurationError("auto_run must be a bool")
         if run_at is not None and (not isinstance(run_at, datetime) or run_at.utcoffset() is None):
             raise ConfigurationError("run_at must be a timezone-aware datetime (or None)")
+        unique_key = options.get("unique_key")
+        if unique_key is not None:
+            unique_key = check_unique_key(unique_key)
+        elif options.get("on_conflict") is not None:
+            raise ConfigurationError("on_conflict needs a unique_key")
+        on_conflict = check_on_conflict(options.get("on_conflict", "error"))
         attempts = (
             task_type.max_attempts
             if max_attempts is None
@@ -370,6 +381,8 @@ class Node:
             has_cleanup=task_type.has_cleanup,
             state=State.PENDING if auto_run else State.INIT,
             run_at=run_at,
+            unique_key=unique_key,
+            on_conflict=on_conflict,
         )
 
     async def create_task(
@@ -383,7 +396,15 @@ class Node:
     ) -> int:
         """Create a task; returns its id. ``options``: ``user`` (""), ``group`` ("default"),
         ``auto_run`` (True; False leaves it INIT until ``run_task``), ``priority`` (0),
-        ``run_at`` (None: now), ``max_attempts`` (None: the task type's).
+        ``run_at`` (None: now), ``max_attempts`` (None: the task type's), ``unique_key``
+        (None) and ``on_conflict`` ("error").
+
+        With a ``unique_key``, at most one live task (INIT, PENDING, RUNNING, CANCELING,
+        PAUSED) of the type holds it. When one does already, ``on_conflict`` says what happens:
+        ``"error"`` raises ``DuplicateTask``; ``"skip"`` creates nothing and returns that task's
+        id; ``"replace"`` gives that task this one's context and options (it keeps its id and
+        state, and starts afresh) and returns its id — or raises ``DuplicateTask`` if it is
+        running (docs/how-to.md, "Create unique tasks").
 
         With ``connection=`` or ``session=`` the task is inserted in the caller's transaction
         and exists only if that transaction commits (transactional outbox).
@@ -403,7 +424,9 @@ class Node:
         session: AsyncSession | None = None,
     ) -> list[int]:
         """Create many tasks in one round trip; each item is a mapping with the keyword
-        arguments of ``create_task`` (``type`` required). Returns the ids in order."""
+        arguments of ``create_task`` (``type`` required; ``unique_key`` and ``on_conflict``
+        per item). Returns the ids in order: for an item skipped or replaced, the id of the
+        live task that holds its key. ``DuplicateTask`` creates none of them."""
         if isinstance(tasks, Mapping | str) or not isinstance(tasks, Sequence):
             raise ConfigurationError("create_tasks takes a list of mappings")
         new: list[NewTask] = []

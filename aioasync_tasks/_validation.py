@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 from ._errors import ConfigurationError
 from ._models import State
@@ -38,6 +39,9 @@ MAX_ERROR_LENGTH = 65_536
 """The longest stored error text, in characters (``clean_error_text``)."""
 MAX_MESSAGE_LENGTH = 1_000
 """The longest progress message of a ``Report``, in characters."""
+OnConflict = Literal["error", "skip", "replace"]
+"""What ``create_task`` does when a live task of the type holds the unique key already."""
+ON_CONFLICT: tuple[OnConflict, ...] = get_args(OnConflict)
 
 
 def check_int(
@@ -139,6 +143,23 @@ def check_progress(progress: object) -> float:
 def check_message(message: object) -> str:
     """A progress message: storable text of at most ``MAX_MESSAGE_LENGTH`` characters."""
     return check_text("message", message, allow_empty=True, max_length=MAX_MESSAGE_LENGTH)
+
+
+def check_unique_key(key: object) -> str:
+    """A unique key: a name (storable, not blank, at most ``MAX_NAME_LENGTH`` characters; it is
+    indexed with the task type)."""
+    if not isinstance(key, str):
+        raise ConfigurationError(f"unique_key must be a str, not {type(key).__name__}")
+    return check_name("unique_key", key)
+
+
+def check_on_conflict(on_conflict: object) -> OnConflict:
+    """One of ``ON_CONFLICT``."""
+    for known in ON_CONFLICT:
+        if isinstance(on_conflict, str) and on_conflict == known:
+            return known
+    choices = ", ".join(repr(c) for c in ON_CONFLICT)
+    raise ConfigurationError(f"on_conflict must be one of {choices}, not {on_conflict!r}")
 
 
 def check_schema(schema: object) -> str:

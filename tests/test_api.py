@@ -16,6 +16,7 @@ from aioasync_tasks import (
     AsyncTasksError,
     ConfigurationError,
     DatabaseError,
+    DuplicateTask,
     DuplicateTaskType,
     InvalidTransition,
     NodeNotStarted,
@@ -32,6 +33,7 @@ PUBLIC_API = [
     "AsyncTasksError",
     "ConfigurationError",
     "DatabaseError",
+    "DuplicateTask",
     "DuplicateTaskType",
     "FairShare",
     "Fifo",
@@ -66,6 +68,7 @@ EXCEPTIONS = {
     "InvalidTransition": (),
     "UnknownTaskType": (LookupError,),
     "DuplicateTaskType": (),
+    "DuplicateTask": (),
     "ConfigurationError": (ValueError,),
     "NodeNotStarted": (),
     "NodeStopped": (),
@@ -136,6 +139,17 @@ def test_exceptions_carry_their_fields() -> None:
 
     assert UnknownTaskType("x").type == "x"
     assert DuplicateTaskType("y").type == "y"
+    duplicate = DuplicateTask("report", "user:42", 9, State.RUNNING)
+    assert (duplicate.type, duplicate.unique_key, duplicate.task_id, duplicate.state) == (
+        "report",
+        "user:42",
+        9,
+        State.RUNNING,
+    )
+    assert str(duplicate) == (
+        "a live 'report' task has unique_key 'user:42' already: task 9 (running)"
+    )
+    assert DuplicateTask("report", "k", None).task_id is None
     for error in (ConfigurationError, NodeNotStarted, NodeStopped, SchemaError, DatabaseError):
         assert isinstance(error("message"), AsyncTasksError)
 

@@ -142,9 +142,14 @@ def _cases() -> dict[str, list[Case]]:
         "max_attempts": [0, -1, True, "2", 1.5, 2**31],
         "connection": ["a connection"],
         "session": ["a session"],
+        "unique_key": [5, b"k", "", "   ", "k\x00", LONE, "k" * (NAME_LIMIT + 1)],
     }.items():
         for value in values:
             add("create_task", f"{field} {value!r}"[:60], "t", **{field: value})
+    for value in ["ignore", "SKIP", None, 1, ["skip"]]:
+        add("create_task", f"on_conflict {value!r}", "t", unique_key="k", on_conflict=value)
+    for value in ["skip", "replace", "error"]:
+        add("create_task", f"on_conflict {value!r} without a key", "t", on_conflict=value)
     add("create_task", "connection and session", "t", connection=object(), session=object())
     add("create_task", "an unknown option", "t", colour="red")
 
@@ -165,6 +170,9 @@ def _cases() -> dict[str, list[Case]]:
         ("a bool priority", [good, {"type": "t", "priority": True}]),
         ("a naive run_at", [good, {"type": "t", "run_at": NAIVE}]),
         ("a bad group", [good, {"type": "t", "group": ""}]),
+        ("a bad unique_key", [good, {"type": "t", "unique_key": 7}]),
+        ("a bad on_conflict", [good, {"type": "t", "unique_key": "k", "on_conflict": "x"}]),
+        ("an on_conflict without a key", [good, {"type": "t", "on_conflict": "skip"}]),
     ]:
         add("create_tasks", name, value)
     for field in ("context", "user", "group", "type"):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
 from .._states import Event, Outcome
+from .._validation import OnConflict
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -38,6 +39,12 @@ class NewTask:
     has_cleanup: bool
     state: State
     run_at: datetime | None
+    unique_key: str | None = None
+    """At most one live task of the type holds it (docs/design.md §4.4)."""
+    on_conflict: OnConflict = "error"
+    """What ``insert_many`` does when a live task holds ``unique_key`` already: raise
+    ``DuplicateTask`` (error), give that task's id (skip), or rewrite that task with this one's
+    values and give its id (replace; ``DuplicateTask`` when it is running)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,13 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import DatabaseError, TaskNotFound
+from .._errors import DatabaseError, DuplicateTask, TaskNotFound
 from .._models import Group, NodeInfo, Operation, State, Task
 from .._scheduling import SchedulingPolicy
 from .._schema import VERSIONS, Timestamp, tasks_table
 from .._states import (
+    LIVE_STATES,
+    REPLACEABLE_STATES,
     Event,
     Outcome,
     apply_event,
@@ -52,6 +54,9 @@ from ._migrations import check_version, migration_files, refuse_newer, split_sql
 from ._queries import Queries
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
+UNIQUE_TRIES = 10
+"""How often a create with a unique key tries again when the live task that held the key
+became final between the insert and the lock (each try is two statements)."""
 CHECKPOINT_STATES = (State.RUNNING, State.CANCELING, State.DELETING)
 """The states in which an execution may store a checkpoint (its task runs, or is being
 cleaned up)."""
@@ -101,6 +106,16 @@ class _Write:
     """Handed back by a graceful shutdown: claimed first by the next node."""
     refund: bool = False
     """The attempt it was claimed for is given back (``_states.give_back``)."""
+
+
+def _unique_violation(exc: DatabaseError) -> bool:
+    """Whether ``exc`` is the unique index of unique keys refusing a row (docs/design.md §4.4):
+    PostgreSQL names the index, SQLite the columns."""
+    cause = exc.__cause__
+    text = str(cause)
+    return isinstance(cause, sa.exc.IntegrityError) and (
+        "aioasync_tasks_unique_idx" in text or "aioasync_tasks.unique_key" in text
+    )
 
 
 def _lost_error(row: _rows.Locked, outcome: Outcome) -> str | None:
@@ -248,46 +263,122 @@ class SqlDriver:
     async def insert_many(
         self, new_tasks: Sequence[NewTask], connection: AsyncConnection | None = None
     ) -> list[int]:
-        """Insert tasks in one transaction (the caller's, when ``connection`` is given)."""
+        """Insert tasks in one transaction (the caller's, when ``connection`` is given).
+
+        A task with a ``unique_key`` that a live task of its type holds already is not inserted:
+        its ``on_conflict`` says what happens instead (docs/design.md §4.4); its place in the
+        result is the live task's id, or ``DuplicateTask`` is raised and nothing is inserted.
+        """
         if not new_tasks:
             return []
-        rows = [
-            (
-                t.type,
-                t.user,
-                t.group,
-                t.state.value,
-                t.context,
-                t.priority,
-                t.max_attempts,
-                t.has_cleanup,
-                self._db_time(t.run_at),
-            )
-            for t in new_tasks
-        ]
         wake = any(t.state is State.PENDING for t in new_tasks)
         if connection is not None:
-            return await self._insert(connection, rows, wake)
-        size = self.rows_per_transaction or len(rows)
+            return await self._insert(connection, new_tasks, wake)
+        size = self.rows_per_transaction or len(new_tasks)
         ids: list[int] = []
-        for start in range(0, len(rows), size):
+        for start in range(0, len(new_tasks), size):
             began = time.monotonic()
             try:
                 async with self.write() as conn:
-                    ids += await self._insert(conn, rows[start : start + size], wake)
+                    ids += await self._insert(conn, new_tasks[start : start + size], wake)
             except DatabaseError as exc:
                 if not ids:
                     raise
                 raise DatabaseError(
-                    f"{exc} ({len(ids)} of {len(rows)} tasks were created before the failure,"
-                    f" ids {ids[0]}..{ids[-1]})",
+                    f"{exc} ({len(ids)} of {len(new_tasks)} tasks were created before the"
+                    f" failure, ids {ids[0]}..{ids[-1]})",
                     transient=exc.transient,
                 ) from exc
-            if start + size < len(rows):
+            if start + size < len(new_tasks):
                 await self.pause_between_chunks(time.monotonic() - began)
         return ids
 
+    def _new_row(self, t: NewTask) -> tuple[Any, ...]:
+        """A new task's values, in the order of ``_NEW_TASK_COLUMNS``."""
+        return (
+            t.type,
+            t.user,
+            t.group,
+            t.state.value,
+            t.context,
+            t.priority,
+            t.max_attempts,
+            t.has_cleanup,
+            self._db_time(t.run_at),
+        )
+
     async def _insert(
+        self, conn: AsyncConnection, new_tasks: Sequence[NewTask], wake: bool
+    ) -> list[int]:
+        """Insert ``new_tasks`` in ``conn``'s transaction, in their order: runs of tasks
+        without a unique key in one statement each, a task with one by itself."""
+        keyed = [t for t in new_tasks if t.unique_key is not None]
+        if not keyed:
+            return await self._insert_rows(conn, [self._new_row(t) for t in new_tasks], wake)
+        await self.lock_unique_keys(conn, [(t.type, t.unique_key) for t in keyed])
+        ids: list[int] = []
+        plain: list[tuple[Any, ...]] = []
+        for t in new_tasks:
+            if t.unique_key is None:
+                plain.append(self._new_row(t))
+                continue
+            if plain:
+                ids += await self._insert_rows(conn, plain, wake=False)
+                plain = []
+            ids.append(await self._insert_unique(conn, t))
+        if plain:
+            ids += await self._insert_rows(conn, plain, wake=False)
+        if wake:
+            await self.notify(conn, "wake")
+        return ids
+
+    async def lock_unique_keys(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        """Before inserting tasks with these (type, unique key) pairs: serialise the creators
+        of the same keys, where the database would otherwise let two of them deadlock on the
+        unique index (docs/design.md §4.4). Nothing where the write lock serialises them."""
+
+    async def _insert_unique(self, conn: AsyncConnection, t: NewTask) -> int:
+        """Insert one task with a unique key, or apply its ``on_conflict`` to the live task
+        that holds the key; the id of the task that holds it afterwards."""
+        assert t.unique_key is not None
+        params = dict(zip(_NEW_TASK_COLUMNS, self._new_row(t), strict=True))
+        params["unique_key"] = t.unique_key
+        for _ in range(UNIQUE_TRIES):
+            inserted = (await self._run(conn, "insert_unique_task", params)).first()
+            if inserted is not None:
+                return int(inserted.id)
+            found = await self._run(
+                conn, "lock_unique_task", {"type": t.type, "unique_key": t.unique_key}
+            )
+            row = found.first()
+            if row is None:
+                continue  # the holder became final (or was deleted) since: insert again
+            holder = _rows.Locked.from_row(row)
+            if t.on_conflict == "skip":
+                return holder.id
+            if t.on_conflict == "error" or holder.state not in REPLACEABLE_STATES:
+                raise DuplicateTask(t.type, t.unique_key, holder.id, holder.state)
+            replaced = await self._run(
+                conn,
+                "replace_task",
+                {
+                    **params,
+                    "id": holder.id,
+                    "token": holder.token,
+                    "expected": holder.state.value,
+                },
+            )
+            if replaced.first() is not None:
+                return holder.id
+        raise DatabaseError(
+            f"the live {t.type!r} task with unique_key {t.unique_key!r} kept changing while"
+            f" it was created {UNIQUE_TRIES} times; try again",
+            transient=True,
+        )
+
+    async def _insert_rows(
         self, conn: AsyncConnection, rows: Sequence[Sequence[Any]], wake: bool
     ) -> list[int]:
         if len(rows) == 1:
@@ -435,14 +526,33 @@ class SqlDriver:
                 task_id=task_id,
             )
             moved = group is not None and group != row.group
-            await self._write(
-                conn, [_Write(row, outcome, row.node_id, group=group if moved else None)]
-            )
+            key = None
+            if outcome.changed and outcome.state in LIVE_STATES and row.state not in LIVE_STATES:
+                key = await self._unique_key_free(conn, task_id)  # a FAILED task run again
+            try:
+                await self._write(
+                    conn, [_Write(row, outcome, row.node_id, group=group if moved else None)]
+                )
+            except DatabaseError as exc:
+                if key is not None and _unique_violation(exc):
+                    # A creator took the key after our check, and committed first.
+                    raise DuplicateTask(*key, None) from exc
+                raise
             if outcome.changed and outcome.state in (State.PENDING, State.DELETING):
                 await self.notify(conn, "wake")
             if outcome.stop and row.node_id is not None:
                 await self.notify(conn, f"stop:{row.node_id}")
             return OperationResult(outcome, row.node_id)
+
+    async def _unique_key_free(self, conn: AsyncConnection, task_id: int) -> tuple[str, str] | None:
+        """Before task ``task_id`` becomes live again: its (type, unique key), or None if it has
+        none; ``DuplicateTask`` when another live task holds that key now."""
+        row = (await self._run(conn, "unique_holder", {"id": task_id})).first()
+        if row is None or row.unique_key is None:
+            return None
+        if row.holder is not None:
+            raise DuplicateTask(row.type, row.unique_key, row.holder, State(row.holder_state))
+        return row.type, row.unique_key
 
     # -- execution --------------------------------------------------------------------------
 

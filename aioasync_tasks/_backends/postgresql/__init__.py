@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -73,6 +73,13 @@ class PostgresDriver(SqlDriver):
 
     async def notify(self, conn: AsyncConnection, payload: str) -> None:
         await self._run(conn, "notify", {"channel": self.channel, "payload": payload})
+
+    async def lock_unique_keys(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        # Qualified by the schema's channel: systems in other schemas never wait on ours.
+        names = sorted({f"{self.channel}:{type}:{key}" for type, key in keys})
+        await self._run(conn, "lock_unique_keys", {"keys": names})
 
     async def prepare_migration(self, conn: AsyncConnection) -> None:
         await self._run(conn, "migration_lock", {"key": self.channel})

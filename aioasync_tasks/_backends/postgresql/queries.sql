@@ -20,6 +20,15 @@ SELECT pg_advisory_xact_lock(hashtext(:key))
 -- name: record_migration
 INSERT INTO {versions} (version, applied_at) VALUES (:version, now())
 
+-- name: lock_unique_keys
+-- Before inserting tasks with unique keys: one advisory lock per key (:keys, each qualified by
+-- the schema's channel and the type), taken in one order, the hashes' — two creators that
+-- insert the same keys in different orders would otherwise each wait for a row the other
+-- inserted into the unique index: a deadlock (docs/design.md §4.4).
+SELECT pg_advisory_xact_lock(h)
+FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k) locks
+ORDER BY h
+
 -- name: notify
 -- Delivered when the transaction commits, and only then.
 SELECT pg_notify(:channel, :payload)
@@ -53,6 +62,46 @@ FROM unnest(CAST(:type AS text[]), CAST(:user AS text[]), CAST(:group AS text[])
     run_at, ord)
 ORDER BY v.ord
 RETURNING id
+
+-- name: insert_unique_task
+-- One task with a unique key, unless a live task of its type holds that key already: then no
+-- row is inserted and none returned (docs/design.md §4.4). The conflict target names the
+-- partial unique index by its columns and its predicate.
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at, unique_key)
+VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
+    :has_cleanup, false, NULL, NULL, now(), now(), COALESCE(:run_at, now()), :unique_key)
+ON CONFLICT (type, unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
+    DO NOTHING
+RETURNING id
+
+-- name: lock_unique_task
+-- The live task of :type that holds :unique_key, locked (at most one: the unique index).
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE type = :type AND unique_key = :unique_key AND unique_key IS NOT NULL
+    AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
+FOR UPDATE
+
+-- name: replace_task
+-- on_conflict="replace": the live task that holds the key takes the new task's context and
+-- options, keeps its id and state, and starts afresh (compare-and-set on state and token).
+UPDATE {tasks} SET context = :context, user_name = :user, group_name = :group,
+    priority = :priority, max_attempts = :max_attempts, attempts = 0, error = NULL,
+    handoff = false, progress = NULL, message = NULL, run_at = COALESCE(:run_at, now()),
+    updated_at = now()
+WHERE id = :id AND token = :token AND state = :expected
+RETURNING id
+
+-- name: unique_holder
+-- The type and unique key of task :id, and the live task (another one) that holds that key.
+SELECT t.type, t.unique_key, h.id AS holder, h.state AS holder_state
+FROM {tasks} t
+LEFT JOIN {tasks} h ON h.type = t.type AND h.unique_key = t.unique_key AND h.id <> t.id
+    AND h.unique_key IS NOT NULL AND h.state IN ('init', 'pending', 'running', 'canceling', 'paused')
+WHERE t.id = :id
 
 -- name: get_task
 SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
