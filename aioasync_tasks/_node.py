@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
 
@@ -19,11 +19,12 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import driver_for
-from ._backends._driver import Driver, NewTask, TaskFilter
+from ._backends._driver import DeleteParams, Driver, NewTask, TaskFilter
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
 from ._models import Group, NodeInfo, Operation, State, Task
 from ._registry import TaskFunction, TaskRegistry, TaskType
+from ._retention import Retention
 from ._runner import Backoff
 from ._scheduling import SchedulingPolicy
 from ._task import _current_node
@@ -32,6 +33,7 @@ from ._validation import (
     INT64_MAX,
     OnConflict,
     check_context,
+    check_duration,
     check_group,
     check_groups,
     check_int,
@@ -106,6 +108,9 @@ class Node:
     - ``logger``: the application's logger (default ``logging.getLogger("aioasync_tasks")``).
     - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats;
       tests inject their own to make a lease run out without waiting.
+    - ``retention`` (None: for ever), ``failed_retention`` (None: for ever): how long FINISHED
+      and FAILED tasks are kept after they ended (a ``timedelta`` or seconds); then a worker
+      removes them, one node at a time, in batches (docs/design.md §4.5). Worker nodes only.
     """
 
     def __init__(
@@ -129,6 +134,8 @@ class Node:
         groups: Iterable[str] | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] | None = None,
+        retention: timedelta | float | None = None,
+        failed_retention: timedelta | float | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
             self._engine = url_or_engine
@@ -157,6 +164,17 @@ class Node:
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds")
         self.max_context_bytes = check_int("max_context_bytes", max_context_bytes, minimum=1)
+        kept = Retention(
+            None if retention is None else check_duration("retention", retention),
+            None
+            if failed_retention is None
+            else check_duration("failed_retention", failed_retention),
+        )
+        if self.concurrency == 0 and kept != Retention(None, None):
+            raise ConfigurationError(
+                "retention and failed_retention need a worker (concurrency > 0): a client-only "
+                "node runs no pruner"
+            )
         self._worker_config = WorkerConfig(
             concurrency=self.concurrency,
             cleanup_concurrency=cleanup_concurrency if self.concurrency else 0,
@@ -172,6 +190,7 @@ class Node:
             groups=check_groups(groups),
             max_context_bytes=self.max_context_bytes,
             clock=clock or time.monotonic,
+            retention=None if kept == Retention(None, None) else kept,
         )
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
@@ -506,6 +525,48 @@ class Node:
         """Move a task to another group (queue); allowed in every state but DELETING."""
         group = check_group(group)
         await self._operate(task_id, Operation.CHANGE_GROUP, group=group)
+
+    async def delete_tasks(
+        self,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        types: Iterable[str] | None = None,
+        states: Iterable[State | str] | None = None,
+        older_than: timedelta | float | None = None,
+        force: bool = False,
+    ) -> int:
+        """Delete every task that matches all the given filters — those of ``get_tasks``, and
+        ``older_than`` (a ``timedelta`` or seconds): not changed for that long, by
+        ``updated_at`` — as ``delete_task`` deletes one (a cleanup handler runs, a running task
+        is stopped first; ``force=True`` removes them at once). At least one filter is needed.
+        Works in batches of a few hundred tasks, one transaction each; returns how many tasks
+        the delete changed (removed, DELETING, or told to stop)."""
+        f = self._filter(user, group, types, states)
+        age = None if older_than is None else check_duration("older_than", older_than)
+        if not isinstance(force, bool):
+            raise ConfigurationError("force must be a bool")
+        if (f.user, f.group, f.types, f.states, age) == (None, None, None, None, None):
+            raise ConfigurationError(
+                "delete_tasks needs a filter (user, group, types, states or older_than); "
+                "to delete every task, name every state: states=list(State)"
+            )
+        backend = self._ready()
+        worker = self._worker
+        deleted, after = 0, 0
+        while True:
+            params = DeleteParams(f, older_than=age, force=force, after=after)
+            result = await backend.delete_matching(params)
+            deleted += result.deleted
+            for task_id, owner in result.stopped:
+                if worker is not None and owner == worker.node_id:
+                    worker.stop_local(task_id, lost=force)
+            if result.after is None:
+                break
+            after = result.after
+        if deleted:
+            self._wake_local()
+        return deleted
 
     # -- querying ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Literal, get_args
 
 from ._errors import ConfigurationError
@@ -56,6 +57,21 @@ def check_int(
     if value > maximum:
         raise ConfigurationError(f"{name} must be at most {maximum}, not {value}")
     return value
+
+
+def check_duration(name: str, value: object) -> float:
+    """A positive duration: a ``timedelta`` or a number of seconds; returns seconds."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"{name} must be a timedelta or a number of seconds, not {type(value).__name__}"
+        )
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"{name} must be a positive duration, not {value!r}")
+    return seconds
 
 
 def check_seconds(name: str, value: object) -> float:

@@ -17,6 +17,7 @@ keeps crashing stops the node, which hands its tasks back):
   it stops its tasks before any other node can consider it dead;
 - **rescuer** — releases the tasks of other nodes whose heartbeat is older than *their own*
   ``node_timeout``, and of rows whose node is gone;
+- **pruner** (with ``retention=``) — removes old finished and failed tasks (``_retention``);
 - **listener** (PostgreSQL) — LISTEN for wake-ups and stop requests.
 
 Nothing here waits for a task to end except the graceful stop: fencing and a lost lease only
@@ -44,6 +45,7 @@ from ._errors import DatabaseError
 from ._logging import node_logger, task_logger
 from ._models import State
 from ._registry import TaskRegistry
+from ._retention import Pruner, Retention
 from ._runner import Backoff, Execution, StopReason
 from ._scheduling import SchedulingPolicy
 from ._states import ACTIVE_STATES
@@ -79,6 +81,8 @@ class WorkerConfig:
     max_context_bytes: int
     clock: Callable[[], float] = field(default=time.monotonic)
     """The node's monotonic clock for leases and heartbeats (tests inject their own)."""
+    retention: Retention | None = None
+    """How long finished and failed tasks are kept (None: for ever; no pruner)."""
 
 
 class Worker:
@@ -120,6 +124,9 @@ class Worker:
         """Why the node stopped on its own (a service that kept crashing), or None."""
         self._types = registry.names
         self._cleanup_types = [t.name for t in registry if t.has_cleanup]
+        self.pruner = (
+            None if config.retention is None else Pruner(backend, config.retention, logger)
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -153,6 +160,8 @@ class Worker:
                     ("stop poll", self._stop_poll_loop),
                 ):
                     services.start_soon(self._supervised, name, service)
+                if self.pruner is not None:
+                    services.start_soon(self._supervised, "pruner", self.pruner.run)
                 if self.backend.supports_notify:
                     services.start_soon(self._supervised, "listener", self._listen_loop)
                     await self._listening.wait()

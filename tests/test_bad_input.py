@@ -18,7 +18,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,16 @@ def _cases() -> dict[str, list[Case]]:
     for name, kwargs in paging:
         add("get_tasks", name, **kwargs)
 
+    # delete_tasks: the filters of the queries, and its own
+    add("delete_tasks", "no filter")
+    add("delete_tasks", "no filter, forced", force=True)
+    for name, kwargs in filters:
+        add("delete_tasks", name, **kwargs)
+    for value in [0, -1, "7d", True, math.nan, timedelta(0)]:
+        add("delete_tasks", f"older_than {value!r}", states=["finished"], older_than=value)
+    for value in ["yes", 1, None]:
+        add("delete_tasks", f"force {value!r}", states=["finished"], force=value)
+
     # groups
     for method in ("pause_group", "resume_group", "set_group_limits"):
         for value in BAD_GROUPS:
@@ -417,6 +427,14 @@ CONSTRUCTOR_CASES: list[tuple[str, dict[str, Any]]] = [
     ("schema on SQLite", {"schema": "tenant"}),
     ("schema empty", {"schema": ""}),
     ("schema not an identifier", {"schema": "a :b"}),
+    ("retention zero", {"retention": 0}),
+    ("retention negative", {"retention": timedelta(seconds=-1)}),
+    ("retention str", {"retention": "7d"}),
+    ("retention bool", {"retention": True}),
+    ("retention inf", {"retention": math.inf}),
+    ("failed_retention nan", {"failed_retention": math.nan}),
+    ("retention on a client-only node", {"retention": 60, "concurrency": 0}),
+    ("failed_retention on a client-only node", {"failed_retention": 60, "concurrency": 0}),
 ]
 
 

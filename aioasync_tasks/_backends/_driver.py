@@ -136,6 +136,73 @@ class Owned:
     token: int
 
 
+@dataclass(frozen=True, slots=True)
+class PruneParams:
+    """One round of retention (docs/design.md §4.5): remove FINISHED tasks that ended more
+    than ``finished_after`` seconds ago and FAILED ones more than ``failed_after`` seconds ago
+    (database clock; None: keep them), at most ``limit`` of each."""
+
+    finished_after: float | None
+    failed_after: float | None
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    removed: int
+    more: bool
+    """A state had ``limit`` rows to remove: there may be more."""
+    busy: bool = False
+    """Another node prunes now: this round removed nothing and should not go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteParams:
+    """One batch of a bulk delete (docs/design.md §4.5): the delete operation applied to the
+    tasks that match ``filter`` (its paging ignored) and have not changed for ``older_than``
+    seconds (database clock), ``limit`` of them with ids above ``after``, in id order."""
+
+    filter: TaskFilter
+    older_than: float | None = None
+    force: bool = False
+    after: int = 0
+    limit: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    deleted: int
+    """Tasks the delete changed: removed, DELETING, or CANCELING (delete) and told to stop."""
+    stopped: list[tuple[int, int]]
+    """(task id, owner node) of the running tasks told to stop."""
+    after: int | None
+    """The ``after`` of the next batch; None when this batch was the last."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTaskType:
+    """A task type's options as its workers stored them (docs/design.md §4.6)."""
+
+    name: str
+    max_attempts: int
+    has_cleanup: bool
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterTypesParams:
+    """The task types a worker runs, stored for the nodes that have not imported them."""
+
+    types: tuple[StoredTaskType, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTypesQuery:
+    """The stored task types of these names (None: all)."""
+
+    names: tuple[str, ...] | None = None
+
+
 class Driver(Protocol):
     """What the engine (``Node``, its worker, committer and runners) asks of a database."""
 
@@ -215,3 +282,9 @@ class Driver(Protocol):
     async def set_group(self, /, name: str, **fields: Any) -> Group: ...
     async def get_groups(self) -> list[Group]: ...
     async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]: ...
+
+    # -- retention, bulk deletes, task types (each takes one parameter object)
+    async def prune(self, params: PruneParams) -> PruneResult: ...
+    async def delete_matching(self, params: DeleteParams) -> DeleteResult: ...
+    async def register_task_types(self, params: RegisterTypesParams) -> None: ...
+    async def get_task_types(self, params: TaskTypesQuery) -> list[StoredTaskType]: ...

@@ -11,7 +11,7 @@ from typing import Any
 
 from .._models import Group, NodeInfo, State, StopRequest, Task
 from .._schema import time_from_db
-from ._driver import Claimed, Owned
+from ._driver import Claimed, Owned, StoredTaskType
 
 TASK_FIELDS = (
     "id",
@@ -101,6 +101,26 @@ def node(row: Any) -> NodeInfo:
 
 def group(row: Any) -> Group:
     return Group(row.name, bool(row.paused), row.max_running, row.max_running_per_user)
+
+
+def task_type(row: Any) -> StoredTaskType:
+    return StoredTaskType(
+        row.name, row.max_attempts, bool(row.has_cleanup), time_from_db(row.updated_at)
+    )
+
+
+LOCKED_FIELDS = (
+    "id",
+    "state",
+    "requested",
+    "has_cleanup",
+    "attempts",
+    "max_attempts",
+    "node_id",
+    "group_name",
+    "token",
+)
+"""The columns ``Locked.from_row`` reads."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .._errors import DatabaseError, DuplicateTask, TaskNotFound
 from .._models import Group, NodeInfo, Operation, State, Task
 from .._scheduling import SchedulingPolicy
-from .._schema import VERSIONS, Timestamp, tasks_table
+from .._schema import VERSIONS, Timestamp, tasks_table, time_from_db
 from .._states import (
     LIVE_STATES,
     REPLACEABLE_STATES,
@@ -45,10 +45,17 @@ from ._driver import (
     Claimed,
     ClaimResult,
     Completion,
+    DeleteParams,
+    DeleteResult,
     NewTask,
     OperationResult,
     Owned,
+    PruneParams,
+    PruneResult,
+    RegisterTypesParams,
+    StoredTaskType,
     TaskFilter,
+    TaskTypesQuery,
 )
 from ._migrations import check_version, migration_files, refuse_newer, split_sql
 from ._queries import Queries
@@ -85,6 +92,12 @@ def transition(from_state: State, event: Event) -> dict[str, str]:
     return {"from_state": from_state.value, "to_state": outcome.state.value}
 
 
+PRUNED = {
+    state: apply_operation(state, None, Operation.DELETE, has_cleanup=True, force=True)
+    for state in (State.FINISHED, State.FAILED)
+}
+"""Retention applies *delete, force* to FINISHED and FAILED tasks: they are removed, and no
+cleanup handler runs (docs/design.md §4.5)."""
 CLAIM = transition(State.PENDING, Event.CLAIM)
 CLEANUP_CLAIM = transition(State.DELETING, Event.CLEANUP_CLAIM)
 
@@ -850,7 +863,13 @@ class SqlDriver:
             "max_running_per_user": row.max_running_per_user,
             **fields,
         }
-        await self._run(conn, "update_group", {"name": name, **values})
+        default = not values["paused"] and all(
+            values[limit] is None for limit in ("max_running", "max_running_per_user")
+        )
+        if default:  # a group row exists only for settings (docs/design.md §4.5)
+            await self._run(conn, "delete_group", {"name": name})
+        else:
+            await self._run(conn, "update_group", {"name": name, **values})
         return Group(
             name, bool(values["paused"]), values["max_running"], values["max_running_per_user"]
         )
@@ -883,3 +902,107 @@ class SqlDriver:
             for owner in sorted({owner for _, owner in stopped}):
                 await self.notify(conn, f"stop:{owner}")
             return stopped
+
+    # -- retention and bulk deletes ---------------------------------------------------------
+
+    async def try_prune_lock(self, conn: AsyncConnection) -> bool:
+        """Whether this transaction may prune: no other node prunes now. The write lock makes
+        pruners take turns where the database has one; a database without one overrides this
+        (docs/design.md §4.5)."""
+        return True
+
+    @cancel_safe
+    async def prune(self, params: PruneParams) -> PruneResult:
+        """One round of retention: remove the FINISHED and FAILED tasks that ended longer ago
+        than their retention (``delete, force``: removed, no cleanup handler), up to
+        ``params.limit`` of each, in one transaction, unless another node prunes now."""
+        ages = [
+            (state, age)
+            for state, age in (
+                (State.FINISHED, params.finished_after),
+                (State.FAILED, params.failed_after),
+            )
+            if age is not None
+        ]
+        removed, more = 0, False
+        async with self.write() as conn:
+            if not await self.try_prune_lock(conn):
+                return PruneResult(0, more=False, busy=True)
+            for state, age in ages:
+                assert PRUNED[state].state is None  # removed, by the state table
+                result = await self._run(
+                    conn, "prune", {"state": state.value, "age": age, "limit": params.limit}
+                )
+                removed += result.rowcount
+                more = more or result.rowcount >= params.limit
+        return PruneResult(removed, more=more)
+
+    @cancel_safe
+    async def delete_matching(self, params: DeleteParams) -> DeleteResult:
+        """The delete operation (``force`` as given) applied to one batch of the tasks that
+        match, in id order after ``params.after``: each row locked, decided by the state
+        table and written like ``operate`` writes it (docs/design.md §4.5, §5)."""
+        c = self._tasks.c
+        where = self._where(params.filter)
+        where.append(c.id > params.after)
+        async with self.write() as conn:
+            if params.older_than is not None:
+                now = time_from_db((await self._run(conn, "db_now")).scalar_one())
+                where.append(c.updated_at < now - timedelta(seconds=params.older_than))
+            query = (
+                sa.select(*(c[name] for name in _rows.LOCKED_FIELDS))
+                .where(*where)
+                .order_by(c.id)
+                .limit(params.limit)
+                .with_for_update()
+            )
+            rows = [_rows.Locked.from_row(r) for r in await self._execute(conn, query)]
+            writes = []
+            for row in rows:
+                outcome = apply_operation(
+                    row.state,
+                    row.requested,
+                    Operation.DELETE,
+                    has_cleanup=row.has_cleanup,
+                    force=params.force,
+                    task_id=row.id,
+                )
+                if outcome.changed:
+                    writes.append(_Write(row, outcome, row.node_id))
+            await self._write(conn, writes)
+            if any(w.outcome.state is State.DELETING for w in writes):
+                await self.notify(conn, "wake")
+            stopped = [
+                (w.row.id, w.row.node_id)
+                for w in writes
+                if w.outcome.stop and w.row.node_id is not None
+            ]
+            for owner in sorted({owner for _, owner in stopped}):
+                await self.notify(conn, f"stop:{owner}")
+        last = rows[-1].id if len(rows) >= params.limit else None
+        return DeleteResult(len(writes), stopped, last)
+
+    # -- task types -------------------------------------------------------------------------
+
+    @cancel_safe
+    async def register_task_types(self, params: RegisterTypesParams) -> None:
+        """Store the options of the task types a worker runs (docs/design.md §4.6)."""
+        if not params.types:
+            return
+        rows = [
+            (t.name, t.max_attempts, t.has_cleanup)
+            for t in sorted(params.types, key=lambda t: t.name)
+        ]
+        async with self.write() as conn:
+            await self._run(
+                conn,
+                "register_task_types",
+                self.bind_rows(("names", "max_attempts", "has_cleanup"), rows),
+            )
+
+    @cancel_safe
+    async def get_task_types(self, params: TaskTypesQuery) -> list[StoredTaskType]:
+        names = params.names
+        query = {"all": names is None, "names": self.bind_list(names or ())}
+        async with self.read() as conn:
+            return [_rows.task_type(r) for r in await self._run(conn, "get_task_types", query)]

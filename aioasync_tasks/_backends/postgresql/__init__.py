@@ -81,6 +81,12 @@ class PostgresDriver(SqlDriver):
         names = sorted({f"{self.channel}:{type}:{key}" for type, key in keys})
         await self._run(conn, "lock_unique_keys", {"keys": names})
 
+    async def try_prune_lock(self, conn: AsyncConnection) -> bool:
+        # Row locks let two pruners run at once; the advisory lock makes them take turns, and
+        # the one that finds it taken skips its round instead of waiting.
+        result = await self._run(conn, "prune_lock", {"key": f"{self.channel}:prune"})
+        return bool(result.scalar_one())
+
     async def prepare_migration(self, conn: AsyncConnection) -> None:
         await self._run(conn, "migration_lock", {"key": self.channel})
         if self._quoted_schema:

@@ -337,3 +337,43 @@ SELECT n.name, g.paused, g.max_running, g.max_running_per_user
 FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
 LEFT JOIN {groups} g ON g.name = n.name
 ORDER BY n.name
+
+-- name: db_now
+-- The database clock (times a bulk delete compares with are taken from it).
+SELECT now()
+
+-- name: prune_lock
+-- Retention runs on one node at a time: a transaction-scoped advisory lock, tried, never
+-- waited for (docs/design.md §4.5).
+SELECT pg_try_advisory_xact_lock(hashtext(:key)) AS locked
+
+-- name: prune
+-- Up to :limit tasks in :state (FINISHED or FAILED) that ended more than :age seconds ago,
+-- oldest first, removed. done_at < … implies the done index's predicate (done_at IS NOT NULL).
+DELETE FROM {tasks} WHERE id IN (
+    SELECT id FROM {tasks}
+    WHERE state = :state
+        AND done_at < now() - make_interval(secs => CAST(:age AS double precision))
+    ORDER BY state, done_at LIMIT :limit
+    FOR UPDATE SKIP LOCKED)
+
+-- name: delete_group
+-- A group back to the default settings has no row (docs/design.md §4.5).
+DELETE FROM {groups} WHERE name = :name
+
+-- name: register_task_types
+-- The task types a worker runs, stored or updated (the last worker to start wins), in name
+-- order so that two workers never wait for each other's rows in opposite orders.
+INSERT INTO {task_types} (name, max_attempts, has_cleanup, updated_at)
+SELECT v.name, v.max_attempts, v.has_cleanup, now()
+FROM unnest(CAST(:names AS text[]), CAST(:max_attempts AS integer[]),
+    CAST(:has_cleanup AS boolean[])) AS v(name, max_attempts, has_cleanup)
+ORDER BY v.name
+ON CONFLICT (name) DO UPDATE SET max_attempts = excluded.max_attempts,
+    has_cleanup = excluded.has_cleanup, updated_at = excluded.updated_at
+
+-- name: get_task_types
+-- The stored task types named in :names (all of them with :all), by name.
+SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
+WHERE :all OR name = ANY(CAST(:names AS text[]))
+ORDER BY name

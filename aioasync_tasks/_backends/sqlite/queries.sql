@@ -312,3 +312,37 @@ SELECT n.name, g.paused, g.max_running, g.max_running_per_user
 FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
 LEFT JOIN {groups} g ON g.name = n.name
 ORDER BY n.name
+
+-- name: db_now
+-- The database clock (times a bulk delete compares with are taken from it).
+SELECT {now}
+
+-- name: prune
+-- Up to :limit tasks in :state (FINISHED or FAILED) that ended more than :age seconds ago,
+-- oldest first, removed (one pruner at a time: the write lock). done_at < … implies the done
+-- index's predicate (done_at IS NOT NULL).
+DELETE FROM {tasks} WHERE id IN (
+    SELECT id FROM {tasks}
+    WHERE state = :state AND done_at < {now} - :age
+    ORDER BY state, done_at LIMIT :limit)
+
+-- name: delete_group
+-- A group back to the default settings has no row (docs/design.md §4.5).
+DELETE FROM {groups} WHERE name = :name
+
+-- name: register_task_types
+-- The task types a worker runs, :rows a JSON array of [name, max_attempts, has_cleanup],
+-- stored or updated (the last worker to start wins). (WHERE true: SQLite's upsert after a
+-- SELECT needs one.)
+INSERT INTO {task_types} (name, max_attempts, has_cleanup, updated_at)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+    {now}
+FROM json_each(:rows) WHERE true
+ON CONFLICT (name) DO UPDATE SET max_attempts = excluded.max_attempts,
+    has_cleanup = excluded.has_cleanup, updated_at = excluded.updated_at
+
+-- name: get_task_types
+-- The stored task types named in :names (all of them with :all), by name.
+SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
+WHERE :all OR name IN (SELECT value FROM json_each(:names))
+ORDER BY name
