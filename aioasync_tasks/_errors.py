@@ -47,10 +47,11 @@ class InvalidTransition(AsyncTasksError):
 
 
 class UnknownTaskType(AsyncTasksError, LookupError):
-    """The task type is not registered in this node's registry."""
+    """The task type is not registered in this node's registry (nor, to create a task, stored
+    by a worker that runs it)."""
 
-    def __init__(self, type: str) -> None:
-        super().__init__(f"unknown task type {type!r}: register it first")
+    def __init__(self, type: str, message: str | None = None) -> None:
+        super().__init__(message or f"unknown task type {type!r}: register it first")
         self.type = type
 
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
@@ -19,8 +20,16 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import driver_for
-from ._backends._driver import DeleteParams, Driver, NewTask, TaskFilter
-from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
+from ._backends._driver import (
+    DeleteParams,
+    Driver,
+    NewTask,
+    RegisterTypesParams,
+    StoredTaskType,
+    TaskFilter,
+    TaskTypesQuery,
+)
+from ._errors import ConfigurationError, NodeNotStarted, NodeStopped, UnknownTaskType
 from ._logging import LOGGER_NAME
 from ._models import Group, NodeInfo, Operation, State, Task
 from ._registry import TaskFunction, TaskRegistry, TaskType
@@ -68,9 +77,23 @@ class TaskOptions(TypedDict, total=False):
     max_attempts: int | None
     unique_key: str | None
     on_conflict: OnConflict
+    has_cleanup: bool | None
 
 
 _OPTION_KEYS = TaskOptions.__optional_keys__
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """A new task checked by ``_new_task``; ``stored``: of a type this node's registry lacks,
+    whose options ``_resolve`` reads from the task types table (``attempts_given``: but for
+    the ``max_attempts`` the caller gave)."""
+
+    task: NewTask
+    stored: bool = False
+    attempts_given: bool = False
+
+
 IDLE_TRANSACTION_FRACTION = 0.25
 """A write transaction of the node idle for this part of ``node_timeout`` is ended by the
 server (PostgreSQL)."""
@@ -254,6 +277,12 @@ class Node:
                 await self._backend.migrate()
             else:
                 await self._backend.check_schema()
+            if self.concurrency > 0 and len(self.registry):
+                # For the nodes that create tasks of types they have not imported.
+                types = tuple(
+                    StoredTaskType(t.name, t.max_attempts, t.has_cleanup) for t in self.registry
+                )
+                await self._backend.register_task_types(RegisterTypesParams(types))
             if self.concurrency > 0:
                 worker = Worker(self._backend, self.registry, self._worker_config, self._logger)
                 ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -365,9 +394,12 @@ class Node:
 
     # -- creating ---------------------------------------------------------------------------
 
-    def _new_task(self, type: object, context: object, options: Mapping[str, object]) -> NewTask:
+    def _new_task(self, type: object, context: object, options: Mapping[str, object]) -> _Draft:
+        """A new task from ``create_task``'s arguments, every one checked (no I/O). A type this
+        node's registry lacks takes its options from the task types table (``_resolve``)."""
         # The defaults of ``TaskOptions`` live here, and only here.
-        task_type = self.registry.get(check_type_name(type))
+        name = check_type_name(type)
+        task_type = self.registry.get(name) if name in self.registry else None
         context = check_context(context, self.max_context_bytes)
         user = options.get("user", "")
         group = options.get("group", "default")
@@ -375,6 +407,7 @@ class Node:
         priority = options.get("priority", 0)
         run_at = options.get("run_at")
         max_attempts = options.get("max_attempts")
+        has_cleanup = options.get("has_cleanup")
         if not isinstance(auto_run, bool):
             raise ConfigurationError("auto_run must be a bool")
         if run_at is not None and (not isinstance(run_at, datetime) or run_at.utcoffset() is None):
@@ -385,24 +418,65 @@ class Node:
         elif options.get("on_conflict") is not None:
             raise ConfigurationError("on_conflict needs a unique_key")
         on_conflict = check_on_conflict(options.get("on_conflict", "error"))
-        attempts = (
-            task_type.max_attempts
-            if max_attempts is None
-            else check_int("max_attempts", max_attempts, minimum=1)
-        )
-        return NewTask(
-            type=task_type.name,
+        if max_attempts is not None:
+            max_attempts = check_int("max_attempts", max_attempts, minimum=1)
+        if has_cleanup is not None and not isinstance(has_cleanup, bool):
+            raise ConfigurationError("has_cleanup must be a bool (or None)")
+        if task_type is not None and has_cleanup not in (None, task_type.has_cleanup):
+            raise ConfigurationError(
+                f"has_cleanup={has_cleanup} for task type {name!r}, whose registered cleanup "
+                f"handler says {task_type.has_cleanup}: leave it out"
+            )
+        new = NewTask(
+            type=name,
             context=context,
             user=check_user(user),
             group=check_group(group),
             priority=check_int("priority", priority),
-            max_attempts=attempts,
-            has_cleanup=task_type.has_cleanup,
+            max_attempts=max_attempts or (task_type.max_attempts if task_type else 1),
+            has_cleanup=task_type.has_cleanup if task_type else bool(has_cleanup),
             state=State.PENDING if auto_run else State.INIT,
             run_at=run_at,
             unique_key=unique_key,
             on_conflict=on_conflict,
         )
+        if task_type is not None or (max_attempts is not None and has_cleanup is not None):
+            return _Draft(new)
+        return _Draft(new, stored=True, attempts_given=max_attempts is not None)
+
+    async def _resolve(self, drafts: Sequence[_Draft]) -> list[NewTask]:
+        """The new tasks, with the stored options of the types this node has not imported
+        (one read for all of them; docs/design.md §4.6)."""
+        names = tuple(sorted({d.task.type for d in drafts if d.stored}))
+        if not names:
+            return [d.task for d in drafts]
+        found = await self._ready().get_task_types(TaskTypesQuery(names))
+        stored = {t.name: t for t in found}
+        tasks = []
+        for d in drafts:
+            options = stored.get(d.task.type)
+            if not d.stored:
+                tasks.append(d.task)
+            elif options is not None:
+                tasks.append(
+                    replace(
+                        d.task,
+                        max_attempts=d.task.max_attempts
+                        if d.attempts_given
+                        else options.max_attempts,
+                        has_cleanup=options.has_cleanup,
+                    )
+                )
+            elif d.attempts_given:
+                tasks.append(d.task)  # its options given: max_attempts, has_cleanup or False
+            else:
+                raise UnknownTaskType(
+                    d.task.type,
+                    f"unknown task type {d.task.type!r}: not in this node's registry, and no "
+                    "worker has registered it; register it here, start a worker that has it, "
+                    "or pass max_attempts= (and has_cleanup=True if it has a cleanup handler)",
+                )
+        return tasks
 
     async def create_task(
         self,
@@ -416,7 +490,13 @@ class Node:
         """Create a task; returns its id. ``options``: ``user`` (""), ``group`` ("default"),
         ``auto_run`` (True; False leaves it INIT until ``run_task``), ``priority`` (0),
         ``run_at`` (None: now), ``max_attempts`` (None: the task type's), ``unique_key``
-        (None) and ``on_conflict`` ("error").
+        (None), ``on_conflict`` ("error") and ``has_cleanup`` (None: the task type's).
+
+        A type this node's registry lacks takes its options from the task types table, where
+        every worker stores those of the types it runs; when no worker has, ``max_attempts``
+        (and ``has_cleanup=True`` for a type with a cleanup handler) must be given, or
+        ``UnknownTaskType`` is raised (docs/how-to.md, "Create tasks of types a process has
+        not imported").
 
         With a ``unique_key``, at most one live task (INIT, PENDING, RUNNING, CANCELING,
         PAUSED) of the type holds it. When one does already, ``on_conflict`` says what happens:
@@ -431,8 +511,8 @@ class Node:
         unknown = set(options) - _OPTION_KEYS
         if unknown:
             raise ConfigurationError(f"unknown options: {sorted(unknown)}")
-        new = self._new_task(type, context, options)
-        ids = await self._insert([new], connection, session)
+        draft = self._new_task(type, context, options)
+        ids = await self._insert([draft], connection, session)
         return ids[0]
 
     async def create_tasks(
@@ -448,7 +528,7 @@ class Node:
         live task that holds its key. ``DuplicateTask`` creates none of them."""
         if isinstance(tasks, Mapping | str) or not isinstance(tasks, Sequence):
             raise ConfigurationError("create_tasks takes a list of mappings")
-        new: list[NewTask] = []
+        new: list[_Draft] = []
         for index, item in enumerate(tasks):
             if not isinstance(item, Mapping):
                 raise ConfigurationError(f"tasks[{index}] must be a mapping")
@@ -465,7 +545,7 @@ class Node:
 
     async def _insert(
         self,
-        new: list[NewTask],
+        drafts: list[_Draft],
         connection: AsyncConnection | None,
         session: AsyncSession | None,
     ) -> list[int]:
@@ -474,10 +554,12 @@ class Node:
         if session is not None:
             if not isinstance(session, AsyncSession):
                 raise ConfigurationError("session must be an AsyncSession")
-            connection = await session.connection()
         elif connection is not None and not isinstance(connection, AsyncConnection):
             raise ConfigurationError("connection must be an AsyncConnection")
         backend = self._ready()
+        new = await self._resolve(drafts)
+        if session is not None:
+            connection = await session.connection()
         ids = await backend.insert_many(new, connection)
         self._wake_local()
         return ids

@@ -77,8 +77,9 @@ class Case:
 
     @property
     def io(self) -> bool:
-        """Whether the error can only be known from the database."""
-        return self.error is TaskNotFound
+        """Whether the error can only be known from the database (a missing task; a type
+        that is not in the registry is looked up in the task types table)."""
+        return self.error in (TaskNotFound, UnknownTaskType)
 
 
 def _args(existing: int, values: tuple[Any, ...]) -> list[Any]:
@@ -150,6 +151,13 @@ def _cases() -> dict[str, list[Case]]:
         add("create_task", f"on_conflict {value!r}", "t", unique_key="k", on_conflict=value)
     for value in ["skip", "replace", "error"]:
         add("create_task", f"on_conflict {value!r} without a key", "t", on_conflict=value)
+    for value in ["yes", 1, 0]:
+        add("create_task", f"has_cleanup {value!r}", "t", has_cleanup=value)
+    add("create_task", "has_cleanup against the registry", "t", has_cleanup=True)
+    add("create_task", "no cleanup against the registry", "c", has_cleanup=False)
+    add(
+        "create_task", "unknown type, cleanup only", "nope", has_cleanup=True, error=UnknownTaskType
+    )
     add("create_task", "connection and session", "t", connection=object(), session=object())
     add("create_task", "an unknown option", "t", colour="red")
 
