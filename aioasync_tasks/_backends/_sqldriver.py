@@ -898,10 +898,21 @@ class SqlDriver:
                 )
                 writes.append(_Write(row, outcome, row.node_id))
             await self._write(conn, writes)
-            stopped = [(w.row.id, w.row.node_id) for w in writes if w.row.node_id is not None]
-            for owner in sorted({owner for _, owner in stopped}):
-                await self.notify(conn, f"stop:{owner}")
-            return stopped
+            return await self._tell_owners(conn, writes)
+
+    async def _tell_owners(
+        self, conn: AsyncConnection, writes: Iterable[_Write]
+    ) -> list[tuple[int, int]]:
+        """Send ``stop:<node>`` to the owners of the rows whose outcome stops them; returns
+        those rows as (task id, owner)."""
+        stopped = [
+            (w.row.id, w.row.node_id)
+            for w in writes
+            if w.outcome.stop and w.row.node_id is not None
+        ]
+        for owner in sorted({owner for _, owner in stopped}):
+            await self.notify(conn, f"stop:{owner}")
+        return stopped
 
     # -- retention and bulk deletes ---------------------------------------------------------
 
@@ -972,13 +983,7 @@ class SqlDriver:
             await self._write(conn, writes)
             if any(w.outcome.state is State.DELETING for w in writes):
                 await self.notify(conn, "wake")
-            stopped = [
-                (w.row.id, w.row.node_id)
-                for w in writes
-                if w.outcome.stop and w.row.node_id is not None
-            ]
-            for owner in sorted({owner for _, owner in stopped}):
-                await self.notify(conn, f"stop:{owner}")
+            stopped = await self._tell_owners(conn, writes)
         last = rows[-1].id if len(rows) >= params.limit else None
         return DeleteResult(len(writes), stopped, last)
 

@@ -77,17 +77,34 @@ def _page_text(page: list[Task], total: int, offset: int) -> str:
     return "\n".join(lines)
 
 
+def _filter_options(lead: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The filters of ``tasks list`` and of a bulk ``tasks delete``: --user, --group, --type and
+    --state, each help text led by ``lead``."""
+    options = [
+        click.option("--user", default=None, help=f"{lead} this user's tasks."),
+        click.option("--group", default=None, help=f"{lead} tasks of this group."),
+        click.option(
+            "--type", "types", multiple=True, help=f"{lead} tasks of this type (repeatable)."
+        ),
+        click.option(
+            "--state",
+            "states",
+            multiple=True,
+            type=click.Choice([s.value for s in State], case_sensitive=False),
+            help=f"{lead} tasks in this state (repeatable).",
+        ),
+    ]
+
+    def apply(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @tasks.command("list")
-@click.option("--user", default=None, help="Only this user's tasks.")
-@click.option("--group", default=None, help="Only tasks of this group.")
-@click.option("--type", "types", multiple=True, help="Only tasks of this type (repeatable).")
-@click.option(
-    "--state",
-    "states",
-    multiple=True,
-    type=click.Choice([s.value for s in State], case_sensitive=False),
-    help="Only tasks in this state (repeatable).",
-)
+@_filter_options("Only")
 @click.option("--limit", type=click.IntRange(1, MAX_PAGE_SIZE), default=50, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
 @json_option
@@ -208,16 +225,7 @@ def parse_age(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @tasks.command("delete")
 @click.argument("task_id", metavar="[ID]", type=int, required=False, callback=_optional_id)
 @click.option("--force", is_flag=True, help="Remove the rows at once, without cleanup handlers.")
-@click.option(
-    "--state",
-    "states",
-    multiple=True,
-    type=click.Choice([s.value for s in State], case_sensitive=False),
-    help="In bulk: tasks in this state (repeatable).",
-)
-@click.option("--type", "types", multiple=True, help="In bulk: tasks of this type (repeatable).")
-@click.option("--group", default=None, help="In bulk: tasks of this group.")
-@click.option("--user", default=None, help="In bulk: this user's tasks.")
+@_filter_options("In bulk:")
 @click.option(
     "--older-than",
     metavar="AGE",
