@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from .._errors import ContextError, TaskNotFound
 from .._models import State, Task
-from .._node import MAX_PAGE_SIZE, Node
+from .._node import MAX_PAGE_SIZE, Node, TaskOptions
+from .._validation import OnConflict
 from .client import Settings, load_registry, with_client
 from .output import (
     emit,
@@ -327,7 +328,7 @@ def _parse_run_at(ctx: click.Context, param: click.Parameter, value: str | None)
         when = datetime.fromisoformat(value.strip())
     except ValueError:
         raise click.BadParameter(
-            f"{value!r} is neither +N followed by s, m, h or d, nor an ISO 8601 time"
+            f"{value!r} is neither + and an age (+90s, +2h, +1d12h) nor an ISO 8601 time"
         ) from None
     return when if when.utcoffset() is not None else when.astimezone()
 
@@ -338,9 +339,9 @@ def _parse_run_at(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option(
     "--registry",
     "registry_spec",
-    required=True,
     metavar="MODULE:REGISTRY",
-    help="The TaskRegistry that defines TYPE: its options, cleanup handler and context type.",
+    help="The TaskRegistry that defines TYPE, to check a typed CONTEXT before writing "
+    "[default: none: the options the workers stored for TYPE].",
 )
 @click.option("--user", default="", help="The task's user [default: none].")
 @click.option("--group", default="default", show_default=True, help="The task's group (queue).")
@@ -348,8 +349,15 @@ def _parse_run_at(ctx: click.Context, param: click.Parameter, value: str | None)
     "--run-at",
     callback=_parse_run_at,
     metavar="TIME",
-    help="When it is due: +N followed by s, m, h or d from now, or an ISO 8601 time (local "
-    "unless it has an offset) [default: now].",
+    help="When it is due: + and an age from now (+90s, +2h, +1d12h), or an ISO 8601 time "
+    "(local unless it has an offset) [default: now].",
+)
+@click.option("--unique-key", help="At most one live task of TYPE holds this key.")
+@click.option(
+    "--on-conflict",
+    type=click.Choice(["error", "skip", "replace"]),
+    help="When a live task holds the key: fail, print that task, or give it this one's "
+    "context and options [default: error].",
 )
 @json_option
 @click.pass_obj
@@ -358,25 +366,36 @@ def create_task(
     *,
     task_type: str,
     context: str,
-    registry_spec: str,
+    registry_spec: str | None,
     user: str,
     group: str,
     run_at: datetime | None,
+    unique_key: str | None,
+    on_conflict: str | None,
     as_json: bool,
 ) -> None:
-    """Create a task of TYPE with CONTEXT (text; JSON for a type with a context type, checked
-    against it) and print it (with --json: the task as one object)."""
-    registry = load_registry(registry_spec)
-    kind = registry.get(task_type)
+    """Create a task of TYPE with CONTEXT (text; JSON for a type with a context type) and print
+    it (with --json: the task as one object). Without --registry, TYPE's options are those a
+    worker stored for it; with it, a typed CONTEXT is checked before anything is written."""
+    registry = None if registry_spec is None else load_registry(registry_spec)
     value: object = context
-    if kind.context_type is not None:
-        try:
-            value = kind.decode_context(context)
-        except ContextError as exc:
-            raise click.BadParameter(str(exc), param_hint="CONTEXT") from None
+    if registry is not None:
+        kind = registry.get(task_type)
+        if kind.context_type is not None:
+            try:
+                value = kind.decode_context(context)
+            except ContextError as exc:
+                raise click.BadParameter(str(exc), param_hint="CONTEXT") from None
+    options: TaskOptions = {"user": user, "group": group, "run_at": run_at}
+    if unique_key is not None:
+        options["unique_key"] = unique_key
+        if on_conflict is not None:
+            options["on_conflict"] = cast(OnConflict, on_conflict)  # one of click's choices
+    elif on_conflict is not None:
+        raise click.BadParameter("needs --unique-key", param_hint="--on-conflict")
 
     async def create(node: Node) -> Task:
-        task_id = await node.create_task(task_type, value, user=user, group=group, run_at=run_at)
+        task_id = await node.create_task(task_type, value, **options)
         return await node.get_task(task_id)
 
     task = with_client(settings, create, registry=registry)
