@@ -72,12 +72,24 @@ class Committer:
         self._pending.set()
         return batch
 
-    async def checkpoint(self, node_id: int, task_id: int, token: int, context: str) -> bool:
-        """Store ``context`` for the execution of ``task_id`` holding ``token`` on ``node_id``;
-        True once durable and accepted, False when the row is no longer the execution's.
-        Raises ``DatabaseError`` when the database refuses this value."""
+    async def checkpoint(
+        self,
+        node_id: int,
+        task_id: int,
+        token: int,
+        context: str | None,
+        *,
+        progress: float | None = None,
+        message: str | None = None,
+    ) -> bool:
+        """Store ``context`` (and ``progress``, ``message``; None keeps each) for the execution
+        of ``task_id`` holding ``token`` on ``node_id``; True once durable and accepted, False
+        when the row is no longer the execution's. Raises ``DatabaseError`` when the database
+        refuses this value."""
         batch = self._batch(node_id)
-        batch.contexts[task_id] = Checkpoint(token, context)
+        new = Checkpoint(token, context, progress, message)
+        waiting = batch.contexts.get(task_id)
+        batch.contexts[task_id] = new if waiting is None else waiting.then(new)
         waiter = batch.context_waiters.get(task_id)
         if waiter is None:
             waiter = batch.context_waiters[task_id] = asyncio.get_running_loop().create_future()

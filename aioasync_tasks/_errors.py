@@ -7,6 +7,7 @@ Every error the library raises on purpose derives from one root::
     ├── InvalidTransition(task_id, state, operation)
     ├── UnknownTaskType(type)
     ├── DuplicateTaskType(type)
+    ├── DuplicateTask(type, unique_key, task_id, state)
     ├── ConfigurationError          (also a ValueError: bad arguments and options)
     │   └── ContextError            (a context that does not fit its task type's context_type)
     ├── NodeNotStarted
@@ -47,10 +48,11 @@ class InvalidTransition(AsyncTasksError):
 
 
 class UnknownTaskType(AsyncTasksError, LookupError):
-    """The task type is not registered in this node's registry."""
+    """The task type is not registered in this node's registry (nor, to create a task, stored
+    by a worker that runs it)."""
 
-    def __init__(self, type: str) -> None:
-        super().__init__(f"unknown task type {type!r}: register it first")
+    def __init__(self, type: str, message: str | None = None) -> None:
+        super().__init__(message or f"unknown task type {type!r}: register it first")
         self.type = type
 
 
@@ -60,6 +62,29 @@ class DuplicateTaskType(AsyncTasksError):
     def __init__(self, type: str) -> None:
         super().__init__(f"task type {type!r} is already registered")
         self.type = type
+
+
+class DuplicateTask(AsyncTasksError):
+    """A live task of the same type already holds this ``unique_key`` (docs/how-to.md,
+    "Create unique tasks"): raised by ``create_task(..., on_conflict="error")``, by
+    ``on_conflict="replace"`` when that task is running, and by ``run_task`` on a FAILED task
+    whose key another task took meanwhile.
+
+    ``task_id`` and ``state`` are the live task's, when known (None when it took the key in a
+    race the database settled).
+    """
+
+    def __init__(
+        self, type: str, unique_key: str, task_id: int | None, state: State | None = None
+    ) -> None:
+        holder = "another live task" if task_id is None else f"task {task_id}"
+        if state is not None:
+            holder += f" ({state.value})"
+        super().__init__(f"a live {type!r} task has unique_key {unique_key!r} already: {holder}")
+        self.type = type
+        self.unique_key = unique_key
+        self.task_id = task_id
+        self.state = state
 
 
 class ConfigurationError(AsyncTasksError, ValueError):

@@ -73,6 +73,13 @@ class Task:
     started_at: datetime | None
     done_at: datetime | None
     run_at: datetime
+    unique_key: str | None = None
+    """The key that makes the task unique among the live tasks of its type, or None
+    (``create_task(unique_key=…)``)."""
+    progress: float | None = None
+    """What the task last reported, from 0 to 1 (``Report(progress=…)``), or None."""
+    message: str | None = None
+    """The message the task last reported with its progress (``Report(message=…)``), or None."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
 
@@ -20,33 +21,41 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import driver_for
 from ._backends._driver import (
+    DeleteParams,
     Driver,
     InsertParams,
     Limits,
     NewTask,
     OperateParams,
     PauseGroupParams,
+    RegisterTypesParams,
     SetGroupParams,
+    StoredTaskType,
     TaskFilter,
+    TaskTypesQuery,
 )
 from ._clock import Clock
-from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
+from ._errors import ConfigurationError, NodeNotStarted, NodeStopped, UnknownTaskType
 from ._logging import LOGGER_NAME
 from ._models import Group, NodeInfo, Operation, State, Task
 from ._registry import TaskFunction, TaskRegistry, TaskType
 from ._runner import Backoff
 from ._scheduling import SchedulingPolicy
+from ._services.pruner import Retention
 from ._services.runtime import NodeRuntime, Services
 from ._services.state import NodeConfig, NodeState
 from ._task import _current_node
 from ._urls import engine_from_url
 from ._validation import (
     INT64_MAX,
+    OnConflict,
     check_context,
+    check_duration,
     check_group,
     check_groups,
     check_int,
     check_name,
+    check_on_conflict,
     check_policy,
     check_schema,
     check_seconds,
@@ -54,6 +63,7 @@ from ._validation import (
     check_task_id,
     check_type_name,
     check_types,
+    check_unique_key,
     check_user,
 )
 
@@ -72,9 +82,25 @@ class TaskOptions(TypedDict, total=False):
     priority: int
     run_at: datetime | None
     max_attempts: int | None
+    unique_key: str | None
+    on_conflict: OnConflict
+    has_cleanup: bool | None
 
 
 _OPTION_KEYS = TaskOptions.__optional_keys__
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """A new task checked by ``_new_task``; ``stored``: of a type this node's registry lacks,
+    whose options ``_resolve`` reads from the task types table (``attempts_given``: but for
+    the ``max_attempts`` the caller gave)."""
+
+    task: NewTask
+    stored: bool = False
+    attempts_given: bool = False
+
+
 IDLE_TRANSACTION_FRACTION = 0.25
 """A write transaction of the node idle for this part of ``node_timeout`` is ended by the
 server (PostgreSQL)."""
@@ -118,6 +144,11 @@ class Node:
     calls (a test injects faults by replacing one of its methods), and, once started with
     ``concurrency > 0``, ``services``: its claimer, heartbeat, rescuer, committer and listener,
     each with ``run_once()`` to run one round of it.
+    - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats;
+      tests inject their own to make a lease run out without waiting.
+    - ``retention`` (None: for ever), ``failed_retention`` (None: for ever): how long FINISHED
+      and FAILED tasks are kept after they ended (a ``timedelta`` or seconds); then a worker
+      removes them, one node at a time, in batches (docs/design.md §4.5). Worker nodes only.
     """
 
     def __init__(
@@ -141,6 +172,8 @@ class Node:
         groups: Iterable[str] | None = None,
         logger: logging.Logger | None = None,
         clock: Clock | None = None,
+        retention: timedelta | float | None = None,
+        failed_retention: timedelta | float | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
             self._engine = url_or_engine
@@ -169,6 +202,17 @@ class Node:
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds")
         self.max_context_bytes = check_int("max_context_bytes", max_context_bytes, minimum=1)
+        kept = Retention(
+            None if retention is None else check_duration("retention", retention),
+            None
+            if failed_retention is None
+            else check_duration("failed_retention", failed_retention),
+        )
+        if self.concurrency == 0 and kept != Retention(None, None):
+            raise ConfigurationError(
+                "retention and failed_retention need a worker (concurrency > 0): a client-only "
+                "node runs no pruner"
+            )
         self._config = NodeConfig(
             concurrency=self.concurrency,
             cleanup_concurrency=cleanup_concurrency if self.concurrency else 0,
@@ -184,6 +228,7 @@ class Node:
             groups=check_groups(groups),
             max_context_bytes=self.max_context_bytes,
             clock=clock or time.monotonic,
+            retention=None if kept == Retention(None, None) else kept,
         )
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
@@ -271,6 +316,12 @@ class Node:
                 await self._driver.migrate()
             else:
                 await self._driver.check_schema()
+            if self.concurrency > 0 and len(self.registry):
+                # For the nodes that create tasks of types they have not imported.
+                types = tuple(
+                    StoredTaskType(t.name, t.max_attempts, t.has_cleanup) for t in self.registry
+                )
+                await self._driver.register_task_types(RegisterTypesParams(types))
             if self.concurrency > 0:
                 state = NodeState(self._driver, self.registry, self._config, self._logger)
                 runtime = NodeRuntime(state)
@@ -383,11 +434,14 @@ class Node:
 
     # -- creating ---------------------------------------------------------------------------
 
-    def _new_task(self, type: object, context: object, options: Mapping[str, object]) -> NewTask:
+    def _new_task(self, type: object, context: object, options: Mapping[str, object]) -> _Draft:
+        """A new task from ``create_task``'s arguments, every one checked (no I/O). A type this
+        node's registry lacks takes its options from the task types table (``_resolve``)."""
         # The defaults of ``TaskOptions`` live here, and only here.
-        task_type = self.registry.get(check_type_name(type))
-        if task_type.context_type is not None:  # a typed value, stored as JSON
-            context = task_type.encode_context(context)
+        name = check_type_name(type)
+        task_type = self.registry.get(name) if name in self.registry else None
+        if task_type is not None and task_type.context_type is not None:
+            context = task_type.encode_context(context)  # a typed value, stored as JSON
         context = check_context(context, self.max_context_bytes)
         user = options.get("user", "")
         group = options.get("group", "default")
@@ -395,26 +449,76 @@ class Node:
         priority = options.get("priority", 0)
         run_at = options.get("run_at")
         max_attempts = options.get("max_attempts")
+        has_cleanup = options.get("has_cleanup")
         if not isinstance(auto_run, bool):
             raise ConfigurationError("auto_run must be a bool")
         if run_at is not None and (not isinstance(run_at, datetime) or run_at.utcoffset() is None):
             raise ConfigurationError("run_at must be a timezone-aware datetime (or None)")
-        attempts = (
-            task_type.max_attempts
-            if max_attempts is None
-            else check_int("max_attempts", max_attempts, minimum=1)
-        )
-        return NewTask(
-            type=task_type.name,
+        unique_key = options.get("unique_key")
+        if unique_key is not None:
+            unique_key = check_unique_key(unique_key)
+        elif options.get("on_conflict") is not None:
+            raise ConfigurationError("on_conflict needs a unique_key")
+        on_conflict = check_on_conflict(options.get("on_conflict", "error"))
+        if max_attempts is not None:
+            max_attempts = check_int("max_attempts", max_attempts, minimum=1)
+        if has_cleanup is not None and not isinstance(has_cleanup, bool):
+            raise ConfigurationError("has_cleanup must be a bool (or None)")
+        if task_type is not None and has_cleanup not in (None, task_type.has_cleanup):
+            raise ConfigurationError(
+                f"has_cleanup={has_cleanup} for task type {name!r}, whose registered cleanup "
+                f"handler says {task_type.has_cleanup}: leave it out"
+            )
+        new = NewTask(
+            type=name,
             context=context,
             user=check_user(user),
             group=check_group(group),
             priority=check_int("priority", priority),
-            max_attempts=attempts,
-            has_cleanup=task_type.has_cleanup,
+            max_attempts=max_attempts or (task_type.max_attempts if task_type else 1),
+            has_cleanup=task_type.has_cleanup if task_type else bool(has_cleanup),
             state=State.PENDING if auto_run else State.INIT,
             run_at=run_at,
+            unique_key=unique_key,
+            on_conflict=on_conflict,
         )
+        if task_type is not None or (max_attempts is not None and has_cleanup is not None):
+            return _Draft(new)
+        return _Draft(new, stored=True, attempts_given=max_attempts is not None)
+
+    async def _resolve(self, drafts: Sequence[_Draft]) -> list[NewTask]:
+        """The new tasks, with the stored options of the types this node has not imported
+        (one read for all of them; docs/design.md §4.6)."""
+        names = tuple(sorted({d.task.type for d in drafts if d.stored}))
+        if not names:
+            return [d.task for d in drafts]
+        found = await self._ready().get_task_types(TaskTypesQuery(names))
+        stored = {t.name: t for t in found}
+        tasks = []
+        for d in drafts:
+            options = stored.get(d.task.type)
+            if not d.stored:
+                tasks.append(d.task)
+            elif options is not None:
+                tasks.append(
+                    replace(
+                        d.task,
+                        max_attempts=d.task.max_attempts
+                        if d.attempts_given
+                        else options.max_attempts,
+                        has_cleanup=options.has_cleanup,
+                    )
+                )
+            elif d.attempts_given:
+                tasks.append(d.task)  # its options given: max_attempts, has_cleanup or False
+            else:
+                raise UnknownTaskType(
+                    d.task.type,
+                    f"unknown task type {d.task.type!r}: not in this node's registry, and no "
+                    "worker has registered it; register it here, start a worker that has it, "
+                    "or pass max_attempts= (and has_cleanup=True if it has a cleanup handler)",
+                )
+        return tasks
 
     async def create_task(
         self,
@@ -428,7 +532,21 @@ class Node:
         """Create a task; returns its id. ``context`` is a ``str``, or a value of the type's
         ``context_type`` (``ContextError`` for any other). ``options``: ``user`` (""), ``group``
         ("default"), ``auto_run`` (True; False leaves it INIT until ``run_task``), ``priority`` (0),
-        ``run_at`` (None: now), ``max_attempts`` (None: the task type's).
+        ``run_at`` (None: now), ``max_attempts`` (None: the task type's), ``unique_key``
+        (None), ``on_conflict`` ("error") and ``has_cleanup`` (None: the task type's).
+
+        A type this node's registry lacks takes its options from the task types table, where
+        every worker stores those of the types it runs; when no worker has, ``max_attempts``
+        (and ``has_cleanup=True`` for a type with a cleanup handler) must be given, or
+        ``UnknownTaskType`` is raised (docs/how-to.md, "Create tasks of types a process has
+        not imported").
+
+        With a ``unique_key``, at most one live task (INIT, PENDING, RUNNING, CANCELING,
+        PAUSED) of the type holds it. When one does already, ``on_conflict`` says what happens:
+        ``"error"`` raises ``DuplicateTask``; ``"skip"`` creates nothing and returns that task's
+        id; ``"replace"`` gives that task this one's context and options (it keeps its id and
+        state, and starts afresh) and returns its id — or raises ``DuplicateTask`` if it is
+        running (docs/how-to.md, "Create unique tasks").
 
         With ``connection=`` or ``session=`` the task is inserted in the caller's transaction
         and exists only if that transaction commits (transactional outbox).
@@ -436,8 +554,8 @@ class Node:
         unknown = set(options) - _OPTION_KEYS
         if unknown:
             raise ConfigurationError(f"unknown options: {sorted(unknown)}")
-        new = self._new_task(type, context, options)
-        ids = await self._insert([new], connection, session)
+        draft = self._new_task(type, context, options)
+        ids = await self._insert([draft], connection, session)
         return ids[0]
 
     async def create_tasks(
@@ -448,10 +566,12 @@ class Node:
         session: AsyncSession | None = None,
     ) -> list[int]:
         """Create many tasks in one round trip; each item is a mapping with the keyword
-        arguments of ``create_task`` (``type`` required). Returns the ids in order."""
+        arguments of ``create_task`` (``type`` required; ``unique_key`` and ``on_conflict``
+        per item). Returns the ids in order: for an item skipped or replaced, the id of the
+        live task that holds its key. ``DuplicateTask`` creates none of them."""
         if isinstance(tasks, Mapping | str) or not isinstance(tasks, Sequence):
             raise ConfigurationError("create_tasks takes a list of mappings")
-        new: list[NewTask] = []
+        new: list[_Draft] = []
         for index, item in enumerate(tasks):
             if not isinstance(item, Mapping):
                 raise ConfigurationError(f"tasks[{index}] must be a mapping")
@@ -468,7 +588,7 @@ class Node:
 
     async def _insert(
         self,
-        new: list[NewTask],
+        drafts: list[_Draft],
         connection: AsyncConnection | None,
         session: AsyncSession | None,
     ) -> list[int]:
@@ -477,10 +597,12 @@ class Node:
         if session is not None:
             if not isinstance(session, AsyncSession):
                 raise ConfigurationError("session must be an AsyncSession")
-            connection = await session.connection()
         elif connection is not None and not isinstance(connection, AsyncConnection):
             raise ConfigurationError("connection must be an AsyncConnection")
         backend = self._ready()
+        new = await self._resolve(drafts)
+        if session is not None:
+            connection = await session.connection()
         ids = await backend.insert_many(InsertParams(new, connection))
         self._wake_local()
         return ids
@@ -505,9 +627,18 @@ class Node:
         result = await backend.operate(OperateParams(task_id, operation, force=force, group=group))
         if result.outcome.changed:
             self._wake_local()
+        if result.outcome.stop and result.owner is not None:
+            self._stop_here([(task_id, result.owner)], lost=result.outcome.state is None)
+
+    def _stop_here(self, stopped: Iterable[tuple[int, int]], *, lost: bool) -> None:
+        """Stop at once the executions of ``stopped`` (task id, owner) that run on this node;
+        other owners hear it from their heartbeat or a notification."""
         runtime = self._runtime
-        if result.outcome.stop and runtime is not None and result.owner == runtime.state.node_id:
-            runtime.state.stop_local(task_id, lost=result.outcome.state is None)
+        if runtime is None:
+            return
+        for task_id, owner in stopped:
+            if owner == runtime.state.node_id:
+                runtime.state.stop_local(task_id, lost=lost)
 
     async def run_task(self, task_id: int) -> None:
         """Queue an INIT, PAUSED or FAILED task (FAILED: a fresh series of attempts)."""
@@ -528,6 +659,45 @@ class Node:
         """Move a task to another group (queue); allowed in every state but DELETING."""
         group = check_group(group)
         await self._operate(task_id, Operation.CHANGE_GROUP, group=group)
+
+    async def delete_tasks(
+        self,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        types: Iterable[str] | None = None,
+        states: Iterable[State | str] | None = None,
+        older_than: timedelta | float | None = None,
+        force: bool = False,
+    ) -> int:
+        """Delete every task that matches all the given filters — those of ``get_tasks``, and
+        ``older_than`` (a ``timedelta`` or seconds): not changed for that long, by
+        ``updated_at`` — as ``delete_task`` deletes one (a cleanup handler runs, a running task
+        is stopped first; ``force=True`` removes them at once). At least one filter is needed.
+        Works in batches of a few hundred tasks, one transaction each; returns how many tasks
+        the delete changed (removed, DELETING, or told to stop)."""
+        f = self._filter(user, group, types, states)
+        age = None if older_than is None else check_duration("older_than", older_than)
+        if not isinstance(force, bool):
+            raise ConfigurationError("force must be a bool")
+        if (f.user, f.group, f.types, f.states, age) == (None, None, None, None, None):
+            raise ConfigurationError(
+                "delete_tasks needs a filter (user, group, types, states or older_than); "
+                "to delete every task, name every state: states=list(State)"
+            )
+        backend = self._ready()
+        deleted, after = 0, 0
+        while True:
+            params = DeleteParams(f, older_than=age, force=force, after=after)
+            result = await backend.delete_matching(params)
+            deleted += result.deleted
+            self._stop_here(result.stopped, lost=force)
+            if result.after is None:
+                break
+            after = result.after
+        if deleted:
+            self._wake_local()
+        return deleted
 
     # -- querying ---------------------------------------------------------------------------
 
@@ -590,10 +760,7 @@ class Node:
         if not isinstance(stop_running, bool):
             raise ConfigurationError("stop_running must be a bool")
         stopped = await self._ready().pause_group(PauseGroupParams(group, stop_running))
-        runtime = self._runtime
-        for task_id, owner in stopped:
-            if runtime is not None and owner == runtime.state.node_id:
-                runtime.state.stop_local(task_id, lost=False)
+        self._stop_here(stopped, lost=False)
 
     async def resume_group(self, group: str) -> None:
         """Claim from ``group`` again."""

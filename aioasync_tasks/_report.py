@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ._contexts import is_typed_context_value
 from ._errors import ConfigurationError
-from ._validation import check_text
+from ._validation import check_message, check_progress, check_text
 
 
 class Phase(enum.StrEnum):
@@ -31,12 +31,16 @@ class Report:
     dataclass or pydantic model instance, or a TypedDict's dict), checked and encoded when it is
     stored. ``delete`` (terminal phases only) removes the task's row instead of keeping it
     FINISHED or FAILED. ``error`` is the failure text: any ``str``, made storable when stored.
+    ``progress`` (a fraction from 0 to 1) and ``message`` (at most 1,000 characters) are stored
+    with the checkpoint, in the same write; None keeps the stored value (docs/design.md §2.6).
     """
 
     context: object = None
     phase: Phase = Phase.NORMAL
     delete: bool = False
     error: str | None = None
+    progress: float | None = None
+    message: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.context, str):
@@ -54,18 +58,53 @@ class Report:
             raise ConfigurationError("error is only meaningful on a failed report")
         if self.error is not None and not isinstance(self.error, str):
             raise ConfigurationError(f"Report error must be a str, not {type(self.error).__name__}")
+        if self.progress is not None:
+            object.__setattr__(self, "progress", check_progress(self.progress))
+        if self.message is not None:
+            check_message(self.message)
 
     @classmethod
-    def finished(cls, context: object = None, *, delete: bool = False) -> Report:
+    def finished(
+        cls,
+        context: object = None,
+        *,
+        delete: bool = False,
+        progress: float | None = None,
+        message: str | None = None,
+    ) -> Report:
         """The task is done; ``delete=True`` removes its record."""
-        return cls(context=context, phase=Phase.FINISHED, delete=delete)
+        return cls(
+            context=context,
+            phase=Phase.FINISHED,
+            delete=delete,
+            progress=progress,
+            message=message,
+        )
 
     @classmethod
     def failed(
-        cls, error: str = "failed", *, context: object = None, delete: bool = False
+        cls,
+        error: str = "failed",
+        *,
+        context: object = None,
+        delete: bool = False,
+        progress: float | None = None,
+        message: str | None = None,
     ) -> Report:
         """The task failed with ``error``; it is retried while attempts are left."""
-        return cls(context=context, phase=Phase.FAILED, delete=delete, error=error)
+        return cls(
+            context=context,
+            phase=Phase.FAILED,
+            delete=delete,
+            error=error,
+            progress=progress,
+            message=message,
+        )
+
+    @property
+    def stores(self) -> bool:
+        """Whether a checkpoint has anything to store (context, progress or message)."""
+        return self.context is not None or self.progress is not None or self.message is not None
 
     @property
     def terminal(self) -> bool:

@@ -14,15 +14,15 @@ still the execution's own (docs/explanation.md, "Claim tokens").
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import enum
 import logging
 import random
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from ._backends._driver import Claimed, Completion
 from ._clock import Clock
@@ -53,6 +53,11 @@ class Backoff:
     def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
         ceiling = min(self.cap, self.base * 2 ** max(attempt - 1, 0))
         return float(ceiling * rng())
+
+
+def _progress_of(report: Report) -> dict[str, Any]:
+    """The progress and message a final report stores with its completion."""
+    return {"progress": report.progress, "message": report.message}
 
 
 class Execution:
@@ -212,11 +217,16 @@ class Execution:
                 raise TypeError(f"a task must yield Report objects, not {type(report).__name__}")
             context = self._encode(report.context)
             if report.terminal:
-                return dataclasses.replace(report, context=context)
-            if context is not None:
+                return replace(report, context=context)
+            if report.stores:
                 try:
                     accepted = await self._committer.checkpoint(
-                        self.node_id, self.claimed.id, self.token, context
+                        self.node_id,
+                        self.claimed.id,
+                        self.token,
+                        context,
+                        progress=report.progress,
+                        message=report.message,
                     )
                 except DatabaseError as exc:  # the database refused this value: fail the task
                     raise DatabaseError(f"the checkpoint could not be stored: {exc}") from exc
@@ -280,9 +290,9 @@ class Execution:
             context = final.context if isinstance(final.context, str) else None
             if final.phase is Phase.FINISHED:
                 event = Event.DISCARD if final.delete else Event.FINISHED
-                return self._finish(event, context, None)
+                return replace(self._finish(event, context, None), **_progress_of(final))
             event = Event.DISCARD if final.delete else Event.FAILED  # Phase.FAILED
-            return self._finish(event, context, final.error)
+            return replace(self._finish(event, context, final.error), **_progress_of(final))
         if error is not None:
             return self._finish(Event.FAILED, None, error)
         if timed_out:

@@ -18,13 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The newest migration this library knows."""
 
 TASKS = "aioasync_tasks"
 NODES = "aioasync_nodes"
 GROUPS = "aioasync_groups"
 VERSIONS = "aioasync_schema_version"
+TASK_TYPES = "aioasync_task_types"
 
 MYSQL = ("mysql", "mariadb")
 """SQLAlchemy's names of the MySQL dialect (a ``mariadb://`` URL gets the second)."""
@@ -79,6 +80,11 @@ _PENDING = sa.text("state = 'pending'")
 _ACTIVE = sa.text("state IN ('running', 'canceling')")
 _DELETING = sa.text("state = 'deleting' AND node_id IS NULL")
 _OWNED = sa.text("node_id IS NOT NULL")
+LIVE_STATES_SQL = "'init', 'pending', 'running', 'canceling', 'paused'"
+"""The states in which a task holds its unique key (docs/design.md §4.4): every state but the
+final ones (FINISHED, FAILED) and DELETING, written as the unique index's predicate is."""
+_UNIQUE = sa.text(f"unique_key IS NOT NULL AND state IN ({LIVE_STATES_SQL})")
+_DONE = sa.text("done_at IS NOT NULL")
 
 
 _TABLE_OPTIONS: dict[str, Any] = {
@@ -124,6 +130,11 @@ tasks_table = sa.Table(
         nullable=False,
         server_default="0",
     ),
+    # At most one live task per (type, unique_key) (docs/design.md §4.4).
+    sa.Column("unique_key", sa.Text(), nullable=True),
+    # What the task last reported with a checkpoint (docs/design.md §2.6).
+    sa.Column("progress", sa.Double(), nullable=True),
+    sa.Column("message", sa.Text(), nullable=True),
     sa.CheckConstraint(
         "state IN ('init', 'pending', 'running', 'canceling', 'paused', 'finished', "
         "'failed', 'deleting')",
@@ -139,6 +150,9 @@ tasks_table = sa.Table(
     sa.Index("aioasync_tasks_user_idx", "user_name", "id"),
     sa.Index("aioasync_tasks_group_idx", "group_name", "id"),
     sa.Index("aioasync_tasks_state_idx", "state", "id"),
+    sa.Index("aioasync_tasks_unique_idx", "type", "unique_key", unique=True, **_partial(_UNIQUE)),
+    # Retention: the oldest FINISHED (or FAILED) tasks first (docs/design.md §4.5).
+    sa.Index("aioasync_tasks_done_idx", "state", "done_at", **_partial(_DONE)),
     sqlite_autoincrement=True,  # ids are never reused: stale writes cannot hit a newer task
     **_TABLE_OPTIONS,
 )
@@ -178,6 +192,17 @@ groups_table = sa.Table(
     sa.Column("max_running_per_user", sa.Integer(), nullable=True),
     sa.Column("updated_at", Timestamp(), nullable=False),
     **_TABLE_OPTIONS,
+)
+
+task_types_table = sa.Table(
+    # The options of each task type, stored by the workers that run it: a node that has not
+    # imported a type creates its tasks with them (docs/design.md §4.6).
+    TASK_TYPES,
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("max_attempts", sa.Integer(), nullable=False),
+    sa.Column("has_cleanup", sa.Boolean(), nullable=False),
+    sa.Column("updated_at", Timestamp(), nullable=False),
 )
 
 versions_table = sa.Table(

@@ -59,6 +59,11 @@ class Event(enum.StrEnum):
 
 ACTIVE_STATES = frozenset({State.RUNNING, State.CANCELING})
 """States in which a node owns and executes the task's generator."""
+LIVE_STATES = frozenset({State.INIT, State.PENDING, State.RUNNING, State.CANCELING, State.PAUSED})
+"""States in which a task holds its unique key (docs/design.md §4.4): all but FINISHED, FAILED
+and DELETING. The unique index's predicate lists the same (``_schema.LIVE_STATES_SQL``)."""
+REPLACEABLE_STATES = LIVE_STATES - ACTIVE_STATES
+"""The live states in which ``on_conflict="replace"`` may rewrite a task: no node runs it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from datetime import timedelta
+from typing import Literal, get_args
 
 from ._errors import ConfigurationError
 from ._models import State
@@ -36,6 +38,11 @@ SCHEMA_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 """A PostgreSQL schema name: a plain identifier of at most 63 characters (NAMEDATALEN - 1)."""
 MAX_ERROR_LENGTH = 65_536
 """The longest stored error text, in characters (``clean_error_text``)."""
+MAX_MESSAGE_LENGTH = 1_000
+"""The longest progress message of a ``Report``, in characters."""
+OnConflict = Literal["error", "skip", "replace"]
+"""What ``create_task`` does when a live task of the type holds the unique key already."""
+ON_CONFLICT: tuple[OnConflict, ...] = get_args(OnConflict)
 
 
 def check_int(
@@ -50,6 +57,21 @@ def check_int(
     if value > maximum:
         raise ConfigurationError(f"{name} must be at most {maximum}, not {value}")
     return value
+
+
+def check_duration(name: str, value: object) -> float:
+    """A positive duration: a ``timedelta`` or a number of seconds; returns seconds."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"{name} must be a timedelta or a number of seconds, not {type(value).__name__}"
+        )
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"{name} must be a positive duration, not {value!r}")
+    return seconds
 
 
 def check_seconds(name: str, value: object) -> float:
@@ -119,6 +141,41 @@ def check_context(context: object, max_bytes: int) -> str:
             f"context is {size} bytes, more than max_context_bytes={max_bytes}"
         )
     return context
+
+
+def check_progress(progress: object) -> float:
+    """A task's progress: a finite number from 0 to 1 (a fraction, not a percentage)."""
+    if (
+        isinstance(progress, bool)
+        or not isinstance(progress, int | float)
+        or not math.isfinite(progress)
+    ):
+        raise ConfigurationError(f"progress must be a number from 0 to 1, not {progress!r}")
+    if not 0 <= progress <= 1:
+        raise ConfigurationError(f"progress must be from 0 to 1 (a fraction), not {progress}")
+    return float(progress)
+
+
+def check_message(message: object) -> str:
+    """A progress message: storable text of at most ``MAX_MESSAGE_LENGTH`` characters."""
+    return check_text("message", message, allow_empty=True, max_length=MAX_MESSAGE_LENGTH)
+
+
+def check_unique_key(key: object) -> str:
+    """A unique key: a name (storable, not blank, at most ``MAX_NAME_LENGTH`` characters; it is
+    indexed with the task type)."""
+    if not isinstance(key, str):
+        raise ConfigurationError(f"unique_key must be a str, not {type(key).__name__}")
+    return check_name("unique_key", key)
+
+
+def check_on_conflict(on_conflict: object) -> OnConflict:
+    """One of ``ON_CONFLICT``."""
+    for known in ON_CONFLICT:
+        if isinstance(on_conflict, str) and on_conflict == known:
+            return known
+    choices = ", ".join(repr(c) for c in ON_CONFLICT)
+    raise ConfigurationError(f"on_conflict must be one of {choices}, not {on_conflict!r}")
 
 
 def check_schema(schema: object) -> str:

@@ -160,6 +160,12 @@ class LedgerReader:
             )
             return [row[0] for row in result]
 
+    async def all_events(self) -> list[tuple[int, str]]:
+        """(task id, kind) of every event of every task."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(text("SELECT task_id, kind FROM events ORDER BY at"))
+            return [(row[0], row[1]) for row in result]
+
     async def cleanups(self, task_id: int) -> list[tuple[int, str]]:
         """(node id, context) of every cleanup run of a task."""
         async with self.engine.connect() as conn:

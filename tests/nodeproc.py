@@ -12,6 +12,13 @@
     Creates ``N`` INIT tasks of type ``bulk`` (never run: not ``auto_run``) in one
     ``create_tasks`` call, then prints ``CREATED <count> <seconds>``.
 
+``python tests/nodeproc.py unique --url URL [--schema S] --keys K1,K2,… --seed N``
+    A creator of unique tasks: starts a client-only node, prints ``READY``, waits for one line
+    on stdin (so that every creator starts at once), then creates one ``keyed`` task per key
+    at once — each ``create_task`` with a random ``on_conflict``, in a random order — and all
+    of them again in one ``create_tasks`` with ``on_conflict="skip"``. Prints one JSON line:
+    per key, the task ids it was given (a ``DuplicateTask``'s ``task_id`` for an error).
+
 Run as a script, Python puts ``tests/`` first on ``sys.path``, so ``_ledger`` imports as it
 does in the tests. The tests import this module too, for ``build_registry`` (a client-only
 node needs the types to create tasks).
@@ -37,6 +44,9 @@ Task types, all writing to the ledger tables of ``_ledger`` in the same database
     never succeed, the crash loop of a poison task.
 ``bulk``
     Created by the ``bulk`` command, never run.
+``keyed``
+    Context ``{"key": K}``: records ``unique K`` in the ledger's events table when it starts,
+    then runs until it is stopped.
 """
 
 from __future__ import annotations
@@ -46,14 +56,16 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from _ledger import LedgerWriter, ledger_engine
 
-from aioasync_tasks import Node, Report, TaskInfo, TaskRegistry, current_task
+from aioasync_tasks import DuplicateTask, Node, Report, TaskInfo, TaskRegistry, current_task
 
 _writers: list[LedgerWriter] = []
 """The ledger writer of this node process (set by ``_serve``)."""
@@ -125,6 +137,13 @@ async def doomed_cleanup(context: str, stop: asyncio.Event) -> AsyncIterator[Rep
     yield Report.finished()
 
 
+async def keyed(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+    info = _info()
+    await _ledger().events(info.id, info.node, [(f"unique {json.loads(context)['key']}", 0.0)])
+    yield Report(progress=0.0)
+    await stop.wait()
+
+
 async def bulk(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
     raise AssertionError("bulk tasks are never run")
     yield Report()
@@ -137,6 +156,7 @@ def build_registry(*, stop_timeout: float = 30.0) -> TaskRegistry:
     registry.register_task("stubborn", stubborn, stop_timeout=stop_timeout)
     registry.register_task("doomed", doomed, doomed_cleanup)
     registry.register_task("bulk", bulk)
+    registry.register_task("keyed", keyed)
     return registry
 
 
@@ -157,6 +177,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     create.add_argument("--url", required=True)
     create.add_argument("--schema", default=None)
     create.add_argument("--count", type=int, required=True)
+    unique = sub.add_parser("unique")
+    unique.add_argument("--url", required=True)
+    unique.add_argument("--schema", default=None)
+    unique.add_argument("--keys", required=True)
+    unique.add_argument("--seed", type=int, required=True)
     return parser.parse_args(argv)
 
 
@@ -203,6 +228,44 @@ async def _bulk(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _unique(args: argparse.Namespace) -> int:
+    keys = args.keys.split(",")
+    rng = random.Random(args.seed)
+    seen: dict[str, list[int | None]] = {key: [] for key in keys}
+    node = Node(args.url, registry=build_registry(), schema=args.schema, concurrency=0)
+    async with node:
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+        async def create(key: str, on_conflict: Any) -> None:
+            context = json.dumps({"key": key})
+            try:
+                task_id: int | None = await node.create_task(
+                    "keyed", context, unique_key=key, on_conflict=on_conflict
+                )
+            except DuplicateTask as exc:
+                task_id = exc.task_id
+            seen[key].append(task_id)
+
+        order = rng.sample(keys, len(keys))
+        choices = ["skip", "replace", "error"]
+        await asyncio.gather(*(create(key, rng.choice(choices)) for key in order))
+        order = rng.sample(keys, len(keys))
+        items = [
+            {
+                "type": "keyed",
+                "context": json.dumps({"key": k}),
+                "unique_key": k,
+                "on_conflict": "skip",
+            }
+            for k in order
+        ]
+        for key, task_id in zip(order, await node.create_tasks(items), strict=True):
+            seen[key].append(task_id)
+    print(json.dumps(seen), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -212,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.command == "bulk":
         return asyncio.run(_bulk(args))
+    if args.command == "unique":
+        return asyncio.run(_unique(args))
     return asyncio.run(_serve(args))
 
 

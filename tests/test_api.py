@@ -18,6 +18,7 @@ from aioasync_tasks import (
     ConfigurationError,
     ContextError,
     DatabaseError,
+    DuplicateTask,
     DuplicateTaskType,
     InvalidTransition,
     NodeNotStarted,
@@ -35,6 +36,7 @@ PUBLIC_API = [
     "ConfigurationError",
     "ContextError",
     "DatabaseError",
+    "DuplicateTask",
     "DuplicateTaskType",
     "FairShare",
     "Fifo",
@@ -69,6 +71,7 @@ EXCEPTIONS = {
     "InvalidTransition": (),
     "UnknownTaskType": (LookupError,),
     "DuplicateTaskType": (),
+    "DuplicateTask": (),
     "ConfigurationError": (ValueError,),
     "ContextError": (ConfigurationError, ValueError),
     "NodeNotStarted": (),
@@ -140,6 +143,17 @@ def test_exceptions_carry_their_fields() -> None:
 
     assert UnknownTaskType("x").type == "x"
     assert DuplicateTaskType("y").type == "y"
+    duplicate = DuplicateTask("report", "user:42", 9, State.RUNNING)
+    assert (duplicate.type, duplicate.unique_key, duplicate.task_id, duplicate.state) == (
+        "report",
+        "user:42",
+        9,
+        State.RUNNING,
+    )
+    assert str(duplicate) == (
+        "a live 'report' task has unique_key 'user:42' already: task 9 (running)"
+    )
+    assert DuplicateTask("report", "k", None).task_id is None
     for error in (ConfigurationError, NodeNotStarted, NodeStopped, SchemaError, DatabaseError):
         assert isinstance(error("message"), AsyncTasksError)
     context = ContextError("message", task_type="ship", context_type=dict)

@@ -18,7 +18,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,9 @@ class Case:
 
     @property
     def io(self) -> bool:
-        """Whether the error can only be known from the database."""
-        return self.error is TaskNotFound
+        """Whether the error can only be known from the database (a missing task; a type
+        that is not in the registry is looked up in the task types table)."""
+        return self.error in (TaskNotFound, UnknownTaskType)
 
 
 def _args(existing: int, values: tuple[Any, ...]) -> list[Any]:
@@ -142,9 +143,21 @@ def _cases() -> dict[str, list[Case]]:
         "max_attempts": [0, -1, True, "2", 1.5, 2**31],
         "connection": ["a connection"],
         "session": ["a session"],
+        "unique_key": [5, b"k", "", "   ", "k\x00", LONE, "k" * (NAME_LIMIT + 1)],
     }.items():
         for value in values:
             add("create_task", f"{field} {value!r}"[:60], "t", **{field: value})
+    for value in ["ignore", "SKIP", None, 1, ["skip"]]:
+        add("create_task", f"on_conflict {value!r}", "t", unique_key="k", on_conflict=value)
+    for value in ["skip", "replace", "error"]:
+        add("create_task", f"on_conflict {value!r} without a key", "t", on_conflict=value)
+    for value in ["yes", 1, 0]:
+        add("create_task", f"has_cleanup {value!r}", "t", has_cleanup=value)
+    add("create_task", "has_cleanup against the registry", "t", has_cleanup=True)
+    add("create_task", "no cleanup against the registry", "c", has_cleanup=False)
+    add(
+        "create_task", "unknown type, cleanup only", "nope", has_cleanup=True, error=UnknownTaskType
+    )
     add("create_task", "connection and session", "t", connection=object(), session=object())
     add("create_task", "an unknown option", "t", colour="red")
 
@@ -165,6 +178,9 @@ def _cases() -> dict[str, list[Case]]:
         ("a bool priority", [good, {"type": "t", "priority": True}]),
         ("a naive run_at", [good, {"type": "t", "run_at": NAIVE}]),
         ("a bad group", [good, {"type": "t", "group": ""}]),
+        ("a bad unique_key", [good, {"type": "t", "unique_key": 7}]),
+        ("a bad on_conflict", [good, {"type": "t", "unique_key": "k", "on_conflict": "x"}]),
+        ("an on_conflict without a key", [good, {"type": "t", "on_conflict": "skip"}]),
     ]:
         add("create_tasks", name, value)
     for field in ("context", "user", "group", "type"):
@@ -239,6 +255,16 @@ def _cases() -> dict[str, list[Case]]:
     ]
     for name, kwargs in paging:
         add("get_tasks", name, **kwargs)
+
+    # delete_tasks: the filters of the queries, and its own
+    add("delete_tasks", "no filter")
+    add("delete_tasks", "no filter, forced", force=True)
+    for name, kwargs in filters:
+        add("delete_tasks", name, **kwargs)
+    for value in [0, -1, "7d", True, math.nan, timedelta(0)]:
+        add("delete_tasks", f"older_than {value!r}", states=["finished"], older_than=value)
+    for value in ["yes", 1, None]:
+        add("delete_tasks", f"force {value!r}", states=["finished"], force=value)
 
     # groups
     for method in ("pause_group", "resume_group", "set_group_limits"):
@@ -409,6 +435,14 @@ CONSTRUCTOR_CASES: list[tuple[str, dict[str, Any]]] = [
     ("schema on SQLite", {"schema": "tenant"}),
     ("schema empty", {"schema": ""}),
     ("schema not an identifier", {"schema": "a :b"}),
+    ("retention zero", {"retention": 0}),
+    ("retention negative", {"retention": timedelta(seconds=-1)}),
+    ("retention str", {"retention": "7d"}),
+    ("retention bool", {"retention": True}),
+    ("retention inf", {"retention": math.inf}),
+    ("failed_retention nan", {"failed_retention": math.nan}),
+    ("retention on a client-only node", {"retention": 60, "concurrency": 0}),
+    ("failed_retention on a client-only node", {"failed_retention": 60, "concurrency": 0}),
 ]
 
 

@@ -384,6 +384,33 @@ async def test_tasks_create(db: DbTarget, client: Node, tmp_path: Path) -> None:
     assert await client.count_tasks() == 4
 
 
+async def test_tasks_create_without_task_code_and_with_a_unique_key(
+    db: DbTarget, tmp_path: Path
+) -> None:
+    """A worker stored its types' options: the command line creates tasks of them with no
+    registry, and a unique key keeps one live task of the type."""
+    async with make_node(db, seed_registry, concurrency=1, groups=["elsewhere"]) as worker:
+        first = task_from_json(
+            await cli_json("tasks", "create", "dot", _dot(2), "--unique-key", "k", db=db)
+        )
+        assert (first.type, first.max_attempts, first.state) == ("dot", 3, State.PENDING)
+        again = await cli_json(
+            "tasks", "create", "dot", _dot(3), "--unique-key", "k", "--on-conflict", "skip",
+            db=db,
+        )  # fmt: skip
+        assert again["id"] == first.id
+        duplicate = await cli("tasks", "create", "dot", _dot(3), "--unique-key", "k", db=db)
+        assert duplicate.code == 1
+        assert "a live 'dot' task has unique_key 'k' already: task" in duplicate.err
+        unknown = await cli("tasks", "create", "nothing", db=db)
+        assert unknown.code == 1
+        assert "nothing" in unknown.err
+        lone = await cli("tasks", "create", "dot", "--on-conflict", "skip", db=db)
+        assert lone.code == 2
+        assert "needs --unique-key" in lone.err
+        assert await worker.count_tasks() == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -392,7 +419,7 @@ async def test_tasks_create(db: DbTarget, client: Node, tmp_path: Path) -> None:
             "Invalid value for CONTEXT: context is not a valid Order",
         ),
         (["ship", "not json"], "Invalid value for CONTEXT: context is not a valid Order"),
-        (["ship", "{}", "--run-at", "tomorrow"], "'tomorrow' is neither +N"),
+        (["ship", "{}", "--run-at", "tomorrow"], "'tomorrow' is neither + and an age"),
         (["nothing"], "error: unknown task type 'nothing'"),
     ],
 )

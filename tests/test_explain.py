@@ -21,6 +21,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -183,12 +184,14 @@ def check_uses_index(plan: dict[str, Any], what: str, *, filter_column: str | No
 
 
 def sql_literal(value: object) -> str:
-    """A literal for EXECUTE (the values are the test's own: text, ints, lists of text; an
-    empty list is left for the statement's own cast to type)."""
+    """A literal for EXECUTE (the values are the test's own: text, numbers, times, lists of
+    text; an empty list is left for the statement's own cast to type)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, datetime):
+        return f"'{value.isoformat()}'::timestamptz"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     if isinstance(value, list | tuple) and not value:
@@ -322,5 +325,44 @@ async def test_task_queries_use_indexes(db: DbTarget) -> None:
                 assert "count(" in count_sql[0]
                 await check_both_plans(engine, get_sql, f"get_tasks {label}", filter_column=column)
                 await check_both_plans(engine, count_sql, f"count_tasks {label}")
+    finally:
+        await engine.dispose()
+
+
+async def test_retention_unique_keys_and_bulk_deletes_use_indexes(db: DbTarget) -> None:
+    """docs/design.md §4.4, §4.5: the prune, the lookups of a unique key's holder and a bulk
+    delete by state read indexes, not the whole table."""
+    engine = raw_engine(db)
+    try:
+        async with make_node(db, build_registry(), concurrency=0) as client:
+            first = await fill(client)
+            await set_mixed_states(engine, first)
+            keyed = await client.create_task(TYPES[1], unique_key="k", auto_run=False)
+            await vacuum_analyze(engine)
+            with Capture(client.engine) as capture:
+                assert (
+                    await client.create_task(TYPES[1], unique_key="k", on_conflict="skip") == keyed
+                )
+                await client.run_task(first)  # a FAILED task: its key's holder is looked up
+                deleted = await client.delete_tasks(states=[State.FAILED], older_than=10**9)
+                assert deleted == 0
+            lock = capture.find(lambda s: "unique_key = " in s and "FOR UPDATE" in s)
+            holder = capture.find(lambda s: "LEFT JOIN" in s and "unique_key" in s)
+            bulk = capture.find(lambda s: s.lstrip().startswith("SELECT") and "FOR UPDATE" in s)
+            assert lock
+            assert holder
+            await check_both_plans(engine, lock[0], "the unique key's holder, locked")
+            await check_both_plans(engine, holder[0], "the holder of a FAILED task's key")
+            await check_both_plans(engine, bulk[-1], "delete_tasks by state", filter_column="state")
+
+        async with make_node(db, build_registry(), retention=3600, failed_retention=3600) as node:
+            pruner = node.services.pruner
+            assert pruner is not None
+            with Capture(node.engine) as capture:
+                assert await pruner.run_once() == 0  # every task ended just now
+            prunes = capture.find(lambda s: s.lstrip().startswith("DELETE") and "done_at" in s)
+            assert len(prunes) == 2  # FINISHED, then FAILED
+            for prune in prunes:
+                await check_both_plans(engine, prune, "prune", filter_column="done_at")
     finally:
         await engine.dispose()

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 import aioasync_tasks
 from aioasync_tasks import Report, SchemaError, State, TaskNotFound, TaskRegistry, metadata
+from aioasync_tasks._backends._migrations import migration_files, split_sql
 from aioasync_tasks._schema import SCHEMA_VERSION
 
 VERSIONS = "aioasync_schema_version"
@@ -155,6 +156,7 @@ async def test_migrating_an_empty_database_yields_the_metadata(db: DbTarget) -> 
         "aioasync_tasks",
         "aioasync_nodes",
         "aioasync_groups",
+        "aioasync_task_types",
         VERSIONS,
     }
     assert aioasync_tasks.metadata is metadata
@@ -277,6 +279,68 @@ async def test_a_schema_newer_than_the_library_is_refused(db: DbTarget, auto_mig
         async with engine.connect() as conn:
             nodes = await conn.execute(sa.text("SELECT count(*) FROM aioasync_nodes"))
             assert nodes.scalar_one() == 0  # no node registered itself
+    finally:
+        await engine.dispose()
+
+
+async def test_version_3_upgrades_a_version_2_database_with_its_rows(db: DbTarget) -> None:
+    """Version 3 adds nullable columns, an index, the task types table, and drops the group
+    rows that hold nothing but the defaults (a group row now exists only for settings)."""
+    engine = raw_engine(db)
+    dialect = "postgresql" if db.is_postgres else "sqlite"
+    now = datetime.now(UTC)
+    try:
+        async with engine.begin() as conn:
+            for version, sql in migration_files(dialect)[:2]:
+                for statement in split_sql(sql):
+                    await conn.exec_driver_sql(statement)
+                await conn.execute(
+                    metadata.tables[VERSIONS].insert().values(version=version, applied_at=now)
+                )
+            groups = metadata.tables["aioasync_groups"]
+            await conn.execute(
+                groups.insert(),
+                [
+                    {"name": name, "paused": paused, "max_running": limit, "updated_at": now}
+                    for name, paused, limit in [
+                        ("plain", False, None),
+                        ("paused", True, None),
+                        ("limited", False, 2),
+                    ]
+                ],
+            )
+            tasks = metadata.tables["aioasync_tasks"]
+            values = {
+                "type": "job",
+                "user_name": "",
+                "group_name": "plain",
+                "state": "pending",
+                "context": "{}",
+                "priority": 0,
+                "attempts": 0,
+                "max_attempts": 1,
+                "has_cleanup": False,
+                "handoff": False,
+                "created_at": now,
+                "updated_at": now,
+                "run_at": now,
+            }
+            await conn.execute(tasks.insert().values(values))
+    finally:
+        await engine.dispose()
+
+    async with make_node(db, concurrency=0) as node:
+        assert await _versions(db) == ALL_VERSIONS
+        (task,) = await node.get_tasks()
+        assert (task.unique_key, task.progress, task.message) == (None, None, None)
+        groups_left = {g.name: g for g in await node.get_groups()}
+    assert sorted(groups_left) == ["limited", "paused", "plain"]  # "plain" by its task
+    assert (groups_left["plain"].paused, groups_left["plain"].max_running) == (False, None)
+    engine = raw_engine(db)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(sa.text("SELECT name FROM aioasync_groups ORDER BY name"))
+            assert [r[0] for r in rows] == ["limited", "paused"]
     finally:
         await engine.dispose()
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
 from .._states import Event, Outcome
+from .._validation import OnConflict
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -38,6 +39,12 @@ class NewTask:
     has_cleanup: bool
     state: State
     run_at: datetime | None
+    unique_key: str | None = None
+    """At most one live task of the type holds it (docs/design.md §4.4)."""
+    on_conflict: OnConflict = "error"
+    """What ``insert_many`` does when a live task holds ``unique_key`` already: raise
+    ``DuplicateTask`` (error), give that task's id (skip), or rewrite that task with this one's
+    values and give its id (replace; ``DuplicateTask`` when it is running)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,14 +91,32 @@ class Completion:
     error: str | None = None
     delay: float = 0.0
     """Back-off in seconds, used when the outcome is a retry."""
+    progress: float | None = None
+    message: str | None = None
+    """The progress and message of the final report (None: keep the stored ones)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A context to store for the execution that holds ``token``."""
+    """What to store for the execution that holds ``token``: a context, a progress, a message
+    (each None: keep the stored one), in one write (docs/design.md §2.6)."""
 
     token: int
-    context: str
+    context: str | None
+    progress: float | None = None
+    message: str | None = None
+
+    def then(self, newer: Checkpoint) -> Checkpoint:
+        """This checkpoint followed by ``newer``, as one write: what ``newer`` leaves out is
+        kept from this one if both are of the same execution (the same token)."""
+        if newer.token != self.token:
+            return newer
+        return Checkpoint(
+            newer.token,
+            self.context if newer.context is None else newer.context,
+            self.progress if newer.progress is None else newer.progress,
+            self.message if newer.message is None else newer.message,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +243,73 @@ class PauseGroupParams:
     """Also pause every task of the group that runs now, in the same transaction."""
 
 
+@dataclass(frozen=True, slots=True)
+class PruneParams:
+    """One round of retention (docs/design.md §4.5): remove FINISHED tasks that ended more
+    than ``finished_after`` seconds ago and FAILED ones more than ``failed_after`` seconds ago
+    (database clock; None: keep them), at most ``limit`` of each."""
+
+    finished_after: float | None
+    failed_after: float | None
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    removed: int
+    more: bool
+    """A state had ``limit`` rows to remove: there may be more."""
+    busy: bool = False
+    """Another node prunes now: this round removed nothing and should not go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteParams:
+    """One batch of a bulk delete (docs/design.md §4.5): the delete operation applied to the
+    tasks that match ``filter`` (its paging ignored) and have not changed for ``older_than``
+    seconds (database clock), ``limit`` of them with ids above ``after``, in id order."""
+
+    filter: TaskFilter
+    older_than: float | None = None
+    force: bool = False
+    after: int = 0
+    limit: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    deleted: int
+    """Tasks the delete changed: removed, DELETING, or CANCELING (delete) and told to stop."""
+    stopped: list[tuple[int, int]]
+    """(task id, owner node) of the running tasks told to stop."""
+    after: int | None
+    """The ``after`` of the next batch; None when this batch was the last."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTaskType:
+    """A task type's options as its workers stored them (docs/design.md §4.6)."""
+
+    name: str
+    max_attempts: int
+    has_cleanup: bool
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterTypesParams:
+    """The task types a worker runs, stored for the nodes that have not imported them."""
+
+    types: tuple[StoredTaskType, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTypesQuery:
+    """The stored task types of these names (None: all)."""
+
+    names: tuple[str, ...] | None = None
+
+
 class Driver(Protocol):
     """What the engine (``Node``, its services, committer and runners) asks of a database.
 
@@ -271,3 +363,9 @@ class Driver(Protocol):
     async def set_group(self, params: SetGroupParams) -> Group: ...
     async def get_groups(self) -> list[Group]: ...
     async def pause_group(self, params: PauseGroupParams) -> list[tuple[int, int]]: ...
+
+    # -- retention, bulk deletes, task types (each takes one parameter object)
+    async def prune(self, params: PruneParams) -> PruneResult: ...
+    async def delete_matching(self, params: DeleteParams) -> DeleteResult: ...
+    async def register_task_types(self, params: RegisterTypesParams) -> None: ...
+    async def get_task_types(self, params: TaskTypesQuery) -> list[StoredTaskType]: ...

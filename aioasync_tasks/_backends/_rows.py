@@ -11,7 +11,7 @@ from typing import Any
 
 from .._models import Group, NodeInfo, State, StopRequest, Task
 from .._schema import time_from_db
-from ._driver import Claimed, Owned
+from ._driver import Claimed, Owned, StoredTaskType
 
 TASK_FIELDS = (
     "id",
@@ -31,6 +31,9 @@ TASK_FIELDS = (
     "started_at",
     "done_at",
     "run_at",
+    "unique_key",
+    "progress",
+    "message",
 )
 """The columns ``task`` reads."""
 
@@ -54,6 +57,9 @@ def task(row: Any) -> Task:
         started_at=None if row.started_at is None else time_from_db(row.started_at),
         done_at=None if row.done_at is None else time_from_db(row.done_at),
         run_at=time_from_db(row.run_at),
+        unique_key=row.unique_key,
+        progress=None if row.progress is None else float(row.progress),
+        message=row.message,
     )
 
 
@@ -95,6 +101,26 @@ def node(row: Any) -> NodeInfo:
 
 def group(row: Any) -> Group:
     return Group(row.name, bool(row.paused), row.max_running, row.max_running_per_user)
+
+
+def task_type(row: Any) -> StoredTaskType:
+    return StoredTaskType(
+        row.name, row.max_attempts, bool(row.has_cleanup), time_from_db(row.updated_at)
+    )
+
+
+LOCKED_FIELDS = (
+    "id",
+    "state",
+    "requested",
+    "has_cleanup",
+    "attempts",
+    "max_attempts",
+    "node_id",
+    "group_name",
+    "token",
+)
+"""The columns ``Locked.from_row`` reads."""
 
 
 @dataclass(frozen=True, slots=True)

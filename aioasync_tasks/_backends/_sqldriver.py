@@ -19,16 +19,18 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import DatabaseError, TaskNotFound
+from .._errors import DatabaseError, DuplicateTask, TaskNotFound
 from .._models import Group, NodeInfo, Operation, State, Task
-from .._schema import VERSIONS, Timestamp, tasks_table
+from .._schema import VERSIONS, Timestamp, tasks_table, time_from_db
 from .._states import (
+    LIVE_STATES,
+    REPLACEABLE_STATES,
     Event,
     Outcome,
     apply_event,
@@ -44,23 +46,34 @@ from ._driver import (
     ClaimResult,
     CleanupClaimParams,
     CompleteParams,
+    DeleteParams,
+    DeleteResult,
     DeregisterParams,
     InsertParams,
     Limits,
+    NewTask,
     OperateParams,
     OperationResult,
     Owned,
     PauseGroupParams,
+    PruneParams,
+    PruneResult,
     RegisterParams,
+    RegisterTypesParams,
     ReleaseClaimsParams,
     RescueParams,
     SetGroupParams,
+    StoredTaskType,
     TaskFilter,
+    TaskTypesQuery,
 )
 from ._migrations import check_version, migration_files, refuse_newer, split_sql
 from ._queries import Queries
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
+UNIQUE_TRIES = 10
+"""How often a create with a unique key tries again when the live task that held the key
+became final between the insert and the lock (each try is two statements)."""
 CHECKPOINT_STATES = (State.RUNNING, State.CANCELING, State.DELETING)
 """The states in which an execution may store a checkpoint (its task runs, or is being
 cleaned up)."""
@@ -89,6 +102,12 @@ def transition(from_state: State, event: Event) -> dict[str, str]:
     return {"from_state": from_state.value, "to_state": outcome.state.value}
 
 
+PRUNED = {
+    state: apply_operation(state, None, Operation.DELETE, has_cleanup=True, force=True)
+    for state in (State.FINISHED, State.FAILED)
+}
+"""Retention applies *delete, force* to FINISHED and FAILED tasks: they are removed, and no
+cleanup handler runs (docs/design.md §4.5)."""
 CLAIM = transition(State.PENDING, Event.CLAIM)
 CLEANUP_CLAIM = transition(State.DELETING, Event.CLEANUP_CLAIM)
 
@@ -103,11 +122,23 @@ class _Write:
     context: str | None = None
     error: str | None = None
     delay: float = 0.0
+    progress: float | None = None
+    message: str | None = None
     group: str | None = None
     handoff: bool = False
     """Handed back by a graceful shutdown: claimed first by the next node."""
     refund: bool = False
     """The attempt it was claimed for is given back (``_states.give_back``)."""
+
+
+def _unique_violation(exc: DatabaseError) -> bool:
+    """Whether ``exc`` is the unique index of unique keys refusing a row (docs/design.md §4.4):
+    PostgreSQL names the index, SQLite the columns."""
+    cause = exc.__cause__
+    text = str(cause)
+    return isinstance(cause, sa.exc.IntegrityError) and (
+        "aioasync_tasks_unique_idx" in text or "aioasync_tasks.unique_key" in text
+    )
 
 
 def _lost_error(row: _rows.Locked, outcome: Outcome) -> str | None:
@@ -261,47 +292,123 @@ class SqlDriver:
 
     @cancel_safe
     async def insert_many(self, params: InsertParams) -> list[int]:
-        """Insert tasks in one transaction (the caller's, when ``connection`` is given)."""
+        """Insert tasks in one transaction (the caller's, when ``connection`` is given).
+
+        A task with a ``unique_key`` that a live task of its type holds already is not inserted:
+        its ``on_conflict`` says what happens instead (docs/design.md §4.4); its place in the
+        result is the live task's id, or ``DuplicateTask`` is raised and nothing is inserted.
+        """
         new_tasks, connection = params.tasks, params.connection
         if not new_tasks:
             return []
-        rows = [
-            (
-                t.type,
-                t.user,
-                t.group,
-                t.state.value,
-                t.context,
-                t.priority,
-                t.max_attempts,
-                t.has_cleanup,
-                self._db_time(t.run_at),
-            )
-            for t in new_tasks
-        ]
         wake = any(t.state is State.PENDING for t in new_tasks)
         if connection is not None:
-            return await self._insert(connection, rows, wake)
-        size = self.rows_per_transaction or len(rows)
+            return await self._insert(connection, new_tasks, wake)
+        size = self.rows_per_transaction or len(new_tasks)
         ids: list[int] = []
-        for start in range(0, len(rows), size):
+        for start in range(0, len(new_tasks), size):
             began = time.monotonic()
             try:
                 async with self.write() as conn:
-                    ids += await self._insert(conn, rows[start : start + size], wake)
+                    ids += await self._insert(conn, new_tasks[start : start + size], wake)
             except DatabaseError as exc:
                 if not ids:
                     raise
                 raise DatabaseError(
-                    f"{exc} ({len(ids)} of {len(rows)} tasks were created before the failure,"
-                    f" ids {ids[0]}..{ids[-1]})",
+                    f"{exc} ({len(ids)} of {len(new_tasks)} tasks were created before the"
+                    f" failure, ids {ids[0]}..{ids[-1]})",
                     transient=exc.transient,
                 ) from exc
-            if start + size < len(rows):
+            if start + size < len(new_tasks):
                 await self.pause_between_chunks(time.monotonic() - began)
         return ids
 
+    def _new_row(self, t: NewTask) -> tuple[Any, ...]:
+        """A new task's values, in the order of ``_NEW_TASK_COLUMNS``."""
+        return (
+            t.type,
+            t.user,
+            t.group,
+            t.state.value,
+            t.context,
+            t.priority,
+            t.max_attempts,
+            t.has_cleanup,
+            self._db_time(t.run_at),
+        )
+
     async def _insert(
+        self, conn: AsyncConnection, new_tasks: Sequence[NewTask], wake: bool
+    ) -> list[int]:
+        """Insert ``new_tasks`` in ``conn``'s transaction, in their order: runs of tasks
+        without a unique key in one statement each, a task with one by itself."""
+        keyed = [t for t in new_tasks if t.unique_key is not None]
+        if not keyed:
+            return await self._insert_rows(conn, [self._new_row(t) for t in new_tasks], wake)
+        await self.lock_unique_keys(conn, [(t.type, t.unique_key) for t in keyed])
+        ids: list[int] = []
+        plain: list[tuple[Any, ...]] = []
+        for t in new_tasks:
+            if t.unique_key is None:
+                plain.append(self._new_row(t))
+                continue
+            if plain:
+                ids += await self._insert_rows(conn, plain, wake=False)
+                plain = []
+            ids.append(await self._insert_unique(conn, t))
+        if plain:
+            ids += await self._insert_rows(conn, plain, wake=False)
+        if wake:
+            await self.notify(conn, "wake")
+        return ids
+
+    async def lock_unique_keys(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        """Before inserting tasks with these (type, unique key) pairs: serialise the creators
+        of the same keys, where the database would otherwise let two of them deadlock on the
+        unique index (docs/design.md §4.4). Nothing where the write lock serialises them."""
+
+    async def _insert_unique(self, conn: AsyncConnection, t: NewTask) -> int:
+        """Insert one task with a unique key, or apply its ``on_conflict`` to the live task
+        that holds the key; the id of the task that holds it afterwards."""
+        assert t.unique_key is not None
+        params = dict(zip(_NEW_TASK_COLUMNS, self._new_row(t), strict=True))
+        params["unique_key"] = t.unique_key
+        for _ in range(UNIQUE_TRIES):
+            inserted = (await self._run(conn, "insert_unique_task", params)).first()
+            if inserted is not None:
+                return int(inserted.id)
+            found = await self._run(
+                conn, "lock_unique_task", {"type": t.type, "unique_key": t.unique_key}
+            )
+            row = found.first()
+            if row is None:
+                continue  # the holder became final (or was deleted) since: insert again
+            holder = _rows.Locked.from_row(row)
+            if t.on_conflict == "skip":
+                return holder.id
+            if t.on_conflict == "error" or holder.state not in REPLACEABLE_STATES:
+                raise DuplicateTask(t.type, t.unique_key, holder.id, holder.state)
+            replaced = await self._run(
+                conn,
+                "replace_task",
+                {
+                    **params,
+                    "id": holder.id,
+                    "token": holder.token,
+                    "expected": holder.state.value,
+                },
+            )
+            if replaced.first() is not None:
+                return holder.id
+        raise DatabaseError(
+            f"the live {t.type!r} task with unique_key {t.unique_key!r} kept changing while"
+            f" it was created {UNIQUE_TRIES} times; try again",
+            transient=True,
+        )
+
+    async def _insert_rows(
         self, conn: AsyncConnection, rows: Sequence[Sequence[Any]], wake: bool
     ) -> list[int]:
         if len(rows) == 1:
@@ -401,6 +508,8 @@ class SqlDriver:
                     "group": w.group if w.group is not None else w.row.group,
                     "context": w.context,
                     "error": w.error,
+                    "progress": w.progress,
+                    "message": w.message,
                     "delay": delay,
                     "done": o.state in (State.FINISHED, State.FAILED),
                     "token": w.row.token,
@@ -441,14 +550,33 @@ class SqlDriver:
                 task_id=task_id,
             )
             moved = group is not None and group != row.group
-            await self._write(
-                conn, [_Write(row, outcome, row.node_id, group=group if moved else None)]
-            )
+            key = None
+            if outcome.changed and outcome.state in LIVE_STATES and row.state not in LIVE_STATES:
+                key = await self._unique_key_free(conn, task_id)  # a FAILED task run again
+            try:
+                await self._write(
+                    conn, [_Write(row, outcome, row.node_id, group=group if moved else None)]
+                )
+            except DatabaseError as exc:
+                if key is not None and _unique_violation(exc):
+                    # A creator took the key after our check, and committed first.
+                    raise DuplicateTask(*key, None) from exc
+                raise
             if outcome.changed and outcome.state in (State.PENDING, State.DELETING):
                 await self.notify(conn, "wake")
             if outcome.stop and row.node_id is not None:
                 await self.notify(conn, f"stop:{row.node_id}")
             return OperationResult(outcome, row.node_id)
+
+    async def _unique_key_free(self, conn: AsyncConnection, task_id: int) -> tuple[str, str] | None:
+        """Before task ``task_id`` becomes live again: its (type, unique key), or None if it has
+        none; ``DuplicateTask`` when another live task holds that key now."""
+        row = (await self._run(conn, "unique_holder", {"id": task_id})).first()
+        if row is None or row.unique_key is None:
+            return None
+        if row.holder is not None:
+            raise DuplicateTask(row.type, row.unique_key, row.holder, State(row.holder_state))
+        return row.type, row.unique_key
 
     # -- execution --------------------------------------------------------------------------
 
@@ -516,9 +644,10 @@ class SqlDriver:
 
     @cancel_safe
     async def checkpoint(self, params: CheckpointParams) -> set[int]:
-        """Store checkpoints of executions on ``node_id``; returns the ids whose write was
-        accepted: rows still owned by ``node_id`` under the execution's claim token, running,
-        canceling, or deleting for a cleanup handler. One statement per batch."""
+        """Store checkpoints (context, progress, message) of executions on ``node_id``; returns
+        the ids whose write was accepted: rows still owned by ``node_id`` under the execution's
+        claim token, running, canceling, or deleting for a cleanup handler. One statement per
+        batch."""
         if not params.checkpoints:
             return set()
         async with self.write() as conn:
@@ -526,9 +655,12 @@ class SqlDriver:
             return {row.id for row in result}
 
     def _checkpoint_params(self, params: CheckpointParams) -> dict[str, Any]:
-        rows = [(task_id, c.token, c.context) for task_id, c in params.checkpoints.items()]
+        rows = [
+            (task_id, c.token, c.context, c.progress, c.message)
+            for task_id, c in params.checkpoints.items()
+        ]
         return {
-            **self.bind_rows(("ids", "tokens", "contexts"), rows),
+            **self.bind_rows(("ids", "tokens", "contexts", "progress", "messages"), rows),
             "node": params.node_id,
             "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
         }
@@ -575,6 +707,8 @@ class SqlDriver:
                         context=c.context,
                         error=_lost_error(row, outcome) if lost else c.error,
                         delay=c.delay,
+                        progress=c.progress,
+                        message=c.message,
                         handoff=back.handoff,
                         refund=back.refund,
                     )
@@ -725,16 +859,20 @@ class SqlDriver:
         paused = bool(row.paused) if params.paused is None else params.paused
         limits = params.limits or Limits(row.max_running, row.max_running_per_user)
         group = Group(name, paused, limits.max_running, limits.max_running_per_user)
-        await self._run(
-            conn,
-            "update_group",
-            {
-                "name": name,
-                "paused": group.paused,
-                "max_running": group.max_running,
-                "max_running_per_user": group.max_running_per_user,
-            },
-        )
+        if not paused and limits.max_running is None and limits.max_running_per_user is None:
+            # A group row exists only for settings (docs/design.md §4.5).
+            await self._run(conn, "delete_group", {"name": name})
+        else:
+            await self._run(
+                conn,
+                "update_group",
+                {
+                    "name": name,
+                    "paused": group.paused,
+                    "max_running": group.max_running,
+                    "max_running_per_user": group.max_running_per_user,
+                },
+            )
         return group
 
     @cancel_safe
@@ -763,7 +901,116 @@ class SqlDriver:
                 )
                 writes.append(_Write(row, outcome, row.node_id))
             await self._write(conn, writes)
-            stopped = [(w.row.id, w.row.node_id) for w in writes if w.row.node_id is not None]
-            for owner in sorted({owner for _, owner in stopped}):
-                await self.notify(conn, f"stop:{owner}")
-            return stopped
+            return await self._tell_owners(conn, writes)
+
+    async def _tell_owners(
+        self, conn: AsyncConnection, writes: Iterable[_Write]
+    ) -> list[tuple[int, int]]:
+        """Send ``stop:<node>`` to the owners of the rows whose outcome stops them; returns
+        those rows as (task id, owner)."""
+        stopped = [
+            (w.row.id, w.row.node_id)
+            for w in writes
+            if w.outcome.stop and w.row.node_id is not None
+        ]
+        for owner in sorted({owner for _, owner in stopped}):
+            await self.notify(conn, f"stop:{owner}")
+        return stopped
+
+    # -- retention and bulk deletes ---------------------------------------------------------
+
+    async def try_prune_lock(self, conn: AsyncConnection) -> bool:
+        """Whether this transaction may prune: no other node prunes now. The write lock makes
+        pruners take turns where the database has one; a database without one overrides this
+        (docs/design.md §4.5)."""
+        return True
+
+    @cancel_safe
+    async def prune(self, params: PruneParams) -> PruneResult:
+        """One round of retention: remove the FINISHED and FAILED tasks that ended longer ago
+        than their retention (``delete, force``: removed, no cleanup handler), up to
+        ``params.limit`` of each, in one transaction, unless another node prunes now."""
+        ages = [
+            (state, age)
+            for state, age in (
+                (State.FINISHED, params.finished_after),
+                (State.FAILED, params.failed_after),
+            )
+            if age is not None
+        ]
+        removed, more = 0, False
+        async with self.write() as conn:
+            if not await self.try_prune_lock(conn):
+                return PruneResult(0, more=False, busy=True)
+            for state, age in ages:
+                assert PRUNED[state].state is None  # removed, by the state table
+                result = await self._run(
+                    conn, "prune", {"state": state.value, "age": age, "limit": params.limit}
+                )
+                removed += result.rowcount
+                more = more or result.rowcount >= params.limit
+        return PruneResult(removed, more=more)
+
+    @cancel_safe
+    async def delete_matching(self, params: DeleteParams) -> DeleteResult:
+        """The delete operation (``force`` as given) applied to one batch of the tasks that
+        match, in id order after ``params.after``: each row locked, decided by the state
+        table and written like ``operate`` writes it (docs/design.md §4.5, §5)."""
+        c = self._tasks.c
+        where = self._where(params.filter)
+        where.append(c.id > params.after)
+        async with self.write() as conn:
+            if params.older_than is not None:
+                now = time_from_db((await self._run(conn, "db_now")).scalar_one())
+                where.append(c.updated_at < now - timedelta(seconds=params.older_than))
+            query = (
+                sa.select(*(c[name] for name in _rows.LOCKED_FIELDS))
+                .where(*where)
+                .order_by(c.id)
+                .limit(params.limit)
+                .with_for_update()
+            )
+            rows = [_rows.Locked.from_row(r) for r in await self._execute(conn, query)]
+            writes = []
+            for row in rows:
+                outcome = apply_operation(
+                    row.state,
+                    row.requested,
+                    Operation.DELETE,
+                    has_cleanup=row.has_cleanup,
+                    force=params.force,
+                    task_id=row.id,
+                )
+                if outcome.changed:
+                    writes.append(_Write(row, outcome, row.node_id))
+            await self._write(conn, writes)
+            if any(w.outcome.state is State.DELETING for w in writes):
+                await self.notify(conn, "wake")
+            stopped = await self._tell_owners(conn, writes)
+        last = rows[-1].id if len(rows) >= params.limit else None
+        return DeleteResult(len(writes), stopped, last)
+
+    # -- task types -------------------------------------------------------------------------
+
+    @cancel_safe
+    async def register_task_types(self, params: RegisterTypesParams) -> None:
+        """Store the options of the task types a worker runs (docs/design.md §4.6)."""
+        if not params.types:
+            return
+        rows = [
+            (t.name, t.max_attempts, t.has_cleanup)
+            for t in sorted(params.types, key=lambda t: t.name)
+        ]
+        async with self.write() as conn:
+            await self._run(
+                conn,
+                "register_task_types",
+                self.bind_rows(("names", "max_attempts", "has_cleanup"), rows),
+            )
+
+    @cancel_safe
+    async def get_task_types(self, params: TaskTypesQuery) -> list[StoredTaskType]:
+        names = params.names
+        query = {"all": names is None, "names": self.bind_list(names or ())}
+        async with self.read() as conn:
+            return [_rows.task_type(r) for r in await self._run(conn, "get_task_types", query)]

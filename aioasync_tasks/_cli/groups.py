@@ -79,23 +79,51 @@ def groups(ctx: click.Context, as_json: bool) -> None:
     emit(as_json, {"groups": found}, _groups_text(found))
 
 
+async def _require(node: Node, name: str, create: bool) -> None:
+    """Refuse a group that has neither tasks nor settings — a typo, most likely — unless
+    ``--create`` asks for it."""
+    if create or any(g.name == name for g in await node.get_groups()):
+        return
+    raise click.ClickException(
+        f"group {name!r} has no tasks and no settings: check its name, or pass --create to "
+        "create it"
+    )
+
+
+_CREATE = click.option(
+    "--create", is_flag=True, help="Also for a group that has no tasks and no settings yet."
+)
+
+
 @groups.command("pause")
 @click.argument("name")
 @click.option("--stop-running", is_flag=True, help="Also pause the group's running tasks.")
+@_CREATE
 @click.pass_obj
-def pause_group(settings: Settings, name: str, stop_running: bool) -> None:
+def pause_group(settings: Settings, name: str, stop_running: bool, create: bool) -> None:
     """Claim nothing more from group NAME."""
-    with_client(settings, lambda node: node.pause_group(name, stop_running=stop_running))
+
+    async def apply(node: Node) -> None:
+        await _require(node, name, create)
+        await node.pause_group(name, stop_running=stop_running)
+
+    with_client(settings, apply)
     extra = ", its running tasks told to pause" if stop_running else ""
     click.echo(f"group {name}: paused{extra}")
 
 
 @groups.command("resume")
 @click.argument("name")
+@_CREATE
 @click.pass_obj
-def resume_group(settings: Settings, name: str) -> None:
+def resume_group(settings: Settings, name: str, create: bool) -> None:
     """Claim from group NAME again."""
-    with_client(settings, lambda node: node.resume_group(name))
+
+    async def apply(node: Node) -> None:
+        await _require(node, name, create)
+        await node.resume_group(name)
+
+    with_client(settings, apply)
     click.echo(f"group {name}: resumed")
 
 
@@ -113,6 +141,7 @@ def resume_group(settings: Settings, name: str) -> None:
     callback=_parse_limit,
     help="Running at once per user; 'none' for no limit.",
 )
+@_CREATE
 @json_option
 @click.pass_obj
 def group_limits(
@@ -121,6 +150,7 @@ def group_limits(
     *,
     max_running: int | None,
     max_running_per_user: int | None,
+    create: bool,
     as_json: bool,
 ) -> None:
     """Show or set the cluster-wide limits of group NAME (an option left out is kept).
@@ -129,6 +159,7 @@ def group_limits(
     """
 
     async def apply(node: Node) -> tuple[int | None, int | None]:
+        await _require(node, name, create)
         current = next((g for g in await node.get_groups() if g.name == name), None)
         total = current.max_running if current else None
         per_user = current.max_running_per_user if current else None

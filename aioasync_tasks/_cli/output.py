@@ -46,6 +46,11 @@ def task_state(task: Task) -> str:
     return task.state.value
 
 
+def percent(progress: float | None) -> str:
+    """A task's progress as a whole percentage (``42%``), ``-`` when it reported none."""
+    return "-" if progress is None else f"{progress:.0%}"
+
+
 def shorten(text: str, width: int) -> str:
     """``text`` on one line, cut to ``width`` characters with ``...``."""
     text = " ".join(text.split())

@@ -22,6 +22,7 @@ from .._runner import StopReason
 from .claimer import Claimer
 from .heartbeat import Heartbeat
 from .listener import Listener
+from .pruner import Pruner
 from .rescuer import Rescuer
 from .state import NodeState
 
@@ -52,6 +53,8 @@ class Services:
     committer: Committer
     listener: Listener | None
     """None where the database has no notifications (SQLite)."""
+    pruner: Pruner | None
+    """None without ``retention=`` or ``failed_retention=``."""
 
 
 class NodeRuntime:
@@ -71,6 +74,9 @@ class NodeRuntime:
             rescuer=Rescuer(state),
             committer=committer,
             listener=Listener(state) if driver.supports_notify else None,
+            pruner=None
+            if state.config.retention is None
+            else Pruner(driver, state.config.retention, state.logger),
         )
 
     async def run(
@@ -92,6 +98,8 @@ class NodeRuntime:
                     ("stop poll", services.heartbeat.poll_stops),
                 ):
                     group.start_soon(self._supervised, name, service)
+                if services.pruner is not None:
+                    group.start_soon(self._supervised, "pruner", services.pruner.run)
                 if services.listener is not None:
                     group.start_soon(self._supervised, "listener", services.listener.run)
                     await services.listener.listening.wait()

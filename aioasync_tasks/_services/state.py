@@ -20,6 +20,7 @@ from .._logging import ContextAdapter, node_logger
 from .._registry import TaskRegistry
 from .._runner import Backoff, Execution, StopReason
 from .._scheduling import SchedulingPolicy
+from .pruner import Retention
 
 LEASE_FRACTION = 0.75
 """The lease: this part of ``node_timeout`` after the last successful heartbeat was sent
@@ -43,6 +44,8 @@ class NodeConfig:
     max_context_bytes: int
     clock: Clock = time.monotonic
     """The node's monotonic clock for leases and heartbeats (tests inject their own)."""
+    retention: Retention | None = None
+    """How long finished and failed tasks are kept (None: for ever; no pruner)."""
 
 
 class NodeState:

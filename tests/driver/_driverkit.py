@@ -36,6 +36,7 @@ from aioasync_tasks._backends._driver import (
 )
 from aioasync_tasks._schema import TASKS
 from aioasync_tasks._states import Event, Outcome, apply_event
+from aioasync_tasks._validation import OnConflict
 
 FAR = 3600.0
 """Node timings that never run out during a test (nothing here runs on its own anyway)."""
@@ -81,6 +82,8 @@ def new_task(
     has_cleanup: bool = False,
     state: State = State.PENDING,
     run_at: datetime | None = None,
+    unique_key: str | None = None,
+    on_conflict: OnConflict = "error",
 ) -> NewTask:
     return NewTask(
         type=type if type is not None else unique_type(),
@@ -92,6 +95,8 @@ def new_task(
         has_cleanup=has_cleanup,
         state=state,
         run_at=run_at,
+        unique_key=unique_key,
+        on_conflict=on_conflict,
     )
 
 
@@ -176,6 +181,7 @@ class Want:
     max_attempts: int = 1
     group: str = "default"
     user: str = "alice"
+    unique_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,7 @@ async def make_many(driver: Driver, node_id: int, wants: Sequence[Want]) -> list
                     state=State.INIT if w.start is Start.INIT else State.PENDING,
                     group=w.group,
                     user=w.user,
+                    unique_key=w.unique_key,
                 )
                 for type, w in zip(types, wants, strict=True)
             ]

@@ -235,6 +235,78 @@ async def test_checkpoint_with_a_stale_token_or_from_another_node_is_rejected(
     assert (await driver.get_task(made.id)).context == "second"
 
 
+async def test_checkpoint_stores_progress_and_message_with_the_context(driver: Driver) -> None:
+    """docs/design.md §2.6: one write; each part None keeps the stored one; fenced by the
+    token like the context."""
+    node = await register(driver)
+    first, second = await make_many(driver, node, [Want(Start.RUNNING), Want(Start.RUNNING)])
+    assert first.token is not None
+    assert second.token is not None
+    new = await driver.get_task(first.id)
+    assert (new.progress, new.message) == (None, None)
+
+    accepted = await driver.checkpoint(
+        CheckpointParams(
+            node,
+            {
+                first.id: Checkpoint(first.token, "c1", progress=0.25, message="a quarter"),
+                second.id: Checkpoint(second.token, None, progress=0.5),  # progress alone
+            },
+        )
+    )
+    assert accepted == {first.id, second.id}
+    one, two = await driver.get_task(first.id), await driver.get_task(second.id)
+    assert (one.context, one.progress, one.message) == ("c1", 0.25, "a quarter")
+    assert (two.context, two.progress, two.message) == ("{}", 0.5, None)
+
+    # Only a message: the context and the progress stay; an empty message clears it.
+    assert await driver.checkpoint(
+        CheckpointParams(node, {first.id: Checkpoint(first.token, None, None, "")})
+    ) == {first.id}
+    one = await driver.get_task(first.id)
+    assert (one.context, one.progress, one.message) == ("c1", 0.25, "")
+
+    # A stale token writes no progress either.
+    assert await complete_one(driver, node, first.id, first.token, Event.STOPPED) == {first.id}
+    late = Checkpoint(first.token, None, progress=0.9, message="late")
+    assert await driver.checkpoint(CheckpointParams(node, {first.id: late})) == set()
+    assert (await driver.get_task(first.id)).progress == 0.25
+
+
+async def test_complete_stores_the_final_progress_and_keeps_it_when_none(driver: Driver) -> None:
+    node = await register(driver)
+    finishing, failing, stopping = await make_many(
+        driver, node, [Want(Start.RUNNING), Want(Start.RUNNING), Want(Start.RUNNING)]
+    )
+    assert finishing.token is not None
+    assert failing.token is not None
+    assert stopping.token is not None
+    checkpoints = {
+        m.id: Checkpoint(m.token, None, progress=0.5, message="half")
+        for m in (finishing, failing, stopping)
+        if m.token is not None
+    }
+    assert await driver.checkpoint(CheckpointParams(node, checkpoints)) == set(checkpoints)
+    accepted = await driver.complete(
+        CompleteParams(
+            node,
+            [
+                Completion(
+                    finishing.id, finishing.token, Event.FINISHED, progress=1.0, message="ok"
+                ),
+                Completion(failing.id, failing.token, Event.FAILED, error="boom", message="broke"),
+                Completion(stopping.id, stopping.token, Event.STOPPED),
+            ],
+            cleanup_attempts=1,
+        )
+    )
+    assert accepted == {finishing.id, failing.id, stopping.id}
+    done, failed, stopped = [await driver.get_task(m.id) for m in (finishing, failing, stopping)]
+    assert (done.state, done.progress, done.message) == (State.FINISHED, 1.0, "ok")
+    assert (failed.state, failed.progress, failed.message) == (State.FAILED, 0.5, "broke")
+    assert (stopped.state, stopped.progress, stopped.message) == (State.PENDING, 0.5, "half")
+
+
 async def _release_all(driver: Driver, peek: Peek, wants: list[Want]) -> Problems:
     node = await register(driver)
     other = await register(driver, "other")

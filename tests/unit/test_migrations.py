@@ -83,4 +83,5 @@ def test_every_shipped_migration_splits_into_whole_statements(dialect: str) -> N
         assert statements
         for statement in statements:
             code = re.sub(r"^(\s*(--[^\n]*|/\*.*?\*/))*\s*", "", statement, flags=re.DOTALL)
-            assert code.split()[0].upper() in {"CREATE", "ALTER", "DROP", "UPDATE", "INSERT"}
+            verbs = {"CREATE", "ALTER", "DROP", "UPDATE", "INSERT", "DELETE"}
+            assert code.split()[0].upper() in verbs

@@ -9,10 +9,18 @@ import pytest
 
 from aioasync_tasks import State
 from aioasync_tasks._backends._queries import Queries, parse
+from aioasync_tasks._schema import LIVE_STATES_SQL
+from aioasync_tasks._states import LIVE_STATES
 
 DIALECTS = ("postgresql", "sqlite", "mysql")
 ONLY = {
-    "postgresql": {"migration_lock", "notify", "insert_task_and_wake"},
+    "postgresql": {
+        "migration_lock",
+        "notify",
+        "insert_task_and_wake",
+        "lock_unique_keys",
+        "prune_lock",
+    },
     "sqlite": {"now"},
     "mysql": {
         "now",
@@ -51,7 +59,7 @@ def test_statements_bind_the_same_parameters(dialect: str, other: str) -> None:
     for name in set(mine) & set(theirs) - own:
         params = set(re.findall(r"(?<!:):(\w+)", mine[name]))
         other_params = set(re.findall(r"(?<!:):(\w+)", theirs[name]))
-        if name in ("insert_tasks", "checkpoint"):  # batches: arrays or one JSON array
+        if name in ("insert_tasks", "checkpoint", "register_task_types"):  # batches
             continue
         assert params == other_params, name
 
@@ -79,3 +87,13 @@ def test_parse_reads_names_and_drops_comments() -> None:
     assert parse(text) == {"a": "SELECT 1", "b": "SELECT {a}"}
     with pytest.raises(ValueError, match="twice"):
         parse("-- name: a\nSELECT 1\n-- name: a\nSELECT 2\n")
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_the_live_states_of_unique_keys_are_written_as_the_index_predicate(dialect: str) -> None:
+    """docs/design.md §4.4: the statements that find a unique key's holder select exactly the
+    states of ``LIVE_STATES``, with the unique index's own predicate (so that it is used)."""
+    assert {State(s.strip(" '")) for s in LIVE_STATES_SQL.split(",")} == LIVE_STATES
+    sql = Queries(dialect).sql
+    for name in ("insert_unique_task", "lock_unique_task", "unique_holder"):
+        assert f"state IN ({LIVE_STATES_SQL})" in sql[name], name

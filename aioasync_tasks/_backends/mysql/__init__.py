@@ -147,13 +147,13 @@ class MysqlDriver(SqlDriver):
 
     # -- inserts: no RETURNING on MySQL 8 --------------------------------------------------
 
-    async def _insert(
+    async def _insert_rows(
         self, conn: AsyncConnection, rows: Sequence[Sequence[Any]], wake: bool
     ) -> list[int]:
         if len(rows) == 1 or conn.dialect.is_mariadb:  # type: ignore[attr-defined]
-            return await super()._insert(conn, rows, wake)  # MariaDB: INSERT … RETURNING
+            return await super()._insert_rows(conn, rows, wake)  # MariaDB: INSERT … RETURNING
         # MySQL 8 has no RETURNING and gives only the last insert id: one row at a time.
-        return [i for row in rows for i in await super()._insert(conn, [row], wake)]
+        return [i for row in rows for i in await super()._insert_rows(conn, [row], wake)]
 
     # -- claims: lock, update, read back --------------------------------------------------
 

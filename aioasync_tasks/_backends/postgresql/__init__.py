@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -73,6 +73,19 @@ class PostgresDriver(SqlDriver):
 
     async def notify(self, conn: AsyncConnection, payload: str) -> None:
         await self._run(conn, "notify", {"channel": self.channel, "payload": payload})
+
+    async def lock_unique_keys(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        # Qualified by the schema's channel: systems in other schemas never wait on ours.
+        names = sorted({f"{self.channel}:{type}:{key}" for type, key in keys})
+        await self._run(conn, "lock_unique_keys", {"keys": names})
+
+    async def try_prune_lock(self, conn: AsyncConnection) -> bool:
+        # Row locks let two pruners run at once; the advisory lock makes them take turns, and
+        # the one that finds it taken skips its round instead of waiting.
+        result = await self._run(conn, "prune_lock", {"key": f"{self.channel}:prune"})
+        return bool(result.scalar_one())
 
     async def prepare_migration(self, conn: AsyncConnection) -> None:
         await self._run(conn, "migration_lock", {"key": self.channel})

@@ -20,6 +20,15 @@ SELECT pg_advisory_xact_lock(hashtext(:key))
 -- name: record_migration
 INSERT INTO {versions} (version, applied_at) VALUES (:version, now())
 
+-- name: lock_unique_keys
+-- Before inserting tasks with unique keys: one advisory lock per key (:keys, each qualified by
+-- the schema's channel and the type), taken in one order, the hashes' — two creators that
+-- insert the same keys in different orders would otherwise each wait for a row the other
+-- inserted into the unique index: a deadlock (docs/design.md §4.4).
+SELECT pg_advisory_xact_lock(h)
+FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k) locks
+ORDER BY h
+
 -- name: notify
 -- Delivered when the transaction commits, and only then.
 SELECT pg_notify(:channel, :payload)
@@ -54,9 +63,50 @@ FROM unnest(CAST(:type AS text[]), CAST(:user AS text[]), CAST(:group AS text[])
 ORDER BY v.ord
 RETURNING id
 
+-- name: insert_unique_task
+-- One task with a unique key, unless a live task of its type holds that key already: then no
+-- row is inserted and none returned (docs/design.md §4.4). The conflict target names the
+-- partial unique index by its columns and its predicate.
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at, unique_key)
+VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
+    :has_cleanup, false, NULL, NULL, now(), now(), COALESCE(:run_at, now()), :unique_key)
+ON CONFLICT (type, unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
+    DO NOTHING
+RETURNING id
+
+-- name: lock_unique_task
+-- The live task of :type that holds :unique_key, locked (at most one: the unique index).
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE type = :type AND unique_key = :unique_key AND unique_key IS NOT NULL
+    AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
+FOR UPDATE
+
+-- name: replace_task
+-- on_conflict="replace": the live task that holds the key takes the new task's context and
+-- options, keeps its id and state, and starts afresh (compare-and-set on state and token).
+UPDATE {tasks} SET context = :context, user_name = :user, group_name = :group,
+    priority = :priority, max_attempts = :max_attempts, attempts = 0, error = NULL,
+    handoff = false, progress = NULL, message = NULL, run_at = COALESCE(:run_at, now()),
+    updated_at = now()
+WHERE id = :id AND token = :token AND state = :expected
+RETURNING id
+
+-- name: unique_holder
+-- The type and unique key of task :id, and the live task (another one) that holds that key.
+SELECT t.type, t.unique_key, h.id AS holder, h.state AS holder_state
+FROM {tasks} t
+LEFT JOIN {tasks} h ON h.type = t.type AND h.unique_key = t.unique_key AND h.id <> t.id
+    AND h.unique_key IS NOT NULL AND h.state IN ('init', 'pending', 'running', 'canceling', 'paused')
+WHERE t.id = :id
+
 -- name: get_task
 SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
-    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at
+    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at,
+    unique_key, progress, message
 FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
@@ -87,6 +137,8 @@ FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
 UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
     attempts = :attempts, handoff = :handoff, group_name = :group,
     context = COALESCE(:context, context), error = COALESCE(:error, error),
+    progress = COALESCE(CAST(:progress AS double precision), progress),
+    message = COALESCE(:message, message),
     run_at = CASE WHEN CAST(:delay AS double precision) < 0 THEN run_at
         ELSE now() + make_interval(secs => CAST(:delay AS double precision)) END,
     done_at = CASE WHEN :done THEN now() ELSE done_at END,
@@ -227,10 +279,14 @@ RETURNING id, type, user_name, group_name, context, attempts, max_attempts, hand
     token
 
 -- name: checkpoint
--- Many contexts in one statement, each written only under its execution's claim token.
-UPDATE {tasks} t SET context = v.context, updated_at = now()
-FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]))
-    AS v(id, token, context)
+-- Many checkpoints in one statement, each written only under its execution's claim token: a
+-- context, a progress and a message, each NULL to keep the stored one (docs/design.md §2.6).
+UPDATE {tasks} t SET context = COALESCE(v.context, t.context),
+    progress = COALESCE(v.progress, t.progress), message = COALESCE(v.message, t.message),
+    updated_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]),
+    CAST(:progress AS double precision[]), CAST(:messages AS text[]))
+    AS v(id, token, context, progress, message)
 WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = ANY(:states)
 RETURNING t.id
 
@@ -281,3 +337,43 @@ SELECT n.name, g.paused, g.max_running, g.max_running_per_user
 FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
 LEFT JOIN {groups} g ON g.name = n.name
 ORDER BY n.name
+
+-- name: db_now
+-- The database clock (times a bulk delete compares with are taken from it).
+SELECT now()
+
+-- name: prune_lock
+-- Retention runs on one node at a time: a transaction-scoped advisory lock, tried, never
+-- waited for (docs/design.md §4.5).
+SELECT pg_try_advisory_xact_lock(hashtext(:key)) AS locked
+
+-- name: prune
+-- Up to :limit tasks in :state (FINISHED or FAILED) that ended more than :age seconds ago,
+-- oldest first, removed. done_at < … implies the done index's predicate (done_at IS NOT NULL).
+DELETE FROM {tasks} WHERE id IN (
+    SELECT id FROM {tasks}
+    WHERE state = :state
+        AND done_at < now() - make_interval(secs => CAST(:age AS double precision))
+    ORDER BY state, done_at LIMIT :limit
+    FOR UPDATE SKIP LOCKED)
+
+-- name: delete_group
+-- A group back to the default settings has no row (docs/design.md §4.5).
+DELETE FROM {groups} WHERE name = :name
+
+-- name: register_task_types
+-- The task types a worker runs, stored or updated (the last worker to start wins), in name
+-- order so that two workers never wait for each other's rows in opposite orders.
+INSERT INTO {task_types} (name, max_attempts, has_cleanup, updated_at)
+SELECT v.name, v.max_attempts, v.has_cleanup, now()
+FROM unnest(CAST(:names AS text[]), CAST(:max_attempts AS integer[]),
+    CAST(:has_cleanup AS boolean[])) AS v(name, max_attempts, has_cleanup)
+ORDER BY v.name
+ON CONFLICT (name) DO UPDATE SET max_attempts = excluded.max_attempts,
+    has_cleanup = excluded.has_cleanup, updated_at = excluded.updated_at
+
+-- name: get_task_types
+-- The stored task types named in :names (all of them with :all), by name.
+SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
+WHERE :all OR name = ANY(CAST(:names AS text[]))
+ORDER BY name

@@ -48,9 +48,49 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
 FROM json_each(:rows) ORDER BY key
 RETURNING id
 
+-- name: insert_unique_task
+-- One task with a unique key, unless a live task of its type holds that key already: then no
+-- row is inserted and none returned (docs/design.md §4.4). The conflict target names the
+-- partial unique index by its columns and its predicate.
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at, unique_key)
+VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :unique_key)
+ON CONFLICT (type, unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
+    DO NOTHING
+RETURNING id
+
+-- name: lock_unique_task
+-- The live task of :type that holds :unique_key, locked (at most one: the unique index).
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE type = :type AND unique_key = :unique_key AND unique_key IS NOT NULL
+    AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
+
+-- name: replace_task
+-- on_conflict="replace": the live task that holds the key takes the new task's context and
+-- options, keeps its id and state, and starts afresh (compare-and-set on state and token).
+UPDATE {tasks} SET context = :context, user_name = :user, group_name = :group,
+    priority = :priority, max_attempts = :max_attempts, attempts = 0, error = NULL,
+    handoff = false, progress = NULL, message = NULL, run_at = COALESCE(:run_at, {now}),
+    updated_at = {now}
+WHERE id = :id AND token = :token AND state = :expected
+RETURNING id
+
+-- name: unique_holder
+-- The type and unique key of task :id, and the live task (another one) that holds that key.
+SELECT t.type, t.unique_key, h.id AS holder, h.state AS holder_state
+FROM {tasks} t
+LEFT JOIN {tasks} h ON h.type = t.type AND h.unique_key = t.unique_key AND h.id <> t.id
+    AND h.unique_key IS NOT NULL AND h.state IN ('init', 'pending', 'running', 'canceling', 'paused')
+WHERE t.id = :id
+
 -- name: get_task
 SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
-    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at
+    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at,
+    unique_key, progress, message
 FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
@@ -81,6 +121,7 @@ FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id
 UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
     attempts = :attempts, handoff = :handoff, group_name = :group,
     context = COALESCE(:context, context), error = COALESCE(:error, error),
+    progress = COALESCE(:progress, progress), message = COALESCE(:message, message),
     run_at = CASE WHEN :delay < 0 THEN run_at ELSE {now} + :delay END,
     done_at = CASE WHEN :done THEN {now} ELSE done_at END,
     updated_at = {now}
@@ -213,13 +254,16 @@ RETURNING id, type, user_name, group_name, context, attempts, max_attempts, hand
     token
 
 -- name: checkpoint
--- Many contexts in one statement, :rows a JSON array of [id, token, context], each written
--- only under its execution's claim token.
-WITH v(id, token, context) AS (
+-- Many checkpoints in one statement, :rows a JSON array of [id, token, context, progress,
+-- message], each written only under its execution's claim token; a null keeps the stored
+-- value (docs/design.md §2.6).
+WITH v(id, token, context, progress, message) AS (
     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-        json_extract(value, '$[2]')
+        json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]')
     FROM json_each(:rows))
-UPDATE {tasks} SET context = v.context, updated_at = {now} FROM v
+UPDATE {tasks} SET context = COALESCE(v.context, {tasks}.context),
+    progress = COALESCE(v.progress, {tasks}.progress),
+    message = COALESCE(v.message, {tasks}.message), updated_at = {now} FROM v
 WHERE {tasks}.id = v.id AND {tasks}.token = v.token AND node_id = :node
     AND state IN (SELECT value FROM json_each(:states))
 RETURNING {tasks}.id
@@ -268,3 +312,37 @@ SELECT n.name, g.paused, g.max_running, g.max_running_per_user
 FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
 LEFT JOIN {groups} g ON g.name = n.name
 ORDER BY n.name
+
+-- name: db_now
+-- The database clock (times a bulk delete compares with are taken from it).
+SELECT {now}
+
+-- name: prune
+-- Up to :limit tasks in :state (FINISHED or FAILED) that ended more than :age seconds ago,
+-- oldest first, removed (one pruner at a time: the write lock). done_at < … implies the done
+-- index's predicate (done_at IS NOT NULL).
+DELETE FROM {tasks} WHERE id IN (
+    SELECT id FROM {tasks}
+    WHERE state = :state AND done_at < {now} - :age
+    ORDER BY state, done_at LIMIT :limit)
+
+-- name: delete_group
+-- A group back to the default settings has no row (docs/design.md §4.5).
+DELETE FROM {groups} WHERE name = :name
+
+-- name: register_task_types
+-- The task types a worker runs, :rows a JSON array of [name, max_attempts, has_cleanup],
+-- stored or updated (the last worker to start wins). (WHERE true: SQLite's upsert after a
+-- SELECT needs one.)
+INSERT INTO {task_types} (name, max_attempts, has_cleanup, updated_at)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+    {now}
+FROM json_each(:rows) WHERE true
+ON CONFLICT (name) DO UPDATE SET max_attempts = excluded.max_attempts,
+    has_cleanup = excluded.has_cleanup, updated_at = excluded.updated_at
+
+-- name: get_task_types
+-- The stored task types named in :names (all of them with :all), by name.
+SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
+WHERE :all OR name IN (SELECT value FROM json_each(:names))
+ORDER BY name
