@@ -85,6 +85,12 @@ LIVE_STATES_SQL = "'init', 'pending', 'running', 'canceling', 'paused'"
 final ones (FINISHED, FAILED) and DELETING, written as the unique index's predicate is."""
 _UNIQUE = sa.text(f"unique_key IS NOT NULL AND state IN ({LIVE_STATES_SQL})")
 _DONE = sa.text("done_at IS NOT NULL")
+MYSQL_LIVE_KEY = "live_key"
+"""MySQL and MariaDB have no partial indexes. Their migration adds to the tasks a generated
+column of this name, ``CASE WHEN state IN (live states) THEN unique_key END``, and puts the
+unique index ``aioasync_tasks_unique_idx`` on (type, live_key): NULLs never collide, so only
+live tasks hold their key (docs/design.md §16.1). This metadata, which is the same for every
+database, does not declare it: it is the partial index's stand-in, not a column of its own."""
 
 
 _TABLE_OPTIONS: dict[str, Any] = {
@@ -131,7 +137,7 @@ tasks_table = sa.Table(
         server_default="0",
     ),
     # At most one live task per (type, unique_key) (docs/design.md §4.4).
-    sa.Column("unique_key", sa.Text(), nullable=True),
+    sa.Column("unique_key", _NAME, nullable=True),
     # What the task last reported with a checkpoint (docs/design.md §2.6).
     sa.Column("progress", sa.Double(), nullable=True),
     sa.Column("message", sa.Text(), nullable=True),
@@ -203,6 +209,7 @@ task_types_table = sa.Table(
     sa.Column("max_attempts", sa.Integer(), nullable=False),
     sa.Column("has_cleanup", sa.Boolean(), nullable=False),
     sa.Column("updated_at", Timestamp(), nullable=False),
+    **_TABLE_OPTIONS,
 )
 
 versions_table = sa.Table(

@@ -53,6 +53,8 @@ async def _age(raw: AsyncEngine, ids: list[int], hours: int, column: str = "done
     assert column in ("done_at", "updated_at")
     if raw.dialect.name == "sqlite":
         change = f"{column} - {hours * 3600}"
+    elif raw.dialect.name in ("mysql", "mariadb"):
+        change = f"{column} - INTERVAL {hours} HOUR"
     else:
         change = f"{column} - interval '{hours} hours'"
     async with raw.begin() as conn:

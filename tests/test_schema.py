@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 import aioasync_tasks
 from aioasync_tasks import Report, SchemaError, State, TaskNotFound, TaskRegistry, metadata
 from aioasync_tasks._backends._migrations import migration_files, split_sql
-from aioasync_tasks._schema import SCHEMA_VERSION
+from aioasync_tasks._schema import MYSQL, MYSQL_LIVE_KEY, SCHEMA_VERSION
 
 VERSIONS = "aioasync_schema_version"
 ALL_VERSIONS = list(range(1, SCHEMA_VERSION + 1))
@@ -65,6 +65,9 @@ def _declared(dialect: sa.engine.Dialect) -> dict[str, Any]:
                 columns.append(column.name)
             # MySQL has no partial indexes (no "where" option): its indexes cover every row.
             partial = index.dialect_options[dialect.name].get("where") is not None
+            if index.name == "aioasync_tasks_unique_idx" and dialect.name in MYSQL:
+                # No partial index there: the generated live_key stands in for its predicate.
+                columns = [MYSQL_LIVE_KEY if c == "unique_key" else c for c in columns]
             indexes[index.name] = (columns, sorted(descending), partial, bool(index.unique))
         shape[table.name] = {
             "columns": {
@@ -76,6 +79,8 @@ def _declared(dialect: sa.engine.Dialect) -> dict[str, Any]:
                 str(c.name) for c in table.constraints if isinstance(c, sa.CheckConstraint)
             ),
         }
+    if dialect.name in MYSQL:
+        shape["aioasync_tasks"]["columns"][MYSQL_LIVE_KEY] = ("text", True)
     return shape
 
 
@@ -287,7 +292,7 @@ async def test_version_3_upgrades_a_version_2_database_with_its_rows(db: DbTarge
     """Version 3 adds nullable columns, an index, the task types table, and drops the group
     rows that hold nothing but the defaults (a group row now exists only for settings)."""
     engine = raw_engine(db)
-    dialect = "postgresql" if db.is_postgres else "sqlite"
+    dialect = {"postgres": "postgresql", "sqlite": "sqlite", "mysql": "mysql"}[db.backend]
     now = datetime.now(UTC)
     try:
         async with engine.begin() as conn:

@@ -345,19 +345,23 @@ class SqlDriver:
         keyed = [t for t in new_tasks if t.unique_key is not None]
         if not keyed:
             return await self._insert_rows(conn, [self._new_row(t) for t in new_tasks], wake)
-        await self.lock_unique_keys(conn, [(t.type, t.unique_key) for t in keyed])
+        keys = [(t.type, t.unique_key) for t in keyed]
+        await self.lock_unique_keys(conn, keys)
         ids: list[int] = []
-        plain: list[tuple[Any, ...]] = []
-        for t in new_tasks:
-            if t.unique_key is None:
-                plain.append(self._new_row(t))
-                continue
+        try:
+            plain: list[tuple[Any, ...]] = []
+            for t in new_tasks:
+                if t.unique_key is None:
+                    plain.append(self._new_row(t))
+                    continue
+                if plain:
+                    ids += await self._insert_rows(conn, plain, wake=False)
+                    plain = []
+                ids.append(await self._insert_unique(conn, t))
             if plain:
                 ids += await self._insert_rows(conn, plain, wake=False)
-                plain = []
-            ids.append(await self._insert_unique(conn, t))
-        if plain:
-            ids += await self._insert_rows(conn, plain, wake=False)
+        finally:
+            await self.unlock_unique_keys(conn, keys)
         if wake:
             await self.notify(conn, "wake")
         return ids
@@ -369,6 +373,18 @@ class SqlDriver:
         of the same keys, where the database would otherwise let two of them deadlock on the
         unique index (docs/design.md §4.4). Nothing where the write lock serialises them."""
 
+    async def unlock_unique_keys(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        """After the inserts of ``lock_unique_keys``'s keys, failed or not: release locks that
+        the end of the transaction does not (a session's named locks on MySQL)."""
+
+    async def _insert_if_free(self, conn: AsyncConnection, params: Mapping[str, Any]) -> int | None:
+        """Insert one task with a unique key; its id, or None when a live task of its type
+        holds the key (nothing inserted)."""
+        inserted = (await self._run(conn, "insert_unique_task", params)).first()
+        return None if inserted is None else int(inserted.id)
+
     async def _insert_unique(self, conn: AsyncConnection, t: NewTask) -> int:
         """Insert one task with a unique key, or apply its ``on_conflict`` to the live task
         that holds the key; the id of the task that holds it afterwards."""
@@ -376,9 +392,9 @@ class SqlDriver:
         params = dict(zip(_NEW_TASK_COLUMNS, self._new_row(t), strict=True))
         params["unique_key"] = t.unique_key
         for _ in range(UNIQUE_TRIES):
-            inserted = (await self._run(conn, "insert_unique_task", params)).first()
+            inserted = await self._insert_if_free(conn, params)
             if inserted is not None:
-                return int(inserted.id)
+                return inserted
             found = await self._run(
                 conn, "lock_unique_task", {"type": t.type, "unique_key": t.unique_key}
             )
@@ -400,7 +416,7 @@ class SqlDriver:
                     "expected": holder.state.value,
                 },
             )
-            if replaced.first() is not None:
+            if self.found(replaced):
                 return holder.id
         raise DatabaseError(
             f"the live {t.type!r} task with unique_key {t.unique_key!r} kept changing while"
@@ -925,6 +941,10 @@ class SqlDriver:
         (docs/design.md §4.5)."""
         return True
 
+    async def release_prune_lock(self, conn: AsyncConnection) -> None:
+        """After a round that ``try_prune_lock`` allowed: release a lock that the end of the
+        transaction does not (a session's named lock on MySQL)."""
+
     @cancel_safe
     async def prune(self, params: PruneParams) -> PruneResult:
         """One round of retention: remove the FINISHED and FAILED tasks that ended longer ago
@@ -942,13 +962,16 @@ class SqlDriver:
         async with self.write() as conn:
             if not await self.try_prune_lock(conn):
                 return PruneResult(0, more=False, busy=True)
-            for state, age in ages:
-                assert PRUNED[state].state is None  # removed, by the state table
-                result = await self._run(
-                    conn, "prune", {"state": state.value, "age": age, "limit": params.limit}
-                )
-                removed += result.rowcount
-                more = more or result.rowcount >= params.limit
+            try:
+                for state, age in ages:
+                    assert PRUNED[state].state is None  # removed, by the state table
+                    result = await self._run(
+                        conn, "prune", {"state": state.value, "age": age, "limit": params.limit}
+                    )
+                    removed += result.rowcount
+                    more = more or result.rowcount >= params.limit
+            finally:
+                await self.release_prune_lock(conn)
         return PruneResult(removed, more=more)
 
     @cancel_safe

@@ -49,6 +49,8 @@ async def _age(peek: Peek, engine: AsyncEngine, ids: list[int], column: str, hou
     assert column in ("done_at", "updated_at")
     if engine.dialect.name == "sqlite":
         change = f"{column} - {hours * 3600}"  # epoch seconds
+    elif engine.dialect.name in ("mysql", "mariadb"):
+        change = f"{column} - INTERVAL {hours} HOUR"
     else:
         change = f"{column} - interval '{hours} hours'"
     for task_id in ids:

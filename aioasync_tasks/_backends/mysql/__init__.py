@@ -13,9 +13,10 @@ JSON arrays read with ``JSON_TABLE``. There are no notifications: nodes poll.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -39,6 +40,7 @@ from .._sqldriver import (
     CLAIM,
     CLEANUP_CLAIM,
     SqlDriver,
+    _unique_violation,
 )
 from .._transaction import cancel_safe, set_session_value
 
@@ -48,6 +50,9 @@ them, in whole seconds."""
 WRITE_ISOLATION = "READ COMMITTED"
 MIGRATION_LOCK_TIMEOUT = 60
 """Seconds a migration waits for another node's migration of the same database."""
+UNIQUE_LOCK_TIMEOUT = 50
+"""Seconds a create with a unique key waits for another creator of the same key (InnoDB's
+default lock wait)."""
 
 
 def configure_engine(engine: AsyncEngine) -> None:
@@ -145,6 +150,11 @@ class MysqlDriver(SqlDriver):
                 await self._run(conn, "migration_unlock", key)
         return applied
 
+    def _lock_name(self, *parts: str) -> str:
+        """A named lock of this database (names are the server's: at most 64 characters)."""
+        text = "\0".join((self.engine.url.database or "", *parts))
+        return "aioasync_tasks:" + hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
     # -- inserts: no RETURNING on MySQL 8 --------------------------------------------------
 
     async def _insert_rows(
@@ -154,6 +164,63 @@ class MysqlDriver(SqlDriver):
             return await super()._insert_rows(conn, rows, wake)  # MariaDB: INSERT … RETURNING
         # MySQL 8 has no RETURNING and gives only the last insert id: one row at a time.
         return [i for row in rows for i in await super()._insert_rows(conn, [row], wake)]
+
+    # -- unique keys: named locks of the session, a refused insert -------------------------
+
+    def _key_locks(self, keys: Sequence[tuple[str, str | None]]) -> Any:
+        return self.bind_list(sorted({self._lock_name("unique", t, k or "") for t, k in keys}))
+
+    async def lock_unique_keys(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        # Creators of one key would otherwise wait on each other's index entries, and three
+        # of them can deadlock there (docs/design.md §4.4, §16.1). Named locks outlive the
+        # transaction: unlock_unique_keys releases them after the inserts.
+        names = self._key_locks(keys)
+        result = await self._run(
+            conn, "unique_key_locks", {"keys": names, "timeout": UNIQUE_LOCK_TIMEOUT}
+        )
+        if not all(r.got == 1 for r in result):
+            await self.unlock_unique_keys(conn, keys)
+            raise DatabaseError(
+                f"another create of the same unique key held its lock for {UNIQUE_LOCK_TIMEOUT} s",
+                transient=True,
+            )
+
+    async def unlock_unique_keys(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        await self._release(conn, "unique_key_unlocks", {"keys": self._key_locks(keys)})
+
+    async def _release(self, conn: AsyncConnection, name: str, params: dict[str, Any]) -> None:
+        """Release named locks; when that fails, the connection is closed instead (the server
+        releases a session's locks when it ends), never returned to the pool with them."""
+        try:
+            await self._run(conn, name, params)
+        except DatabaseError:
+            await conn.invalidate()
+            raise
+
+    async def _insert_if_free(self, conn: AsyncConnection, params: Mapping[str, Any]) -> int | None:
+        # The unique index refuses the row (error 1062): InnoDB undoes the statement, not the
+        # transaction.
+        try:
+            return self.inserted_id(await self._run(conn, "insert_unique_task", params))
+        except DatabaseError as exc:
+            if _unique_violation(exc):
+                return None
+            raise
+
+    # -- retention: one pruner at a time ------------------------------------------------------
+
+    async def try_prune_lock(self, conn: AsyncConnection) -> bool:
+        # Row locks let two pruners run at once; a named lock, tried without waiting, makes
+        # them take turns (released by release_prune_lock at the end of the round).
+        result = await self._run(conn, "prune_lock", {"key": self._lock_name("prune")})
+        return result.scalar() == 1
+
+    async def release_prune_lock(self, conn: AsyncConnection) -> None:
+        await self._release(conn, "prune_unlock", {"key": self._lock_name("prune")})
 
     # -- claims: lock, update, read back --------------------------------------------------
 

@@ -1,7 +1,7 @@
 -- Every statement the MySQL driver runs, by name (read by _backends/_queries.py). One file for
 -- MySQL 8 and MariaDB 10.6 or newer.
 --
--- {tasks}, {nodes}, {groups} and {versions} stand for the tables; {now} for the fragment of
+-- {tasks}, {nodes}, {groups}, {task_types} and {versions} stand for the tables; {now} for the fragment of
 -- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
 -- docs/design.md §6). Parameters are bound by name (:name). A list, or a batch of rows, is
 -- bound as one JSON array and read with JSON_TABLE, so that a statement's text never depends
@@ -67,9 +67,61 @@ FROM JSON_TABLE(:rows, '$[*]' COLUMNS (
 ORDER BY v.ord
 RETURNING id
 
+-- name: insert_unique_task
+-- One task with a unique key. MySQL has no partial index to name in a conflict target: when
+-- a live task of its type holds the key already, the unique index on (type, live_key) refuses
+-- the row (error 1062, which undoes this statement only) and the driver reads the holder
+-- (docs/design.md §4.4, §16.1). The new id is the cursor's last insert id.
+INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
+    attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
+    run_at, unique_key)
+VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :unique_key)
+
+-- name: lock_unique_task
+-- The live task of :type that holds :unique_key, locked (at most one: the unique index on
+-- (type, live_key); live_key is unique_key while the task is INIT, PENDING, RUNNING, CANCELING
+-- or PAUSED, NULL otherwise).
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+FROM {tasks}
+WHERE type = :type AND live_key = :unique_key
+FOR UPDATE
+
+-- name: replace_task
+-- on_conflict="replace": the live task that holds the key takes the new task's context and
+-- options, keeps its id and state, and starts afresh (compare-and-set on state and token;
+-- matched rows, as the dialect counts them).
+UPDATE {tasks} SET context = :context, user_name = :user, group_name = :group,
+    priority = :priority, max_attempts = :max_attempts, attempts = 0, error = NULL,
+    handoff = false, progress = NULL, message = NULL, run_at = COALESCE(:run_at, {now}),
+    updated_at = {now}
+WHERE id = :id AND token = :token AND state = :expected
+
+-- name: unique_holder
+-- The type and unique key of task :id, and the live task (another one) that holds that key.
+SELECT t.type, t.unique_key, h.id AS holder, h.state AS holder_state
+FROM {tasks} t
+LEFT JOIN {tasks} h ON h.type = t.type AND h.live_key = t.unique_key AND h.id <> t.id
+WHERE t.id = :id
+
+-- name: unique_key_locks
+-- Creators of the same (type, unique key) one after the other (docs/design.md §4.4): a named
+-- lock of the session per key (:keys, a JSON array of lock names, sorted), each waited for up
+-- to :timeout seconds; 1 per lock taken. The driver releases them once its inserts are done.
+SELECT GET_LOCK(l.k, :timeout) AS got
+FROM JSON_TABLE(:keys, '$[*]' COLUMNS (ord FOR ORDINALITY,
+    k VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS l
+ORDER BY l.ord
+
+-- name: unique_key_unlocks
+SELECT RELEASE_LOCK(l.k) AS released
+FROM JSON_TABLE(:keys, '$[*]' COLUMNS (
+    k VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS l
+
 -- name: get_task
 SELECT id, type, user_name, group_name, state, requested, context, priority, attempts,
-    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at
+    max_attempts, error, node_id, created_at, updated_at, started_at, done_at, run_at,
+    unique_key, progress, message
 FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
@@ -107,6 +159,7 @@ FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
 UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
     attempts = :attempts, handoff = :handoff, group_name = :group,
     context = COALESCE(:context, context), error = COALESCE(:error, error),
+    progress = COALESCE(:progress, progress), message = COALESCE(:message, message),
     run_at = CASE WHEN :delay < 0 THEN run_at
         ELSE {now} + INTERVAL ROUND(:delay * 1000000) MICROSECOND END,
     done_at = CASE WHEN :done THEN {now} ELSE done_at END,
@@ -245,7 +298,8 @@ WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) 
     AND state = :from_state
 
 -- name: lock_checkpoints
--- The rows whose checkpoint is accepted (:rows a JSON array of [id, token, context]): still
+-- The rows whose checkpoint is accepted (:rows a JSON array of [id, token, context, progress,
+-- message]): still
 -- owned by :node under the execution's claim token, in one of :states; locked, so that the
 -- checkpoint statement that follows writes exactly these.
 SELECT t.id FROM {tasks} t
@@ -257,12 +311,17 @@ WHERE t.node_id = :node
 ORDER BY t.id FOR UPDATE
 
 -- name: checkpoint
--- Many contexts in one statement, each written only under its execution's claim token.
+-- Many checkpoints in one statement, :rows a JSON array of [id, token, context, progress,
+-- message], each written only under its execution's claim token; a null keeps the stored
+-- value (docs/design.md §2.6).
 UPDATE {tasks} t
 JOIN JSON_TABLE(:rows, '$[*]' COLUMNS (id BIGINT PATH '$[0]', token INTEGER PATH '$[1]',
-    context LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[2]'))
+    context LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[2]',
+    progress DOUBLE PATH '$[3]',
+    message TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[4]'))
     AS v ON t.id = v.id AND t.token = v.token
-SET t.context = v.context, t.updated_at = {now}
+SET t.context = COALESCE(v.context, t.context), t.progress = COALESCE(v.progress, t.progress),
+    t.message = COALESCE(v.message, t.message), t.updated_at = {now}
 WHERE t.node_id = :node
     AND t.state IN (SELECT s FROM JSON_TABLE(:states, '$[*]'
         COLUMNS (s VARCHAR(16) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS sl)
@@ -316,3 +375,49 @@ SELECT n.name, g.paused, g.max_running, g.max_running_per_user
 FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
 LEFT JOIN {groups} g ON g.name = n.name
 ORDER BY n.name
+
+-- name: db_now
+-- The database clock (times a bulk delete compares with are taken from it).
+SELECT {now}
+
+-- name: prune_lock
+-- One pruner at a time (docs/design.md §4.5): a named lock of the session, tried without
+-- waiting (1: ours), released by prune_unlock after the round.
+SELECT GET_LOCK(:key, 0) AS locked
+
+-- name: prune_unlock
+SELECT RELEASE_LOCK(:key)
+
+-- name: prune
+-- Up to :limit tasks in :state (FINISHED or FAILED) that ended more than :age seconds ago,
+-- oldest first, removed. (MySQL takes no LIMIT in an IN subquery, nor a subquery of the table
+-- a DELETE changes: a DELETE of one table with ORDER BY and LIMIT instead, through the done
+-- index.)
+DELETE FROM {tasks}
+WHERE state = :state AND done_at < {now} - INTERVAL ROUND(:age * 1000000) MICROSECOND
+ORDER BY state, done_at LIMIT :limit
+
+-- name: delete_group
+-- A group back to the default settings has no row (docs/design.md §4.5).
+DELETE FROM {groups} WHERE name = :name
+
+-- name: register_task_types
+-- The task types a worker runs, :rows a JSON array of [name, max_attempts, has_cleanup],
+-- stored or updated (the last worker to start wins), in name order (the driver sorts them).
+INSERT INTO {task_types} (name, max_attempts, has_cleanup, updated_at)
+SELECT v.name, v.max_attempts, v.has_cleanup, {now}
+FROM JSON_TABLE(:rows, '$[*]' COLUMNS (
+    ord FOR ORDINALITY,
+    name VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
+    max_attempts INTEGER PATH '$[1]',
+    has_cleanup BOOL PATH '$[2]')) AS v
+ORDER BY v.ord
+ON DUPLICATE KEY UPDATE max_attempts = v.max_attempts, has_cleanup = v.has_cleanup,
+    updated_at = {now}
+
+-- name: get_task_types
+-- The stored task types named in :names (all of them with :all), by name.
+SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
+WHERE :all OR name IN (SELECT v FROM JSON_TABLE(:names, '$[*]'
+    COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS nl)
+ORDER BY name
