@@ -23,10 +23,13 @@ from sqlalchemy.engine import Connection
 
 import aioasync_tasks
 from aioasync_tasks import Report, SchemaError, State, TaskNotFound, TaskRegistry, metadata
+from aioasync_tasks._backends._migrations import migration_files
 from aioasync_tasks._schema import SCHEMA_VERSION
 
 VERSIONS = "aioasync_schema_version"
-ALL_VERSIONS = list(range(1, SCHEMA_VERSION + 1))
+ALL_VERSIONS = [version for version, _ in migration_files("sqlite")]
+"""The shipped migrations (the same versions for every database; they need not be
+contiguous)."""
 
 
 def _affinity(type_: sa.types.TypeEngine[Any], dialect: sa.engine.Dialect) -> str:

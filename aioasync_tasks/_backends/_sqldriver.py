@@ -48,7 +48,13 @@ from ._driver import (
     Owned,
     TaskFilter,
 )
-from ._migrations import check_version, migration_files, refuse_newer, split_sql
+from ._migrations import (
+    check_version,
+    migration_files,
+    missing_versions,
+    refuse_newer,
+    split_sql,
+)
 from ._queries import Queries
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
@@ -205,40 +211,44 @@ class SqlDriver:
 
     # -- schema -----------------------------------------------------------------------------
 
-    async def _current_version(self, conn: AsyncConnection) -> int | None:
+    async def _applied_versions(self, conn: AsyncConnection) -> set[int] | None:
+        """The migration versions recorded, or None when the versions table is missing."""
         exists = await conn.run_sync(
             lambda sync: sa.inspect(sync).has_table(VERSIONS, schema=self.schema)
         )
         if not exists:
             return None
-        value = (await self._run(conn, "schema_version")).scalar()
-        return int(value) if value is not None else None
+        return {int(v) for v in (await self._run(conn, "applied_versions")).scalars()}
 
     @cancel_safe
     async def schema_version(self) -> int | None:
-        """The applied migration version, or None when the schema is empty."""
+        """The newest applied migration version, or None when the schema is empty."""
         async with self.read() as conn:
-            return await self._current_version(conn)
+            applied = await self._applied_versions(conn)
+        return None if applied is None else max(applied, default=None)
 
     @cancel_safe
     async def migrate(self) -> list[int]:
-        """Apply the missing migrations; returns the versions applied."""
+        """Apply the shipped migrations not recorded yet, in version order; returns the
+        versions applied (docs/design.md §4.3)."""
         applied: list[int] = []
         async with self.write() as conn:
             await self.prepare_migration(conn)
-            current = await self._current_version(conn) or 0
-            refuse_newer(current)
-            for version, sql in migration_files(self.dialect):
-                if version <= current:
-                    continue
-                for statement in split_sql(sql):
+            recorded = await self._applied_versions(conn) or set()
+            refuse_newer(max(recorded, default=0))
+            files = dict(migration_files(self.dialect))
+            for version in missing_versions(files, recorded):
+                for statement in split_sql(files[version]):
                     await conn.exec_driver_sql(statement)
                 await self._run(conn, "record_migration", {"version": version})
                 applied.append(version)
         return applied
 
+    @cancel_safe
     async def check_schema(self) -> None:
-        check_version(await self.schema_version())
+        async with self.read() as conn:
+            applied = await self._applied_versions(conn)
+        check_version(applied, (version for version, _ in migration_files(self.dialect)))
 
     # -- creating and reading tasks ---------------------------------------------------------
 

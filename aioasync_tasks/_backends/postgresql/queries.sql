@@ -10,8 +10,9 @@
 -- word for word: PostgreSQL uses a partial index only for a query whose WHERE implies the
 -- index's own, which a bound parameter never does.
 
--- name: schema_version
-SELECT max(version) FROM {versions}
+-- name: applied_versions
+-- Every migration applied (the versions need not be contiguous: docs/design.md §4.3).
+SELECT version FROM {versions} ORDER BY version
 
 -- name: migration_lock
 -- Concurrent migrations of one schema run one after the other.

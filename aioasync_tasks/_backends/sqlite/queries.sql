@@ -19,8 +19,9 @@
 -- The database clock, as seconds since the epoch (timestamps are stored so).
 ((julianday('now') - 2440587.5) * 86400.0)
 
--- name: schema_version
-SELECT max(version) FROM {versions}
+-- name: applied_versions
+-- Every migration applied (the versions need not be contiguous: docs/design.md §4.3).
+SELECT version FROM {versions} ORDER BY version
 
 -- name: record_migration
 INSERT INTO {versions} (version, applied_at) VALUES (:version, {now})
