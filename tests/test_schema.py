@@ -150,6 +150,7 @@ async def test_migrating_an_empty_database_yields_the_metadata(db: DbTarget) -> 
         "aioasync_tasks",
         "aioasync_nodes",
         "aioasync_groups",
+        "aioasync_schedules",
         VERSIONS,
     }
     assert aioasync_tasks.metadata is metadata

@@ -3,11 +3,11 @@ folder (``postgresql/queries.sql``, ``sqlite/queries.sql``).
 
 A file is a list of blocks, each opened by a ``-- name: <name>`` line; the comment lines right
 after it document the query, and the rest of the block, up to the next ``-- name:``, is its
-SQL. In the SQL, ``{tasks}``, ``{nodes}``, ``{groups}`` and ``{versions}`` stand for the tables
-(qualified by the schema, where the database has schemas), ``{<name>}`` for another block of the
-same file (a fragment, such as SQLite's clock), and ``{order_by}`` for the scheduling policy's
-``ORDER BY`` — the only part filled in when the statement is used. Nothing else is assembled:
-each statement reads top to bottom in its file.
+SQL. In the SQL, ``{tasks}``, ``{nodes}``, ``{groups}``, ``{schedules}`` and ``{versions}``
+stand for the tables (qualified by the schema, where the database has schemas), ``{<name>}``
+for another block of the same file (a fragment, such as SQLite's clock), and ``{order_by}`` for
+the scheduling policy's ``ORDER BY`` — the only part filled in when the statement is used.
+Nothing else is assembled: each statement reads top to bottom in its file.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from importlib import resources
 
 import sqlalchemy as sa
 
-from .._schema import GROUPS, NODES, TASKS, VERSIONS
+from .._schema import GROUPS, NODES, SCHEDULES, TASKS, VERSIONS
 
 _NAME = re.compile(r"^-- name: (\w+)[ \t]*$", re.MULTILINE)
 _SLOT = re.compile(r"\{(\w+)\}")
@@ -44,7 +44,13 @@ class Queries:
     def __init__(self, dialect: str, schema_prefix: str = "") -> None:
         text = resources.files(__package__).joinpath(dialect, "queries.sql").read_text("utf-8")
         raw = parse(text)
-        tables = {"tasks": TASKS, "nodes": NODES, "groups": GROUPS, "versions": VERSIONS}
+        tables = {
+            "tasks": TASKS,
+            "nodes": NODES,
+            "groups": GROUPS,
+            "schedules": SCHEDULES,
+            "versions": VERSIONS,
+        }
         tables = {key: schema_prefix + name for key, name in tables.items()}
 
         def expand(sql: str, seen: tuple[str, ...]) -> str:

@@ -1,7 +1,8 @@
 -- Every statement the PostgreSQL driver runs, by name (read by _backends/_queries.py).
 --
--- {tasks}, {nodes}, {groups} and {versions} stand for the tables, qualified by the node's
--- schema; {order_by} is the scheduling policy's ORDER BY (trusted code, docs/design.md §6).
+-- {tasks}, {nodes}, {groups}, {schedules} and {versions} stand for the tables, qualified by
+-- the node's schema; {order_by} is the scheduling policy's ORDER BY (trusted code,
+-- docs/design.md §6).
 -- Parameters are bound by name (:name); lists are bound as arrays.
 --
 -- State values that a row moves between are bound parameters taken from the state table

@@ -1,7 +1,7 @@
 -- Every statement the SQLite driver runs, by name (read by _backends/_queries.py).
 --
--- {tasks}, {nodes}, {groups} and {versions} stand for the tables; {now} for the fragment of
--- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
+-- {tasks}, {nodes}, {groups}, {schedules} and {versions} stand for the tables; {now} for the
+-- fragment of that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
 -- docs/design.md §6). Parameters are bound by name (:name); a list, or a batch of rows,
 -- is bound as one JSON array and read with json_each, so that a statement's text never
 -- depends on how many items it gets.
