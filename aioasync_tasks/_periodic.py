@@ -74,6 +74,23 @@ class Period:
         return f"cron {self.cron} ({self.timezone})"
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a due schedule does now: enqueue ``tick``, and be due next at ``following``."""
+
+    tick: datetime
+    following: datetime
+    skipped: bool
+    """Ticks after the one that was due were missed too; they are not enqueued."""
+
+
+def plan(period: Period, due: datetime, now: datetime) -> Plan:
+    """The tick to enqueue for a schedule due since ``due`` (at or before ``now``): the latest
+    tick that is due, never a burst of the missed ones (docs/design.md §17.3)."""
+    tick = max(period.latest(now), due)
+    return Plan(tick, period.after(now), skipped=tick != due)
+
+
 def now_us(moment: datetime) -> int:
     """Microseconds since the epoch."""
     return (moment - EPOCH) // _MICROSECOND

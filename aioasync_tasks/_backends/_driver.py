@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
+from .._models import Group, NodeInfo, Operation, Schedule, State, StopRequest, Task
+from .._periodic import Period
 from .._states import Event, Outcome
 
 if TYPE_CHECKING:
@@ -111,6 +112,71 @@ class Owned:
     token: int
 
 
+@dataclass(frozen=True, slots=True)
+class PutScheduleParams:
+    """``put_schedule``: create the schedule ``name``, or replace it."""
+
+    name: str
+    type: str
+    period: Period
+    context: str
+    user: str
+    group: str
+    priority: int
+    max_attempts: int | None
+    """None: the task type's, taken by the node that enqueues a tick."""
+    declared: bool
+    next_tick: datetime
+    """The first tick, for a new schedule or a changed period; otherwise the stored next tick
+    is kept (a node declaring its types' schedules at start moves nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnscheduleParams:
+    """``delete_schedule``: remove the schedule ``name``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledType:
+    """A task type whose schedules a node enqueues, with what a new task of it needs."""
+
+    name: str
+    max_attempts: int
+    has_cleanup: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TickParams:
+    """``tick``: enqueue one task for each due schedule of ``types``."""
+
+    types: tuple[ScheduledType, ...]
+    limit: int = 100
+    """The most schedules enqueued in one transaction; the rest stay due for the next."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """A tick enqueued: its schedule, its time and its task."""
+
+    schedule: str
+    tick: datetime
+    task_id: int
+    skipped: bool
+    """Earlier ticks were due and are skipped: only the latest missed tick is enqueued."""
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    fired: list[Fired]
+    broken: list[tuple[str, str]]
+    """Schedules whose period this node cannot compute (name, why), postponed by an hour."""
+    next_due: float | None
+    """Seconds until the next tick of the schedules of the types (None: there are none); 0
+    when a schedule is still due (another node holds it, or the limit was reached)."""
+
+
 class Driver(Protocol):
     """What the engine (``Node``, its worker, committer and runners) asks of a database."""
 
@@ -190,3 +256,14 @@ class Driver(Protocol):
     async def set_group(self, /, name: str, **fields: Any) -> Group: ...
     async def get_groups(self) -> list[Group]: ...
     async def pause_group(self, group: str, *, stop_running: bool) -> list[tuple[int, int]]: ...
+
+    # -- periodic tasks (docs/design.md §17)
+    async def put_schedule(self, params: PutScheduleParams) -> Schedule: ...
+    async def delete_schedule(self, params: UnscheduleParams) -> bool:
+        """Whether there was such a schedule."""
+
+    async def get_schedules(self) -> list[Schedule]: ...
+    async def tick(self, params: TickParams) -> TickResult:
+        """In one transaction, for each due schedule of the types: its tick's task inserted
+        and its next tick advanced by compare-and-set, so each tick is enqueued once however
+        many nodes tick at once."""

@@ -19,16 +19,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import DatabaseError, TaskNotFound
-from .._models import Group, NodeInfo, Operation, State, Task
+from .._models import Group, NodeInfo, Operation, Schedule, State, Task
+from .._periodic import Period, plan
 from .._scheduling import SchedulingPolicy
-from .._schema import VERSIONS, Timestamp, tasks_table
+from .._schema import VERSIONS, Timestamp, tasks_table, time_from_db
 from .._states import (
     Event,
     Outcome,
@@ -43,10 +44,15 @@ from ._driver import (
     Claimed,
     ClaimResult,
     Completion,
+    Fired,
     NewTask,
     OperationResult,
     Owned,
+    PutScheduleParams,
     TaskFilter,
+    TickParams,
+    TickResult,
+    UnscheduleParams,
 )
 from ._migrations import (
     check_version,
@@ -86,6 +92,8 @@ def transition(from_state: State, event: Event) -> dict[str, str]:
     return {"from_state": from_state.value, "to_state": outcome.state.value}
 
 
+BROKEN_SCHEDULE_DELAY = timedelta(hours=1)
+"""How far a schedule whose period a node cannot compute is put off (it is reported)."""
 CLAIM = transition(State.PENDING, Event.CLAIM)
 CLEANUP_CLAIM = transition(State.DELETING, Event.CLEANUP_CLAIM)
 
@@ -774,3 +782,94 @@ class SqlDriver:
             for owner in sorted({owner for _, owner in stopped}):
                 await self.notify(conn, f"stop:{owner}")
             return stopped
+
+    # -- periodic tasks (docs/design.md §17) ------------------------------------------------
+
+    @cancel_safe
+    async def put_schedule(self, params: PutScheduleParams) -> Schedule:
+        period = params.period
+        values = {
+            "name": params.name,
+            "type": params.type,
+            "cron": period.cron,
+            "every": period.every,
+            "timezone": period.timezone,
+            "context": params.context,
+            "user": params.user,
+            "group": params.group,
+            "priority": params.priority,
+            "max_attempts": params.max_attempts,
+            "declared": params.declared,
+            "next_tick": self._db_time(params.next_tick),
+        }
+        async with self.write() as conn:
+            return _rows.schedule((await self._run(conn, "put_schedule", values)).one())
+
+    @cancel_safe
+    async def delete_schedule(self, params: UnscheduleParams) -> bool:
+        async with self.write() as conn:
+            result = await self._run(conn, "delete_schedule", {"name": params.name})
+            return result.first() is not None
+
+    @cancel_safe
+    async def get_schedules(self) -> list[Schedule]:
+        async with self.read() as conn:
+            return [_rows.schedule(r) for r in await self._run(conn, "get_schedules")]
+
+    @cancel_safe
+    async def tick(self, params: TickParams) -> TickResult:
+        """Enqueue the due ticks of the schedules of ``params.types``: for each, in one
+        transaction, the task of its latest due tick (due at the tick), and its next tick
+        advanced by compare-and-set on the one it was read with. A schedule another node is
+        enqueueing is skipped (PostgreSQL) or found advanced (SQLite, after the write lock)."""
+        kinds = {t.name: t for t in params.types}
+        if not kinds:
+            return TickResult([], [], None)
+        names = self.bind_list(kinds)
+        fired: list[Fired] = []
+        broken: list[tuple[str, str]] = []
+        async with self.write() as conn:
+            result = await self._run(
+                conn, "lock_due_schedules", {"types": names, "limit": params.limit}
+            )
+            for row in result.all():
+                now = time_from_db(row.now)
+                due = time_from_db(row.next_tick)
+                advance = {"name": row.name, "expected": row.next_tick}
+                try:
+                    planned = plan(Period(row.cron, row.every, row.timezone), due, now)
+                except Exception as exc:  # a stored period this node cannot read: report it
+                    broken.append((row.name, f"{type(exc).__name__}: {exc}"))
+                    advance |= {
+                        "next_tick": self._db_time(now + BROKEN_SCHEDULE_DELAY),
+                        "tick": row.last_tick,
+                        "task_id": row.last_task_id,
+                    }
+                    await self._run(conn, "advance_schedule", advance)
+                    continue
+                kind = kinds[row.type]
+                new = (
+                    row.type,
+                    row.user_name,
+                    row.group_name,
+                    State.PENDING.value,
+                    row.context,
+                    row.priority,
+                    kind.max_attempts if row.max_attempts is None else row.max_attempts,
+                    kind.has_cleanup,
+                    self._db_time(planned.tick),
+                )
+                [task_id] = await self._insert(conn, [new], wake=True)
+                advance |= {
+                    "next_tick": self._db_time(planned.following),
+                    "tick": self._db_time(planned.tick),
+                    "task_id": task_id,
+                }
+                if (await self._run(conn, "advance_schedule", advance)).first() is None:
+                    # Advanced meanwhile by another node: its task stands, ours goes.
+                    await self._run(conn, "delete_tasks", {"ids": self.bind_list([task_id])})
+                    continue
+                fired.append(Fired(row.name, planned.tick, task_id, planned.skipped))
+            due_in = (await self._run(conn, "next_schedule_due", {"types": names})).scalar()
+        next_due = None if due_in is None else max(float(due_in), 0.0)
+        return TickResult(fired, broken, next_due)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aioasync_tasks import ConfigurationError
-from aioasync_tasks._periodic import EPOCH, Period, check_period
+from aioasync_tasks._periodic import EPOCH, Period, Plan, check_period, plan
 
 T = datetime(2026, 11, 30, 10, 0, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
@@ -110,3 +110,15 @@ def test_bad_periods_are_refused(
 def test_cron_is_kept_with_its_blanks_normalised() -> None:
     assert check_period("  0   *  * * *\t", None).cron == "0 * * * *"
     assert check_period(None, 5, "UTC") == Period(every=5.0)
+
+
+def test_plan_enqueues_the_due_tick_or_only_the_latest_missed_one() -> None:
+    minute = check_period("* * * * *", None)
+    on_time = plan(minute, T, T + timedelta(seconds=2))
+    assert on_time == Plan(T, T + timedelta(minutes=1), skipped=False)
+    # No node ran for an hour and a half: one task, for the latest tick; the next is ahead.
+    late = plan(minute, T, T + timedelta(minutes=90, seconds=30))
+    assert late == Plan(T + timedelta(minutes=90), T + timedelta(minutes=91), skipped=True)
+    # A next tick off the period's grid (the period changed meanwhile) is still enqueued.
+    odd = T + timedelta(seconds=30)
+    assert plan(minute, odd, odd) == Plan(odd, T + timedelta(minutes=1), skipped=False)

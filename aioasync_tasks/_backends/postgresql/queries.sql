@@ -283,3 +283,54 @@ SELECT n.name, g.paused, g.max_running, g.max_running_per_user
 FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
 LEFT JOIN {groups} g ON g.name = n.name
 ORDER BY n.name
+
+-- name: schedule_columns
+-- The columns of a schedule as _rows.schedule reads them (a fragment).
+name, type, cron, every, timezone, context, user_name, group_name, priority, max_attempts,
+    declared, next_tick, last_tick, last_task_id, created_at, updated_at
+
+-- name: put_schedule
+-- Create or replace a schedule (docs/design.md §17). Its next tick is kept unless its period
+-- changed: a node that declares its types' schedules at start moves nothing.
+INSERT INTO {schedules} AS s (name, type, cron, every, timezone, context, user_name,
+    group_name, priority, max_attempts, declared, next_tick, last_tick, last_task_id,
+    created_at, updated_at)
+VALUES (:name, :type, :cron, :every, :timezone, :context, :user, :group, :priority,
+    :max_attempts, :declared, :next_tick, NULL, NULL, now(), now())
+ON CONFLICT (name) DO UPDATE SET type = excluded.type, cron = excluded.cron,
+    every = excluded.every, timezone = excluded.timezone, context = excluded.context,
+    user_name = excluded.user_name, group_name = excluded.group_name,
+    priority = excluded.priority, max_attempts = excluded.max_attempts,
+    declared = excluded.declared,
+    next_tick = CASE WHEN s.cron IS NOT DISTINCT FROM excluded.cron
+            AND s.every IS NOT DISTINCT FROM excluded.every
+            AND s.timezone = excluded.timezone
+        THEN s.next_tick ELSE excluded.next_tick END,
+    updated_at = now()
+RETURNING {schedule_columns}
+
+-- name: delete_schedule
+DELETE FROM {schedules} WHERE name = :name RETURNING name
+
+-- name: get_schedules
+SELECT {schedule_columns} FROM {schedules} ORDER BY name
+
+-- name: lock_due_schedules
+-- The due schedules of :types, with the database's clock; a schedule another node is
+-- enqueueing right now is skipped, not waited for.
+SELECT {schedule_columns}, now() AS now FROM {schedules}
+WHERE next_tick <= now() AND type = ANY(:types)
+ORDER BY next_tick, name LIMIT :limit
+FOR UPDATE SKIP LOCKED
+
+-- name: advance_schedule
+-- Compare-and-set: the schedule moves on only from the next tick it was read with, in the
+-- transaction that inserts the tick's task (each tick is enqueued once).
+UPDATE {schedules} SET next_tick = :next_tick, last_tick = :tick, last_task_id = :task_id,
+    updated_at = now()
+WHERE name = :name AND next_tick = :expected
+RETURNING name
+
+-- name: next_schedule_due
+-- Seconds until the next tick of the schedules of :types (NULL: there are none).
+SELECT EXTRACT(EPOCH FROM (min(next_tick) - now())) FROM {schedules} WHERE type = ANY(:types)

@@ -269,3 +269,53 @@ SELECT n.name, g.paused, g.max_running, g.max_running_per_user
 FROM (SELECT name FROM {groups} UNION SELECT DISTINCT group_name FROM {tasks}) n
 LEFT JOIN {groups} g ON g.name = n.name
 ORDER BY n.name
+
+-- name: schedule_columns
+-- The columns of a schedule as _rows.schedule reads them (a fragment).
+name, type, cron, every, timezone, context, user_name, group_name, priority, max_attempts,
+    declared, next_tick, last_tick, last_task_id, created_at, updated_at
+
+-- name: put_schedule
+-- Create or replace a schedule (docs/design.md §17). Its next tick is kept unless its period
+-- changed: a node that declares its types' schedules at start moves nothing.
+INSERT INTO {schedules} (name, type, cron, every, timezone, context, user_name,
+    group_name, priority, max_attempts, declared, next_tick, last_tick, last_task_id,
+    created_at, updated_at)
+VALUES (:name, :type, :cron, :every, :timezone, :context, :user, :group, :priority,
+    :max_attempts, :declared, :next_tick, NULL, NULL, {now}, {now})
+ON CONFLICT (name) DO UPDATE SET type = excluded.type, cron = excluded.cron,
+    every = excluded.every, timezone = excluded.timezone, context = excluded.context,
+    user_name = excluded.user_name, group_name = excluded.group_name,
+    priority = excluded.priority, max_attempts = excluded.max_attempts,
+    declared = excluded.declared,
+    next_tick = CASE WHEN {schedules}.cron IS excluded.cron
+            AND {schedules}.every IS excluded.every
+            AND {schedules}.timezone = excluded.timezone
+        THEN {schedules}.next_tick ELSE excluded.next_tick END,
+    updated_at = {now}
+RETURNING {schedule_columns}
+
+-- name: delete_schedule
+DELETE FROM {schedules} WHERE name = :name RETURNING name
+
+-- name: get_schedules
+SELECT {schedule_columns} FROM {schedules} ORDER BY name
+
+-- name: lock_due_schedules
+-- The due schedules of :types, with the database's clock (the write lock is held already).
+SELECT {schedule_columns}, {now} AS now FROM {schedules}
+WHERE next_tick <= {now} AND type IN (SELECT value FROM json_each(:types))
+ORDER BY next_tick, name LIMIT :limit
+
+-- name: advance_schedule
+-- Compare-and-set: the schedule moves on only from the next tick it was read with, in the
+-- transaction that inserts the tick's task (each tick is enqueued once).
+UPDATE {schedules} SET next_tick = :next_tick, last_tick = :tick, last_task_id = :task_id,
+    updated_at = {now}
+WHERE name = :name AND next_tick = :expected
+RETURNING name
+
+-- name: next_schedule_due
+-- Seconds until the next tick of the schedules of :types (NULL: there are none).
+SELECT min(next_tick) - {now} FROM {schedules}
+WHERE type IN (SELECT value FROM json_each(:types))
