@@ -16,7 +16,7 @@ from ._errors import (
     TaskNotFound,
     UnknownTaskType,
 )
-from ._models import Group, NodeInfo, Operation, State, StopRequest, Task, TaskInfo
+from ._models import Group, NodeInfo, Operation, Schedule, State, StopRequest, Task, TaskInfo
 from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry, TaskType
 from ._report import Phase, Report
@@ -41,6 +41,7 @@ __all__ = [
     "Operation",
     "Phase",
     "Report",
+    "Schedule",
     "SchedulingPolicy",
     "SchemaError",
     "State",

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
 
@@ -19,10 +19,11 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._backends import driver_for
-from ._backends._driver import Driver, NewTask, TaskFilter
+from ._backends._driver import Driver, NewTask, PutScheduleParams, TaskFilter, UnscheduleParams
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped
 from ._logging import LOGGER_NAME
-from ._models import Group, NodeInfo, Operation, State, Task
+from ._models import Group, NodeInfo, Operation, Schedule, State, Task
+from ._periodic import check_period
 from ._registry import TaskFunction, TaskRegistry, TaskType
 from ._runner import Backoff
 from ._scheduling import SchedulingPolicy
@@ -580,3 +581,54 @@ class Node:
     async def get_nodes(self) -> list[NodeInfo]:
         """The registered (live, or not yet rescued) nodes."""
         return await self._ready().get_nodes()
+
+    # -- periodic tasks ---------------------------------------------------------------------
+
+    async def schedule(
+        self,
+        name: str,
+        type: str,
+        cron: str | None = None,
+        *,
+        every: float | timedelta | None = None,
+        timezone: str | None = None,
+        context: str = "",
+        user: str = "",
+        group: str = "default",
+        priority: int = 0,
+        max_attempts: int | None = None,
+    ) -> Schedule:
+        """Create or replace the schedule ``name``: at each tick of ``cron`` (in ``timezone``,
+        UTC by default) or of ``every`` seconds, a task of ``type`` is enqueued with these
+        options, due at its tick — once per tick, whichever worker nodes run. Replacing a
+        schedule with the same period keeps its next tick."""
+        name = check_name("name", name)
+        period = check_period(cron, every, timezone)
+        task_type = self.registry.get(check_type_name(type))
+        params = PutScheduleParams(
+            name=name,
+            type=task_type.name,
+            period=period,
+            context=check_context(context, self.max_context_bytes),
+            user=check_user(user),
+            group=check_group(group),
+            priority=check_int("priority", priority),
+            max_attempts=None
+            if max_attempts is None
+            else check_int("max_attempts", max_attempts, minimum=1),
+            declared=False,
+            next_tick=period.after(datetime.now(UTC)),
+        )
+        stored = await self._ready().put_schedule(params)
+        if self._worker is not None:
+            self._worker.ticker.wake()
+        return stored
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name`` (its tasks already enqueued stay); whether it existed.
+        A schedule declared with a task type comes back when a node with the type starts."""
+        return await self._ready().delete_schedule(UnscheduleParams(check_name("name", name)))
+
+    async def get_schedules(self) -> list[Schedule]:
+        """Every schedule, by name."""
+        return await self._ready().get_schedules()

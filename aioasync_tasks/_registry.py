@@ -7,9 +7,11 @@ import inspect
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from ._errors import ConfigurationError, DuplicateTaskType, UnknownTaskType
+from ._periodic import Period, check_period
 from ._report import Report
 from ._validation import INT32_MAX, MAX_NAME_LENGTH, check_type_name
 
@@ -57,6 +59,13 @@ class TaskType:
     """Seconds a task may take to honour ``stop`` before it is cancelled."""
     timeout: float | None = None
     """Seconds one attempt may run in all; then it is stopped and counts as failed."""
+    cron: str | None = None
+    """A schedule declared with the type: a task of it is enqueued at each tick of this cron
+    expression (docs/how-to.md, "Run tasks periodically")."""
+    every: float | timedelta | None = None
+    """Or at each multiple of this interval, in seconds."""
+    timezone: str | None = None
+    """The time zone of ``cron`` (None: UTC)."""
     _frozen: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +78,9 @@ class TaskType:
             )
         _positive("stop_timeout", self.stop_timeout)
         _positive("timeout", self.timeout, allow_none=True)
+        if self.cron is not None or self.every is not None or self.timezone is not None:
+            period = check_period(self.cron, self.every, self.timezone)
+            self.cron, self.every, self.timezone = period.cron, period.every, period.timezone
         if self.factory is not None:
             if self.running_fn is not None or self.deleting_fn is not None:
                 raise ConfigurationError("give either a factory or running/deleting, not both")
@@ -82,6 +94,13 @@ class TaskType:
             _check_generator_function(self.running_fn, f"task {self.name!r}")
             if self.deleting_fn is not None:
                 _check_generator_function(self.deleting_fn, f"cleanup of {self.name!r}")
+
+    @property
+    def period(self) -> Period | None:
+        """The declared schedule's period, if the type has one."""
+        if self.cron is None and self.every is None:
+            return None
+        return check_period(self.cron, self.every, self.timezone)
 
     @property
     def has_cleanup(self) -> bool:
@@ -128,9 +147,14 @@ class TaskRegistry:
         max_attempts: int = 1,
         stop_timeout: float = 30.0,
         timeout: float | None = None,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        timezone: str | None = None,
     ) -> TaskType:
         """Register a task type: ``running`` (and optional ``deleting``) async generator
-        functions, or a ``factory`` building an object with ``running``/``deleting`` methods."""
+        functions, or a ``factory`` building an object with ``running``/``deleting`` methods.
+        ``cron=`` or ``every=`` (with ``timezone=`` for cron) declares a schedule named after
+        the type: every worker node with the type enqueues its ticks."""
         check_type_name(type)
         if type in self._types:
             raise DuplicateTaskType(type)
@@ -144,6 +168,9 @@ class TaskRegistry:
             max_attempts=max_attempts,
             stop_timeout=stop_timeout,
             timeout=timeout,
+            cron=cron,
+            every=every,
+            timezone=timezone,
         )
         self._types[type] = task_type
         return task_type
@@ -155,13 +182,23 @@ class TaskRegistry:
         max_attempts: int = 1,
         stop_timeout: float = 30.0,
         timeout: float | None = None,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        timezone: str | None = None,
     ) -> Callable[[TaskFunction], TaskType]:
         """Decorator form of ``register_task``; the result has a ``.deleting`` decorator."""
         check_type_name(type)
 
         def decorate(fn: TaskFunction) -> TaskType:
             return self.register_task(
-                type, fn, max_attempts=max_attempts, stop_timeout=stop_timeout, timeout=timeout
+                type,
+                fn,
+                max_attempts=max_attempts,
+                stop_timeout=stop_timeout,
+                timeout=timeout,
+                cron=cron,
+                every=every,
+                timezone=timezone,
             )
 
         return decorate

@@ -17,7 +17,8 @@ keeps crashing stops the node, which hands its tasks back):
   it stops its tasks before any other node can consider it dead;
 - **rescuer** — releases the tasks of other nodes whose heartbeat is older than *their own*
   ``node_timeout``, and of rows whose node is gone;
-- **listener** (PostgreSQL) — LISTEN for wake-ups and stop requests.
+- **listener** (PostgreSQL) — LISTEN for wake-ups and stop requests;
+- **ticker** — enqueues the ticks of periodic schedules (``_ticker``).
 
 Nothing here waits for a task to end except the graceful stop: fencing and a lost lease only
 *ask* the executions to stop; each lost execution then releases its own row, guarded by its
@@ -47,6 +48,7 @@ from ._registry import TaskRegistry
 from ._runner import Backoff, Execution, StopReason
 from ._scheduling import SchedulingPolicy
 from ._states import ACTIVE_STATES
+from ._ticker import Ticker
 
 LEASE_FRACTION = 0.75
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
@@ -101,6 +103,7 @@ class Worker:
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.executions: dict[int, Execution] = {}
         self.committer = Committer(backend, cleanup_attempts=config.cleanup_attempts, logger=logger)
+        self.ticker = Ticker(backend, registry, lambda: self.log, config.poll_interval)
         self._wake = asyncio.Event()
         self._stop_poll = asyncio.Event()
         self._listening = asyncio.Event()
@@ -151,6 +154,7 @@ class Worker:
                     ("lease", self._lease_loop),
                     ("rescuer", self._rescue_loop),
                     ("stop poll", self._stop_poll_loop),
+                    ("ticker", self.ticker.run),
                 ):
                     services.start_soon(self._supervised, name, service)
                 if self.backend.supports_notify:

@@ -44,6 +44,7 @@ PUBLIC_API = [
     "Operation",
     "Phase",
     "Report",
+    "Schedule",
     "SchedulingPolicy",
     "SchemaError",
     "State",
