@@ -67,11 +67,12 @@ class Period:
         return next(CronSim(self.cron, moment.astimezone(self._zone()))).astimezone(UTC)
 
     def describe(self) -> str:
-        """``cron 0 * * * * (UTC)`` or ``every 30s``, for people."""
+        """``cron 0 * * * *``, ``cron 0 9 * * * (Europe/Paris)`` or ``every 30s``, for people."""
         if self.cron is None:
             assert self.every is not None
             return f"every {self.every:g}s"
-        return f"cron {self.cron} ({self.timezone})"
+        zone = "" if self.timezone == "UTC" else f" ({self.timezone})"
+        return f"cron {self.cron}{zone}"
 
 
 @dataclass(frozen=True, slots=True)

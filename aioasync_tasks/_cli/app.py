@@ -1,7 +1,8 @@
 """The command group, its global options, and ``main``, the entry point.
 
 Commands: ``worker`` runs a node until SIGINT/SIGTERM; ``migrate``; ``tasks list|show|run|
-pause|delete|move``; ``groups`` (list, ``pause``, ``resume``, ``limits``); ``nodes``; ``demo``.
+pause|delete|move``; ``groups`` (list, ``pause``, ``resume``, ``limits``); ``schedules list|
+remove``; ``nodes``; ``demo``.
 Management commands use a client-only node (``concurrency=0``) and never migrate by themselves;
 those that list or show print JSON with ``--json``.
 
@@ -24,6 +25,7 @@ from .client import DEFAULT_DB, Settings
 from .demo import demo
 from .groups import groups
 from .nodes import nodes
+from .schedules import schedules
 from .tasks import tasks
 from .worker import migrate, worker
 
@@ -59,7 +61,7 @@ def cli(ctx: click.Context, db: str, schema: str | None) -> None:
     )
 
 
-for _command in (worker, migrate, tasks, groups, nodes, demo):
+for _command in (worker, migrate, tasks, groups, schedules, nodes, demo):
     cli.add_command(_command)
 
 
