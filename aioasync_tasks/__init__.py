@@ -15,6 +15,7 @@ from ._errors import (
     SchemaError,
     TaskNotFound,
     UnknownTaskType,
+    WaitTimeout,
 )
 from ._models import Group, NodeInfo, Operation, Schedule, State, StopRequest, Task, TaskInfo
 from ._node import MAX_PAGE_SIZE, Node
@@ -52,6 +53,7 @@ __all__ = [
     "TaskRegistry",
     "TaskType",
     "UnknownTaskType",
+    "WaitTimeout",
     "current_node",
     "current_task",
     "metadata",

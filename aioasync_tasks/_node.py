@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
@@ -45,6 +45,7 @@ from ._validation import (
     check_types,
     check_user,
 )
+from ._watch import TaskWatcher
 from ._worker import Worker, WorkerConfig
 
 MAX_PAGE_SIZE = 1000
@@ -175,6 +176,7 @@ class Node:
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
         self._backend.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
+        self._watcher = TaskWatcher(self._backend, self._worker_config.poll_interval, self._logger)
         self._worker: Worker | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
@@ -285,6 +287,7 @@ class Node:
                 await self._stop_worker(timeout)
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(DISPOSE_TIMEOUT):
+                    await self._watcher.close()
                     # Heartbeats cancelled on the way out still finish their transactions.
                     await self._backend.in_flight.close(timeout=DISPOSE_TIMEOUT / 2)
                     if self._owns_engine:
@@ -536,6 +539,26 @@ class Node:
         """How many tasks match the filters (the same filters as ``get_tasks``)."""
         f = self._filter(user, group, types, states)
         return await self._ready().count_tasks(f)
+
+    async def wait_task(self, task_id: int, *, timeout: float | None = None) -> Task:  # noqa: ASYNC109 - the documented bound of a wait, raised as WaitTimeout
+        """Wait until the task is FINISHED or FAILED and return that snapshot. Raises
+        ``TaskNotFound`` when there is no such task or it is removed meanwhile (deleted, or
+        ended with ``delete=True``), and ``WaitTimeout`` (a ``TimeoutError``) after
+        ``timeout`` seconds. Woken by a notification on PostgreSQL, polling on SQLite."""
+        task_id = check_task_id(task_id)
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        self._ready()
+        return await self._watcher.wait(task_id, timeout)
+
+    def watch(self, task_id: int) -> AsyncIterator[Task]:
+        """``async for task in node.watch(task_id)``: a snapshot of the task now, then one
+        after each change as it commits (a checkpoint, a claim, an operation; a slow loop gets
+        the latest), ending after the FINISHED or FAILED one. ``TaskNotFound`` when the task
+        is gone."""
+        task_id = check_task_id(task_id)
+        self._ready()
+        return self._watcher.watch(task_id)
 
     # -- groups and nodes -------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ PUBLIC_API = [
     "TaskRegistry",
     "TaskType",
     "UnknownTaskType",
+    "WaitTimeout",
     "current_node",
     "current_task",
     "metadata",

@@ -177,6 +177,55 @@ class TickResult:
     when a schedule is still due (another node holds it, or the limit was reached)."""
 
 
+@dataclass(frozen=True, slots=True)
+class WatchParams:
+    """``watch_tasks``: someone waits for or watches the tasks ``ids`` for ``seconds`` at
+    least (marks renewed while they do)."""
+
+    ids: tuple[int, ...]
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListenParams:
+    """``listen_tasks``: where the task events go while listening."""
+
+    on_message: Callable[[str], None]
+
+
+TASK_DONE = "done"
+"""A task event: the tasks became FINISHED or FAILED, or were removed."""
+TASK_PROGRESS = "progress"
+"""A task event: a checkpoint of the tasks, or another change of state, was committed."""
+MAX_PAYLOAD = 7900
+"""Bytes of a notification's payload at most (PostgreSQL refuses 8000 and more)."""
+
+
+def task_events(kind: str, ids: Sequence[int]) -> list[str]:
+    """The payloads telling watchers that ``ids`` had an event of ``kind``:
+    ``kind:id,id,…``, as many as it takes to keep each under ``MAX_PAYLOAD``."""
+    payloads: list[str] = []
+    current = ""
+    for task_id in ids:
+        item = str(task_id)
+        if current and len(current) + 1 + len(item) > MAX_PAYLOAD:
+            payloads.append(current)
+            current = ""
+        current = f"{current},{item}" if current else f"{kind}:{item}"
+    if current:
+        payloads.append(current)
+    return payloads
+
+
+def parse_task_event(payload: str) -> tuple[str, list[int]]:
+    """``(kind, ids)`` of a payload made by ``task_events``; ``("", [])`` for anything else."""
+    kind, _, ids = payload.partition(":")
+    try:
+        return kind, [int(i) for i in ids.split(",")]
+    except ValueError:
+        return "", []
+
+
 class Driver(Protocol):
     """What the engine (``Node``, its worker, committer and runners) asks of a database."""
 
@@ -267,3 +316,12 @@ class Driver(Protocol):
         """In one transaction, for each due schedule of the types: its tick's task inserted
         and its next tick advanced by compare-and-set, so each tick is enqueued once however
         many nodes tick at once."""
+
+    # -- waiting and watching (docs/design.md §18)
+    async def watch_tasks(self, params: WatchParams) -> None:
+        """Where ``supports_notify``: mark the tasks watched, so that until the mark runs out
+        their writes send task events (``listen_tasks``); elsewhere nothing (watchers poll)."""
+
+    def listen_tasks(self, params: ListenParams) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Where ``supports_notify``: deliver task events (``task_events`` payloads) while
+        inside; the event yielded is set when the listening connection is lost."""

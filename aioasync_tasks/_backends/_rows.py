@@ -131,6 +131,8 @@ class Locked:
     node_id: int | None
     group: str
     token: int
+    watched: bool = False
+    """Someone waits for or watches the task: its change is notified (docs/design.md §18)."""
 
     @classmethod
     def from_row(cls, row: Any) -> Locked:
@@ -144,4 +146,5 @@ class Locked:
             node_id=row.node_id,
             group=row.group_name,
             token=row.token,
+            watched=bool(row.watched),
         )

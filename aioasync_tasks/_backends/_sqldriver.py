@@ -40,11 +40,14 @@ from .._states import (
 )
 from . import _rows
 from ._driver import (
+    TASK_DONE,
+    TASK_PROGRESS,
     Checkpoint,
     Claimed,
     ClaimResult,
     Completion,
     Fired,
+    ListenParams,
     NewTask,
     OperationResult,
     Owned,
@@ -53,6 +56,7 @@ from ._driver import (
     TickParams,
     TickResult,
     UnscheduleParams,
+    WatchParams,
 )
 from ._migrations import (
     check_version,
@@ -64,6 +68,8 @@ from ._migrations import (
 from ._queries import Queries
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
+_DONE = (State.FINISHED, State.FAILED, None)
+"""Outcomes that end a wait: a final state, or the row removed (None)."""
 CHECKPOINT_STATES = (State.RUNNING, State.CANCELING, State.DELETING)
 """The states in which an execution may store a checkpoint (its task runs, or is being
 cleaned up)."""
@@ -163,6 +169,10 @@ class SqlDriver:
         """Tell the other nodes (``wake``, ``stop:<node>``) when ``conn``'s transaction commits;
         nothing where the database cannot (nodes poll)."""
 
+    async def notify_task_events(self, conn: AsyncConnection, kind: str, ids: list[int]) -> None:
+        """Tell the watchers of ``ids`` (``TASK_DONE``, ``TASK_PROGRESS``) when ``conn``'s
+        transaction commits; nothing where the database cannot (watchers poll)."""
+
     notify_params: Mapping[str, Any] = {}
     """What a statement that notifies binds besides its own parameters (the channel)."""
 
@@ -170,6 +180,10 @@ class SqlDriver:
         self, on_message: Callable[[str], None]
     ) -> AbstractAsyncContextManager[asyncio.Event]:
         """Where ``supports_notify``: the notifications of the other nodes, while inside."""
+        raise NotImplementedError(f"{self.dialect} has no notifications")
+
+    def listen_tasks(self, params: ListenParams) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Where ``supports_notify``: the task events for watchers, while inside."""
         raise NotImplementedError(f"{self.dialect} has no notifications")
 
     async def prepare_migration(self, conn: AsyncConnection) -> None:
@@ -379,7 +393,10 @@ class SqlDriver:
         """Apply decided outcomes: one DELETE for removed rows, one batched UPDATE for the rest."""
         removed: list[int] = []
         updates: list[dict[str, Any]] = []
+        watched: list[_Write] = []
         for w in writes:
+            if w.row.watched:
+                watched.append(w)
             o = w.outcome
             if o.state is None:
                 removed.append(w.row.id)
@@ -413,6 +430,22 @@ class SqlDriver:
             await self._run(conn, "delete_tasks", {"ids": self.bind_list(removed)})
         if updates:
             await self._run(conn, "update_task", updates)
+        if watched:
+            await self._notify_watchers(conn, watched)
+
+    async def _notify_watchers(self, conn: AsyncConnection, writes: list[_Write]) -> None:
+        """Task events for the watched rows among ``writes`` (docs/design.md §18): done for
+        a task that ended (FINISHED, FAILED) or was removed, progress for any other change."""
+        done = [w.row.id for w in writes if w.outcome.state in _DONE]
+        moved = [
+            w.row.id
+            for w in writes
+            if w.outcome.state not in _DONE and (w.outcome.changed or w.group is not None)
+        ]
+        if done:
+            await self.notify_task_events(conn, TASK_DONE, done)
+        if moved:
+            await self.notify_task_events(conn, TASK_PROGRESS, moved)
 
     async def _write_and_wake(self, conn: AsyncConnection, writes: list[_Write]) -> int:
         """Apply ``writes`` of tasks given back to the queue, and wake the claimers."""
@@ -498,6 +531,7 @@ class SqlDriver:
                 return ClaimResult([], None)
             result = await self._run(conn, "claim", params, order_by=policy.order_by)
             rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
+            await self._notify_claimed(conn, rows)
             next_due = None
             if len(rows) < limit:
                 due = await self._run(conn, "next_due", {"types": params["types"]})
@@ -528,7 +562,13 @@ class SqlDriver:
                 },
             )
             rows = sorted(result, key=lambda r: r.id)
+            await self._notify_claimed(conn, rows)
         return [_rows.claimed(r) for r in rows]
+
+    async def _notify_claimed(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:
+        watched = [row.id for row in rows if row.watched]
+        if watched:
+            await self.notify_task_events(conn, TASK_PROGRESS, watched)
 
     @cancel_safe
     async def checkpoint(self, node_id: int, contexts: Mapping[int, Checkpoint]) -> set[int]:
@@ -544,7 +584,11 @@ class SqlDriver:
             "states": self.bind_list(s.value for s in CHECKPOINT_STATES),
         }
         async with self.write() as conn:
-            return {row.id for row in await self._run(conn, "checkpoint", params)}
+            written = (await self._run(conn, "checkpoint", params)).all()
+            watched = [row.id for row in written if row.watched]
+            if watched:  # one notification per batch, and only for tasks someone watches
+                await self.notify_task_events(conn, TASK_PROGRESS, watched)
+        return {row.id for row in written}
 
     @cancel_safe
     async def complete(
@@ -873,3 +917,13 @@ class SqlDriver:
             due_in = (await self._run(conn, "next_schedule_due", {"types": names})).scalar()
         next_due = None if due_in is None else max(float(due_in), 0.0)
         return TickResult(fired, broken, next_due)
+
+    # -- waiting and watching (docs/design.md §18) ------------------------------------------
+
+    @cancel_safe
+    async def watch_tasks(self, params: WatchParams) -> None:
+        if not self.supports_notify or not params.ids:
+            return  # watchers poll: nothing to mark, and no write lock to take
+        values = {"ids": self.bind_list(params.ids), "seconds": params.seconds}
+        async with self.write() as conn:
+            await self._run(conn, "watch_tasks", values)

@@ -12,7 +12,7 @@ from aioasync_tasks._backends._queries import Queries, parse
 
 DIALECTS = ("postgresql", "sqlite")
 ONLY = {
-    "postgresql": {"migration_lock", "notify", "insert_task_and_wake"},
+    "postgresql": {"migration_lock", "notify", "insert_task_and_wake", "watch_tasks"},
     "sqlite": {"now"},
 }
 """Statements one database has and the others do without (locks, notifications, fragments)."""

@@ -63,16 +63,19 @@ FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
 -- Rows about to be changed by the state rules, locked in id order (no deadlocks).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks} WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
 
 -- name: lock_owned_tasks
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks} WHERE id = ANY(:ids) AND node_id = :owner ORDER BY id FOR UPDATE
 
 -- name: lock_tasks_of_nodes
 -- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks}
 WHERE node_id = ANY(CAST(:nodes AS bigint[]))
     OR (:orphans AND node_id IS NOT NULL
@@ -80,7 +83,8 @@ WHERE node_id = ANY(CAST(:nodes AS bigint[]))
 ORDER BY id FOR UPDATE
 
 -- name: lock_running_in_group
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
 
 -- name: update_task
@@ -202,7 +206,7 @@ FROM (
 ) k
 WHERE t.id = k.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > now() AS watched
 
 -- name: next_due
 -- Seconds until the next delayed task of :types is due (NULL: none).
@@ -226,7 +230,7 @@ FROM (
 ) c
 WHERE t.id = c.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > now() AS watched
 
 -- name: checkpoint
 -- Many contexts in one statement, each written only under its execution's claim token.
@@ -234,7 +238,7 @@ UPDATE {tasks} t SET context = v.context, updated_at = now()
 FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]))
     AS v(id, token, context)
 WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = ANY(:states)
-RETURNING t.id
+RETURNING t.id, t.watched_until > now() AS watched
 
 -- name: register_node
 INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
@@ -334,3 +338,11 @@ RETURNING name
 -- name: next_schedule_due
 -- Seconds until the next tick of the schedules of :types (NULL: there are none).
 SELECT EXTRACT(EPOCH FROM (min(next_tick) - now())) FROM {schedules} WHERE type = ANY(:types)
+
+-- name: watch_tasks
+-- Someone waits for or watches these tasks for :seconds at least: their writes notify the
+-- watchers meanwhile (docs/design.md §18). The row lock orders the mark after any write in
+-- flight, so every later write sees it.
+UPDATE {tasks} SET watched_until = GREATEST(watched_until,
+    now() + make_interval(secs => CAST(:seconds AS double precision)))
+WHERE id = ANY(:ids)

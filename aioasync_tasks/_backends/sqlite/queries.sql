@@ -56,16 +56,19 @@ FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
 -- Rows about to be changed by the state rules (the write lock is held already).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id
 
 -- name: lock_owned_tasks
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids)) AND node_id = :owner ORDER BY id
 
 -- name: lock_tasks_of_nodes
 -- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks}
 WHERE node_id IN (SELECT value FROM json_each(:nodes))
     OR (:orphans AND node_id IS NOT NULL
@@ -73,7 +76,8 @@ WHERE node_id IN (SELECT value FROM json_each(:nodes))
 ORDER BY id
 
 -- name: lock_running_in_group
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id
 
 -- name: update_task
@@ -189,7 +193,7 @@ WHERE id IN (
     ORDER BY pick LIMIT :limit)
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > {now} AS watched
 
 -- name: next_due
 -- Seconds until the next delayed task of :types is due (NULL: none).
@@ -211,7 +215,7 @@ WHERE id IN (
     ORDER BY run_at, id LIMIT :limit)
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > {now} AS watched
 
 -- name: checkpoint
 -- Many contexts in one statement, :rows a JSON array of [id, token, context], each written
@@ -223,7 +227,7 @@ WITH v(id, token, context) AS (
 UPDATE {tasks} SET context = v.context, updated_at = {now} FROM v
 WHERE {tasks}.id = v.id AND {tasks}.token = v.token AND node_id = :node
     AND state IN (SELECT value FROM json_each(:states))
-RETURNING {tasks}.id
+RETURNING {tasks}.id, {tasks}.watched_until > {now} AS watched
 
 -- name: register_node
 INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
