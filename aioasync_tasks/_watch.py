@@ -187,6 +187,8 @@ class TaskWatcher:
                                 await self._renew_marks()
                 except DatabaseError as exc:
                     self._log.warning("cannot listen for task events (polling): %s", exc)
+                except Exception:  # a bug: never lose it, keep the waiters going by polls
+                    self._log.exception("the listener of task events failed (polling)")
                 self._listening = False
                 self._tried.set()
                 self._wake_all()
@@ -196,7 +198,7 @@ class TaskWatcher:
             self._tried.set()
 
     async def _renew_marks(self) -> None:
-        ids = tuple(self._waiters)
+        ids = tuple(sorted(self._waiters))  # rows locked in id order, as the other writes do
         if not ids:
             return
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -173,49 +173,52 @@ async def test_bad_arguments_and_an_unstarted_node(db: DbTarget) -> None:
             node.watch("1")  # type: ignore[arg-type]
 
 
-@pytest.mark.postgres_only
-async def test_a_notification_wakes_the_waiter_of_a_client(db: DbTarget) -> None:
-    """The client reads again only every 300 s: the end, and each checkpoint, reach it by
-    notification."""
+@asynccontextmanager
+async def gated_on_a_worker(db: DbTarget, steps: int) -> AsyncIterator[tuple[Node, Gates, int]]:
+    """A client that would read a task again only after minutes, and a ``gated`` task of
+    ``steps`` steps that it created, running on a worker node, waiting for its first gate."""
     gates = Gates()
     registry = registry_with(gates)
     async with (
         make_node(db, registry, concurrency=0, **SLOW_POLLS) as client,
         make_node(db, registry, concurrency=2) as worker,
     ):
-        task_id = await client.create_task("gated", json.dumps({"i": 0, "n": 2}))
+        task_id = await client.create_task("gated", json.dumps({"i": 0, "n": steps}))
+
+        async def running() -> bool:
+            return task_id in worker_of(worker).executions
+
+        await wait_for(running, timeout=BOUND, what="the task running")
+        yield client, gates, task_id
+
+
+@pytest.mark.postgres_only
+async def test_a_notification_wakes_the_waiter_of_a_client(db: DbTarget) -> None:
+    """The client reads again only every 300 s: the end, and each checkpoint, reach it by
+    notification."""
+    async with gated_on_a_worker(db, 2) as (client, gates, task_id):
         watch = client.watch(task_id)
         first = await anext(watch)
-        await wait_for(lambda: _running(worker, task_id), timeout=BOUND, what="the task running")
         gates[0].set()
         async with asyncio.timeout(BOUND):  # a bound, far below the client's 300 s backstop
             checkpoint = await anext(watch)
             while step_of(checkpoint) < 1:
                 checkpoint = await anext(watch)
             assert checkpoint.state is State.RUNNING
-            assert first.state in (State.PENDING, State.RUNNING)
+            assert (first.state, step_of(first)) == (State.RUNNING, 0)
             gates[1].set()
             final = await client.wait_task(task_id)
         assert (final.state, step_of(final)) == (State.FINISHED, 2)
-
-
-async def _running(worker: Node, task_id: int) -> bool:
-    return task_id in worker_of(worker).executions
 
 
 @pytest.mark.postgres_only
 async def test_a_lost_listening_connection_is_made_good(db: DbTarget) -> None:
     """The watcher's listening connection is killed while a wait goes on: the watcher listens
     again, reads the task again, and the end still reaches it without the backstop poll."""
-    gates = Gates()
-    registry = registry_with(gates)
-    async with (
-        make_node(db, registry, concurrency=0, **SLOW_POLLS) as client,
-        make_node(db, registry, concurrency=2) as worker,
-    ):
-        task_id = await client.create_task("gated", json.dumps({"i": 0, "n": 1}))
+    async with gated_on_a_worker(db, 1) as (client, gates, task_id):
+        watch = client.watch(task_id)
+        await anext(watch)  # the client listens now
         waiting = asyncio.create_task(client.wait_task(task_id, timeout=BOUND))
-        await wait_for(lambda: _running(worker, task_id), timeout=BOUND, what="it running")
         engine = raw_engine(db)
         try:
             async with engine.begin() as conn:
@@ -232,3 +235,5 @@ async def test_a_lost_listening_connection_is_made_good(db: DbTarget) -> None:
         gates[0].set()  # most likely ends before the watcher listens again, a second later
         final = await waiting
         assert (final.state, step_of(final)) == (State.FINISHED, 1)
+        async with asyncio.timeout(BOUND):
+            assert [step_of(t) async for t in watch][-1] == 1  # the watch ends too
