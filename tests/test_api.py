@@ -25,6 +25,7 @@ from aioasync_tasks import (
     State,
     TaskNotFound,
     UnknownTaskType,
+    WaitTimeout,
 )
 
 PUBLIC_API = [
@@ -73,6 +74,7 @@ EXCEPTIONS = {
     "NodeStopped": (),
     "SchemaError": (),
     "DatabaseError": (),
+    "WaitTimeout": (TimeoutError,),
 }
 
 
@@ -135,6 +137,11 @@ def test_exceptions_carry_their_fields() -> None:
     )
     assert "finished" in str(invalid)
     assert "pause" in str(invalid)
+
+    timeout = WaitTimeout(9, 2.5)
+    assert (timeout.task_id, timeout.timeout) == (9, 2.5)
+    assert isinstance(timeout, TimeoutError)
+    assert "9" in str(timeout)
 
     assert UnknownTaskType("x").type == "x"
     assert DuplicateTaskType("y").type == "y"
