@@ -20,6 +20,7 @@ ONLY = {
         "insert_task_and_wake",
         "lock_unique_keys",
         "prune_lock",
+        "watch_tasks",
     },
     "sqlite": {"now"},
 }
