@@ -17,8 +17,9 @@ from ._errors import (
     SchemaError,
     TaskNotFound,
     UnknownTaskType,
+    WaitTimeout,
 )
-from ._models import Group, NodeInfo, Operation, State, StopRequest, Task, TaskInfo
+from ._models import Group, NodeInfo, Operation, Schedule, State, StopRequest, Task, TaskInfo
 from ._node import MAX_PAGE_SIZE, Node
 from ._registry import TaskRegistry, TaskType
 from ._report import Phase, Report
@@ -45,6 +46,7 @@ __all__ = [
     "Operation",
     "Phase",
     "Report",
+    "Schedule",
     "SchedulingPolicy",
     "SchemaError",
     "State",
@@ -55,6 +57,7 @@ __all__ = [
     "TaskRegistry",
     "TaskType",
     "UnknownTaskType",
+    "WaitTimeout",
     "current_node",
     "current_task",
     "metadata",

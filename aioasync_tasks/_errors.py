@@ -13,7 +13,8 @@ Every error the library raises on purpose derives from one root::
     ├── NodeNotStarted
     ├── NodeStopped
     ├── SchemaError                 (schema missing, or newer than this library)
-    └── DatabaseError               (a driver error, wrapped; the original is __cause__)
+    ├── DatabaseError               (a driver error, wrapped; the original is __cause__)
+    └── WaitTimeout                 (also a TimeoutError: wait_task gave up)
 """
 
 from __future__ import annotations
@@ -126,3 +127,13 @@ class DatabaseError(AsyncTasksError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class WaitTimeout(AsyncTasksError, TimeoutError):
+    """``Node.wait_task`` gave up: the task did not end within ``timeout`` seconds. Also a
+    ``TimeoutError`` (which ``asyncio.TimeoutError`` is)."""
+
+    def __init__(self, task_id: int, timeout: float) -> None:
+        super().__init__(f"task {task_id} did not end within {timeout:g} s")
+        self.task_id = task_id
+        self.timeout = timeout

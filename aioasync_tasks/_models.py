@@ -117,3 +117,34 @@ class NodeInfo:
     heartbeat_at: datetime
     heartbeat_interval: float
     node_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A periodic task as stored (``Node.get_schedules()``): each tick of its period enqueues
+    one task of ``type`` with the schedule's context and options, due at the tick."""
+
+    name: str
+    type: str
+    cron: str | None
+    """The cron expression (5 fields, or 6 with seconds first), or None for ``every``."""
+    every: float | None
+    """The interval in seconds, or None for ``cron``."""
+    timezone: str
+    """The time zone of the cron expression (``UTC`` for ``every``)."""
+    context: str
+    user: str
+    group: str
+    priority: int
+    max_attempts: int | None
+    """None: the task type's."""
+    declared: bool
+    """Declared with a task type (``cron=``/``every=`` of the registry), not by ``schedule()``."""
+    next_tick: datetime
+    """When the schedule is due next."""
+    last_tick: datetime | None
+    """The tick of the last task enqueued."""
+    last_task: int | None
+    """The id of the last task enqueued."""
+    created_at: datetime
+    updated_at: datetime

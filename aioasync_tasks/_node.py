@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
 
@@ -28,16 +28,19 @@ from ._backends._driver import (
     NewTask,
     OperateParams,
     PauseGroupParams,
+    PutScheduleParams,
     RegisterTypesParams,
     SetGroupParams,
     StoredTaskType,
     TaskFilter,
     TaskTypesQuery,
+    UnscheduleParams,
 )
 from ._clock import Clock
 from ._errors import ConfigurationError, NodeNotStarted, NodeStopped, UnknownTaskType
 from ._logging import LOGGER_NAME
-from ._models import Group, NodeInfo, Operation, State, Task
+from ._models import Group, NodeInfo, Operation, Schedule, State, Task
+from ._periodic import check_period
 from ._registry import TaskFunction, TaskRegistry, TaskType
 from ._runner import Backoff
 from ._scheduling import SchedulingPolicy
@@ -66,6 +69,7 @@ from ._validation import (
     check_unique_key,
     check_user,
 )
+from ._watch import TaskWatcher
 
 MAX_PAGE_SIZE = 1000
 """The largest ``limit`` of ``get_tasks``."""
@@ -236,6 +240,7 @@ class Node:
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
         self._driver.bound_idle_transactions(node_timeout * IDLE_TRANSACTION_FRACTION)
+        self._watcher = TaskWatcher(self._driver, self._config.poll_interval, self._logger)
         self._runtime: NodeRuntime | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
@@ -377,6 +382,7 @@ class Node:
                 await self._stop_runtime(timeout)
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(DISPOSE_TIMEOUT):
+                    await self._watcher.close()
                     # Heartbeats cancelled on the way out still finish their transactions.
                     await self._driver.in_flight.close(timeout=DISPOSE_TIMEOUT / 2)
                     if self._owns_engine:
@@ -751,6 +757,26 @@ class Node:
         f = self._filter(user, group, types, states)
         return await self._ready().count_tasks(f)
 
+    async def wait_task(self, task_id: int, *, timeout: float | None = None) -> Task:  # noqa: ASYNC109 - the documented bound of a wait, raised as WaitTimeout
+        """Wait until the task is FINISHED or FAILED and return that snapshot. Raises
+        ``TaskNotFound`` when there is no such task or it is removed meanwhile (deleted, or
+        ended with ``delete=True``), and ``WaitTimeout`` (a ``TimeoutError``) after
+        ``timeout`` seconds. Woken by a notification on PostgreSQL, polling on SQLite."""
+        task_id = check_task_id(task_id)
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        self._ready()
+        return await self._watcher.wait(task_id, timeout)
+
+    def watch(self, task_id: int) -> AsyncIterator[Task]:
+        """``async for task in node.watch(task_id)``: a snapshot of the task now, then one
+        after each change as it commits (a checkpoint, a claim, an operation; a slow loop gets
+        the latest), ending after the FINISHED or FAILED one. ``TaskNotFound`` when the task
+        is gone."""
+        task_id = check_task_id(task_id)
+        self._ready()
+        return self._watcher.watch(task_id)
+
     # -- groups and nodes -------------------------------------------------------------------
 
     async def pause_group(self, group: str, *, stop_running: bool = False) -> None:
@@ -791,3 +817,54 @@ class Node:
     async def get_nodes(self) -> list[NodeInfo]:
         """The registered (live, or not yet rescued) nodes."""
         return await self._ready().get_nodes()
+
+    # -- periodic tasks ---------------------------------------------------------------------
+
+    async def schedule(
+        self,
+        name: str,
+        type: str,
+        cron: str | None = None,
+        *,
+        every: float | timedelta | None = None,
+        timezone: str | None = None,
+        context: str = "",
+        user: str = "",
+        group: str = "default",
+        priority: int = 0,
+        max_attempts: int | None = None,
+    ) -> Schedule:
+        """Create or replace the schedule ``name``: at each tick of ``cron`` (in ``timezone``,
+        UTC by default) or of ``every`` seconds, a task of ``type`` is enqueued with these
+        options, due at its tick — once per tick, whichever worker nodes run. Replacing a
+        schedule with the same period keeps its next tick."""
+        name = check_name("name", name)
+        period = check_period(cron, every, timezone)
+        task_type = self.registry.get(check_type_name(type))
+        params = PutScheduleParams(
+            name=name,
+            type=task_type.name,
+            period=period,
+            context=check_context(context, self.max_context_bytes),
+            user=check_user(user),
+            group=check_group(group),
+            priority=check_int("priority", priority),
+            max_attempts=None
+            if max_attempts is None
+            else check_int("max_attempts", max_attempts, minimum=1),
+            declared=False,
+            next_tick=period.after(datetime.now(UTC)),
+        )
+        stored = await self._ready().put_schedule(params)
+        if self._runtime is not None:
+            self._runtime.services.ticker.wake()
+        return stored
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name`` (its tasks already enqueued stay); whether it existed.
+        A schedule declared with a task type comes back when a node with the type starts."""
+        return await self._ready().delete_schedule(UnscheduleParams(check_name("name", name)))
+
+    async def get_schedules(self) -> list[Schedule]:
+        """Every schedule, by name."""
+        return await self._ready().get_schedules()

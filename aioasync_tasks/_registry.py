@@ -8,10 +8,12 @@ import inspect
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from ._contexts import ContextCodec, annotated_context_type
 from ._errors import ConfigurationError, DuplicateTaskType, UnknownTaskType
+from ._periodic import Period, check_period
 from ._report import Report
 from ._validation import INT32_MAX, MAX_NAME_LENGTH, check_type_name
 
@@ -71,7 +73,15 @@ class TaskType:
     """Back-off of this type's retries (seconds; None: the node's ``retry_base``)."""
     retry_cap: float | None = None
     """The longest back-off of this type's retries (seconds; None: the node's ``retry_cap``)."""
+    cron: str | None = None
+    """A schedule declared with the type: a task of it is enqueued at each tick of this cron
+    expression (docs/how-to.md, "Run tasks periodically")."""
+    every: float | timedelta | None = None
+    """Or at each multiple of this interval, in seconds."""
+    timezone: str | None = None
+    """The time zone of ``cron`` (None: UTC)."""
     _codec: ContextCodec = field(init=False, repr=False)
+    _frozen: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         check_type_name(self.name)
@@ -85,6 +95,9 @@ class TaskType:
         _positive("timeout", self.timeout, allow_none=True)
         _positive("retry_base", self.retry_base, allow_none=True)
         _positive("retry_cap", self.retry_cap, allow_none=True)
+        if self.cron is not None or self.every is not None or self.timezone is not None:
+            period = check_period(self.cron, self.every, self.timezone)
+            self.cron, self.every, self.timezone = period.cron, period.every, period.timezone
         if self.factory is not None:
             if self.running_fn is not None or self.deleting_fn is not None:
                 raise ConfigurationError("give either a factory or running/deleting, not both")
@@ -149,6 +162,13 @@ class TaskType:
         return self._codec.decode(text)
 
     @property
+    def period(self) -> Period | None:
+        """The declared schedule's period, if the type has one."""
+        if self.cron is None and self.every is None:
+            return None
+        return check_period(self.cron, self.every, self.timezone)
+
+    @property
     def has_cleanup(self) -> bool:
         if self.factory is not None:
             return getattr(self.factory, "deleting", None) is not None
@@ -203,11 +223,16 @@ class TaskRegistry:
         context_type: type[_C] | None = None,
         retry_base: float | None = None,
         retry_cap: float | None = None,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        timezone: str | None = None,
     ) -> TaskType:
         """Register a task type: ``running`` (and optional ``deleting``) async generator
         functions, or a ``factory`` building an object with ``running``/``deleting`` methods.
         ``context_type`` (default: the handler's annotation, else ``str``) makes the contexts
-        typed values stored as JSON; ``retry_base``/``retry_cap`` override the node's back-off."""
+        typed values stored as JSON; ``retry_base``/``retry_cap`` override the node's back-off.
+        ``cron=`` or ``every=`` (with ``timezone=`` for cron) declares a schedule named after
+        the type: every worker node with the type enqueues its ticks."""
         check_type_name(type)
         if type in self._types:
             raise DuplicateTaskType(type)
@@ -224,6 +249,9 @@ class TaskRegistry:
             context_type=context_type,
             retry_base=retry_base,
             retry_cap=retry_cap,
+            cron=cron,
+            every=every,
+            timezone=timezone,
         )
         self._types[type] = task_type
         return task_type
@@ -238,6 +266,9 @@ class TaskRegistry:
         context_type: type[_C] | None = None,
         retry_base: float | None = None,
         retry_cap: float | None = None,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        timezone: str | None = None,
     ) -> Callable[[Callable[[_C, asyncio.Event], TaskGenerator]], TaskType]:
         """Decorator form of ``register_task``; the result has a ``.deleting`` decorator."""
         check_type_name(type)
@@ -252,6 +283,9 @@ class TaskRegistry:
                 context_type=context_type,
                 retry_base=retry_base,
                 retry_cap=retry_cap,
+                cron=cron,
+                every=every,
+                timezone=timezone,
             )
 
         return decorate

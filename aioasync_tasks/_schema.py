@@ -18,12 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 
-SCHEMA_VERSION = 3
-"""The newest migration this library knows."""
+SCHEMA_VERSION = 4
+"""The newest migration this library knows (versions need not be contiguous:
+``_backends/_migrations.py``)."""
 
 TASKS = "aioasync_tasks"
 NODES = "aioasync_nodes"
 GROUPS = "aioasync_groups"
+SCHEDULES = "aioasync_schedules"
 VERSIONS = "aioasync_schema_version"
 TASK_TYPES = "aioasync_task_types"
 
@@ -141,6 +143,9 @@ tasks_table = sa.Table(
     # What the task last reported with a checkpoint (docs/design.md §2.6).
     sa.Column("progress", sa.Double(), nullable=True),
     sa.Column("message", sa.Text(), nullable=True),
+    # While someone waits for or watches the task (PostgreSQL), the writes of the task notify
+    # them; NULL or past: nobody does (docs/design.md §18).
+    sa.Column("watched_until", Timestamp(), nullable=True),
     sa.CheckConstraint(
         "state IN ('init', 'pending', 'running', 'canceling', 'paused', 'finished', "
         "'failed', 'deleting')",
@@ -210,6 +215,31 @@ task_types_table = sa.Table(
     sa.Column("has_cleanup", sa.Boolean(), nullable=False),
     sa.Column("updated_at", Timestamp(), nullable=False),
     **_TABLE_OPTIONS,
+)
+
+schedules_table = sa.Table(
+    # Periodic tasks: one row per schedule, its next tick advanced by compare-and-set in the
+    # transaction that enqueues the tick's task (docs/design.md §17).
+    SCHEDULES,
+    metadata,
+    sa.Column("name", sa.Text(), primary_key=True),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("cron", sa.Text(), nullable=True),
+    sa.Column("every", sa.Double(), nullable=True),
+    sa.Column("timezone", sa.Text(), nullable=False),
+    sa.Column("context", sa.Text(), nullable=False),
+    sa.Column("user_name", sa.Text(), nullable=False),
+    sa.Column("group_name", sa.Text(), nullable=False),
+    sa.Column("priority", sa.Integer(), nullable=False),
+    sa.Column("max_attempts", sa.Integer(), nullable=True),
+    sa.Column("declared", sa.Boolean(), nullable=False),
+    sa.Column("next_tick", Timestamp(), nullable=False),
+    sa.Column("last_tick", Timestamp(), nullable=True),
+    sa.Column("last_task_id", _ID, nullable=True),
+    sa.Column("created_at", Timestamp(), nullable=False),
+    sa.Column("updated_at", Timestamp(), nullable=False),
+    sa.CheckConstraint("(cron IS NULL) <> (every IS NULL)", name="aioasync_schedules_spec_check"),
+    sa.Index("aioasync_schedules_next_tick_idx", "next_tick"),
 )
 
 versions_table = sa.Table(

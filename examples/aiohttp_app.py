@@ -6,8 +6,9 @@ are handed off) when the application shuts down. Run it::
     AIOASYNC_TASKS_DB=sqlite:///aioasync_tasks.db python examples/aiohttp_app.py
 
 It serves the same endpoints as ``fastapi_app.py``: ``POST /tasks``, ``GET /tasks``,
-``GET /tasks/{id}``, ``POST /tasks/{id}/pause``, ``POST /tasks/{id}/run``,
-``DELETE /tasks/{id}``, ``POST /tasks/{id}/move`` and the transactional ``POST /orders``.
+``GET /tasks/{id}``, ``GET /tasks/{id}/wait``, ``POST /tasks/{id}/pause``,
+``POST /tasks/{id}/run``, ``DELETE /tasks/{id}``, ``POST /tasks/{id}/move`` and the
+transactional ``POST /orders``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from aioasync_tasks import (
     TaskNotFound,
     TaskRegistry,
     UnknownTaskType,
+    WaitTimeout,
 )
 
 DEFAULT_URL = "sqlite:///aioasync_tasks.db"
@@ -155,6 +157,21 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def get(request: web.Request) -> web.Response:
     task = await request.app[NODE].get_task(task_id_of(request))
     return web.json_response(task_json(task))
+
+
+@routes.get("/tasks/{task_id}/wait")
+async def wait(request: web.Request) -> web.Response:
+    """The task once it is finished or failed, waiting up to ``?seconds=`` (10; a long poll);
+    202 with the task as it is when it has not ended by then."""
+    node, task_id = request.app[NODE], task_id_of(request)
+    try:
+        seconds = float(request.query.get("seconds", 10))
+    except ValueError:
+        raise web.HTTPUnprocessableEntity(text="seconds is a number") from None
+    try:
+        return web.json_response(task_json(await node.wait_task(task_id, timeout=seconds)))
+    except WaitTimeout:
+        return web.json_response(task_json(await node.get_task(task_id)), status=202)
 
 
 @routes.post("/tasks/{task_id}/pause")

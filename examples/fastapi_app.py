@@ -8,9 +8,10 @@ Run it (``pip install uvicorn`` first)::
 
     AIOASYNC_TASKS_DB=sqlite:///aioasync_tasks.db uvicorn examples.fastapi_app:app
 
-Endpoints: ``POST /tasks``, ``GET /tasks``, ``GET /tasks/{id}``, ``POST /tasks/{id}/pause``,
-``POST /tasks/{id}/run``, ``DELETE /tasks/{id}``, ``POST /tasks/{id}/move`` and ``POST /orders``,
-which inserts an order row and creates its shipping task in one transaction.
+Endpoints: ``POST /tasks``, ``GET /tasks``, ``GET /tasks/{id}``, ``GET /tasks/{id}/wait`` (a
+long poll: the task once it has ended), ``POST /tasks/{id}/pause``, ``POST /tasks/{id}/run``,
+``DELETE /tasks/{id}``, ``POST /tasks/{id}/move`` and ``POST /orders``, which inserts an order
+row and creates its shipping task in one transaction.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from aioasync_tasks import (
     TaskNotFound,
     TaskRegistry,
     UnknownTaskType,
+    WaitTimeout,
 )
 
 DEFAULT_URL = "sqlite:///aioasync_tasks.db"
@@ -142,10 +144,13 @@ def create_app(
 
         return handler
 
-    app.add_exception_handler(TaskNotFound, error(status.HTTP_404_NOT_FOUND))
-    app.add_exception_handler(InvalidTransition, error(status.HTTP_409_CONFLICT))
-    app.add_exception_handler(ConfigurationError, error(422))
-    app.add_exception_handler(UnknownTaskType, error(422))
+    for exception, status_code in [
+        (TaskNotFound, status.HTTP_404_NOT_FOUND),
+        (InvalidTransition, status.HTTP_409_CONFLICT),
+        (ConfigurationError, 422),
+        (UnknownTaskType, 422),
+    ]:
+        app.add_exception_handler(exception, error(status_code))
 
     @app.post("/tasks", status_code=status.HTTP_201_CREATED)
     async def create(body: NewTask, node: NodeDep) -> Task:
@@ -177,6 +182,17 @@ def create_app(
     @app.get("/tasks/{task_id}")
     async def get(task_id: int, node: NodeDep) -> Task:
         return await node.get_task(task_id)
+
+    @app.get("/tasks/{task_id}/wait")
+    async def wait(task_id: int, node: NodeDep, response: Response, seconds: float = 10) -> Task:
+        """The task once it is finished or failed, waiting up to ``seconds`` (a long poll);
+        202 with the task as it is when it has not ended by then."""
+        try:
+            task = await node.wait_task(task_id, timeout=seconds)
+        except WaitTimeout:
+            response.status_code = status.HTTP_202_ACCEPTED
+            task = await node.get_task(task_id)
+        return task
 
     @app.post("/tasks/{task_id}/pause")
     async def pause(task_id: int, node: NodeDep) -> Task:

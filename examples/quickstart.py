@@ -8,7 +8,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from aioasync_tasks import Node, Report, State, TaskRegistry
+from aioasync_tasks import Node, Report, TaskRegistry
 
 tasks = TaskRegistry()
 
@@ -31,10 +31,7 @@ async def main() -> None:
         async with Node(url, registry=tasks) as node:
             start = json.dumps({"i": 0, "n": 10, "total": 0})
             task_id = await node.create_task("sum_squares", start, user="alice")
-            task = await node.get_task(task_id)
-            while task.state not in (State.FINISHED, State.FAILED):
-                await asyncio.sleep(0.05)
-                task = await node.get_task(task_id)
+            task = await node.wait_task(task_id, timeout=60)  # FINISHED or FAILED
             print(f"task {task.id} is {task.state}: {task.context}")
 
 

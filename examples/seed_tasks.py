@@ -22,21 +22,18 @@ import json
 import tempfile
 from pathlib import Path
 
-from aioasync_tasks import Node, State
+from aioasync_tasks import Node
 from aioasync_tasks.samples import dot, matmul, registry
 
 __all__ = ["dot", "matmul", "registry"]
 
 
 async def wait_until_done(node: Node, task_id: int) -> dict[str, object]:
-    """Poll until the task has ended; returns its final context."""
-    while True:
-        task = await node.get_task(task_id)
-        if task.state in (State.FINISHED, State.FAILED):
-            print(f"task {task_id} ({task.type}): {task.state.value}, {task.attempts} attempt(s)")
-            context: dict[str, object] = json.loads(task.context)
-            return context
-        await asyncio.sleep(0.1)
+    """Wait until the task has ended; returns its final context."""
+    task = await node.wait_task(task_id)
+    print(f"task {task_id} ({task.type}): {task.state.value}, {task.attempts} attempt(s)")
+    context: dict[str, object] = json.loads(task.context)
+    return context
 
 
 async def main(url: str) -> None:

@@ -47,6 +47,10 @@ Task types, all writing to the ledger tables of ``_ledger`` in the same database
 ``keyed``
     Context ``{"key": K}``: records ``unique K`` in the ledger's events table when it starts,
     then runs until it is stopped.
+``ticker``
+    The task of a periodic schedule (``test_periodic_processes``): records one ledger step
+    (step 0) and finishes. Its tick is its task's ``run_at``. Registered with
+    ``max_attempts=3`` (a task rescued from a killed node runs again).
 """
 
 from __future__ import annotations
@@ -144,6 +148,12 @@ async def keyed(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
     await stop.wait()
 
 
+async def ticker(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+    info = _info()
+    await _ledger().step(info.id, 0, info.node, time.time())
+    yield Report.finished()
+
+
 async def bulk(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
     raise AssertionError("bulk tasks are never run")
     yield Report()
@@ -157,6 +167,7 @@ def build_registry(*, stop_timeout: float = 30.0) -> TaskRegistry:
     registry.register_task("doomed", doomed, doomed_cleanup)
     registry.register_task("bulk", bulk)
     registry.register_task("keyed", keyed)
+    registry.register_task("ticker", ticker, max_attempts=3)
     return registry
 
 

@@ -28,6 +28,7 @@ from aioasync_tasks import (
     State,
     TaskNotFound,
     UnknownTaskType,
+    WaitTimeout,
 )
 
 PUBLIC_API = [
@@ -49,6 +50,7 @@ PUBLIC_API = [
     "Operation",
     "Phase",
     "Report",
+    "Schedule",
     "SchedulingPolicy",
     "SchemaError",
     "State",
@@ -59,6 +61,7 @@ PUBLIC_API = [
     "TaskRegistry",
     "TaskType",
     "UnknownTaskType",
+    "WaitTimeout",
     "current_node",
     "current_task",
     "metadata",
@@ -78,6 +81,7 @@ EXCEPTIONS = {
     "NodeStopped": (),
     "SchemaError": (),
     "DatabaseError": (),
+    "WaitTimeout": (TimeoutError,),
 }
 
 
@@ -140,6 +144,11 @@ def test_exceptions_carry_their_fields() -> None:
     )
     assert "finished" in str(invalid)
     assert "pause" in str(invalid)
+
+    timeout = WaitTimeout(9, 2.5)
+    assert (timeout.task_id, timeout.timeout) == (9, 2.5)
+    assert isinstance(timeout, TimeoutError)
+    assert "9" in str(timeout)
 
     assert UnknownTaskType("x").type == "x"
     assert DuplicateTaskType("y").type == "y"

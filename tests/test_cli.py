@@ -30,7 +30,7 @@ from _helpers import (
     wait_for,
 )
 
-from aioasync_tasks import Node, NodeInfo, State, StopRequest, Task, TaskRegistry
+from aioasync_tasks import Node, NodeInfo, Schedule, State, StopRequest, Task, TaskRegistry
 from aioasync_tasks._backends._migrations import split_sql
 from aioasync_tasks._cli.output import table
 from aioasync_tasks._schema import SCHEMA_VERSION
@@ -225,7 +225,7 @@ async def test_migrate_sql_needs_only_the_dialect_of_the_url(tmp_path: Path) -> 
 
 async def test_help() -> None:
     out = expect_ok(await cli("--help"))
-    for command in ("worker", "migrate", "tasks", "groups", "nodes", "demo"):
+    for command in ("worker", "migrate", "tasks", "groups", "schedules", "nodes", "demo"):
         assert command in out
     assert "AIOASYNC_TASKS_DB" in out
 
@@ -489,6 +489,52 @@ async def test_nodes(db: DbTarget, client: Node) -> None:
     finally:
         await node.stop()
     assert expect_ok(await cli("nodes", db=db)).strip() == "no live nodes"
+
+
+async def test_schedules(db: DbTarget, client: Node) -> None:
+    assert expect_ok(await cli("schedules", "list", db=db)).strip() == "no schedules"
+    assert await cli_json("schedules", "list", db=db) == {"schedules": []}
+    await client.schedule("hourly-dot", "dot", "0 * * * *", context=_dot(2), user="alice")
+    await client.schedule("paris", "dot", "30 9 * * 1-5", timezone="Europe/Paris")
+    await client.schedule("fast", "dot", every=30)
+    rows = table_rows(expect_ok(await cli("schedules", "list", db=db)))
+    assert rows[0] == [
+        "NAME",
+        "TYPE",
+        "PERIOD",
+        "NEXT TICK",
+        "LAST TICK",
+        "LAST TASK",
+        "DECLARED",
+        "CONTEXT",
+    ]
+    assert [r[:3] for r in rows[1:]] == [
+        ["fast", "dot", "every 30s"],
+        ["hourly-dot", "dot", "cron 0 * * * *"],
+        ["paris", "dot", "cron 30 9 * * 1-5 (Europe/Paris)"],
+    ]
+    assert rows[1][4:7] == ["-", "-", "no"]
+
+    document = await cli_json("schedules", "list", db=db)
+    stored = await client.get_schedules()
+    assert [s["name"] for s in document["schedules"]] == [s.name for s in stored]
+    first = document["schedules"][1]
+    assert list(first) == [f.name for f in dataclasses.fields(Schedule)]
+    assert (first["cron"], first["every"], first["timezone"], first["user"]) == (
+        "0 * * * *",
+        None,
+        "UTC",
+        "alice",
+    )
+    assert datetime.fromisoformat(first["next_tick"]) == stored[1].next_tick
+
+    assert expect_ok(await cli("schedules", "remove", "fast", db=db)).strip() == (
+        "schedule fast: removed"
+    )
+    result = await cli("schedules", "remove", "fast", db=db)
+    assert result.code == 1
+    assert result.error_line == "aioasync-tasks: error: no schedule named 'fast'"
+    assert [s.name for s in await client.get_schedules()] == ["hourly-dot", "paris"]
 
 
 # -- --json ---------------------------------------------------------------------------------

@@ -194,6 +194,20 @@ async def test_pause_move_resume_and_delete_a_running_task(api: Api) -> None:
     assert (status, page) == (200, [])
 
 
+async def test_wait_answers_once_the_task_ended_or_202_when_it_has_not(api: Api) -> None:
+    task = await api.create("count", {"n": 3})
+    status, done = await api.get(f"/tasks/{task['id']}/wait", [("seconds", "30")])
+    assert status == 200, done
+    assert (done["state"], json.loads(done["context"])["i"]) == ("finished", 3)
+    idle = await api.create("count", {"n": 1}, auto_run=False)
+    status, body = await api.get(f"/tasks/{idle['id']}/wait", [("seconds", "0.1")])
+    assert (status, body["state"]) == (202, "init")
+    status, body = await api.get("/tasks/424242/wait", [("seconds", "1")])
+    assert status == 404, body
+    status, body = await api.get(f"/tasks/{idle['id']}/wait", [("seconds", "0")])
+    assert status == 422, body
+
+
 async def test_force_delete_removes_a_running_task_at_once(api: Api) -> None:
     task = await api.create("count", {"n": 1_000_000, "delay": 0.005})
     await api.wait_state(task["id"], "running")

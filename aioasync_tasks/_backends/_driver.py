@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from .._models import Group, NodeInfo, Operation, State, StopRequest, Task
+from .._models import Group, NodeInfo, Operation, Schedule, State, StopRequest, Task
+from .._periodic import Period
 from .._states import Event, Outcome
 from .._validation import OnConflict
 
@@ -310,6 +311,120 @@ class TaskTypesQuery:
     names: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PutScheduleParams:
+    """``put_schedule``: create the schedule ``name``, or replace it."""
+
+    name: str
+    type: str
+    period: Period
+    context: str
+    user: str
+    group: str
+    priority: int
+    max_attempts: int | None
+    """None: the task type's, taken by the node that enqueues a tick."""
+    declared: bool
+    next_tick: datetime
+    """The first tick, for a new schedule or a changed period; otherwise the stored next tick
+    is kept (a node declaring its types' schedules at start moves nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnscheduleParams:
+    """``delete_schedule``: remove the schedule ``name``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledType:
+    """A task type whose schedules a node enqueues, with what a new task of it needs."""
+
+    name: str
+    max_attempts: int
+    has_cleanup: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TickParams:
+    """``tick``: enqueue one task for each due schedule of ``types``."""
+
+    types: tuple[ScheduledType, ...]
+    limit: int = 100
+    """The most schedules enqueued in one transaction; the rest stay due for the next."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """A tick enqueued: its schedule, its time and its task."""
+
+    schedule: str
+    tick: datetime
+    task_id: int
+    skipped: bool
+    """Earlier ticks were due and are skipped: only the latest missed tick is enqueued."""
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    fired: list[Fired]
+    broken: list[tuple[str, str]]
+    """Schedules whose period this node cannot compute (name, why), postponed by an hour."""
+    next_due: float | None
+    """Seconds until the next tick of the schedules of the types (None: there are none); 0
+    when a schedule is still due (another node holds it, or the limit was reached)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchParams:
+    """``watch_tasks``: someone waits for or watches the tasks ``ids`` for ``seconds`` at
+    least (marks renewed while they do)."""
+
+    ids: tuple[int, ...]
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListenParams:
+    """``listen_tasks``: where the task events go while listening."""
+
+    on_message: Callable[[str], None]
+
+
+TASK_DONE = "done"
+"""A task event: the tasks became FINISHED or FAILED, or were removed."""
+TASK_PROGRESS = "progress"
+"""A task event: a checkpoint of the tasks, or another change of state, was committed."""
+MAX_PAYLOAD = 7900
+"""Bytes of a notification's payload at most (PostgreSQL refuses 8000 and more)."""
+
+
+def task_events(kind: str, ids: Sequence[int]) -> list[str]:
+    """The payloads telling watchers that ``ids`` had an event of ``kind``:
+    ``kind:id,id,…``, as many as it takes to keep each under ``MAX_PAYLOAD``."""
+    payloads: list[str] = []
+    current = ""
+    for task_id in ids:
+        item = str(task_id)
+        if current and len(current) + 1 + len(item) > MAX_PAYLOAD:
+            payloads.append(current)
+            current = ""
+        current = f"{current},{item}" if current else f"{kind}:{item}"
+    if current:
+        payloads.append(current)
+    return payloads
+
+
+def parse_task_event(payload: str) -> tuple[str, list[int]]:
+    """``(kind, ids)`` of a payload made by ``task_events``; ``("", [])`` for anything else."""
+    kind, _, ids = payload.partition(":")
+    try:
+        return kind, [int(i) for i in ids.split(",")]
+    except ValueError:
+        return "", []
+
+
 class Driver(Protocol):
     """What the engine (``Node``, its services, committer and runners) asks of a database.
 
@@ -369,3 +484,23 @@ class Driver(Protocol):
     async def delete_matching(self, params: DeleteParams) -> DeleteResult: ...
     async def register_task_types(self, params: RegisterTypesParams) -> None: ...
     async def get_task_types(self, params: TaskTypesQuery) -> list[StoredTaskType]: ...
+
+    # -- periodic tasks (docs/design.md §17)
+    async def put_schedule(self, params: PutScheduleParams) -> Schedule: ...
+    async def delete_schedule(self, params: UnscheduleParams) -> bool:
+        """Whether there was such a schedule."""
+
+    async def get_schedules(self) -> list[Schedule]: ...
+    async def tick(self, params: TickParams) -> TickResult:
+        """In one transaction, for each due schedule of the types: its tick's task inserted
+        and its next tick advanced by compare-and-set, so each tick is enqueued once however
+        many nodes tick at once."""
+
+    # -- waiting and watching (docs/design.md §18)
+    async def watch_tasks(self, params: WatchParams) -> None:
+        """Where ``supports_notify``: mark the tasks watched, so that until the mark runs out
+        their writes send task events (``listen_tasks``); elsewhere nothing (watchers poll)."""
+
+    def listen_tasks(self, params: ListenParams) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Where ``supports_notify``: deliver task events (``task_events`` payloads) while
+        inside; the event yielded is set when the listening connection is lost."""

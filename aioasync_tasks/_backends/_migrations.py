@@ -3,15 +3,20 @@
 the schema version checks.
 
 A migration file is plain SQL for its dialect, run statement by statement in one transaction
-(``SqlDriver.migrate``) and recorded in the versions table. ``split_sql`` knows enough of SQL's
-lexical rules to cut only at a statement's own semicolon: not inside a quoted string or
-identifier, a comment, a PostgreSQL dollar-quoted body (functions, ``DO`` blocks), or the
-``BEGIN … END`` body of an SQLite trigger.
+(``SqlDriver.migrate``) and recorded in the versions table. The versions need not be
+contiguous: a migration is applied when its version is not recorded yet, whatever the newest
+version recorded (branches developed side by side number their migrations apart, and a
+database migrated by one of them still gets the other's once they are merged).
+
+``split_sql`` knows enough of SQL's lexical rules to cut only at a statement's own semicolon:
+not inside a quoted string or identifier, a comment, a PostgreSQL dollar-quoted body
+(functions, ``DO`` blocks), or the ``BEGIN … END`` body of an SQLite trigger.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Iterable
 from importlib import resources
 
 from .._errors import SchemaError
@@ -101,6 +106,17 @@ def migration_files(dialect: str) -> list[tuple[int, str]]:
     )
 
 
+def missing_versions(shipped: Iterable[int], applied: Collection[int]) -> list[int]:
+    """The shipped versions not applied yet, in order: gaps in either list are fine.
+
+    >>> missing_versions([1, 2, 4], [1, 2])
+    [4]
+    >>> missing_versions([1, 2, 3, 4], [1, 2, 4])
+    [3]
+    """
+    return sorted(set(shipped) - set(applied))
+
+
 def refuse_newer(version: int) -> None:
     """Raise ``SchemaError`` for a schema newer than this library."""
     if version > SCHEMA_VERSION:
@@ -110,16 +126,20 @@ def refuse_newer(version: int) -> None:
         )
 
 
-def check_version(version: int | None) -> None:
-    """Raise ``SchemaError`` unless the schema is exactly this library's version."""
-    if version is None:
+def check_version(applied: Collection[int] | None, shipped: Iterable[int]) -> None:
+    """Raise ``SchemaError`` unless every shipped migration is applied (``applied``: the
+    versions recorded, None when the tables are missing) and none newer than this library."""
+    if applied is None:
         raise SchemaError(
             "the aioasync_tasks tables are missing: run `aioasync-tasks migrate`, "
             "`await node.migrate()`, or start the node with auto_migrate=True"
         )
+    version = max(applied, default=0)
     refuse_newer(version)
-    if version < SCHEMA_VERSION:
+    missing = missing_versions(shipped, applied)
+    if missing:
         raise SchemaError(
             f"the database schema is version {version}, older than this library's "
-            f"{SCHEMA_VERSION}: run `aioasync-tasks migrate`"
+            f"{SCHEMA_VERSION} (migrations {', '.join(map(str, missing))} are not applied): "
+            "run `aioasync-tasks migrate`"
         )

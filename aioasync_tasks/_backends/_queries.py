@@ -3,10 +3,11 @@ folder (``postgresql/queries.sql``, ``sqlite/queries.sql``).
 
 A file is a list of blocks, each opened by a ``-- name: <name>`` line; the comment lines right
 after it document the query, and the rest of the block, up to the next ``-- name:``, is its
-SQL. In the SQL, ``{tasks}``, ``{nodes}``, ``{groups}``, ``{task_types}`` and ``{versions}``
-stand for the tables (qualified by the schema, where the database has schemas), ``{<name>}``
-for another block of the same file (a fragment, such as SQLite's clock), and ``{order_by}``
-for the scheduling policy's ``ORDER BY`` — the only part filled in when the statement is used.
+SQL. In the SQL, ``{tasks}``, ``{nodes}``, ``{groups}``, ``{task_types}``, ``{schedules}``
+and ``{versions}`` stand for the tables (qualified by the schema, where the database has
+schemas), ``{<name>}`` for another block of the same file (a fragment, such as SQLite's clock),
+and ``{order_by}`` for the scheduling policy's ``ORDER BY`` — the only part filled in when the
+statement is used.
 Nothing else is assembled: each statement reads top to bottom in its file.
 """
 
@@ -17,7 +18,7 @@ from importlib import resources
 
 import sqlalchemy as sa
 
-from .._schema import GROUPS, NODES, TASK_TYPES, TASKS, VERSIONS
+from .._schema import GROUPS, NODES, SCHEDULES, TASK_TYPES, TASKS, VERSIONS
 
 _NAME = re.compile(r"^-- name: (\w+)[ \t]*$", re.MULTILINE)
 _SLOT = re.compile(r"\{(\w+)\}")
@@ -48,8 +49,9 @@ class Queries:
             "tasks": TASKS,
             "nodes": NODES,
             "groups": GROUPS,
-            "versions": VERSIONS,
             "task_types": TASK_TYPES,
+            "schedules": SCHEDULES,
+            "versions": VERSIONS,
         }
         tables = {key: schema_prefix + name for key, name in tables.items()}
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._models import Group, NodeInfo, State, StopRequest, Task
+from .._models import Group, NodeInfo, Schedule, State, StopRequest, Task
 from .._schema import time_from_db
 from ._driver import Claimed, Owned, StoredTaskType
 
@@ -103,6 +103,27 @@ def group(row: Any) -> Group:
     return Group(row.name, bool(row.paused), row.max_running, row.max_running_per_user)
 
 
+def schedule(row: Any) -> Schedule:
+    return Schedule(
+        name=row.name,
+        type=row.type,
+        cron=row.cron,
+        every=None if row.every is None else float(row.every),
+        timezone=row.timezone,
+        context=row.context,
+        user=row.user_name,
+        group=row.group_name,
+        priority=row.priority,
+        max_attempts=row.max_attempts,
+        declared=bool(row.declared),
+        next_tick=time_from_db(row.next_tick),
+        last_tick=None if row.last_tick is None else time_from_db(row.last_tick),
+        last_task=row.last_task_id,
+        created_at=time_from_db(row.created_at),
+        updated_at=time_from_db(row.updated_at),
+    )
+
+
 def task_type(row: Any) -> StoredTaskType:
     return StoredTaskType(
         row.name, row.max_attempts, bool(row.has_cleanup), time_from_db(row.updated_at)
@@ -136,6 +157,8 @@ class Locked:
     node_id: int | None
     group: str
     token: int
+    watched: bool = False
+    """Someone waits for or watches the task: its change is notified (docs/design.md §18)."""
 
     @classmethod
     def from_row(cls, row: Any) -> Locked:
@@ -149,4 +172,5 @@ class Locked:
             node_id=row.node_id,
             group=row.group_name,
             token=row.token,
+            watched=bool(row.watched),
         )

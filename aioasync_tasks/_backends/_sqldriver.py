@@ -26,7 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import DatabaseError, DuplicateTask, TaskNotFound
-from .._models import Group, NodeInfo, Operation, State, Task
+from .._models import Group, NodeInfo, Operation, Schedule, State, Task
+from .._periodic import Period, plan
 from .._schema import VERSIONS, Timestamp, tasks_table, time_from_db
 from .._states import (
     LIVE_STATES,
@@ -40,6 +41,8 @@ from .._states import (
 )
 from . import _rows
 from ._driver import (
+    TASK_DONE,
+    TASK_PROGRESS,
     CheckpointParams,
     Claimed,
     ClaimParams,
@@ -49,8 +52,10 @@ from ._driver import (
     DeleteParams,
     DeleteResult,
     DeregisterParams,
+    Fired,
     InsertParams,
     Limits,
+    ListenParams,
     NewTask,
     OperateParams,
     OperationResult,
@@ -58,6 +63,7 @@ from ._driver import (
     PauseGroupParams,
     PruneParams,
     PruneResult,
+    PutScheduleParams,
     RegisterParams,
     RegisterTypesParams,
     ReleaseClaimsParams,
@@ -66,14 +72,27 @@ from ._driver import (
     StoredTaskType,
     TaskFilter,
     TaskTypesQuery,
+    TickParams,
+    TickResult,
+    UnscheduleParams,
+    WatchParams,
 )
-from ._migrations import check_version, migration_files, refuse_newer, split_sql
+from ._migrations import (
+    check_version,
+    migration_files,
+    missing_versions,
+    refuse_newer,
+    split_sql,
+)
 from ._queries import Queries
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
 UNIQUE_TRIES = 10
 """How often a create with a unique key tries again when the live task that held the key
 became final between the insert and the lock (each try is two statements)."""
+
+_DONE = (State.FINISHED, State.FAILED, None)
+"""Outcomes that end a wait: a final state, or the row removed (None)."""
 CHECKPOINT_STATES = (State.RUNNING, State.CANCELING, State.DELETING)
 """The states in which an execution may store a checkpoint (its task runs, or is being
 cleaned up)."""
@@ -108,6 +127,9 @@ PRUNED = {
 }
 """Retention applies *delete, force* to FINISHED and FAILED tasks: they are removed, and no
 cleanup handler runs (docs/design.md §4.5)."""
+
+BROKEN_SCHEDULE_DELAY = timedelta(hours=1)
+"""How far a schedule whose period a node cannot compute is put off (it is reported)."""
 CLAIM = transition(State.PENDING, Event.CLAIM)
 CLEANUP_CLAIM = transition(State.DELETING, Event.CLEANUP_CLAIM)
 
@@ -189,6 +211,10 @@ class SqlDriver:
         """Tell the other nodes (``wake``, ``stop:<node>``) when ``conn``'s transaction commits;
         nothing where the database cannot (nodes poll)."""
 
+    async def notify_task_events(self, conn: AsyncConnection, kind: str, ids: list[int]) -> None:
+        """Tell the watchers of ``ids`` (``TASK_DONE``, ``TASK_PROGRESS``) when ``conn``'s
+        transaction commits; nothing where the database cannot (watchers poll)."""
+
     notify_params: Mapping[str, Any] = {}
     """What a statement that notifies binds besides its own parameters (the channel)."""
 
@@ -196,6 +222,10 @@ class SqlDriver:
         self, on_message: Callable[[str], None]
     ) -> AbstractAsyncContextManager[asyncio.Event]:
         """Where ``supports_notify``: the notifications of the other nodes, while inside."""
+        raise NotImplementedError(f"{self.dialect} has no notifications")
+
+    def listen_tasks(self, params: ListenParams) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Where ``supports_notify``: the task events for watchers, while inside."""
         raise NotImplementedError(f"{self.dialect} has no notifications")
 
     async def prepare_migration(self, conn: AsyncConnection) -> None:
@@ -253,40 +283,44 @@ class SqlDriver:
 
     # -- schema -----------------------------------------------------------------------------
 
-    async def _current_version(self, conn: AsyncConnection) -> int | None:
+    async def _applied_versions(self, conn: AsyncConnection) -> set[int] | None:
+        """The migration versions recorded, or None when the versions table is missing."""
         exists = await conn.run_sync(
             lambda sync: sa.inspect(sync).has_table(VERSIONS, schema=self.schema)
         )
         if not exists:
             return None
-        value = (await self._run(conn, "schema_version")).scalar()
-        return int(value) if value is not None else None
+        return {int(v) for v in (await self._run(conn, "applied_versions")).scalars()}
 
     @cancel_safe
     async def schema_version(self) -> int | None:
-        """The applied migration version, or None when the schema is empty."""
+        """The newest applied migration version, or None when the schema is empty."""
         async with self.read() as conn:
-            return await self._current_version(conn)
+            applied = await self._applied_versions(conn)
+        return None if applied is None else max(applied, default=None)
 
     @cancel_safe
     async def migrate(self) -> list[int]:
-        """Apply the missing migrations; returns the versions applied."""
+        """Apply the shipped migrations not recorded yet, in version order; returns the
+        versions applied (docs/design.md §4.3)."""
         applied: list[int] = []
         async with self.write() as conn:
             await self.prepare_migration(conn)
-            current = await self._current_version(conn) or 0
-            refuse_newer(current)
-            for version, sql in migration_files(self.dialect):
-                if version <= current:
-                    continue
-                for statement in split_sql(sql):
+            recorded = await self._applied_versions(conn) or set()
+            refuse_newer(max(recorded, default=0))
+            files = dict(migration_files(self.dialect))
+            for version in missing_versions(files, recorded):
+                for statement in split_sql(files[version]):
                     await conn.exec_driver_sql(statement)
                 await self._run(conn, "record_migration", {"version": version})
                 applied.append(version)
         return applied
 
+    @cancel_safe
     async def check_schema(self) -> None:
-        check_version(await self.schema_version())
+        async with self.read() as conn:
+            applied = await self._applied_versions(conn)
+        check_version(applied, (version for version, _ in migration_files(self.dialect)))
 
     # -- creating and reading tasks ---------------------------------------------------------
 
@@ -500,7 +534,10 @@ class SqlDriver:
         """Apply decided outcomes: one DELETE for removed rows, one batched UPDATE for the rest."""
         removed: list[int] = []
         updates: list[dict[str, Any]] = []
+        watched: list[_Write] = []
         for w in writes:
+            if w.row.watched:
+                watched.append(w)
             o = w.outcome
             if o.state is None:
                 removed.append(w.row.id)
@@ -536,6 +573,22 @@ class SqlDriver:
             await self._run(conn, "delete_tasks", {"ids": self.bind_list(removed)})
         if updates:
             await self._run(conn, "update_task", updates)
+        if watched:
+            await self._notify_watchers(conn, watched)
+
+    async def _notify_watchers(self, conn: AsyncConnection, writes: list[_Write]) -> None:
+        """Task events for the watched rows among ``writes`` (docs/design.md §18): done for
+        a task that ended (FINISHED, FAILED) or was removed, progress for any other change."""
+        done = [w.row.id for w in writes if w.outcome.state in _DONE]
+        moved = [
+            w.row.id
+            for w in writes
+            if w.outcome.state not in _DONE and (w.outcome.changed or w.group is not None)
+        ]
+        if done:
+            await self.notify_task_events(conn, TASK_DONE, done)
+        if moved:
+            await self.notify_task_events(conn, TASK_PROGRESS, moved)
 
     async def _write_and_wake(self, conn: AsyncConnection, writes: list[_Write]) -> int:
         """Apply ``writes`` of tasks given back to the queue, and wake the claimers."""
@@ -627,6 +680,7 @@ class SqlDriver:
                 return ClaimResult([], None)
             result = await self._run(conn, "claim", bound, order_by=p.policy.order_by)
             rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
+            await self._notify_claimed(conn, rows)
             next_due = None
             if len(rows) < limit:
                 due = await self._run(conn, "next_due", {"types": bound["types"]})
@@ -656,7 +710,13 @@ class SqlDriver:
                 },
             )
             rows = sorted(result, key=lambda r: r.id)
+            await self._notify_claimed(conn, rows)
         return [_rows.claimed(r) for r in rows]
+
+    async def _notify_claimed(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:
+        watched = [row.id for row in rows if row.watched]
+        if watched:
+            await self.notify_task_events(conn, TASK_PROGRESS, watched)
 
     @cancel_safe
     async def checkpoint(self, params: CheckpointParams) -> set[int]:
@@ -667,8 +727,11 @@ class SqlDriver:
         if not params.checkpoints:
             return set()
         async with self.write() as conn:
-            result = await self._run(conn, "checkpoint", self._checkpoint_params(params))
-            return {row.id for row in result}
+            written = (await self._run(conn, "checkpoint", self._checkpoint_params(params))).all()
+            watched = [row.id for row in written if row.watched]
+            if watched:  # one notification per batch, and only for tasks someone watches
+                await self.notify_task_events(conn, TASK_PROGRESS, watched)
+        return {row.id for row in written}
 
     def _checkpoint_params(self, params: CheckpointParams) -> dict[str, Any]:
         rows = [
@@ -983,11 +1046,12 @@ class SqlDriver:
         where = self._where(params.filter)
         where.append(c.id > params.after)
         async with self.write() as conn:
+            now = time_from_db((await self._run(conn, "db_now")).scalar_one())
             if params.older_than is not None:
-                now = time_from_db((await self._run(conn, "db_now")).scalar_one())
                 where.append(c.updated_at < now - timedelta(seconds=params.older_than))
+            watched = sa.func.coalesce(c.watched_until > now, False).label("watched")
             query = (
-                sa.select(*(c[name] for name in _rows.LOCKED_FIELDS))
+                sa.select(*(c[name] for name in _rows.LOCKED_FIELDS), watched)
                 .where(*where)
                 .order_by(c.id)
                 .limit(params.limit)
@@ -1037,3 +1101,106 @@ class SqlDriver:
         query = {"all": names is None, "names": self.bind_list(names or ())}
         async with self.read() as conn:
             return [_rows.task_type(r) for r in await self._run(conn, "get_task_types", query)]
+
+    # -- periodic tasks (docs/design.md §17) ------------------------------------------------
+
+    @cancel_safe
+    async def put_schedule(self, params: PutScheduleParams) -> Schedule:
+        period = params.period
+        values = {
+            "name": params.name,
+            "type": params.type,
+            "cron": period.cron,
+            "every": period.every,
+            "timezone": period.timezone,
+            "context": params.context,
+            "user": params.user,
+            "group": params.group,
+            "priority": params.priority,
+            "max_attempts": params.max_attempts,
+            "declared": params.declared,
+            "next_tick": self._db_time(params.next_tick),
+        }
+        async with self.write() as conn:
+            return _rows.schedule((await self._run(conn, "put_schedule", values)).one())
+
+    @cancel_safe
+    async def delete_schedule(self, params: UnscheduleParams) -> bool:
+        async with self.write() as conn:
+            result = await self._run(conn, "delete_schedule", {"name": params.name})
+            return result.first() is not None
+
+    @cancel_safe
+    async def get_schedules(self) -> list[Schedule]:
+        async with self.read() as conn:
+            return [_rows.schedule(r) for r in await self._run(conn, "get_schedules")]
+
+    @cancel_safe
+    async def tick(self, params: TickParams) -> TickResult:
+        """Enqueue the due ticks of the schedules of ``params.types``: for each, in one
+        transaction, the task of its latest due tick (due at the tick), and its next tick
+        advanced by compare-and-set on the one it was read with. A schedule another node is
+        enqueueing is skipped (PostgreSQL) or found advanced (SQLite, after the write lock)."""
+        kinds = {t.name: t for t in params.types}
+        if not kinds:
+            return TickResult([], [], None)
+        names = self.bind_list(kinds)
+        fired: list[Fired] = []
+        broken: list[tuple[str, str]] = []
+        async with self.write() as conn:
+            result = await self._run(
+                conn, "lock_due_schedules", {"types": names, "limit": params.limit}
+            )
+            for row in result.all():
+                now = time_from_db(row.now)
+                due = time_from_db(row.next_tick)
+                advance = {"name": row.name, "expected": row.next_tick}
+                try:
+                    planned = plan(Period(row.cron, row.every, row.timezone), due, now)
+                except Exception as exc:  # a stored period this node cannot read: report it
+                    broken.append((row.name, f"{type(exc).__name__}: {exc}"))
+                    advance |= {
+                        "next_tick": self._db_time(now + BROKEN_SCHEDULE_DELAY),
+                        "tick": row.last_tick,
+                        "task_id": row.last_task_id,
+                    }
+                    await self._run(conn, "advance_schedule", advance)
+                    continue
+                kind = kinds[row.type]
+                new = NewTask(
+                    type=row.type,
+                    context=row.context,
+                    user=row.user_name,
+                    group=row.group_name,
+                    priority=row.priority,
+                    max_attempts=kind.max_attempts
+                    if row.max_attempts is None
+                    else row.max_attempts,
+                    has_cleanup=kind.has_cleanup,
+                    state=State.PENDING,
+                    run_at=planned.tick,
+                )
+                [task_id] = await self._insert(conn, [new], wake=True)
+                advance |= {
+                    "next_tick": self._db_time(planned.following),
+                    "tick": self._db_time(planned.tick),
+                    "task_id": task_id,
+                }
+                if (await self._run(conn, "advance_schedule", advance)).first() is None:
+                    # Advanced meanwhile by another node: its task stands, ours goes.
+                    await self._run(conn, "delete_tasks", {"ids": self.bind_list([task_id])})
+                    continue
+                fired.append(Fired(row.name, planned.tick, task_id, planned.skipped))
+            due_in = (await self._run(conn, "next_schedule_due", {"types": names})).scalar()
+        next_due = None if due_in is None else max(float(due_in), 0.0)
+        return TickResult(fired, broken, next_due)
+
+    # -- waiting and watching (docs/design.md §18) ------------------------------------------
+
+    @cancel_safe
+    async def watch_tasks(self, params: WatchParams) -> None:
+        if not self.supports_notify or not params.ids:
+            return  # watchers poll: nothing to mark, and no write lock to take
+        values = {"ids": self.bind_list(params.ids), "seconds": params.seconds}
+        async with self.write() as conn:
+            await self._run(conn, "watch_tasks", values)

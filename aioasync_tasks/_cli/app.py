@@ -2,7 +2,8 @@
 
 Commands: ``worker`` runs a node until SIGINT/SIGTERM; ``migrate`` (``--sql`` prints it);
 ``tasks list|show|create|run|pause|delete|move``; ``groups`` (list, ``pause``, ``resume``,
-``limits``); ``nodes``; ``demo``. Management commands use a client-only node
+``limits``); ``schedules list|remove``; ``nodes``; ``demo``. Management commands use a
+client-only node
 (``concurrency=0``), never migrate by themselves and never create a SQLite file; those that
 list or show print JSON with ``--json``.
 
@@ -25,6 +26,7 @@ from .client import DEFAULT_DB, Settings
 from .demo import demo
 from .groups import groups
 from .nodes import nodes
+from .schedules import schedules
 from .tasks import tasks
 from .worker import migrate, worker
 
@@ -60,7 +62,7 @@ def cli(ctx: click.Context, db: str, schema: str | None) -> None:
     )
 
 
-for _command in (worker, migrate, tasks, groups, nodes, demo):
+for _command in (worker, migrate, tasks, groups, schedules, nodes, demo):
     cli.add_command(_command)
 
 

@@ -25,6 +25,7 @@ from .listener import Listener
 from .pruner import Pruner
 from .rescuer import Rescuer
 from .state import NodeState
+from .ticker import Ticker
 
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before a crashed service restarts: the n-th crash in a row waits the n-th delay."""
@@ -55,6 +56,8 @@ class Services:
     """None where the database has no notifications (SQLite)."""
     pruner: Pruner | None
     """None without ``retention=`` or ``failed_retention=``."""
+    ticker: Ticker
+    """Enqueues the ticks of periodic schedules (docs/design.md §17)."""
 
 
 class NodeRuntime:
@@ -77,6 +80,7 @@ class NodeRuntime:
             pruner=None
             if state.config.retention is None
             else Pruner(driver, state.config.retention, state.logger),
+            ticker=Ticker(driver, state.registry, lambda: state.log, state.config.poll_interval),
         )
 
     async def run(
@@ -96,6 +100,7 @@ class NodeRuntime:
                     ("lease", services.heartbeat.watch_lease),
                     ("rescuer", services.rescuer.run),
                     ("stop poll", services.heartbeat.poll_stops),
+                    ("ticker", services.ticker.run),
                 ):
                     group.start_soon(self._supervised, name, service)
                 if services.pruner is not None:

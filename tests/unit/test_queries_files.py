@@ -21,6 +21,7 @@ ONLY = {
         "insert_task_and_wake",
         "lock_unique_keys",
         "prune_lock",
+        "watch_tasks",
     },
     "sqlite": {"now"},
     "mysql": {

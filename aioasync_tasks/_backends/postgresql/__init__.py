@@ -15,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .._driver import ListenParams, task_events
 from .._sqldriver import SqlDriver
 from .._transaction import WRAPPED, database_error, forget_session_values, set_session_value
 
@@ -62,6 +63,9 @@ class PostgresDriver(SqlDriver):
         configure_engine(engine)
         suffix = re.sub(r"[^a-z0-9_]", "_", (schema or "public").lower())
         self.channel = f"aioasync_tasks_{suffix}"[:63]
+        self.events_channel = f"aioasync_watch_{suffix}"[:63]
+        """Task events for watchers (docs/design.md §18), apart from the nodes' channel: a
+        client that waits for a task hears no wake-ups, and a worker no task events."""
         self.notify_params: Mapping[str, Any] = {"channel": self.channel}
         self._quoted_schema = (
             engine.dialect.identifier_preparer.quote_identifier(schema) if schema else None
@@ -87,16 +91,33 @@ class PostgresDriver(SqlDriver):
         result = await self._run(conn, "prune_lock", {"key": f"{self.channel}:prune"})
         return bool(result.scalar_one())
 
+    async def notify_task_events(self, conn: AsyncConnection, kind: str, ids: list[int]) -> None:
+        for payload in task_events(kind, ids):
+            await self._run(conn, "notify", {"channel": self.events_channel, "payload": payload})
+
     async def prepare_migration(self, conn: AsyncConnection) -> None:
         await self._run(conn, "migration_lock", {"key": self.channel})
         if self._quoted_schema:
             await conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {self._quoted_schema}")
             await conn.exec_driver_sql(f"SET LOCAL search_path TO {self._quoted_schema}")
 
-    @contextlib.asynccontextmanager
-    async def listen(self, on_message: Callable[[str], None]) -> AsyncIterator[asyncio.Event]:
+    def listen(
+        self, on_message: Callable[[str], None]
+    ) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
         """While inside, the notifications on this schema's channel reach ``on_message``; the
         event it yields is set when the listening connection is lost."""
+        return self._listen(self.channel, on_message)
+
+    def listen_tasks(
+        self, params: ListenParams
+    ) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
+        """The task events of this schema, for watchers (docs/design.md §18)."""
+        return self._listen(self.events_channel, params.on_message)
+
+    @contextlib.asynccontextmanager
+    async def _listen(
+        self, channel: str, on_message: Callable[[str], None]
+    ) -> AsyncIterator[asyncio.Event]:
         # A connection of its own, out of the pool's rotation for as long as it listens; it is
         # invalidated (closed) afterwards, never handed to another user of the pool.
         try:
@@ -110,7 +131,7 @@ class PostgresDriver(SqlDriver):
                 lost = asyncio.Event()
                 driver.add_termination_listener(lambda _conn: lost.set())
                 await driver.add_listener(
-                    self.channel, lambda _conn, _pid, _channel, payload: on_message(payload)
+                    channel, lambda _conn, _pid, _channel, payload: on_message(payload)
                 )
             except Exception as exc:  # asyncpg raises errors of its own here too
                 raise database_error(exc, self.engine.url, "could not listen on") from exc

@@ -1,7 +1,8 @@
 -- Every statement the PostgreSQL driver runs, by name (read by _backends/_queries.py).
 --
--- {tasks}, {nodes}, {groups} and {versions} stand for the tables, qualified by the node's
--- schema; {order_by} is the scheduling policy's ORDER BY (trusted code, docs/design.md §6).
+-- {tasks}, {nodes}, {groups}, {schedules} and {versions} stand for the tables, qualified by
+-- the node's schema; {order_by} is the scheduling policy's ORDER BY (trusted code,
+-- docs/design.md §6).
 -- Parameters are bound by name (:name); lists are bound as arrays.
 --
 -- State values that a row moves between are bound parameters taken from the state table
@@ -10,8 +11,9 @@
 -- word for word: PostgreSQL uses a partial index only for a query whose WHERE implies the
 -- index's own, which a bound parameter never does.
 
--- name: schema_version
-SELECT max(version) FROM {versions}
+-- name: applied_versions
+-- Every migration applied (the versions need not be contiguous: docs/design.md §4.3).
+SELECT version FROM {versions} ORDER BY version
 
 -- name: migration_lock
 -- Concurrent migrations of one schema run one after the other.
@@ -79,7 +81,8 @@ RETURNING id
 
 -- name: lock_unique_task
 -- The live task of :type that holds :unique_key, locked (at most one: the unique index).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks}
 WHERE type = :type AND unique_key = :unique_key AND unique_key IS NOT NULL
     AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
@@ -111,16 +114,19 @@ FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
 -- Rows about to be changed by the state rules, locked in id order (no deadlocks).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks} WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
 
 -- name: lock_owned_tasks
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks} WHERE id = ANY(:ids) AND node_id = :owner ORDER BY id FOR UPDATE
 
 -- name: lock_tasks_of_nodes
 -- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks}
 WHERE node_id = ANY(CAST(:nodes AS bigint[]))
     OR (:orphans AND node_id IS NOT NULL
@@ -128,7 +134,8 @@ WHERE node_id = ANY(CAST(:nodes AS bigint[]))
 ORDER BY id FOR UPDATE
 
 -- name: lock_running_in_group
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > now() AS watched
 FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
 
 -- name: update_task
@@ -252,7 +259,7 @@ FROM (
 ) k
 WHERE t.id = k.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > now() AS watched
 
 -- name: next_due
 -- Seconds until the next delayed task of :types is due (NULL: none).
@@ -276,7 +283,7 @@ FROM (
 ) c
 WHERE t.id = c.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > now() AS watched
 
 -- name: checkpoint
 -- Many checkpoints in one statement, each written only under its execution's claim token: a
@@ -288,7 +295,7 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts A
     CAST(:progress AS double precision[]), CAST(:messages AS text[]))
     AS v(id, token, context, progress, message)
 WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = ANY(:states)
-RETURNING t.id
+RETURNING t.id, t.watched_until > now() AS watched
 
 -- name: register_node
 INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
@@ -377,3 +384,61 @@ ON CONFLICT (name) DO UPDATE SET max_attempts = excluded.max_attempts,
 SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
 WHERE :all OR name = ANY(CAST(:names AS text[]))
 ORDER BY name
+-- name: schedule_columns
+-- The columns of a schedule as _rows.schedule reads them (a fragment).
+name, type, cron, every, timezone, context, user_name, group_name, priority, max_attempts,
+    declared, next_tick, last_tick, last_task_id, created_at, updated_at
+
+-- name: put_schedule
+-- Create or replace a schedule (docs/design.md §17). Its next tick is kept unless its period
+-- changed: a node that declares its types' schedules at start moves nothing.
+INSERT INTO {schedules} AS s (name, type, cron, every, timezone, context, user_name,
+    group_name, priority, max_attempts, declared, next_tick, last_tick, last_task_id,
+    created_at, updated_at)
+VALUES (:name, :type, :cron, :every, :timezone, :context, :user, :group, :priority,
+    :max_attempts, :declared, :next_tick, NULL, NULL, now(), now())
+ON CONFLICT (name) DO UPDATE SET type = excluded.type, cron = excluded.cron,
+    every = excluded.every, timezone = excluded.timezone, context = excluded.context,
+    user_name = excluded.user_name, group_name = excluded.group_name,
+    priority = excluded.priority, max_attempts = excluded.max_attempts,
+    declared = excluded.declared,
+    next_tick = CASE WHEN s.cron IS NOT DISTINCT FROM excluded.cron
+            AND s.every IS NOT DISTINCT FROM excluded.every
+            AND s.timezone = excluded.timezone
+        THEN s.next_tick ELSE excluded.next_tick END,
+    updated_at = now()
+RETURNING {schedule_columns}
+
+-- name: delete_schedule
+DELETE FROM {schedules} WHERE name = :name RETURNING name
+
+-- name: get_schedules
+SELECT {schedule_columns} FROM {schedules} ORDER BY name
+
+-- name: lock_due_schedules
+-- The due schedules of :types, with the database's clock; a schedule another node is
+-- enqueueing right now is skipped, not waited for.
+SELECT {schedule_columns}, now() AS now FROM {schedules}
+WHERE next_tick <= now() AND type = ANY(:types)
+ORDER BY next_tick, name LIMIT :limit
+FOR UPDATE SKIP LOCKED
+
+-- name: advance_schedule
+-- Compare-and-set: the schedule moves on only from the next tick it was read with, in the
+-- transaction that inserts the tick's task (each tick is enqueued once).
+UPDATE {schedules} SET next_tick = :next_tick, last_tick = :tick, last_task_id = :task_id,
+    updated_at = now()
+WHERE name = :name AND next_tick = :expected
+RETURNING name
+
+-- name: next_schedule_due
+-- Seconds until the next tick of the schedules of :types (NULL: there are none).
+SELECT EXTRACT(EPOCH FROM (min(next_tick) - now())) FROM {schedules} WHERE type = ANY(:types)
+
+-- name: watch_tasks
+-- Someone waits for or watches these tasks for :seconds at least: their writes notify the
+-- watchers meanwhile (docs/design.md §18). The row lock orders the mark after any write in
+-- flight, so every later write sees it.
+UPDATE {tasks} SET watched_until = GREATEST(watched_until,
+    now() + make_interval(secs => CAST(:seconds AS double precision)))
+WHERE id = ANY(:ids)

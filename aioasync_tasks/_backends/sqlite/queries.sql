@@ -1,7 +1,7 @@
 -- Every statement the SQLite driver runs, by name (read by _backends/_queries.py).
 --
--- {tasks}, {nodes}, {groups} and {versions} stand for the tables; {now} for the fragment of
--- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
+-- {tasks}, {nodes}, {groups}, {schedules} and {versions} stand for the tables; {now} for the
+-- fragment of that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
 -- docs/design.md §6). Parameters are bound by name (:name); a list, or a batch of rows,
 -- is bound as one JSON array and read with json_each, so that a statement's text never
 -- depends on how many items it gets.
@@ -19,8 +19,9 @@
 -- The database clock, as seconds since the epoch (timestamps are stored so).
 ((julianday('now') - 2440587.5) * 86400.0)
 
--- name: schema_version
-SELECT max(version) FROM {versions}
+-- name: applied_versions
+-- Every migration applied (the versions need not be contiguous: docs/design.md §4.3).
+SELECT version FROM {versions} ORDER BY version
 
 -- name: record_migration
 INSERT INTO {versions} (version, applied_at) VALUES (:version, {now})
@@ -64,7 +65,8 @@ RETURNING id
 
 -- name: lock_unique_task
 -- The live task of :type that holds :unique_key, locked (at most one: the unique index).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks}
 WHERE type = :type AND unique_key = :unique_key AND unique_key IS NOT NULL
     AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
@@ -95,16 +97,19 @@ FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
 -- Rows about to be changed by the state rules (the write lock is held already).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id
 
 -- name: lock_owned_tasks
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids)) AND node_id = :owner ORDER BY id
 
 -- name: lock_tasks_of_nodes
 -- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks}
 WHERE node_id IN (SELECT value FROM json_each(:nodes))
     OR (:orphans AND node_id IS NOT NULL
@@ -112,7 +117,8 @@ WHERE node_id IN (SELECT value FROM json_each(:nodes))
 ORDER BY id
 
 -- name: lock_running_in_group
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id
 
 -- name: update_task
@@ -229,7 +235,7 @@ WHERE id IN (
     ORDER BY pick LIMIT :limit)
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > {now} AS watched
 
 -- name: next_due
 -- Seconds until the next delayed task of :types is due (NULL: none).
@@ -251,7 +257,7 @@ WHERE id IN (
     ORDER BY run_at, id LIMIT :limit)
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > {now} AS watched
 
 -- name: checkpoint
 -- Many checkpoints in one statement, :rows a JSON array of [id, token, context, progress,
@@ -266,7 +272,7 @@ UPDATE {tasks} SET context = COALESCE(v.context, {tasks}.context),
     message = COALESCE(v.message, {tasks}.message), updated_at = {now} FROM v
 WHERE {tasks}.id = v.id AND {tasks}.token = v.token AND node_id = :node
     AND state IN (SELECT value FROM json_each(:states))
-RETURNING {tasks}.id
+RETURNING {tasks}.id, {tasks}.watched_until > {now} AS watched
 
 -- name: register_node
 INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
@@ -346,3 +352,52 @@ ON CONFLICT (name) DO UPDATE SET max_attempts = excluded.max_attempts,
 SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
 WHERE :all OR name IN (SELECT value FROM json_each(:names))
 ORDER BY name
+-- name: schedule_columns
+-- The columns of a schedule as _rows.schedule reads them (a fragment).
+name, type, cron, every, timezone, context, user_name, group_name, priority, max_attempts,
+    declared, next_tick, last_tick, last_task_id, created_at, updated_at
+
+-- name: put_schedule
+-- Create or replace a schedule (docs/design.md §17). Its next tick is kept unless its period
+-- changed: a node that declares its types' schedules at start moves nothing.
+INSERT INTO {schedules} (name, type, cron, every, timezone, context, user_name,
+    group_name, priority, max_attempts, declared, next_tick, last_tick, last_task_id,
+    created_at, updated_at)
+VALUES (:name, :type, :cron, :every, :timezone, :context, :user, :group, :priority,
+    :max_attempts, :declared, :next_tick, NULL, NULL, {now}, {now})
+ON CONFLICT (name) DO UPDATE SET type = excluded.type, cron = excluded.cron,
+    every = excluded.every, timezone = excluded.timezone, context = excluded.context,
+    user_name = excluded.user_name, group_name = excluded.group_name,
+    priority = excluded.priority, max_attempts = excluded.max_attempts,
+    declared = excluded.declared,
+    next_tick = CASE WHEN {schedules}.cron IS excluded.cron
+            AND {schedules}.every IS excluded.every
+            AND {schedules}.timezone = excluded.timezone
+        THEN {schedules}.next_tick ELSE excluded.next_tick END,
+    updated_at = {now}
+RETURNING {schedule_columns}
+
+-- name: delete_schedule
+DELETE FROM {schedules} WHERE name = :name RETURNING name
+
+-- name: get_schedules
+SELECT {schedule_columns} FROM {schedules} ORDER BY name
+
+-- name: lock_due_schedules
+-- The due schedules of :types, with the database's clock (the write lock is held already).
+SELECT {schedule_columns}, {now} AS now FROM {schedules}
+WHERE next_tick <= {now} AND type IN (SELECT value FROM json_each(:types))
+ORDER BY next_tick, name LIMIT :limit
+
+-- name: advance_schedule
+-- Compare-and-set: the schedule moves on only from the next tick it was read with, in the
+-- transaction that inserts the tick's task (each tick is enqueued once).
+UPDATE {schedules} SET next_tick = :next_tick, last_tick = :tick, last_task_id = :task_id,
+    updated_at = {now}
+WHERE name = :name AND next_tick = :expected
+RETURNING name
+
+-- name: next_schedule_due
+-- Seconds until the next tick of the schedules of :types (NULL: there are none).
+SELECT min(next_tick) - {now} FROM {schedules}
+WHERE type IN (SELECT value FROM json_each(:types))
