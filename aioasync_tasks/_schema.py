@@ -222,14 +222,14 @@ schedules_table = sa.Table(
     # transaction that enqueues the tick's task (docs/design.md §17).
     SCHEDULES,
     metadata,
-    sa.Column("name", sa.Text(), primary_key=True),
+    sa.Column("name", _NAME, primary_key=True),
     sa.Column("type", sa.String(200), nullable=False),
     sa.Column("cron", sa.Text(), nullable=True),
     sa.Column("every", sa.Double(), nullable=True),
     sa.Column("timezone", sa.Text(), nullable=False),
-    sa.Column("context", sa.Text(), nullable=False),
-    sa.Column("user_name", sa.Text(), nullable=False),
-    sa.Column("group_name", sa.Text(), nullable=False),
+    sa.Column("context", _LONG_TEXT, nullable=False),
+    sa.Column("user_name", _NAME, nullable=False),
+    sa.Column("group_name", _NAME, nullable=False),
     sa.Column("priority", sa.Integer(), nullable=False),
     sa.Column("max_attempts", sa.Integer(), nullable=True),
     sa.Column("declared", sa.Boolean(), nullable=False),
@@ -240,6 +240,7 @@ schedules_table = sa.Table(
     sa.Column("updated_at", Timestamp(), nullable=False),
     sa.CheckConstraint("(cron IS NULL) <> (every IS NULL)", name="aioasync_schedules_spec_check"),
     sa.Index("aioasync_schedules_next_tick_idx", "next_tick"),
+    **_TABLE_OPTIONS,
 )
 
 versions_table = sa.Table(

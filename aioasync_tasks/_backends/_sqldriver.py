@@ -244,7 +244,7 @@ class SqlDriver:
         return int(result.scalar_one())
 
     def found(self, result: sa.CursorResult[Any]) -> bool:
-        """Whether an ``UPDATE`` of one row found it (its ``RETURNING id``)."""
+        """Whether an ``UPDATE`` or ``DELETE`` of one row found it (its ``RETURNING``)."""
         return result.first() is not None
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -1127,8 +1127,7 @@ class SqlDriver:
     @cancel_safe
     async def delete_schedule(self, params: UnscheduleParams) -> bool:
         async with self.write() as conn:
-            result = await self._run(conn, "delete_schedule", {"name": params.name})
-            return result.first() is not None
+            return self.found(await self._run(conn, "delete_schedule", {"name": params.name}))
 
     @cancel_safe
     async def get_schedules(self) -> list[Schedule]:
@@ -1186,7 +1185,7 @@ class SqlDriver:
                     "tick": self._db_time(planned.tick),
                     "task_id": task_id,
                 }
-                if (await self._run(conn, "advance_schedule", advance)).first() is None:
+                if not self.found(await self._run(conn, "advance_schedule", advance)):
                     # Advanced meanwhile by another node: its task stands, ours goes.
                     await self._run(conn, "delete_tasks", {"ids": self.bind_list([task_id])})
                     continue

@@ -38,6 +38,7 @@ ONLY = {
         "unique_key_unlocks",
         "prune_lock",
         "prune_unlock",
+        "get_schedule",
     },
 }
 """Statements one database has and the others do without (locks, notifications, fragments,

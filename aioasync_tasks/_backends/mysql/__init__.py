@@ -26,16 +26,18 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..._errors import DatabaseError
-from ..._schema import SCHEMA_VERSION
+from ..._models import Schedule
 from .. import _rows
 from .._driver import (
+    TASK_PROGRESS,
     CheckpointParams,
     Claimed,
     ClaimParams,
     ClaimResult,
     CleanupClaimParams,
+    PutScheduleParams,
 )
-from .._migrations import migration_files, refuse_newer, split_sql
+from .._migrations import migration_files, missing_versions, refuse_newer, split_sql
 from .._sqldriver import (
     CLAIM,
     CLEANUP_CLAIM,
@@ -137,12 +139,11 @@ class MysqlDriver(SqlDriver):
                     transient=True,
                 )
             try:
-                current = await self._current_version(conn) or 0
-                refuse_newer(current)
-                for version, sql in migration_files(self.dialect):
-                    if version <= current or version > SCHEMA_VERSION:
-                        continue
-                    for statement in split_sql(sql):
+                recorded = await self._applied_versions(conn) or set()
+                refuse_newer(max(recorded, default=0))
+                files = dict(migration_files(self.dialect))
+                for version in missing_versions(files, recorded):
+                    for statement in split_sql(files[version]):
                         await conn.exec_driver_sql(statement)
                     await self._run(conn, "record_migration", {"version": version})
                     applied.append(version)
@@ -276,6 +277,7 @@ class MysqlDriver(SqlDriver):
             ids = [i for i, group in candidates if i in locked and locked[i].group_name == group]
             bound = {"node": p.node_id, **CLAIM}
             rows = await self._take(conn, "take_claims", ids[:limit], bound)
+            await self._notify_claimed(conn, rows)
             next_due = None
             if len(rows) < limit:
                 next_due = (await self._run(conn, "next_due", {"types": types})).scalar()
@@ -305,6 +307,7 @@ class MysqlDriver(SqlDriver):
             ids = [r.id for r in result]
             bound = {"node": p.node_id, **CLEANUP_CLAIM}
             rows = await self._take(conn, "take_cleanups", ids, bound)
+            await self._notify_claimed(conn, rows)
         return [_rows.claimed(r) for r in sorted(rows, key=lambda r: r.id)]
 
     @cancel_safe
@@ -315,10 +318,39 @@ class MysqlDriver(SqlDriver):
             return set()
         bound = self._checkpoint_params(params)
         async with self.write() as conn:
-            accepted = {r.id for r in await self._run(conn, "lock_checkpoints", bound)}
-            if accepted:
+            locked = (await self._run(conn, "lock_checkpoints", bound)).all()
+            if locked:
                 await self._run(conn, "checkpoint", bound)
-            return accepted
+            watched = [r.id for r in locked if r.watched]
+            if watched:  # as SqlDriver.checkpoint (nothing here: watchers poll)
+                await self.notify_task_events(conn, TASK_PROGRESS, watched)
+        return {r.id for r in locked}
+
+    # -- schedules: no RETURNING ---------------------------------------------------------------
+
+    @cancel_safe
+    async def put_schedule(self, params: PutScheduleParams) -> Schedule:
+        """As ``SqlDriver.put_schedule``: the upsert, then the row read back in its
+        transaction."""
+        period = params.period
+        values = {
+            "name": params.name,
+            "type": params.type,
+            "cron": period.cron,
+            "every": period.every,
+            "timezone": period.timezone,
+            "context": params.context,
+            "user": params.user,
+            "group": params.group,
+            "priority": params.priority,
+            "max_attempts": params.max_attempts,
+            "declared": params.declared,
+            "next_tick": self._db_time(params.next_tick),
+        }
+        async with self.write() as conn:
+            await self._run(conn, "put_schedule", values)
+            row = (await self._run(conn, "get_schedule", {"name": params.name})).one()
+        return _rows.schedule(row)
 
     # -- no RETURNING ------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 -- Every statement the MySQL driver runs, by name (read by _backends/_queries.py). One file for
 -- MySQL 8 and MariaDB 10.6 or newer.
 --
--- {tasks}, {nodes}, {groups}, {task_types} and {versions} stand for the tables; {now} for the fragment of
+-- {tasks}, {nodes}, {groups}, {task_types}, {schedules} and {versions} stand for the tables; {now} for the fragment of
 -- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
 -- docs/design.md §6). Parameters are bound by name (:name). A list, or a batch of rows, is
 -- bound as one JSON array and read with JSON_TABLE, so that a statement's text never depends
@@ -21,8 +21,9 @@
 -- The database clock, in UTC whatever the session's time zone (timestamps are stored so).
 UTC_TIMESTAMP(6)
 
--- name: schema_version
-SELECT max(version) FROM {versions}
+-- name: applied_versions
+-- Every migration applied (the versions need not be contiguous: docs/design.md §4.3).
+SELECT version FROM {versions} ORDER BY version
 
 -- name: migration_lock
 -- Concurrent migrations of one database run one after the other. A lock of the session, not of
@@ -82,7 +83,8 @@ VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempt
 -- The live task of :type that holds :unique_key, locked (at most one: the unique index on
 -- (type, live_key); live_key is unique_key while the task is INIT, PENDING, RUNNING, CANCELING
 -- or PAUSED, NULL otherwise).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks}
 WHERE type = :type AND live_key = :unique_key
 FOR UPDATE
@@ -126,13 +128,15 @@ FROM {tasks} WHERE id = :id
 
 -- name: lock_tasks
 -- Rows about to be changed by the state rules, locked in id order (no deadlocks).
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks}
 WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
 ORDER BY id FOR UPDATE
 
 -- name: lock_owned_tasks
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks}
 WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
     AND node_id = :owner
@@ -140,7 +144,8 @@ ORDER BY id FOR UPDATE
 
 -- name: lock_tasks_of_nodes
 -- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} t
 WHERE node_id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
     OR (:orphans AND node_id IS NOT NULL
@@ -148,7 +153,8 @@ WHERE node_id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH
 ORDER BY id FOR UPDATE
 
 -- name: lock_running_in_group
-SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token
+SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
+    watched_until > {now} AS watched
 FROM {tasks} WHERE group_name = :group AND state = :state ORDER BY id FOR UPDATE
 
 -- name: update_task
@@ -264,7 +270,7 @@ WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) 
 -- name: claimed_rows
 -- What a claim took, read back in its transaction.
 SELECT id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token
+    token, watched_until > {now} AS watched
 FROM {tasks}
 WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
 
@@ -302,7 +308,7 @@ WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) 
 -- message]): still
 -- owned by :node under the execution's claim token, in one of :states; locked, so that the
 -- checkpoint statement that follows writes exactly these.
-SELECT t.id FROM {tasks} t
+SELECT t.id, t.watched_until > {now} AS watched FROM {tasks} t
 JOIN JSON_TABLE(:rows, '$[*]' COLUMNS (id BIGINT PATH '$[0]', token INTEGER PATH '$[1]'))
     AS v ON t.id = v.id AND t.token = v.token
 WHERE t.node_id = :node
@@ -421,3 +427,62 @@ SELECT name, max_attempts, has_cleanup, updated_at FROM {task_types}
 WHERE :all OR name IN (SELECT v FROM JSON_TABLE(:names, '$[*]'
     COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS nl)
 ORDER BY name
+
+-- name: schedule_columns
+-- The columns of a schedule as _rows.schedule reads them (a fragment).
+name, type, cron, every, timezone, context, user_name, group_name, priority, max_attempts,
+    declared, next_tick, last_tick, last_task_id, created_at, updated_at
+
+-- name: put_schedule
+-- Create or replace a schedule (docs/design.md §17). Its next tick is kept unless its period
+-- changed: a node that declares its types' schedules at start moves nothing. MySQL assigns
+-- left to right, each assignment seeing the ones before it: next_tick compares the stored
+-- period before cron, every and timezone are assigned. No RETURNING: the driver reads the row
+-- back (get_schedule).
+INSERT INTO {schedules} (name, type, cron, every, timezone, context, user_name,
+    group_name, priority, max_attempts, declared, next_tick, last_tick, last_task_id,
+    created_at, updated_at)
+VALUES (:name, :type, :cron, :every, :timezone, :context, :user, :group, :priority,
+    :max_attempts, :declared, :next_tick, NULL, NULL, {now}, {now})
+ON DUPLICATE KEY UPDATE
+    next_tick = CASE WHEN cron <=> VALUES(cron) AND every <=> VALUES(every)
+            AND timezone = VALUES(timezone)
+        THEN next_tick ELSE VALUES(next_tick) END,
+    type = VALUES(type), cron = VALUES(cron), every = VALUES(every),
+    timezone = VALUES(timezone), context = VALUES(context), user_name = VALUES(user_name),
+    group_name = VALUES(group_name), priority = VALUES(priority),
+    max_attempts = VALUES(max_attempts), declared = VALUES(declared), updated_at = {now}
+
+-- name: get_schedule
+SELECT {schedule_columns} FROM {schedules} WHERE name = :name
+
+-- name: delete_schedule
+-- Deleted rows: 0 when there was no such schedule.
+DELETE FROM {schedules} WHERE name = :name
+
+-- name: get_schedules
+SELECT {schedule_columns} FROM {schedules} ORDER BY name
+
+-- name: lock_due_schedules
+-- The due schedules of :types, with the database's clock; a schedule another node is
+-- enqueueing is skipped, not waited for.
+SELECT {schedule_columns}, {now} AS now FROM {schedules}
+WHERE next_tick <= {now}
+    AND type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
+        COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
+ORDER BY next_tick, name LIMIT :limit
+FOR UPDATE SKIP LOCKED
+
+-- name: advance_schedule
+-- Compare-and-set: the schedule moves on only from the next tick it was read with, in the
+-- transaction that inserts the tick's task (each tick is enqueued once). Matched rows, as the
+-- dialect counts them: 0 when another node advanced it.
+UPDATE {schedules} SET next_tick = :next_tick, last_tick = :tick, last_task_id = :task_id,
+    updated_at = {now}
+WHERE name = :name AND next_tick = :expected
+
+-- name: next_schedule_due
+-- Seconds until the next tick of the schedules of :types (NULL: there are none).
+SELECT TIMESTAMPDIFF(MICROSECOND, {now}, min(next_tick)) / 1000000 FROM {schedules}
+WHERE type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
+    COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
