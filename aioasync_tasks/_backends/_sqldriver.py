@@ -343,8 +343,7 @@ class SqlDriver:
         for start in range(0, len(new_tasks), size):
             began = time.monotonic()
             try:
-                async with self.write() as conn:
-                    ids += await self._insert(conn, new_tasks[start : start + size], wake)
+                ids += await self._insert_chunk(new_tasks[start : start + size], wake)
             except DatabaseError as exc:
                 if not ids:
                     raise
@@ -356,6 +355,28 @@ class SqlDriver:
             if start + size < len(new_tasks):
                 await self.pause_between_chunks(time.monotonic() - began)
         return ids
+
+    async def _insert_chunk(self, new_tasks: Sequence[NewTask], wake: bool) -> list[int]:
+        """Insert ``new_tasks`` in a write transaction of our own; again, after a pause, when
+        the database rolled the whole transaction back and says to try again
+        (``rolled_back_retry``)."""
+        attempt = 0
+        while True:
+            try:
+                async with self.write() as conn:
+                    return await self._insert(conn, new_tasks, wake)
+            except DatabaseError as exc:
+                delay = self.rolled_back_retry(exc, attempt)
+                if delay is None:
+                    raise
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def rolled_back_retry(self, exc: DatabaseError, attempt: int) -> float | None:
+        """After ``exc`` ended try number ``attempt`` (from 0) of a transaction of ours that
+        the database rolled back entirely, so that nothing of it was committed: the seconds to
+        wait before trying again, or None to raise it. None by default."""
+        return None
 
     def _new_row(self, t: NewTask) -> tuple[Any, ...]:
         """A new task's values, in the order of ``_NEW_TASK_COLUMNS``."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -52,6 +53,10 @@ them, in whole seconds."""
 WRITE_ISOLATION = "READ COMMITTED"
 MIGRATION_LOCK_TIMEOUT = 60
 """Seconds a migration waits for another node's migration of the same database."""
+DEADLOCK = 1213
+"""InnoDB's deadlock: the victim's whole transaction is rolled back."""
+DEADLOCK_RETRIES = 5
+"""How often a create of ours that InnoDB chose as a deadlock's victim is tried again."""
 UNIQUE_LOCK_TIMEOUT = 50
 """Seconds a create with a unique key waits for another creator of the same key (InnoDB's
 default lock wait)."""
@@ -165,6 +170,16 @@ class MysqlDriver(SqlDriver):
             return await super()._insert_rows(conn, rows, wake)  # MariaDB: INSERT … RETURNING
         # MySQL 8 has no RETURNING and gives only the last insert id: one row at a time.
         return [i for row in rows for i in await super()._insert_rows(conn, [row], wake)]
+
+    def rolled_back_retry(self, exc: DatabaseError, attempt: int) -> float | None:
+        # A create with unique keys locks the live holders of its keys, which other nodes'
+        # claims, completions and rescues lock too, in their own order: InnoDB then picks a
+        # victim, whose transaction it rolls back whole (docs/design.md §16.1). Try again.
+        cause = getattr(exc.__cause__, "orig", None)
+        code = cause.args[0] if isinstance(cause, Exception) and cause.args else None
+        if code != DEADLOCK or attempt >= DEADLOCK_RETRIES:
+            return None
+        return random.uniform(0.0, 0.01 * 2**attempt)
 
     # -- unique keys: named locks of the session, a refused insert -------------------------
 
