@@ -69,6 +69,11 @@ class _NodeSource:
         self._lock = asyncio.Lock()
         self._started = False
 
+    @property
+    def started(self) -> bool:
+        """Whether the dashboard's own node is started (False for the application's node)."""
+        return self._started
+
     async def get(self) -> Node:
         if self._owned and not self._started:
             async with self._lock:
@@ -209,7 +214,8 @@ class _Dashboard:
             "types": [filters["type"]] if filters["type"] else None,
             "states": [filters["state"]] if filters["state"] else None,
         }
-        values: dict[str, Any] = {"filters": filters, "tasks": [], "total": 0, "pages": {}}
+        pages = {"previous": None, "next": None, "first": 0, "last": 0}
+        values: dict[str, Any] = {"filters": filters, "tasks": [], "total": 0, "pages": pages}
         try:
             found = await node.get_tasks(**options, offset=offset, limit=PAGE_SIZE)
             total = await node.count_tasks(**options)

@@ -92,7 +92,7 @@ async def read_overview(node: Node) -> Overview:
             .where(t.c.node_id.is_not(None), t.c.state.in_(_ACTIVE))
             .group_by(t.c.node_id)
         )
-        running: dict[int, int] = dict(owners.tuples().all())
+        running: dict[int, int] = dict(owners.all())
         since = {m: now - timedelta(minutes=m) for m in THROUGHPUT_WINDOWS}
         longest = since[max(THROUGHPUT_WINDOWS)]
         columns = [
