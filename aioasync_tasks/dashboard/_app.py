@@ -103,7 +103,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["percent"] = lambda p: "-" if p is None else f"{p:.0%}"
+    env.filters["percent"] = lambda p: "-" if p is None else f"{p:.1%}"
     env.filters["when"] = lambda d: "-" if d is None else d.strftime("%Y-%m-%d %H:%M:%S UTC")
     env.filters["age"] = _age
     return env
