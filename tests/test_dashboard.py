@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from test_docs import plain_signature, reference_text
 
 from aioasync_tasks import ConfigurationError, Node, State, TaskNotFound
 from aioasync_tasks._cli.app import main
@@ -462,3 +463,12 @@ def test_cli_refuses_actions_on_a_public_address_without_a_login(
     assert "needs --user and --password" in capsys.readouterr().err
     assert main(["dashboard", "--user", "admin"]) == 2
     assert "--user and --password go together" in capsys.readouterr().err
+
+
+# -- the reference ----------------------------------------------------------------------------
+
+
+def test_reference_shows_create_app_as_it_is() -> None:
+    text = reference_text()
+    assert "### `dashboard.create_app`" in text
+    assert plain_signature("create_app", create_app) in text
