@@ -5,17 +5,29 @@ with the database. The browser tests are in ``test_dashboard_browser.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
+import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from _dashboard import form_token, listed_ids, registry, steps_context
 from _db import DbTarget
-from _helpers import make_node, wait_state
+from _helpers import (
+    HERMETIC_ENV,
+    LONG_BOUND,
+    db_args,
+    make_node,
+    spawn_cli,
+    wait_for,
+    wait_state,
+)
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -472,3 +484,43 @@ def test_reference_shows_create_app_as_it_is() -> None:
     text = reference_text()
     assert "### `dashboard.create_app`" in text
     assert plain_signature("create_app", create_app) in text
+
+
+@pytest.mark.slow
+async def test_cli_serves_the_dashboard(db: DbTarget, tmp_path: Path) -> None:
+    async with client_node(db) as node:
+        task_id = await node.create_task("steps", steps_context(1), user="cli", auto_run=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "dashboard.log"
+    env = {**HERMETIC_ENV, "AIOASYNC_TASKS_DASHBOARD_PASSWORD": "pw-never-shown"}
+    proc = await spawn_cli(
+        *db_args(db), "dashboard", "--port", str(port), "--actions", "--user", "ops",
+        cwd=tmp_path, log=log, env=env,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url, auth=("ops", "pw-never-shown")) as http:
+
+            async def up() -> bool:
+                try:
+                    return (await http.get("/")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(up, timeout=LONG_BOUND, what="the dashboard to answer")
+            page = await http.get(f"/tasks/{task_id}")
+            assert '<dd id="user">cli</dd>' in page.text
+            assert (await http.get("/", auth=("ops", "wrong"))).status_code == 401
+            scraped = await http.get("/metrics")
+            assert 'aioasync_tasks_tasks{group="default",state="init"} 1.0' in scraped.text
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), LONG_BOUND) in (0, 130)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    output = log.read_text()
+    assert "actions enabled, basic authentication" in output
+    assert "pw-never-shown" not in output
