@@ -341,6 +341,22 @@ async def test_posts_need_the_form_token_and_the_same_origin(db: DbTarget) -> No
             assert (await node.get_task(task_id)).state is State.PAUSED
 
 
+async def test_processes_with_one_secret_share_the_form_token(db: DbTarget) -> None:
+    async with client_node(db) as node:
+        task_id = await node.create_task("steps", steps_context(1), auto_run=False)
+        secret = "one secret for all the workers"
+        first = create_app(node, actions=True, secret=secret)
+        second = create_app(node, actions=True, secret=secret)
+        other = create_app(node, actions=True, secret="another secret of the cluster")
+        async with client_of(first) as a, client_of(second) as b, client_of(other) as c:
+            token = form_token((await a.get(f"/tasks/{task_id}")).text)
+            assert secret not in token
+            assert form_token((await b.get(f"/tasks/{task_id}")).text) == token
+            assert (await post(c, f"/tasks/{task_id}/pause", token)).status_code == 403
+            assert (await post(b, f"/tasks/{task_id}/pause", token)).status_code == 303
+        assert (await node.get_task(task_id)).state is State.PAUSED
+
+
 async def test_basic_auth_guards_every_request(db: DbTarget) -> None:
     def basic(user: str, password: str) -> dict[str, str]:
         encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -369,6 +385,8 @@ def test_create_app_checks_its_arguments(db: DbTarget) -> None:
         create_app(db.url, auth=("admin",))  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="auth must be"):
         create_app(db.url, auth=("admin", ""))
+    with pytest.raises(ConfigurationError, match="secret must be"):
+        create_app(db.url, secret="short")
     with pytest.raises(ConfigurationError, match="actions must be a bool"):
         create_app(db.url, actions="yes")  # type: ignore[arg-type]
     node = Node(db.url, concurrency=0)

@@ -38,7 +38,7 @@ from .._logging import LOGGER_NAME
 from .._models import State
 from .._node import Node
 from . import _metrics
-from ._security import Credentials, Guard, new_form_token, post_refusal
+from ._security import Credentials, Guard, form_token, post_refusal
 from ._stats import read_overview
 
 HERE = Path(__file__).parent
@@ -124,6 +124,7 @@ def create_app(
     auth: tuple[str, str] | None = None,
     schema: str | None = None,
     title: str = "aioasync_tasks",
+    secret: str | None = None,
 ) -> Starlette:
     """The dashboard, an ASGI application (Starlette) to run with any ASGI server or to mount
     in a FastAPI or Starlette application: ``app.mount("/tasks-admin", create_app(node))``.
@@ -132,13 +133,15 @@ def create_app(
     ``concurrency=0``, will do), or a database URL, for which the dashboard makes a client-only
     node of its own (in ``schema``), started on the first request and stopped at the end of
     the dashboard's lifespan. Read-only unless ``actions=True``. ``auth=(user, password)``
-    requires HTTP basic authentication for every request."""
+    requires HTTP basic authentication for every request. ``secret``: where several processes
+    serve one dashboard, the same text of at least 16 characters for each, from which they
+    derive the same form token (else each makes a random one)."""
     if not isinstance(actions, bool):
         raise ConfigurationError("actions must be a bool")
     credentials = Credentials.of(auth)
     pages = _Dashboard(
         _NodeSource(node_or_url, schema),
-        _Settings(actions=actions, form_token=new_form_token(), title=str(title)),
+        _Settings(actions=actions, form_token=form_token(secret), title=str(title)),
     )
     routes = [
         Route("/", pages.overview, name="overview"),

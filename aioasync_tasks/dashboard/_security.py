@@ -112,9 +112,16 @@ async def _unauthorized(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def new_form_token() -> str:
-    """The app's secret form token: in a hidden field of every form, checked on every POST."""
-    return secrets.token_urlsafe(32)
+def form_token(secret: str | None) -> str:
+    """The app's secret form token: in a hidden field of every form, checked on every POST.
+    Random unless ``secret`` is given; from the same ``secret``, the same token, so that the
+    processes of one dashboard served by several workers accept each other's forms."""
+    if secret is None:
+        return secrets.token_urlsafe(32)
+    if not isinstance(secret, str) or len(secret) < 16:
+        raise ConfigurationError("secret must be a str of at least 16 characters")
+    digest = hmac.new(secret.encode(), b"aioasync_tasks dashboard form token", "sha256")
+    return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
 def post_refusal(request: Request, form_token: str, sent_token: str | None) -> str | None:
