@@ -10,6 +10,7 @@ import base64
 import re
 import signal
 import socket
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -542,3 +543,20 @@ async def test_cli_serves_the_dashboard(db: DbTarget, tmp_path: Path) -> None:
     output = log.read_text()
     assert "actions enabled, basic authentication" in output
     assert "pw-never-shown" not in output
+
+
+def test_templates_and_static_files_are_package_data() -> None:
+    """Every file the dashboard serves or renders is in the wheel (``package-data``)."""
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["aioasync_tasks"]
+    package = root / "aioasync_tasks"
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    needed = [
+        path
+        for folder in ("templates", "static")
+        for path in (package / "dashboard" / folder).iterdir()
+        if path.is_file()
+    ]
+    assert {"htmx.min.js", "overview.html"} <= {path.name for path in needed}
+    assert [path.name for path in needed if path not in shipped] == []
