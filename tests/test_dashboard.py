@@ -108,6 +108,7 @@ async def test_task_page_shows_every_field(db: DbTarget) -> None:
         async with client_of(create_app(node)) as client:
             page = await client.get(f"/tasks/{task_id}")
             missing = await client.get("/tasks/999999")
+            huge = await client.get(f"/tasks/{2**70}")
     html = page.text
     assert page.status_code == 200
     assert '<span id="state" class="state finished" data-task-state="finished">' in html
@@ -120,6 +121,7 @@ async def test_task_page_shows_every_field(db: DbTarget) -> None:
     assert f'data-live="/tasks/{task_id}/events"' in html
     assert missing.status_code == 404
     assert "There is no task 999999." in missing.text
+    assert huge.status_code == 400
 
 
 async def test_everything_is_html_escaped(db: DbTarget) -> None:

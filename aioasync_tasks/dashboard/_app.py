@@ -350,6 +350,8 @@ class _Dashboard:
         return Response(body, media_type=_metrics.CONTENT_TYPE)
 
     async def on_error(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, ConfigurationError):  # a bad value in the request, e.g. a huge id
+            return self.problem(request, 400, str(exc))
         if isinstance(exc, NodeNotStarted):
             message = "The dashboard's node is not started."
         else:
