@@ -101,6 +101,18 @@ async def test_static_files_are_served_from_the_package(db: DbTarget) -> None:
     assert "EventSource" in script.text
 
 
+async def test_pages_need_nothing_from_elsewhere(db: DbTarget) -> None:
+    """Offline: every script, stylesheet and link of the pages is the dashboard's own."""
+    async with client_node(db) as node:
+        task_id = await node.create_task("steps", steps_context(1), auto_run=False)
+        async with client_of(create_app(node, actions=True)) as client:
+            pages = [await client.get(p) for p in ("/", "/tasks", f"/tasks/{task_id}")]
+    for page in pages:
+        urls = re.findall(r'(?:src|href|action)="([^"]*)"', page.text)
+        assert urls
+        assert [u for u in urls if not u.startswith(("/", "#"))] == [], page.url
+
+
 async def test_task_page_shows_every_field(db: DbTarget) -> None:
     async with make_node(db, registry) as node:
         task_id = await node.create_task("steps", steps_context(4), user="ann", group="g1")
