@@ -259,6 +259,12 @@ def cli() -> None:
         default="default",
         help="garbage collector after start-up (an experiment: the library sets nothing)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop (uvloop: peers.py --loop uvloop; needs the bench extra)",
+    )
     parser.add_argument("--profile-out", help="write a pyinstrument profile here (.html/.txt)")
     parser.add_argument(
         "--profile-interval", type=float, default=0.001, help="pyinstrument sampling interval"
@@ -266,7 +272,12 @@ def cli() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if not args.profile_out:
-        asyncio.run(main(args))
+        if args.loop == "uvloop":
+            import uvloop  # noqa: PLC0415 - optional, a dependency of the bench extra
+
+            uvloop.run(main(args))
+        else:
+            asyncio.run(main(args))
         return
     from pyinstrument import Profiler  # noqa: PLC0415 - optional, only when profiling
 

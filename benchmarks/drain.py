@@ -47,6 +47,9 @@ def node_args(db: c.BenchDb, concurrency: int, args: argparse.Namespace) -> list
     gc_mode = getattr(args, "gc", None)
     if gc_mode:
         extra += ["--gc", gc_mode]
+    loop = getattr(args, "loop", None)
+    if loop and loop != "asyncio":
+        extra += ["--loop", loop]
     return db.node_args() + extra
 
 

@@ -40,36 +40,59 @@ def _stats(values_ms: list[float]) -> dict[str, float]:
     }
 
 
-async def _main(args: argparse.Namespace) -> None:
-    load = c.load_average()
-    deadline = time.monotonic() + args.timeout
-    async with c.bench_db(args.backend, args.dsn) as db:
-        client = Node(db.url, concurrency=0, registry=build_registry(), **db.node_kwargs())
-        async with client:
-            argv = [*db.node_args(), "--concurrency", str(args.concurrency)]
-            if args.poll_interval is not None:
-                argv += ["--poll-interval", str(args.poll_interval)]
-            async with c.node_procs([argv]) as procs:
-                await asyncio.sleep(0.5)  # let the node settle into idle (first poll done)
-                created: dict[int, tuple[float, float]] = {}
-                next_at = time.monotonic()
-                for _ in range(args.n):
-                    next_at += args.interval
-                    before = time.time()
-                    task_id = await client.create_task("stamp", group=c.GROUP)
-                    created[task_id] = (before, time.time())
-                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                async with c.Probe(db) as probe:
-                    await probe.wait_drained(db.tasks_table, args.n, deadline, procs=procs)
-            tasks = []
-            for offset in range(0, args.n, 1000):
-                tasks += await client.get_tasks(states=[State.FINISHED], offset=offset, limit=1000)
+async def measure(
+    db: c.BenchDb,
+    *,
+    n: int,
+    interval: float,
+    concurrency: int,
+    deadline: float,
+    poll_interval: float | None = None,
+    node_args: list[str] | None = None,
+) -> tuple[list[float], list[float]]:
+    """An idle node in its own process; ``n`` tasks created ``interval`` s apart. Returns the
+    milliseconds from each create call, and from its return, to the task's first line."""
+    client = Node(db.url, concurrency=0, registry=build_registry(), **db.node_kwargs())
+    async with client:
+        argv = [*db.node_args(), "--concurrency", str(concurrency), *(node_args or [])]
+        if poll_interval is not None:
+            argv += ["--poll-interval", str(poll_interval)]
+        async with c.node_procs([argv]) as procs:
+            await asyncio.sleep(0.5)  # let the node settle into idle (first poll done)
+            created: dict[int, tuple[float, float]] = {}
+            next_at = time.monotonic()
+            for _ in range(n):
+                next_at += interval
+                before = time.time()
+                task_id = await client.create_task("stamp", group=c.GROUP)
+                created[task_id] = (before, time.time())
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            async with c.Probe(db) as probe:
+                await probe.wait_drained(db.tasks_table, n, deadline, procs=procs)
+        tasks = []
+        for offset in range(0, n, 1000):
+            tasks += await client.get_tasks(states=[State.FINISHED], offset=offset, limit=1000)
     from_call, from_commit = [], []
     for task in tasks:
         before, after = created[task.id]
         first_line = float(task.context)
         from_call.append((first_line - before) * 1000)
         from_commit.append((first_line - after) * 1000)
+    return from_call, from_commit
+
+
+async def _main(args: argparse.Namespace) -> None:
+    load = c.load_average()
+    deadline = time.monotonic() + args.timeout
+    async with c.bench_db(args.backend, args.dsn) as db:
+        from_call, from_commit = await measure(
+            db,
+            n=args.n,
+            interval=args.interval,
+            concurrency=args.concurrency,
+            deadline=deadline,
+            poll_interval=args.poll_interval,
+        )
     results = {
         "n": args.n,
         "interval_ms": args.interval * 1000,

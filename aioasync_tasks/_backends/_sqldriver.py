@@ -87,6 +87,9 @@ from ._migrations import (
 from ._queries import Queries
 from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_error
 
+GROUP_TRIES = 10
+"""How often setting a group tries again when its row was removed between its creation and its
+lock (another node set the group back to its default settings meanwhile)."""
 UNIQUE_TRIES = 10
 """How often a create with a unique key tries again when the live task that held the key
 became final between the insert and the lock (each try is two statements)."""
@@ -954,8 +957,17 @@ class SqlDriver:
 
     async def _set_group(self, conn: AsyncConnection, params: SetGroupParams) -> Group:
         name = params.name
-        await self._run(conn, "create_group", {"name": name})
-        row = (await self._run(conn, "lock_group_settings", {"name": name})).one()
+        for _ in range(GROUP_TRIES):
+            await self._run(conn, "create_group", {"name": name})
+            row = (await self._run(conn, "lock_group_settings", {"name": name})).first()
+            if row is not None:
+                break
+            # Between the two, another node set the group back to the defaults, which removes
+            # its row (docs/design.md §4.5): create it again.
+        else:
+            raise DatabaseError(
+                f"group {name!r} kept being removed while it was set", transient=True
+            )
         paused = bool(row.paused) if params.paused is None else params.paused
         limits = params.limits or Limits(row.max_running, row.max_running_per_user)
         group = Group(name, paused, limits.max_running, limits.max_running_per_user)

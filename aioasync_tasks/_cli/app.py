@@ -2,14 +2,16 @@
 
 Commands: ``worker`` runs a node until SIGINT/SIGTERM; ``migrate`` (``--sql`` prints it);
 ``tasks list|show|create|run|pause|delete|move``; ``groups`` (list, ``pause``, ``resume``,
-``limits``); ``schedules list|remove``; ``nodes``; ``demo``. Management commands use a
-client-only node
+``limits``); ``schedules list|remove``; ``nodes``; ``dashboard`` (the web dashboard, with the
+``dashboard`` extra); ``demo``. Management commands use a client-only node
 (``concurrency=0``), never migrate by themselves and never create a SQLite file; those that
 list or show print JSON with ``--json``.
 
 This is the only module that reads environment variables: ``AIOASYNC_TASKS_DB`` and
-``AIOASYNC_TASKS_SCHEMA``. Every library error ends the command with one line on stderr and
-exit code 1; usage errors exit with 2; nothing prints a traceback.
+``AIOASYNC_TASKS_SCHEMA``, and the dashboard's ``AIOASYNC_TASKS_DASHBOARD_USER`` and
+``AIOASYNC_TASKS_DASHBOARD_PASSWORD`` (as its options' click ``envvar``). Every library error
+ends the command with one line on stderr and exit code 1; usage errors exit with 2; nothing
+prints a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sqlalchemy as sa
 from .._demo import DemoFailed
 from .._errors import AsyncTasksError
 from .client import DEFAULT_DB, Settings
+from .dashboard import dashboard
 from .demo import demo
 from .groups import groups
 from .nodes import nodes
@@ -62,7 +65,7 @@ def cli(ctx: click.Context, db: str, schema: str | None) -> None:
     )
 
 
-for _command in (worker, migrate, tasks, groups, schedules, nodes, demo):
+for _command in (worker, migrate, tasks, groups, schedules, nodes, dashboard, demo):
     cli.add_command(_command)
 
 

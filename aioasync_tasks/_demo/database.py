@@ -10,14 +10,15 @@ import sqlalchemy as sa
 from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .._schema import GROUPS, NODES, TASKS, VERSIONS
+from .._schema import TASKS, metadata
 from .._urls import engine_from_url
 from ..samples import registry
 from .errors import DemoFailed
 
 DEMO_DB = "sqlite+aiosqlite:///aioasync_tasks_demo.db"
 DEMO_SCHEMA = "aioasync_tasks_demo"
-_OUR_TABLES = frozenset({TASKS, NODES, GROUPS, VERSIONS})
+_OUR_TABLES = frozenset(metadata.tables)
+"""Every table of the library's schema."""
 
 
 def demo_database(url: str | None, schema: str | None) -> tuple[str, str | None]:
