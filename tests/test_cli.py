@@ -155,7 +155,7 @@ async def test_unreachable_database_is_one_line() -> None:
 
 
 async def test_bad_url_is_one_line() -> None:
-    result = await cli("--db", "mysql://nobody@localhost/x", "nodes")
+    result = await cli("--db", "oracle://nobody@localhost/x", "nodes")
     assert result.code == 1
     assert "unsupported database URL scheme" in result.error_line
 

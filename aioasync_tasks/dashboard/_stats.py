@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._models import Group, NodeInfo, State
 from .._node import Node
-from .._schema import tasks_table, time_from_db
+from .._schema import MYSQL, tasks_table, time_from_db
 
 THROUGHPUT_WINDOWS = (1, 5, 15)
 """The windows, in minutes, of the tasks that ended recently."""
@@ -65,6 +65,8 @@ def _tasks(node: Node) -> sa.Table:
 async def _db_now(conn: AsyncConnection) -> datetime:
     if conn.dialect.name == "sqlite":
         query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+    elif conn.dialect.name in MYSQL:
+        query = "SELECT UTC_TIMESTAMP(6)"  # now() is the session's local time there
     else:
         query = "SELECT now()"
     return time_from_db((await conn.exec_driver_sql(query)).scalar_one())
