@@ -1,7 +1,8 @@
 """Shared plumbing of the benchmarks: a throwaway database, node processes, tables, JSON.
 
-Every benchmark gets its own PostgreSQL schema ``bench_<random>`` (dropped at the end) or its
-own SQLite file in a temporary folder (removed at the end). Node processes run
+Every benchmark gets its own PostgreSQL schema ``bench_<random>`` (dropped at the end), its
+own MySQL/MariaDB database ``bench_<random>`` (dropped at the end) or its own SQLite file in a
+temporary folder (removed at the end). Node processes run
 ``benchmarks/_node_proc.py`` with ``sys.executable`` and are always stopped (then killed if
 they do not exit) before the benchmark returns.
 """
@@ -26,12 +27,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
 HERE = Path(__file__).resolve().parent
 NODE_PROC = HERE / "_node_proc.py"
 DEFAULT_DSN = "postgresql+asyncpg://postgres@127.0.0.1/test"
+DEFAULT_MYSQL_DSN = "mysql://root@127.0.0.1:3306/test"
+"""The MySQL/MariaDB server; its database is only where the benchmark connects to create (and
+drop) its own ``bench_<random>`` one."""
 GROUP = "bench"
 
 
@@ -40,8 +45,12 @@ GROUP = "bench"
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
-    parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL URL (SQLAlchemy form)")
+    parser.add_argument("--backend", choices=("postgres", "sqlite", "mysql"), default="postgres")
+    parser.add_argument(
+        "--dsn",
+        help=f"server URL: PostgreSQL (SQLAlchemy form, default {DEFAULT_DSN}) or MySQL/MariaDB "
+        f"(default {DEFAULT_MYSQL_DSN}); unused on SQLite",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -158,6 +167,29 @@ def percentile(values: Sequence[float], p: float) -> float:
 # -- the throwaway database ----------------------------------------------------------------
 
 
+def default_dsn(backend: str) -> str:
+    return DEFAULT_MYSQL_DSN if backend == "mysql" else DEFAULT_DSN
+
+
+def mysql_connect_kwargs(dsn: str) -> dict[str, Any]:
+    """``aiomysql.connect`` arguments of a ``mysql[+aiomysql]://`` URL, without its database."""
+    parts = urlsplit(dsn)
+    return {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 3306,
+        "user": unquote(parts.username or "root"),
+        "password": unquote(parts.password or ""),
+        "charset": "utf8mb4",
+        "autocommit": True,  # every probe sees the latest commits (no REPEATABLE READ snapshot)
+    }
+
+
+async def mysql_connect(kwargs: dict[str, Any], database: str | None = None) -> Any:
+    import aiomysql  # type: ignore[import-untyped]  # noqa: PLC0415 - MySQL runs only
+
+    return await aiomysql.connect(**kwargs, **({"db": database} if database else {}))
+
+
 def asyncpg_dsn(dsn: str) -> str:
     """The SQLAlchemy URL as asyncpg wants it."""
     for prefix in ("postgresql+asyncpg://", "postgres+asyncpg://", "postgres://"):
@@ -178,7 +210,11 @@ class BenchDb:
     path: str | None = None
     """SQLite file (None on PostgreSQL)."""
     pg_dsn: str | None = None
-    """asyncpg DSN (None on SQLite)."""
+    """asyncpg DSN (None on SQLite and MySQL)."""
+    database: str | None = None
+    """MySQL/MariaDB database (None on PostgreSQL and SQLite)."""
+    mysql_kwargs: dict[str, Any] | None = None
+    """``aiomysql.connect`` arguments of the server (None on PostgreSQL and SQLite)."""
     _tmpdir: str | None = field(default=None, repr=False)
 
     @property
@@ -196,9 +232,34 @@ class BenchDb:
 
 
 @contextlib.asynccontextmanager
-async def bench_db(backend: str, dsn: str, prefix: str = "bench") -> AsyncIterator[BenchDb]:
-    """A fresh schema (PostgreSQL) or SQLite file, removed on exit whatever happens."""
-    if backend == "postgres":
+async def bench_db(backend: str, dsn: str | None, prefix: str = "bench") -> AsyncIterator[BenchDb]:
+    """A fresh schema (PostgreSQL), database (MySQL/MariaDB) or SQLite file, removed on exit
+    whatever happens. ``dsn`` None: the backend's default server."""
+    dsn = dsn or default_dsn(backend)
+    if backend == "mysql":
+        database = f"{prefix}_{secrets.token_hex(4)}"
+        kwargs = mysql_connect_kwargs(dsn)
+        conn = await mysql_connect(kwargs)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(
+                    f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                )
+        finally:
+            conn.close()
+        host = f"{kwargs['host']}:{kwargs['port']}"
+        auth = urlsplit(dsn).netloc.rpartition("@")[0]
+        url = f"mysql+aiomysql://{auth + '@' if auth else ''}{host}/{database}"
+        try:
+            yield BenchDb(backend, url, database=database, mysql_kwargs=kwargs)
+        finally:
+            conn = await mysql_connect(kwargs)
+            try:
+                async with conn.cursor() as cur:
+                    await cur.execute(f"DROP DATABASE IF EXISTS `{database}`")
+            finally:
+                conn.close()
+    elif backend == "postgres":
         schema = f"{prefix}_{secrets.token_hex(4)}"
         pg = asyncpg_dsn(dsn)
         conn = await asyncpg.connect(pg)
@@ -230,9 +291,13 @@ class Probe:
         self.db = db
         self._pg: Any = None
         self._lite: sqlite3.Connection | None = None
+        self._my: Any = None
 
     async def __aenter__(self) -> Probe:
-        if self.db.backend == "postgres":
+        if self.db.backend == "mysql":
+            assert self.db.mysql_kwargs is not None
+            self._my = await mysql_connect(self.db.mysql_kwargs, self.db.database)
+        elif self.db.backend == "postgres":
             self._pg = await asyncpg.connect(self.db.pg_dsn)
         else:
             assert self.db.path is not None
@@ -246,11 +311,17 @@ class Probe:
             await self._pg.close()
         if self._lite is not None:
             self._lite.close()
+        if self._my is not None:
+            self._my.close()
 
     async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Run ``sql`` ($1-style parameters on PostgreSQL, ? on SQLite)."""
+        """Run ``sql`` ($1-style parameters on PostgreSQL, ? on SQLite, %s on MySQL)."""
         if self._pg is not None:
             return [tuple(r) for r in await self._pg.fetch(sql, *args)]
+        if self._my is not None:
+            async with self._my.cursor() as cur:
+                await cur.execute(sql, args or None)
+                return [tuple(r) for r in await cur.fetchall()]
         assert self._lite is not None
         lite = self._lite
         return await asyncio.to_thread(lambda: lite.execute(sql, args).fetchall())
@@ -258,6 +329,8 @@ class Probe:
     async def execute(self, sql: str) -> None:
         if self._pg is not None:
             await self._pg.execute(sql)
+        elif self._my is not None:
+            await self.fetch(sql)
         else:
             assert self._lite is not None
             lite = self._lite
@@ -267,6 +340,8 @@ class Probe:
         """Fresh statistics after a bulk load (both the library and the baseline get it)."""
         if self._pg is not None:
             await self._pg.execute(f"VACUUM ANALYZE {table}")
+        elif self._my is not None:
+            await self.fetch(f"ANALYZE TABLE {table}")
         else:
             await self.execute("ANALYZE")
 
@@ -282,6 +357,12 @@ class Probe:
             rows = await self.fetch(
                 f"SELECT count(*), extract(epoch FROM max(done_at) - min(started_at))"
                 f" FROM {table} WHERE state = $1",
+                state,
+            )
+        elif self._my is not None:
+            rows = await self.fetch(
+                f"SELECT count(*), TIMESTAMPDIFF(MICROSECOND, min(started_at), max(done_at))"
+                f" / 1e6 FROM {table} WHERE state = %s",
                 state,
             )
         else:
@@ -319,9 +400,27 @@ class Probe:
             await asyncio.sleep(interval)
 
 
+SERVER_PROCESSES = {
+    "postgres": ("postgres", "postmaster"),
+    "mysql": ("mariadbd", "mysqld"),
+    "sqlite": (),
+}
+"""The database server's process names, by backend (SQLite runs inside the nodes)."""
+
+
 def postgres_cpu_seconds() -> float:
     """CPU time used so far by every ``postgres`` process of this machine (all databases:
     meaningful only when nothing else uses the server; 0.0 where /proc is not readable)."""
+    return server_cpu_seconds("postgres")
+
+
+def server_cpu_seconds(backend: str) -> float:
+    """CPU time used so far by the database server's processes of this machine (``postgres``;
+    ``mariadbd``/``mysqld``, all threads): every database of the server, so meaningful only
+    when nothing else uses it; 0.0 on SQLite and where /proc is not readable."""
+    names = SERVER_PROCESSES.get(backend, ())
+    if not names:
+        return 0.0
     total = 0
     tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -333,7 +432,7 @@ def postgres_cpu_seconds() -> float:
         except OSError:
             continue
         name = stat[stat.find("(") + 1 : stat.rfind(")")]
-        if name in ("postgres", "postmaster"):
+        if name in names:
             fields = stat[stat.rfind(")") + 2 :].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick

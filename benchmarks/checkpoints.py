@@ -7,6 +7,7 @@ how many reports one flush carries and how fast flushes follow each other.
 
     python benchmarks/checkpoints.py --backend postgres            # 100 tasks x 1000
     python benchmarks/checkpoints.py --backend sqlite --tasks 100 --checkpoints 1000
+    python benchmarks/checkpoints.py --backend mysql
     python benchmarks/checkpoints.py --backend postgres --watched   # every task watched
 
 With ``--watched`` every task is marked as watched (as ``Node.wait_task``/``watch`` mark them),

@@ -2,10 +2,13 @@
 batches; tasks/s. No node runs the tasks (a client-only node creates them).
 
 A raw row is printed next to each: the same inserts written directly on asyncpg / sqlite3
-(one ``INSERT … RETURNING id`` per task, one ``INSERT … SELECT FROM unnest(…)`` per batch).
+(one ``INSERT … RETURNING id`` per task, one ``INSERT … SELECT FROM unnest(…)`` per batch) /
+aiomysql (one autocommit ``INSERT`` per task, its id from the insert id; per batch, one
+transaction of multi-row ``INSERT … VALUES`` of up to 1,000 rows each, ids not read back).
 
     python benchmarks/create.py --backend postgres                 # N=2000 single, 1000/20000
     python benchmarks/create.py --backend sqlite --single 2000 --batch 1000 --batch 20000
+    python benchmarks/create.py --backend mysql
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ _SQLITE_INSERT = (
     " VALUES (?, ?, ?, 'pending', ?, 0, 0, 1, 0, 0, {now}, {now}, {now}) RETURNING id"
 )
 
+_MYSQL_NOW = "UTC_TIMESTAMP(6)"
+_MYSQL_INSERT = (
+    "INSERT INTO {t} (type, user_name, group_name, state, context, priority, attempts,"
+    " max_attempts, has_cleanup, handoff, created_at, updated_at, run_at) VALUES {values}"
+)
+_MYSQL_ROW = "(%s, %s, %s, 'pending', %s, 0, 0, 1, false, false, {now}, {now}, {now})"
+_MYSQL_ROWS_PER_STATEMENT = 1000
+
 
 async def library_single(node: Node, n: int) -> float:
     t0 = time.perf_counter()
@@ -74,6 +85,8 @@ async def raw_single(db: c.BenchDb, n: int) -> float:
             return time.perf_counter() - t0
         finally:
             await conn.close()
+    if db.backend == "mysql":
+        return await _mysql_raw(db, n, 1)
     return await asyncio.to_thread(_sqlite_raw, db, n, 1)
 
 
@@ -89,7 +102,37 @@ async def raw_batches(db: c.BenchDb, total: int, batch: int) -> float:
             return time.perf_counter() - t0
         finally:
             await conn.close()
+    if db.backend == "mysql":
+        return await _mysql_raw(db, total, batch)
     return await asyncio.to_thread(_sqlite_raw, db, total, batch)
+
+
+async def _mysql_raw(db: c.BenchDb, total: int, batch: int) -> float:
+    """batch=1: one autocommit INSERT per task, its id read (``lastrowid``); else one
+    transaction per batch of multi-row INSERT statements (1,000 rows each; no ids read)."""
+    assert db.mysql_kwargs is not None
+    conn = await c.mysql_connect(db.mysql_kwargs, db.database)
+    row = _MYSQL_ROW.format(now=_MYSQL_NOW)
+    try:
+        async with conn.cursor() as cur:
+            t0 = time.perf_counter()
+            if batch == 1:
+                sql = _MYSQL_INSERT.format(t=db.tasks_table, values=row)
+                for i in range(total):
+                    await cur.execute(sql, ("noop", "", c.GROUP, str(i)))
+                    assert cur.lastrowid
+            else:
+                for start in range(0, total, batch):
+                    size = min(batch, total - start)
+                    await conn.begin()
+                    for first in range(0, size, _MYSQL_ROWS_PER_STATEMENT):
+                        rows = min(_MYSQL_ROWS_PER_STATEMENT, size - first)
+                        sql = _MYSQL_INSERT.format(t=db.tasks_table, values=", ".join([row] * rows))
+                        await cur.execute(sql, ("noop", "", c.GROUP, "x") * rows)
+                    await conn.commit()
+            return time.perf_counter() - t0
+    finally:
+        conn.close()
 
 
 def _sqlite_raw(db: c.BenchDb, total: int, batch: int) -> float:

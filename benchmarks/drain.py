@@ -8,6 +8,7 @@ and the library's result is printed as a ratio to it.
 
     python benchmarks/drain.py --backend postgres -n 20000              # 1x100 and 2x10
     python benchmarks/drain.py --backend sqlite -n 20000 --config 1x100
+    python benchmarks/drain.py --backend mysql --no-baseline       # MariaDB/MySQL: no baseline
     python benchmarks/drain.py -n 20000 --config 1x100 --profile pyinstrument   # profile node
 """
 
@@ -77,11 +78,11 @@ async def run_drain(
             if profile_out:
                 argv[0] += ["--profile-out", profile_out]
             async with c.node_procs(argv, wrap=wrap or []) as procs:
-                pg_cpu0 = c.postgres_cpu_seconds()
+                server_cpu0 = c.server_cpu_seconds(db.backend)
                 wall0 = time.monotonic()
-                await client.resume_group(c.GROUP)  # NOTIFY wake on PostgreSQL
+                await client.resume_group(c.GROUP)  # NOTIFY wake on PostgreSQL, else polls
                 wall1 = await probe.wait_drained(db.tasks_table, n, deadline, procs=procs)
-                pg_cpu = c.postgres_cpu_seconds() - pg_cpu0
+                server_cpu = c.server_cpu_seconds(db.backend) - server_cpu0
                 results = await asyncio.gather(*(p.stop() for p in procs))
             count, seconds = await probe.span(db.tasks_table)
     if count != n:
@@ -97,7 +98,8 @@ async def run_drain(
         "executed_per_process": [r.get("executed") for r in results],
         "peak_rss_mb": [round(r.get("peak_rss", 0) / 2**20, 1) for r in results],
         "node_cpu_seconds": [r.get("cpu_seconds") for r in results],
-        "postgres_cpu_seconds": round(pg_cpu, 3) if db.backend == "postgres" else None,
+        "postgres_cpu_seconds": round(server_cpu, 3) if db.backend == "postgres" else None,
+        "server_cpu_seconds": round(server_cpu, 3) if db.backend != "sqlite" else None,
         "node_stats": [
             {k: r[k] for k in ("calls", "rows_per_call", "gc_collections", "gc_seconds") if k in r}
             for r in results
@@ -107,8 +109,8 @@ async def run_drain(
 
 def diagnostics_rows(result: dict[str, Any]) -> list[list[Any]]:
     """One row per node process: how it used the database, the garbage collector, and the
-    CPU it (and, on PostgreSQL, every postgres process together) used over the wall time of
-    the drain (100% = one core; the machine has ``nproc`` cores)."""
+    CPU it (and, on PostgreSQL and MySQL, the database server's processes together) used over
+    the wall time of the drain (100% = one core; the machine has ``nproc`` cores)."""
     rows = []
     for i, st in enumerate(result["node_stats"]):
         calls, per = st.get("calls", {}), st.get("rows_per_call", {})
@@ -128,7 +130,7 @@ def diagnostics_rows(result: dict[str, Any]) -> list[list[Any]]:
                 "/".join(str(x) for x in st.get("gc_collections", [])),
                 sum(st.get("gc_seconds", [])),
                 _percent(result["node_cpu_seconds"][i], result["wall_seconds"]),
-                _percent(result["postgres_cpu_seconds"], result["wall_seconds"]) if i == 0 else "",
+                _percent(result["server_cpu_seconds"], result["wall_seconds"]) if i == 0 else "",
             ]
         )
     return rows
@@ -151,7 +153,7 @@ DIAGNOSTICS_HEADERS = [
     "gc gen0/1/2",
     "gc s",
     "node CPU",
-    "postgres CPU",
+    "server CPU",
 ]
 
 
@@ -162,8 +164,19 @@ def _absolute(path: str) -> str:
 async def _main(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.timeout
     configs = args.config or [(1, 100), (2, 10)]
+    if args.backend == "mysql" and not args.no_baseline:
+        print(
+            "drain: no raw baseline on MySQL/MariaDB (raw_baseline.py has PostgreSQL and SQLite "
+            "SQL only): running as with --no-baseline",
+            flush=True,
+        )
+        args.no_baseline = True
     load = c.load_average()
-    print(f"drain: backend={args.backend} n={args.n} configs={configs} loadavg={load}", flush=True)
+    print(
+        f"drain: backend={args.backend} n={args.n} configs={configs} "
+        f"poll_interval={args.poll_interval or 'default (1 s)'} loadavg={load}",
+        flush=True,
+    )
     rows, results, diagnostics = [], [], []
     for p, cc in configs:
         wrap: list[str] = []
