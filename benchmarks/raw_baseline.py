@@ -363,11 +363,6 @@ def parse_config(text: str) -> tuple[int, int]:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    if args.backend == "mysql":
-        raise SystemExit(
-            "raw_baseline.py: no MySQL/MariaDB version (its SQL is PostgreSQL's and SQLite's); "
-            "drain.py --backend mysql runs without a baseline"
-        )
     results = []
     load = c.load_average()
     for p, cc in args.config or [(1, 100), (2, 10)]:
@@ -425,6 +420,11 @@ def main() -> None:
         "the library makes today (PostgreSQL only)",
     )
     args = parser.parse_args()
+    if args.backend == "mysql":
+        parser.error(
+            "no MySQL/MariaDB version (its SQL is PostgreSQL's and SQLite's); "
+            "drain.py --backend mysql runs without a baseline"
+        )
     c.run_main(lambda: _main(args), args.timeout)
 
 
