@@ -45,10 +45,10 @@ async def _main(args: argparse.Namespace) -> None:
             )
             events: list[str] = []
             listening = contextlib.AsyncExitStack()
-            if args.watched and client._backend.supports_notify:
-                await client._backend.watch_tasks(WatchParams(tuple(ids), 3600.0))
+            if args.watched and client.driver.supports_notify:
+                await client.driver.watch_tasks(WatchParams(tuple(ids), 3600.0))
                 await listening.enter_async_context(
-                    client._backend.listen_tasks(ListenParams(events.append))
+                    client.driver.listen_tasks(ListenParams(events.append))
                 )
             argv = [
                 *db.node_args(),
