@@ -243,20 +243,23 @@ chosen AS (
     SELECT id, group_name, row_number() OVER (ORDER BY {order_by}) AS pick
     FROM allowed WHERE group_room IS NULL OR group_rank <= group_room
     ORDER BY {order_by} LIMIT :pool
-)
+),
 -- State and group are checked again under the row lock: a row another node claimed, or that
 -- was moved to another group, since this statement's snapshot is skipped; so is a row the
--- node still runs an execution of (:busy).
-UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
-    token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
-    updated_at = now()
-FROM (
+-- node still runs an execution of (:busy). MATERIALIZED: the rows are locked once; a plan
+-- that ran this again for each row it updates would skip the rows it had locked and take
+-- the next ones, more than :limit in all.
+picked AS MATERIALIZED (
     SELECT r.id AS claim_id FROM {tasks} r JOIN chosen c ON c.id = r.id
     WHERE r.state = :from_state AND r.group_name = c.group_name
         AND NOT (r.id = ANY(CAST(:busy AS bigint[])))
     ORDER BY c.pick LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED
-) k
+)
+UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
+    token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
+    updated_at = now()
+FROM picked k
 WHERE t.id = k.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
     token, watched_until > now() AS watched
@@ -271,16 +274,17 @@ WHERE state = 'pending' AND run_at > now() AND type = ANY(:types)
 SELECT id FROM {nodes} WHERE id = :node FOR KEY SHARE
 
 -- name: claim_cleanups
--- Unowned, due DELETING tasks, to run their cleanup handler.
-UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
-    token = t.token + 1, updated_at = now()
-FROM (
+-- Unowned, due DELETING tasks, to run their cleanup handler (locked once: see claim).
+WITH picked AS MATERIALIZED (
     SELECT id AS claim_id FROM {tasks}
     WHERE state = 'deleting' AND node_id IS NULL AND run_at <= now() AND type = ANY(:types)
         AND state = :from_state AND NOT (id = ANY(CAST(:busy AS bigint[])))
     ORDER BY run_at, id LIMIT :limit
     FOR UPDATE SKIP LOCKED
-) c
+)
+UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
+    token = t.token + 1, updated_at = now()
+FROM picked c
 WHERE t.id = c.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
     token, watched_until > now() AS watched
