@@ -34,8 +34,9 @@ database ``t_<12 hex>``, dropped after the test.  Connect with::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _cluster import Cluster, open_cluster
@@ -74,6 +75,27 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     else:
         backends = BACKENDS
     metafunc.parametrize("db", backends, indirect=True, ids=list(backends))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_to_serializable(
+    config: pytest.Config, report: pytest.CollectReport | pytest.TestReport
+) -> Generator[None, dict[str, Any] | None, dict[str, Any] | None]:
+    """Reports as pytest-xdist's workers send them (``-n 2``), with lone surrogates escaped:
+    tests of text no database can store log such text, and execnet refuses to send a string
+    UTF-8 cannot encode (the worker crashed)."""
+    data = yield
+    return None if data is None else _utf8_safe(data)
+
+
+def _utf8_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_utf8_safe(k): _utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_utf8_safe(v) for v in value)
+    return value
 
 
 @pytest.fixture(scope="session")
