@@ -135,7 +135,9 @@ async def api(
 
 async def test_created_task_runs_to_the_end_and_is_listed(api: Api) -> None:
     task = await api.create("count", {"n": 5}, user="alice", group="math")
-    assert task["state"] == "pending"
+    # The app's own node is woken by the create and may claim the task, or even finish it,
+    # before the app reads it back for the response.
+    assert task["state"] in ("pending", "running", "finished")
     assert (task["user"], task["group"], task["type"]) == ("alice", "math", "count")
     other = await api.create("count", {"n": 1}, user="bob", auto_run=False)
     assert other["state"] == "init"
