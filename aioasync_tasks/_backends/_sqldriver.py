@@ -705,12 +705,19 @@ class SqlDriver:
             result = await self._run(conn, "claim", bound, order_by=p.policy.order_by)
             rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
             await self._notify_claimed(conn, rows)
-            next_due = None
-            if len(rows) < limit:
-                due = await self._run(conn, "next_due", {"types": bound["types"]})
-                next_due = due.scalar()
-        claimed = [_rows.claimed(r) for r in rows]
-        return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
+            next_due = await self._next_due(conn, len(rows), limit, bound["types"])
+        return ClaimResult([_rows.claimed(r) for r in rows], next_due)
+
+    async def _next_due(
+        self, conn: AsyncConnection, taken: int, limit: int, types: Any
+    ) -> float | None:
+        """For a claim that took ``taken`` of ``limit`` tasks: the seconds until the next
+        delayed task of ``types`` (bound) is due — None when there is none, or when the claim
+        was full and the claimer looks again anyway."""
+        if taken >= limit:
+            return None
+        due = (await self._run(conn, "next_due", {"types": types})).scalar()
+        return None if due is None else max(float(due), 0.0)
 
     @cancel_safe
     async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:

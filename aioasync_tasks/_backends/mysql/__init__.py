@@ -293,13 +293,10 @@ class MysqlDriver(SqlDriver):
             bound = {"node": p.node_id, **CLAIM}
             rows = await self._take(conn, "take_claims", ids[:limit], bound)
             await self._notify_claimed(conn, rows)
-            next_due = None
-            if len(rows) < limit:
-                next_due = (await self._run(conn, "next_due", {"types": types})).scalar()
+            next_due = await self._next_due(conn, len(rows), limit, types)
         # Hand-offs first, as they were before the claim cleared the flag.
         rows.sort(key=lambda r: (not locked[r.id].handoff, -r.priority, r.id))
-        claimed = [_rows.claimed(r) for r in rows]
-        return ClaimResult(claimed, None if next_due is None else max(float(next_due), 0.0))
+        return ClaimResult([_rows.claimed(r) for r in rows], next_due)
 
     @cancel_safe
     async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:
