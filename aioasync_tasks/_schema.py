@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The newest migration this library knows (versions need not be contiguous:
 ``_backends/_migrations.py``)."""
 
@@ -146,6 +146,9 @@ tasks_table = sa.Table(
     # While someone waits for or watches the task (PostgreSQL), the writes of the task notify
     # them; NULL or past: nobody does (docs/design.md §18).
     sa.Column("watched_until", Timestamp(), nullable=True),
+    # The W3C traceparent of the span that created the task, when traced (docs/reference.md,
+    # "Metrics and tracing").
+    sa.Column("trace_parent", sa.String(55), nullable=True),
     sa.CheckConstraint(
         "state IN ('init', 'pending', 'running', 'canceling', 'paused', 'finished', "
         "'failed', 'deleting')",

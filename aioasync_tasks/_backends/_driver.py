@@ -46,6 +46,9 @@ class NewTask:
     """What ``insert_many`` does when a live task holds ``unique_key`` already: raise
     ``DuplicateTask`` (error), give that task's id (skip), or rewrite that task with this one's
     values and give its id (replace; ``DuplicateTask`` when it is running)."""
+    trace_parent: str | None = None
+    """The W3C traceparent of the span that created the task (an observer's
+    ``trace_parent``), for the spans of its attempts to link to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,10 @@ class Claimed:
     max_attempts: int
     token: int
     """The claim's token: every later write of this execution must carry it."""
+    waited: float = 0.0
+    """Seconds from when the task was due (``run_at``) to the claim, on the database clock."""
+    trace_parent: str | None = None
+    """The traceparent stored when the task was created (``NewTask.trace_parent``)."""
 
 
 @dataclass(frozen=True, slots=True)

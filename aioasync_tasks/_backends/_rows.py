@@ -73,6 +73,8 @@ def claimed(row: Any) -> Claimed:
         attempts=row.attempts,
         max_attempts=row.max_attempts,
         token=row.token,
+        waited=max(float(row.waited or 0.0), 0.0),
+        trace_parent=row.trace_parent,
     )
 
 

@@ -110,6 +110,7 @@ _NEW_TASK_COLUMNS = (
     "max_attempts",
     "has_cleanup",
     "run_at",
+    "trace_parent",
 )
 """The values of one new task in a batch, in the order ``insert_tasks`` reads them."""
 
@@ -393,6 +394,7 @@ class SqlDriver:
             t.max_attempts,
             t.has_cleanup,
             self._db_time(t.run_at),
+            t.trace_parent,
         )
 
     async def _insert(

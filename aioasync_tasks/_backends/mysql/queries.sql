@@ -40,20 +40,20 @@ INSERT INTO {versions} (version, applied_at) VALUES (:version, {now})
 -- The new id is the cursor's last insert id.
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at)
+    run_at, trace_parent)
 VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
-    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}))
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :trace_parent)
 
 -- name: insert_tasks
 -- MariaDB only (INSERT … RETURNING): many tasks in one statement with one parameter, :rows, a
 -- JSON array of rows [type, user, group, state, context, priority, max_attempts, has_cleanup,
--- run_at], inserted in the array's order. MySQL 8 inserts them one by one (insert_task).
+-- run_at, trace_parent], inserted in the array's order. MySQL 8 inserts them one by one (insert_task).
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at)
+    run_at, trace_parent)
 SELECT v.type, v.user_name, v.group_name, v.state, NULL, v.context, v.priority, 0,
     v.max_attempts, v.has_cleanup, false, NULL, NULL, {now}, {now},
-    COALESCE(v.run_at, {now})
+    COALESCE(v.run_at, {now}), v.trace_parent
 FROM JSON_TABLE(:rows, '$[*]' COLUMNS (
     ord FOR ORDINALITY,
     type VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
@@ -64,7 +64,8 @@ FROM JSON_TABLE(:rows, '$[*]' COLUMNS (
     priority INTEGER PATH '$[5]',
     max_attempts INTEGER PATH '$[6]',
     has_cleanup BOOL PATH '$[7]',
-    run_at DATETIME(6) PATH '$[8]')) AS v
+    run_at DATETIME(6) PATH '$[8]',
+    trace_parent VARCHAR(55) CHARACTER SET utf8mb4 PATH '$[9]')) AS v
 ORDER BY v.ord
 RETURNING id
 
@@ -75,9 +76,9 @@ RETURNING id
 -- (docs/design.md §4.4, §16.1). The new id is the cursor's last insert id.
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at, unique_key)
+    run_at, unique_key, trace_parent)
 VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
-    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :unique_key)
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :unique_key, :trace_parent)
 
 -- name: lock_unique_task
 -- The live task of :type that holds :unique_key, locked (at most one: the unique index on
@@ -96,7 +97,7 @@ FOR UPDATE
 UPDATE {tasks} SET context = :context, user_name = :user, group_name = :group,
     priority = :priority, max_attempts = :max_attempts, attempts = 0, error = NULL,
     handoff = false, progress = NULL, message = NULL, run_at = COALESCE(:run_at, {now}),
-    updated_at = {now}
+    trace_parent = :trace_parent, updated_at = {now}
 WHERE id = :id AND token = :token AND state = :expected
 
 -- name: unique_holder
@@ -270,7 +271,8 @@ WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) 
 -- name: claimed_rows
 -- What a claim took, read back in its transaction.
 SELECT id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token, watched_until > {now} AS watched
+    token, watched_until > {now} AS watched,
+    TIMESTAMPDIFF(MICROSECOND, run_at, {now}) / 1000000 AS waited, trace_parent
 FROM {tasks}
 WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
 

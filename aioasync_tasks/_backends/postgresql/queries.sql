@@ -38,9 +38,9 @@ SELECT pg_notify(:channel, :payload)
 -- name: insert_task
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at)
+    run_at, trace_parent)
 VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
-    :has_cleanup, false, NULL, NULL, now(), now(), COALESCE(:run_at, now()))
+    :has_cleanup, false, NULL, NULL, now(), now(), COALESCE(:run_at, now()), :trace_parent)
 RETURNING id
 
 -- name: insert_task_and_wake
@@ -53,15 +53,16 @@ SELECT id, pg_notify(:channel, 'wake') FROM ins
 -- the rows are inserted (ORDER BY ord).
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at)
+    run_at, trace_parent)
 SELECT v.type, v.user_name, v.group_name, v.state, NULL, v.context, v.priority, 0,
-    v.max_attempts, v.has_cleanup, false, NULL, NULL, now(), now(), COALESCE(v.run_at, now())
+    v.max_attempts, v.has_cleanup, false, NULL, NULL, now(), now(), COALESCE(v.run_at, now()),
+    v.trace_parent
 FROM unnest(CAST(:type AS text[]), CAST(:user AS text[]), CAST(:group AS text[]),
     CAST(:state AS text[]), CAST(:context AS text[]), CAST(:priority AS integer[]),
     CAST(:max_attempts AS integer[]), CAST(:has_cleanup AS boolean[]),
-    CAST(:run_at AS timestamptz[])) WITH ORDINALITY
+    CAST(:run_at AS timestamptz[]), CAST(:trace_parent AS text[])) WITH ORDINALITY
     AS v(type, user_name, group_name, state, context, priority, max_attempts, has_cleanup,
-    run_at, ord)
+    run_at, trace_parent, ord)
 ORDER BY v.ord
 RETURNING id
 
@@ -71,9 +72,9 @@ RETURNING id
 -- partial unique index by its columns and its predicate.
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at, unique_key)
+    run_at, unique_key, trace_parent)
 VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
-    :has_cleanup, false, NULL, NULL, now(), now(), COALESCE(:run_at, now()), :unique_key)
+    :has_cleanup, false, NULL, NULL, now(), now(), COALESCE(:run_at, now()), :unique_key, :trace_parent)
 ON CONFLICT (type, unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
     DO NOTHING
@@ -94,7 +95,7 @@ FOR UPDATE
 UPDATE {tasks} SET context = :context, user_name = :user, group_name = :group,
     priority = :priority, max_attempts = :max_attempts, attempts = 0, error = NULL,
     handoff = false, progress = NULL, message = NULL, run_at = COALESCE(:run_at, now()),
-    updated_at = now()
+    trace_parent = :trace_parent, updated_at = now()
 WHERE id = :id AND token = :token AND state = :expected
 RETURNING id
 
@@ -262,7 +263,8 @@ UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts +
 FROM picked k
 WHERE t.id = k.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token, watched_until > now() AS watched
+    token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
+    trace_parent
 
 -- name: next_due
 -- Seconds until the next delayed task of :types is due (NULL: none).
@@ -287,7 +289,8 @@ UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts +
 FROM picked c
 WHERE t.id = c.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token, watched_until > now() AS watched
+    token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
+    trace_parent
 
 -- name: checkpoint
 -- Many checkpoints in one statement, each written only under its execution's claim token: a

@@ -29,23 +29,25 @@ INSERT INTO {versions} (version, applied_at) VALUES (:version, {now})
 -- name: insert_task
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at)
+    run_at, trace_parent)
 VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
-    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}))
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :trace_parent)
 RETURNING id
 
 -- name: insert_tasks
 -- Many tasks in one statement with one parameter, :rows, a JSON array of rows
--- [type, user, group, state, context, priority, max_attempts, has_cleanup, run_at]
+-- [type, user, group, state, context, priority, max_attempts, has_cleanup, run_at,
+-- trace_parent]
 -- (SQLite allows 32,766 parameters; a JSON array has no such limit). Autoincrement ids follow
 -- the rows' order.
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at)
+    run_at, trace_parent)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
     json_extract(value, '$[3]'), NULL, json_extract(value, '$[4]'),
     json_extract(value, '$[5]'), 0, json_extract(value, '$[6]'), json_extract(value, '$[7]'),
-    false, NULL, NULL, {now}, {now}, COALESCE(json_extract(value, '$[8]'), {now})
+    false, NULL, NULL, {now}, {now}, COALESCE(json_extract(value, '$[8]'), {now}),
+    json_extract(value, '$[9]')
 FROM json_each(:rows) ORDER BY key
 RETURNING id
 
@@ -55,9 +57,9 @@ RETURNING id
 -- partial unique index by its columns and its predicate.
 INSERT INTO {tasks} (type, user_name, group_name, state, requested, context, priority,
     attempts, max_attempts, has_cleanup, handoff, error, node_id, created_at, updated_at,
-    run_at, unique_key)
+    run_at, unique_key, trace_parent)
 VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempts,
-    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :unique_key)
+    :has_cleanup, false, NULL, NULL, {now}, {now}, COALESCE(:run_at, {now}), :unique_key, :trace_parent)
 ON CONFLICT (type, unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('init', 'pending', 'running', 'canceling', 'paused')
     DO NOTHING
@@ -77,7 +79,7 @@ WHERE type = :type AND unique_key = :unique_key AND unique_key IS NOT NULL
 UPDATE {tasks} SET context = :context, user_name = :user, group_name = :group,
     priority = :priority, max_attempts = :max_attempts, attempts = 0, error = NULL,
     handoff = false, progress = NULL, message = NULL, run_at = COALESCE(:run_at, {now}),
-    updated_at = {now}
+    trace_parent = :trace_parent, updated_at = {now}
 WHERE id = :id AND token = :token AND state = :expected
 RETURNING id
 
@@ -235,7 +237,7 @@ WHERE id IN (
     ORDER BY pick LIMIT :limit)
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token, watched_until > {now} AS watched
+    token, watched_until > {now} AS watched, {now} - run_at AS waited, trace_parent
 
 -- name: next_due
 -- Seconds until the next delayed task of :types is due (NULL: none).
@@ -257,7 +259,7 @@ WHERE id IN (
     ORDER BY run_at, id LIMIT :limit)
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token, watched_until > {now} AS watched
+    token, watched_until > {now} AS watched, {now} - run_at AS waited, trace_parent
 
 -- name: checkpoint
 -- Many checkpoints in one statement, :rows a JSON array of [id, token, context, progress,
