@@ -19,5 +19,6 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installa
     ) from exc
 
 from ._app import create_app
+from ._metrics_app import create_metrics_app
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "create_metrics_app"]

@@ -83,7 +83,9 @@ class _NodeSource:
         return self._node
 
     async def close(self) -> None:
-        if self._owned and self._started:
+        """Stop the dashboard's own node — started, or not (its pool may hold the connection
+        of a start that failed)."""
+        if self._owned:
             await self._node.stop()
             self._started = False
 
