@@ -26,10 +26,13 @@ from ._report import Phase, Report
 from ._scheduling import FairShare, Fifo, SchedulingPolicy
 from ._schema import metadata
 from ._task import current_node, current_task
+from ._telemetry import Attempt, AttemptOutcome, Observer
 
 __all__ = [
     "MAX_PAGE_SIZE",
     "AsyncTasksError",
+    "Attempt",
+    "AttemptOutcome",
     "ConfigurationError",
     "ContextError",
     "DatabaseError",
@@ -43,6 +46,7 @@ __all__ = [
     "NodeInfo",
     "NodeNotStarted",
     "NodeStopped",
+    "Observer",
     "Operation",
     "Phase",
     "Report",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +32,7 @@ import anyio.abc
 
 from ._backends._driver import Checkpoint, CheckpointParams, CompleteParams, Completion, Driver
 from ._errors import DatabaseError
+from ._telemetry import Telemetry
 from ._validation import clean_error_text
 
 RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -56,8 +58,10 @@ class Committer:
         *,
         cleanup_attempts: int,
         logger: logging.Logger,
+        telemetry: Telemetry,
     ) -> None:
         self._driver = backend
+        self._telemetry = telemetry
         self._cleanup_attempts = cleanup_attempts
         self._log = logger
         self._batches: dict[int, _Batch] = {}
@@ -141,6 +145,7 @@ class Committer:
         self._pending.set()
 
     async def _flush(self, node_id: int, batch: _Batch) -> None:
+        began = time.monotonic()
         contexts = batch.contexts
         try:
             accepted = await self._retry(
@@ -154,6 +159,8 @@ class Committer:
         except DatabaseError:
             done = await self._completions_one_by_one(node_id, completions)
         self.flushes += 1
+        if self._telemetry.enabled:
+            self._telemetry.flushed(len(contexts), len(completions), time.monotonic() - began)
         for task_id, waiter in batch.context_waiters.items():
             if not waiter.done():
                 waiter.set_result(task_id in accepted)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,7 @@ from ._services.pruner import Retention
 from ._services.runtime import NodeRuntime, Services
 from ._services.state import NodeConfig, NodeState
 from ._task import _current_node
+from ._telemetry import Observer, Telemetry
 from ._urls import engine_from_url
 from ._validation import (
     INT64_MAX,
@@ -143,6 +145,10 @@ class Node:
     - ``clock`` (``time.monotonic``): the monotonic clock of the node's lease and heartbeats,
       a ``Clock`` (any callable returning seconds); tests inject their own to make a lease run
       out without waiting.
+    - ``observers`` (none): ``Observer`` objects told what the node does, for metrics and
+      tracing — ``aioasync_tasks.metrics.PrometheusMetrics``,
+      ``aioasync_tasks.opentelemetry.OpenTelemetry`` or your own (docs/reference.md, "Metrics
+      and tracing").
 
     For tests and operators, a node shows its parts: ``driver``, the database operations it
     calls (a test injects faults by replacing one of its methods), and, once started with
@@ -178,6 +184,7 @@ class Node:
         clock: Clock | None = None,
         retention: timedelta | float | None = None,
         failed_retention: timedelta | float | None = None,
+        observers: Sequence[Observer] | None = None,
     ) -> None:
         if isinstance(url_or_engine, AsyncEngine):
             self._engine = url_or_engine
@@ -236,6 +243,7 @@ class Node:
         )
         self.auto_migrate = bool(auto_migrate)
         self._logger = logger or logging.getLogger(LOGGER_NAME)
+        self._telemetry = Telemetry.of(observers, self._logger)
         self._driver: Driver = driver_for(self._engine, schema)
         # A node cut off inside a transaction: the server ends it well before the node's peers
         # may rescue its tasks, which would otherwise wait on its row locks.
@@ -254,6 +262,11 @@ class Node:
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    @property
+    def observers(self) -> tuple[Observer, ...]:
+        """The observers given to the node (``observers=``)."""
+        return self._telemetry.observers
 
     @property
     def driver(self) -> Driver:
@@ -328,7 +341,9 @@ class Node:
                 )
                 await self._driver.register_task_types(RegisterTypesParams(types))
             if self.concurrency > 0:
-                state = NodeState(self._driver, self.registry, self._config, self._logger)
+                state = NodeState(
+                    self._driver, self.registry, self._config, self._logger, self._telemetry
+                )
                 runtime = NodeRuntime(state)
                 ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 supervisor = asyncio.create_task(
@@ -487,6 +502,7 @@ class Node:
             run_at=run_at,
             unique_key=unique_key,
             on_conflict=on_conflict,
+            trace_parent=self._telemetry.trace_parent() if self._telemetry.enabled else None,
         )
         if task_type is not None or (max_attempts is not None and has_cleanup is not None):
             return _Draft(new)
@@ -611,6 +627,10 @@ class Node:
             connection = await session.connection()
         ids = await backend.insert_many(InsertParams(new, connection))
         self._wake_local()
+        if self._telemetry.enabled:
+            counts = Counter((t.type, t.group) for t in new)
+            for (type_name, group), count in counts.items():
+                self._telemetry.created(type_name, group, count)
         return ids
 
     def _wake_local(self) -> None:

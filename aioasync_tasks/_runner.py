@@ -32,6 +32,7 @@ from ._registry import TaskGenerator, TaskType
 from ._report import Phase, Report
 from ._states import Event
 from ._task import _current
+from ._telemetry import Attempt, AttemptOutcome, Telemetry
 from ._validation import clean_error_text
 
 
@@ -69,6 +70,8 @@ class Execution:
         lease_valid: Callable[[], bool],
         max_context_bytes: int,
         logger: logging.LoggerAdapter[logging.Logger],
+        attempt: Attempt,
+        telemetry: Telemetry,
         clock: Clock = time.monotonic,
     ) -> None:
         self.claimed = claimed
@@ -89,6 +92,9 @@ class Execution:
         self._lease_valid = lease_valid
         self._max_context_bytes = max_context_bytes
         self._log = logger
+        self.attempt = attempt
+        self._telemetry = telemetry
+        self._clock = clock
         self._deadline: asyncio.Timeout | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -138,10 +144,17 @@ class Execution:
             node=self.node_id,
         )
         token = _current.set(info)
+        telemetry = self._telemetry if self._telemetry.enabled else None
+        if telemetry is not None:
+            telemetry.started(self.attempt)
+        # Until its end is written, an attempt cut short (its node abandoned it) is LOST.
+        outcome = AttemptOutcome.LOST
+        error: str | None = None
         try:
             completion = await self._execute()
             accepted = await self._committer.complete(self.node_id, completion)
             if accepted:
+                outcome, error = self._outcome(completion.event), completion.error
                 self._log.info("task %s", completion.event.value)
             elif not self.lost:
                 self._log.warning(
@@ -149,6 +162,8 @@ class Execution:
                     completion.event.value,
                 )
         finally:
+            if telemetry is not None:
+                telemetry.ended(self.attempt, outcome, self._clock() - self.claimed_at, error)
             _current.reset(token)
             if self._timer is not None:
                 self._timer.cancel()
@@ -236,6 +251,20 @@ class Execution:
             if self.lost:
                 return None
         return None
+
+    def _outcome(self, event: Event) -> AttemptOutcome:
+        """How the attempt ended, by the event of its accepted completion."""
+        if event in (Event.FAILED, Event.CLEANUP_FAILED):
+            attempts_left = self.claimed.attempts < self.attempt.max_attempts
+            # A user's stop request (pause, delete) meanwhile turns a failure into FAILED.
+            if attempts_left and self.reason is not StopReason.USER:
+                return AttemptOutcome.RETRIED
+            return AttemptOutcome.FAILED
+        if event is Event.REJECTED:
+            return AttemptOutcome.FAILED
+        if event in (Event.STOPPED, Event.NODE_LOST):
+            return AttemptOutcome.LOST if self.lost else AttemptOutcome.STOPPED
+        return AttemptOutcome.FINISHED  # FINISHED, DISCARD, CLEANUP_FINISHED
 
     def _encode(self, context: object) -> str | None:
         """A yielded context as stored (None: keep the stored one); its size checked."""

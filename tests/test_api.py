@@ -34,6 +34,8 @@ from aioasync_tasks import (
 PUBLIC_API = [
     "MAX_PAGE_SIZE",
     "AsyncTasksError",
+    "Attempt",
+    "AttemptOutcome",
     "ConfigurationError",
     "ContextError",
     "DatabaseError",
@@ -47,6 +49,7 @@ PUBLIC_API = [
     "NodeInfo",
     "NodeNotStarted",
     "NodeStopped",
+    "Observer",
     "Operation",
     "Phase",
     "Report",

@@ -39,10 +39,11 @@ from _faultcases import (
     task_rows,
 )
 from _helpers import BOUND, LONG_BOUND, counter_context, make_node, node_ids, wait_for
+from _observers import Recorder
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from aioasync_tasks import Node, Report, TaskRegistry
+from aioasync_tasks import AttemptOutcome, Node, Report, TaskRegistry
 from aioasync_tasks._backends import SqlDriver
 from aioasync_tasks._errors import DatabaseError
 
@@ -325,8 +326,15 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
     client, history = await setup(db, raw, registry)
     tasks = 4
     # As many slots as tasks: once they run, A's claimer has nothing to claim and sends nothing.
+    seen_by_a = Recorder()
     node_a = make_node(
-        proxied, registry, name="a", concurrency=tasks, heartbeat_interval=0.2, node_timeout=2.0
+        proxied,
+        registry,
+        name="a",
+        concurrency=tasks,
+        heartbeat_interval=0.2,
+        node_timeout=2.0,
+        observers=[seen_by_a],
     )
     # B's own node_timeout is shorter than A's lease: B must judge A by A's node_timeout.
     node_b = make_node(
@@ -378,6 +386,14 @@ async def test_stall_past_the_lease_stops_the_tasks_before_another_node_rescues_
             a_new = node_a.id
             assert a_new is not None
             assert a_new != a_old
+            # A's observers heard of it: one lost lease, one fencing, every attempt lost.
+            assert (seen_by_a.lease_losses, seen_by_a.fencings) == (1, 1)
+            await wait_for(
+                lambda: len(seen_by_a.outcomes(a_old)) == tasks,
+                timeout=BOUND,
+                what="A's attempts to end",
+            )
+            assert set(seen_by_a.outcomes(a_old)) == {AttemptOutcome.LOST}
             # A claims again: tasks of a group only A runs.
             after = await client.create_tasks(
                 [

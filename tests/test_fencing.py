@@ -19,10 +19,11 @@ from typing import Any
 
 from _db import DbTarget
 from _helpers import BOUND, make_node, node_ids, read_row, wait_for, wait_state
+from _observers import Recorder
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aioasync_tasks import Node, Report, State, TaskRegistry, current_task
+from aioasync_tasks import AttemptOutcome, Node, Report, State, TaskRegistry, current_task
 from aioasync_tasks._backends._driver import Completion
 from aioasync_tasks._states import Event
 
@@ -227,7 +228,8 @@ async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
 ) -> None:
     witness = Witness()
     registry = blocking_registry(witness)
-    async with bounded(make_node(db, registry, name="a", **SLOW)) as node_a:
+    seen = Recorder()
+    async with bounded(make_node(db, registry, name="a", observers=[seen], **SLOW)) as node_a:
         services_a = node_a.services
         a_old = node_a.id
         assert a_old is not None
@@ -277,3 +279,5 @@ async def test_fenced_node_stops_its_tasks_and_its_late_writes_are_rejected(
     assert task.attempts == 2
     assert witness.runs[task_id] == [(a_old, 1), (a_new, 2)]
     assert witness.overlaps == []
+    assert (seen.fencings, seen.lease_losses) == (1, 0)
+    assert seen.outcomes() == [AttemptOutcome.LOST, AttemptOutcome.FINISHED]

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from aioasync_tasks import ConfigurationError, Report, State, TaskRegistry, current_task
 from aioasync_tasks._backends._driver import Checkpoint, Driver
 from aioasync_tasks._committer import Committer
+from aioasync_tasks._telemetry import Telemetry
 
 
 async def _stored(raw: AsyncEngine, task_id: int) -> tuple[Any, ...]:
@@ -133,7 +134,8 @@ async def test_checkpoints_waiting_in_one_batch_are_merged_per_execution(
         second = await make(driver, node, Start.RUNNING)
         assert first.token is not None
         assert second.token is not None
-        committer = Committer(driver, cleanup_attempts=1, logger=logging.getLogger(__name__))
+        log = logging.getLogger(__name__)
+        committer = Committer(driver, cleanup_attempts=1, logger=log, telemetry=Telemetry((), log))
         writes = [
             asyncio.ensure_future(committer.checkpoint(node, first.id, first.token, "c1")),
             asyncio.ensure_future(

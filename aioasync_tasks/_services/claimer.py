@@ -15,6 +15,7 @@ from .._committer import Committer
 from .._errors import DatabaseError
 from .._logging import task_logger
 from .._runner import Execution, StopReason
+from .._telemetry import Attempt
 from .state import NodeState
 
 
@@ -107,6 +108,18 @@ class Claimer:
 
     def _start(self, claimed: Claimed, node_id: int, *, cleanup: bool) -> None:
         state = self._state
+        attempt = Attempt(
+            task_id=claimed.id,
+            type=claimed.type,
+            user=claimed.user,
+            group=claimed.group,
+            number=claimed.attempts,
+            max_attempts=state.config.cleanup_attempts if cleanup else claimed.max_attempts,
+            cleanup=cleanup,
+            node_id=node_id,
+            waited=claimed.waited,
+            trace_parent=claimed.trace_parent,
+        )
         execution = Execution(
             claimed,
             state.registry.get(claimed.type),
@@ -117,6 +130,8 @@ class Claimer:
             lease_valid=state.lease_valid,
             max_context_bytes=state.config.max_context_bytes,
             clock=state.clock,
+            attempt=attempt,
+            telemetry=state.telemetry,
             logger=task_logger(
                 state.logger,
                 node_id=node_id,

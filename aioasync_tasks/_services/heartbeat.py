@@ -128,6 +128,7 @@ class Heartbeat:
             state.fencing = False
         state.lease_lost = False
         state.fenced.set()
+        state.telemetry.fenced()
         state.wake()
 
     def _deliver(self, owned: list[Owned], sent: float) -> None:
@@ -185,6 +186,7 @@ class Heartbeat:
         state.lease_lost = True
         state.log.error("lost contact with the database for too long: stopping all tasks")
         state.stop_all(StopReason.LOST)
+        state.telemetry.lease_lost()
 
     # -- the stop poll ----------------------------------------------------------------------
 

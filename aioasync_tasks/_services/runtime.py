@@ -67,7 +67,10 @@ class NodeRuntime:
     def __init__(self, state: NodeState) -> None:
         driver = state.driver
         committer = Committer(
-            driver, cleanup_attempts=state.config.cleanup_attempts, logger=state.logger
+            driver,
+            cleanup_attempts=state.config.cleanup_attempts,
+            logger=state.logger,
+            telemetry=state.telemetry,
         )
         self.state = state
         self.services = Services(

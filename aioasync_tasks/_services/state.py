@@ -20,6 +20,7 @@ from .._logging import ContextAdapter, node_logger
 from .._registry import TaskRegistry
 from .._runner import Backoff, Execution, StopReason
 from .._scheduling import SchedulingPolicy
+from .._telemetry import Telemetry
 from .pruner import Retention
 
 LEASE_FRACTION = 0.75
@@ -57,6 +58,7 @@ class NodeState:
         registry: TaskRegistry,
         config: NodeConfig,
         logger: logging.Logger,
+        telemetry: Telemetry,
     ) -> None:
         self.driver = driver
         """Looked up anew on every call, so that a test may replace one of its methods
@@ -65,6 +67,8 @@ class NodeState:
         self.config = config
         self.clock = config.clock
         self.logger = logger
+        self.telemetry = telemetry
+        """The node's observers (metrics, tracing)."""
         """The application's logger, for the records of tasks."""
         self.log: ContextAdapter = node_logger(logger, None)
         """The node's own records, with its id once registered."""

@@ -1,5 +1,6 @@
 """``/metrics``: the Prometheus text exposition of the queue, read from the database at scrape
-time — so every dashboard of a cluster reports the same, exact numbers.
+time — so every dashboard of a cluster reports the same, exact numbers — followed by the
+metrics of this process (``aioasync_tasks.metrics.PrometheusMetrics``) when the node has them.
 
 A custom collector (``OverviewCollector``) turns one ``Overview`` into metric families; each
 scrape reads the database once and renders it with a registry of its own."""
@@ -14,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from .._models import State
 from .._node import Node
+from ..metrics import PrometheusMetrics
 from ._stats import Overview, read_overview
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -88,7 +90,14 @@ class OverviewCollector(Collector):
 
 
 async def exposition(node: Node) -> bytes:
-    """The metrics as the database has them now, in the Prometheus text format."""
+    """The metrics as the database has them now, then those of the registries of the node's
+    ``PrometheusMetrics`` observers (each once), in the Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(OverviewCollector(await read_overview(node)))
-    return generate_latest(registry)
+    registries = [registry]
+    for observer in node.observers:
+        if isinstance(observer, PrometheusMetrics) and all(
+            observer.registry is not r for r in registries
+        ):
+            registries.append(observer.registry)
+    return b"".join(generate_latest(r) for r in registries)

@@ -1,0 +1,162 @@
+"""OpenTelemetry metrics and spans of one process: ``Node(..., observers=[OpenTelemetry()])``.
+
+Spans: one per attempt of a task (``run <type>``, or ``cleanup <type>`` for its cleanup
+handler), of kind CONSUMER, current while the task's code runs (so the spans the task makes
+are its children), linked to the span that was current when the task was created — by a
+process whose node had this observer too; the link crosses processes through the task's row
+(its ``trace_parent``). A failed attempt's span has status ERROR.
+
+Metrics (instruments of the meter ``aioasync_tasks``): ``aioasync_tasks.tasks.created``,
+``aioasync_tasks.tasks.claimed``, ``aioasync_tasks.attempts`` (by outcome),
+``aioasync_tasks.claim.latency``, ``aioasync_tasks.run.duration``,
+``aioasync_tasks.flush.duration``, ``aioasync_tasks.flush.writes``,
+``aioasync_tasks.lease.losses``, ``aioasync_tasks.fencings``.
+
+Needs the OpenTelemetry API: ``pip install 'aioasync-tasks[opentelemetry]'``; the SDK and the
+exporters are the application's to set up. See docs/reference.md, "Metrics and tracing".
+"""
+
+from __future__ import annotations
+
+from contextvars import Token
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+try:
+    from opentelemetry import context, metrics, trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installation
+    raise ModuleNotFoundError(
+        "aioasync_tasks.opentelemetry needs the OpenTelemetry API: "
+        "pip install 'aioasync-tasks[opentelemetry]'",
+        name=exc.name,
+    ) from exc
+
+from ._telemetry import Attempt, AttemptOutcome, Observer
+
+__all__ = ["OpenTelemetry"]
+
+SCOPE = "aioasync_tasks"
+"""The name of the tracer and of the meter."""
+_FAILED = (AttemptOutcome.FAILED, AttemptOutcome.RETRIED)
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def _version() -> str:
+    try:
+        return version("aioasync-tasks")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return ""
+
+
+class OpenTelemetry(Observer):
+    """Spans and metrics through the OpenTelemetry API: the global tracer and meter providers,
+    unless ``tracer_provider`` or ``meter_provider`` is given."""
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self._tracer = trace.get_tracer(SCOPE, _version(), tracer_provider)
+        meter = metrics.get_meter(SCOPE, _version(), meter_provider)
+        self._created = meter.create_counter(
+            "aioasync_tasks.tasks.created", "{task}", "Tasks created by this process."
+        )
+        self._claimed = meter.create_counter(
+            "aioasync_tasks.tasks.claimed", "{attempt}", "Attempts claimed and started."
+        )
+        self._attempts = meter.create_counter(
+            "aioasync_tasks.attempts", "{attempt}", "Attempts that ended, by outcome."
+        )
+        self._latency = meter.create_histogram(
+            "aioasync_tasks.claim.latency", "s", "From when a task was due to its claim."
+        )
+        self._duration = meter.create_histogram(
+            "aioasync_tasks.run.duration", "s", "From an attempt's claim to its end written."
+        )
+        self._flush = meter.create_histogram(
+            "aioasync_tasks.flush.duration", "s", "One write of checkpoints and completions."
+        )
+        self._writes = meter.create_histogram(
+            "aioasync_tasks.flush.writes", "{write}", "Checkpoints and completions of a flush."
+        )
+        self._lease_losses = meter.create_counter(
+            "aioasync_tasks.lease.losses", "{event}", "Leases not renewed in time."
+        )
+        self._fencings = meter.create_counter(
+            "aioasync_tasks.fencings", "{event}", "Times a node was declared dead by its peers."
+        )
+        self._spans: dict[Attempt, tuple[trace.Span, Token[context.Context]]] = {}
+
+    def trace_parent(self) -> str | None:
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)  # nothing when no span is current
+        return carrier.get("traceparent")
+
+    def created(self, type: str, group: str, count: int) -> None:
+        self._created.add(count, {"aioasync_tasks.type": type, "aioasync_tasks.group": group})
+
+    def started(self, attempt: Attempt) -> None:
+        labels = _attributes(attempt)
+        self._claimed.add(1, labels)
+        self._latency.record(attempt.waited, labels)
+        links = []
+        if attempt.trace_parent is not None:
+            creator = trace.get_current_span(
+                _PROPAGATOR.extract({"traceparent": attempt.trace_parent})
+            ).get_span_context()
+            if creator.is_valid:
+                links.append(trace.Link(creator))
+        span = self._tracer.start_span(
+            f"{'cleanup' if attempt.cleanup else 'run'} {attempt.type}",
+            context=context.Context(),  # a trace of its own, linked to its creator's
+            kind=trace.SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                **labels,
+                "aioasync_tasks.task_id": attempt.task_id,
+                "aioasync_tasks.attempt": attempt.number,
+                "aioasync_tasks.max_attempts": attempt.max_attempts,
+                "aioasync_tasks.node_id": attempt.node_id,
+                "aioasync_tasks.waited": attempt.waited,
+            },
+        )
+        token = context.attach(trace.set_span_in_context(span))
+        self._spans[attempt] = (span, token)
+
+    def ended(
+        self, attempt: Attempt, outcome: AttemptOutcome, seconds: float, error: str | None
+    ) -> None:
+        labels = _attributes(attempt)
+        self._attempts.add(1, {**labels, "aioasync_tasks.outcome": outcome.value})
+        self._duration.record(seconds, labels)
+        found = self._spans.pop(attempt, None)
+        if found is None:
+            return
+        span, token = found
+        span.set_attribute("aioasync_tasks.outcome", outcome.value)
+        if outcome in _FAILED:
+            last = error.strip().splitlines()[-1] if error and error.strip() else outcome.value
+            span.set_status(trace.Status(trace.StatusCode.ERROR, last))
+        span.end()
+        context.detach(token)
+
+    def flushed(self, checkpoints: int, completions: int, seconds: float) -> None:
+        self._flush.record(seconds)
+        self._writes.record(checkpoints + completions)
+
+    def lease_lost(self) -> None:
+        self._lease_losses.add(1)
+
+    def fenced(self) -> None:
+        self._fencings.add(1)
+
+
+def _attributes(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "aioasync_tasks.type": attempt.type,
+        "aioasync_tasks.group": attempt.group,
+        "aioasync_tasks.kind": "cleanup" if attempt.cleanup else "task",
+    }
