@@ -70,7 +70,7 @@ class Execution:
         lease_valid: Callable[[], bool],
         max_context_bytes: int,
         logger: logging.LoggerAdapter[logging.Logger],
-        attempt: Attempt,
+        attempt: Attempt | None,
         telemetry: Telemetry,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -144,9 +144,10 @@ class Execution:
             node=self.node_id,
         )
         token = _current.set(info)
-        telemetry = self._telemetry if self._telemetry.enabled else None
-        if telemetry is not None:
-            telemetry.started(self.attempt)
+        attempt = self.attempt  # None when the node has no observers
+        telemetry = self._telemetry
+        if attempt is not None:
+            telemetry.started(attempt)
         # Until its end is written, an attempt cut short (its node abandoned it) is LOST.
         outcome = AttemptOutcome.LOST
         error: str | None = None
@@ -154,7 +155,8 @@ class Execution:
             completion = await self._execute()
             accepted = await self._committer.complete(self.node_id, completion)
             if accepted:
-                outcome, error = self._outcome(completion.event), completion.error
+                if attempt is not None:
+                    outcome, error = self._outcome(attempt, completion.event), completion.error
                 self._log.info("task %s", completion.event.value)
             elif not self.lost:
                 self._log.warning(
@@ -162,8 +164,8 @@ class Execution:
                     completion.event.value,
                 )
         finally:
-            if telemetry is not None:
-                telemetry.ended(self.attempt, outcome, self._clock() - self.claimed_at, error)
+            if attempt is not None:
+                telemetry.ended(attempt, outcome, self._clock() - self.claimed_at, error)
             _current.reset(token)
             if self._timer is not None:
                 self._timer.cancel()
@@ -252,10 +254,10 @@ class Execution:
                 return None
         return None
 
-    def _outcome(self, event: Event) -> AttemptOutcome:
+    def _outcome(self, attempt: Attempt, event: Event) -> AttemptOutcome:
         """How the attempt ended, by the event of its accepted completion."""
         if event in (Event.FAILED, Event.CLEANUP_FAILED):
-            attempts_left = self.claimed.attempts < self.attempt.max_attempts
+            attempts_left = attempt.number < attempt.max_attempts
             # A user's stop request (pause, delete) meanwhile turns a failure into FAILED.
             if attempts_left and self.reason is not StopReason.USER:
                 return AttemptOutcome.RETRIED

@@ -108,18 +108,7 @@ class Claimer:
 
     def _start(self, claimed: Claimed, node_id: int, *, cleanup: bool) -> None:
         state = self._state
-        attempt = Attempt(
-            task_id=claimed.id,
-            type=claimed.type,
-            user=claimed.user,
-            group=claimed.group,
-            number=claimed.attempts,
-            max_attempts=state.config.cleanup_attempts if cleanup else claimed.max_attempts,
-            cleanup=cleanup,
-            node_id=node_id,
-            waited=claimed.waited,
-            trace_parent=claimed.trace_parent,
-        )
+        attempt = _attempt(claimed, node_id, cleanup, state) if state.telemetry.enabled else None
         execution = Execution(
             claimed,
             state.registry.get(claimed.type),
@@ -161,3 +150,19 @@ class Claimer:
             if state.executions.get(execution.task_id) is execution:
                 del state.executions[execution.task_id]
             state.wake()
+
+
+def _attempt(claimed: Claimed, node_id: int, cleanup: bool, state: NodeState) -> Attempt:
+    """What the node's observers are told of an attempt (built only when there are some)."""
+    return Attempt(
+        task_id=claimed.id,
+        type=claimed.type,
+        user=claimed.user,
+        group=claimed.group,
+        number=claimed.attempts,
+        max_attempts=state.config.cleanup_attempts if cleanup else claimed.max_attempts,
+        cleanup=cleanup,
+        node_id=node_id,
+        waited=claimed.waited,
+        trace_parent=claimed.trace_parent,
+    )
