@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, wait_state
+from _helpers import HERMETIC_ENV, make_node, wait_state
 from _observers import Recorder
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -319,3 +320,41 @@ async def test_the_metrics_alone_mounted_with_a_login(db: DbTarget, tmp_path: Pa
     assert samples[("aioasync_tasks_tasks", (("group", "scraped"), ("state", "init")))] == 1
     assert unavailable.status_code == 503
     assert "cannot be read" in unavailable.text
+
+
+CREATOR = """
+import asyncio, sys
+from opentelemetry.sdk.trace import TracerProvider
+from aioasync_tasks import Node
+from aioasync_tasks.opentelemetry import OpenTelemetry
+
+async def main(url, schema):
+    provider = TracerProvider()
+    observers = [OpenTelemetry(tracer_provider=provider)]
+    async with Node(url, schema=schema or None, concurrency=0, observers=observers) as node:
+        with provider.get_tracer("web").start_as_current_span("POST /jobs") as span:
+            task_id = await node.create_task("ok", max_attempts=1)
+    context = span.get_span_context()
+    print(task_id, context.trace_id, context.span_id)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_the_link_crosses_processes(db: DbTarget) -> None:
+    """Created under a span in another process, the task's attempt span here links to it."""
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    observer = OpenTelemetry(tracer_provider=tracer_provider)
+    async with make_node(db, registry, observers=[observer]) as node:  # creates the tables
+        creator = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CREATOR, db.url, db.schema or "",
+            stdout=asyncio.subprocess.PIPE, env=HERMETIC_ENV,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(creator.communicate(), BOUND)
+        assert creator.returncode == 0
+        task_id, trace_id, span_id = (int(part) for part in out.split())
+        await wait_state(node, task_id, State.FINISHED, timeout=BOUND)
+    (run,) = [s for s in spans.get_finished_spans() if s.name == "run ok"]
+    assert [(k.context.trace_id, k.context.span_id) for k in run.links] == [(trace_id, span_id)]
