@@ -119,6 +119,17 @@ class _Families:
         )
 
 
+@dataclass(slots=True)
+class _Series:
+    """The children of the per-task metrics for one (type, group, kind): looked up once, not
+    for every attempt."""
+
+    claimed: Counter
+    claim_latency: Histogram
+    run_duration: Histogram
+    outcomes: dict[AttemptOutcome, Counter]
+
+
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
 
 
@@ -133,21 +144,36 @@ class PrometheusMetrics(Observer):
         if families is None:
             families = _BY_REGISTRY[self.registry] = _Families.make(self.registry)
         self._m = families
+        self._series: dict[tuple[str, str, bool], _Series] = {}
+
+    def _of(self, attempt: Attempt) -> _Series:
+        key = (attempt.type, attempt.group, attempt.cleanup)
+        series = self._series.get(key)
+        if series is None:
+            labels = (attempt.type, attempt.group, "cleanup" if attempt.cleanup else "task")
+            m = self._m
+            series = self._series[key] = _Series(
+                claimed=m.claimed.labels(*labels),
+                claim_latency=m.claim_latency.labels(*labels),
+                run_duration=m.run_duration.labels(*labels),
+                outcomes={o: m.attempts.labels(*labels, o.value) for o in AttemptOutcome},
+            )
+        return series
 
     def created(self, type: str, group: str, count: int) -> None:
         self._m.created.labels(type, group).inc(count)
 
     def started(self, attempt: Attempt) -> None:
-        labels = _labels(attempt)
-        self._m.claimed.labels(*labels).inc()
-        self._m.claim_latency.labels(*labels).observe(attempt.waited)
+        series = self._of(attempt)
+        series.claimed.inc()
+        series.claim_latency.observe(attempt.waited)
 
     def ended(
         self, attempt: Attempt, outcome: AttemptOutcome, seconds: float, error: str | None
     ) -> None:
-        labels = _labels(attempt)
-        self._m.attempts.labels(*labels, outcome.value).inc()
-        self._m.run_duration.labels(*labels).observe(seconds)
+        series = self._of(attempt)
+        series.outcomes[outcome].inc()
+        series.run_duration.observe(seconds)
 
     def flushed(self, checkpoints: int, completions: int, seconds: float) -> None:
         self._m.flush_seconds.observe(seconds)
@@ -158,7 +184,3 @@ class PrometheusMetrics(Observer):
 
     def fenced(self) -> None:
         self._m.fencings.inc()
-
-
-def _labels(attempt: Attempt) -> tuple[str, str, str]:
-    return attempt.type, attempt.group, "cleanup" if attempt.cleanup else "task"

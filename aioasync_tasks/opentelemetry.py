@@ -89,6 +89,30 @@ class OpenTelemetry(Observer):
             "aioasync_tasks.fencings", "{event}", "Times a node was declared dead by its peers."
         )
         self._spans: dict[Attempt, tuple[trace.Span, Token[context.Context]]] = {}
+        self._attributes: dict[tuple[str, str, bool], dict[str, Any]] = {}
+        """The attributes of each (type, group, cleanup), made once."""
+        self._outcomes: dict[tuple[str, str, bool, AttemptOutcome], dict[str, Any]] = {}
+
+    def _of(self, attempt: Attempt) -> dict[str, Any]:
+        key = (attempt.type, attempt.group, attempt.cleanup)
+        found = self._attributes.get(key)
+        if found is None:
+            found = self._attributes[key] = {
+                "aioasync_tasks.type": attempt.type,
+                "aioasync_tasks.group": attempt.group,
+                "aioasync_tasks.kind": "cleanup" if attempt.cleanup else "task",
+            }
+        return found
+
+    def _ended_as(self, attempt: Attempt, outcome: AttemptOutcome) -> dict[str, Any]:
+        key = (attempt.type, attempt.group, attempt.cleanup, outcome)
+        found = self._outcomes.get(key)
+        if found is None:
+            found = self._outcomes[key] = {
+                **self._of(attempt),
+                "aioasync_tasks.outcome": outcome.value,
+            }
+        return found
 
     def trace_parent(self) -> str | None:
         carrier: dict[str, str] = {}
@@ -99,7 +123,7 @@ class OpenTelemetry(Observer):
         self._created.add(count, {"aioasync_tasks.type": type, "aioasync_tasks.group": group})
 
     def started(self, attempt: Attempt) -> None:
-        labels = _attributes(attempt)
+        labels = self._of(attempt)
         self._claimed.add(1, labels)
         self._latency.record(attempt.waited, labels)
         links = []
@@ -129,9 +153,8 @@ class OpenTelemetry(Observer):
     def ended(
         self, attempt: Attempt, outcome: AttemptOutcome, seconds: float, error: str | None
     ) -> None:
-        labels = _attributes(attempt)
-        self._attempts.add(1, {**labels, "aioasync_tasks.outcome": outcome.value})
-        self._duration.record(seconds, labels)
+        self._attempts.add(1, self._ended_as(attempt, outcome))
+        self._duration.record(seconds, self._of(attempt))
         found = self._spans.pop(attempt, None)
         if found is None:
             return
@@ -152,11 +175,3 @@ class OpenTelemetry(Observer):
 
     def fenced(self) -> None:
         self._fencings.add(1)
-
-
-def _attributes(attempt: Attempt) -> dict[str, Any]:
-    return {
-        "aioasync_tasks.type": attempt.type,
-        "aioasync_tasks.group": attempt.group,
-        "aioasync_tasks.kind": "cleanup" if attempt.cleanup else "task",
-    }

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from aioasync_tasks import Node, Report, TaskRegistry
+from aioasync_tasks import Node, Observer, Report, TaskRegistry
 
 COUNTERS = {"executed": 0, "checkpoints": 1000}
 
@@ -64,6 +64,22 @@ def build_registry() -> TaskRegistry:
         yield Report.finished()
 
     return tasks
+
+
+def observers(kind: str) -> list[Observer]:
+    """The observers of ``--observers``."""
+    if kind == "prometheus":
+        from aioasync_tasks.metrics import PrometheusMetrics  # noqa: PLC0415 - only when asked
+
+        return [PrometheusMetrics()]
+    if kind == "opentelemetry":
+        from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+
+        from aioasync_tasks.opentelemetry import OpenTelemetry  # noqa: PLC0415
+
+        return [OpenTelemetry(tracer_provider=TracerProvider(), meter_provider=MeterProvider())]
+    return []
 
 
 class Stats:
@@ -193,6 +209,7 @@ async def main(args: argparse.Namespace) -> None:
         options["schema"] = args.schema
     if args.poll_interval is not None:
         options["poll_interval"] = args.poll_interval
+    options["observers"] = observers(args.observers)
     node = Node(args.url, registry=build_registry(), concurrency=args.concurrency, **options)
     stats = Stats()
     stats.wrap_backend(node)
@@ -264,6 +281,13 @@ def cli() -> None:
         choices=("asyncio", "uvloop"),
         default="asyncio",
         help="event loop (uvloop: peers.py --loop uvloop; needs the bench extra)",
+    )
+    parser.add_argument(
+        "--observers",
+        choices=("none", "prometheus", "opentelemetry"),
+        default="none",
+        help="the node's observers: PrometheusMetrics, or OpenTelemetry with the SDK's providers "
+        "(spans and metrics made, nothing exported)",
     )
     parser.add_argument("--profile-out", help="write a pyinstrument profile here (.html/.txt)")
     parser.add_argument(

@@ -51,6 +51,9 @@ def node_args(db: c.BenchDb, concurrency: int, args: argparse.Namespace) -> list
     loop = getattr(args, "loop", None)
     if loop and loop != "asyncio":
         extra += ["--loop", loop]
+    observing = getattr(args, "observers", None)
+    if observing and observing != "none":
+        extra += ["--observers", observing]
     return db.node_args() + extra
 
 
@@ -273,6 +276,13 @@ def main() -> None:
         help="raw baseline variant (see raw_baseline.py; default minimal)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the raw baseline")
+    parser.add_argument(
+        "--observers",
+        choices=("none", "prometheus", "opentelemetry"),
+        default="none",
+        help="the nodes' observers (their cost): PrometheusMetrics or OpenTelemetry (SDK "
+        "providers, nothing exported)",
+    )
     parser.add_argument(
         "--profile",
         choices=("pyinstrument", "py-spy", "py-spy-native"),
