@@ -19,6 +19,9 @@ Fixtures
 ``pg_proxy`` / ``pg_proxy_db``
     A fault-injecting :class:`_faults.PgProxy` in front of ``pg_server`` (closed after the
     test), and ``pg_db`` (same fresh schema) with its URL through that proxy.
+``pgbouncer``
+    Session-scoped :class:`_pgbouncer.PgBouncer`: a real PgBouncer process in transaction
+    pooling mode in front of ``pg_server`` (skips when there is no ``pgbouncer`` binary).
 ``raw``
     An engine of the test's own on ``db`` (``_helpers.raw_engine``), to look at the rows behind
     the library's back; disposed of after the test.
@@ -56,6 +59,7 @@ from _db import (
 )
 from _faults import PgProxy
 from _helpers import raw_engine
+from _pgbouncer import PgBouncer, PgBouncerUnavailableError, find_pgbouncer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 BACKENDS = ("sqlite", "postgres", "mysql")
@@ -190,6 +194,22 @@ def pg_proxy_db(pg_db: DbTarget, pg_proxy: PgProxy) -> DbTarget:
     """``pg_db`` through ``pg_proxy``: same schema, URL on the proxy's port.  The proxy closes
     before the schema is dropped (which goes to the server directly)."""
     return pg_proxy.target(pg_db)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: PgServer) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode in front of the session's server, stopped at the
+    end of the session."""
+    try:
+        binary = find_pgbouncer()
+    except PgBouncerUnavailableError as exc:
+        pytest.skip(str(exc))
+    bouncer = PgBouncer(binary, pg_server.url)
+    bouncer.start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
 
 
 @pytest.fixture
