@@ -66,6 +66,14 @@ class PgBouncer:
         password = f":{self.server.password}" if self.server.password else ""
         return f"postgresql+asyncpg://{user}{password}@{LOCAL_HOST}:{self.port}/{self.database}"
 
+    def pooled_url(self, *, listen: bool) -> str:
+        """``url`` in the library's mode for it (``pgbouncer=transaction``); with ``listen``,
+        ``LISTEN`` on a direct connection to the server."""
+        url = f"{self.url}?pgbouncer=transaction"
+        if listen:
+            url += f"&listen_host={self.server.hostname}&listen_port={self.server.port or 5432}"
+        return url
+
     def _write_config(self) -> Path:
         user = self.server.username or "postgres"
         password = f" password={self.server.password}" if self.server.password else ""

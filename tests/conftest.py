@@ -4,7 +4,8 @@ Fixtures
 --------
 ``db``
     Function-scoped, parametrised over ``sqlite``, ``postgres`` and ``mysql`` (test ids
-    ``[sqlite]``, ``[postgres]``, ``[mysql]``); yields a :class:`_db.DbTarget`.  Tests marked
+    ``[sqlite]``, ``[postgres]``, ``[mysql]``), and for the driver suite ``pgbouncer`` too
+    (``POOLED``); yields a :class:`_db.DbTarget`.  Tests marked
     ``postgres_only`` get only the ``postgres`` parameter.  Fixtures that depend on ``db`` are
     parametrised too.
 ``sqlite_db`` / ``pg_db``
@@ -44,6 +45,7 @@ from typing import Any
 import pytest
 from _cluster import Cluster, open_cluster
 from _db import (
+    POOLED,
     DbTarget,
     MysqlServer,
     MysqlUnavailableError,
@@ -63,6 +65,8 @@ from _pgbouncer import PgBouncer, PgBouncerUnavailableError, find_pgbouncer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 BACKENDS = ("sqlite", "postgres", "mysql")
+POOLED_SUITES = ("driver.",)
+"""The test packages that run on ``POOLED`` as well: the driver conformance suite."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -78,6 +82,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         backends: tuple[str, ...] = ("postgres",)
     else:
         backends = BACKENDS
+    if metafunc.module.__name__.startswith(POOLED_SUITES):
+        backends += (POOLED,)
     metafunc.parametrize("db", backends, indirect=True, ids=list(backends))
 
 
@@ -148,6 +154,13 @@ def _pg_target(server: PgServer) -> Iterator[DbTarget]:
         drop_schema(server.url, schema)
 
 
+def _pooled_target(server: PgServer, bouncer: PgBouncer) -> Iterator[DbTarget]:
+    """A fresh schema reached through ``bouncer``, listening on a direct connection (its URL
+    takes no search path: PgBouncer refuses that startup parameter)."""
+    for target in _pg_target(server):
+        yield DbTarget(backend=POOLED, url=bouncer.pooled_url(listen=True), schema=target.schema)
+
+
 @pytest.fixture
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbTarget]:
     """A fresh database on the backend named by the ``sqlite``/``postgres``/``mysql``
@@ -159,6 +172,10 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbTarget]:
         yield from _pg_target(request.getfixturevalue("pg_server"))
     elif backend == "mysql":
         yield from _mysql_target(request.getfixturevalue("mysql_server"))
+    elif backend == POOLED:
+        yield from _pooled_target(
+            request.getfixturevalue("pg_server"), request.getfixturevalue("pgbouncer")
+        )
     else:
         raise pytest.UsageError(f"db fixture got unexpected backend {backend!r}")
 

@@ -15,7 +15,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -42,14 +41,6 @@ LISTENING_CLIENT = {**FAST, "poll_interval": 60.0}
 def idle_bound_ms(timings: dict[str, float]) -> int:
     """The idle bound of a node's write transactions (a quarter of its ``node_timeout``)."""
     return int(timings["node_timeout"] * 0.25 * 1000)
-
-
-def pooled_url(pgbouncer: PgBouncer, server: str, *, listen: bool) -> str:
-    url = f"{pgbouncer.url}?pgbouncer=transaction"
-    if listen:
-        direct = urlsplit(server)
-        url += f"&listen_host={direct.hostname}&listen_port={direct.port or 5432}"
-    return url
 
 
 class Ledger:
@@ -144,7 +135,7 @@ async def test_a_worker_and_a_client_through_pgbouncer(
     ledger = Ledger(pg_db)
     await ledger.create()
     registry = registry_of(ledger)
-    url = pooled_url(pgbouncer, pg_db.url, listen=listen)
+    url = pgbouncer.pooled_url(listen=listen)
     worker_timings = LISTENING_WORKER if listen else FAST
     async with AsyncExitStack() as stack:
         stack.push_async_callback(ledger.engine.dispose)
@@ -211,7 +202,7 @@ async def test_no_setting_stays_in_the_pooled_sessions(
 ) -> None:
     """After a node's writes, the server sessions of the pool, which other clients get next,
     have the server's idle bound: ours ended with each of our transactions."""
-    url = pooled_url(pgbouncer, pg_db.url, listen=False)
+    url = pgbouncer.pooled_url(listen=False)
     async with Node(url, schema=pg_db.schema, **FAST) as node:
         for _ in range(10):
             await node.get_nodes()
@@ -242,7 +233,7 @@ async def test_no_setting_stays_in_the_pooled_sessions(
 async def test_migrations_through_pgbouncer(pg_db: DbTarget, pgbouncer: PgBouncer) -> None:
     """Two nodes migrate the same empty schema at once through the pooler: the advisory lock of
     the transaction makes one apply every version and the other none."""
-    url = pooled_url(pgbouncer, pg_db.url, listen=False)
+    url = pgbouncer.pooled_url(listen=False)
     first = Node(url, schema=pg_db.schema, concurrency=0)
     second = Node(url, schema=pg_db.schema, concurrency=0)
     try:
