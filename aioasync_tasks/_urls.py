@@ -145,15 +145,16 @@ _PG_PASSED: dict[str, Callable[[str, str], Any]] = {
 _PG_KEPT = ("host", "port")
 """Left in the URL: SQLAlchemy reads them (a Unix socket directory, several hosts)."""
 _PG_POOLER = ("pgbouncer", "listen_host", "listen_port")
-"""Ours: a transaction pooler in front of the server (``_pooler``)."""
+"""Ours: a transaction pooler in front of the server (``_engine_options``)."""
 POOLER_MODES = ("transaction",)
 """The pool modes ``pgbouncer=`` names; a pooler in session mode needs no parameter."""
 POOLER_OPTION = "aioasync_pooler"
 """The execution option of an engine whose URL says ``pgbouncer=transaction``: its
 ``TransactionPooler``."""
 DEFAULT_PG_PORT = 5432
+"""The server's port when ``listen_port`` is not given (the URL's port is the pooler's)."""
 _CACHES = ("statement_cache_size", "prepared_statement_cache_size")
-"""The statement caches, which a transaction pooler rules out (``_pooled_engine``)."""
+"""The statement caches, which a transaction pooler rules out (``_engine_options``)."""
 
 
 @dataclass(frozen=True, slots=True)
