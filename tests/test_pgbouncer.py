@@ -114,17 +114,15 @@ def registry_of(ledger: Ledger) -> TaskRegistry:
     return registry
 
 
+LISTENING = sa.text("SELECT query FROM pg_stat_activity WHERE query LIKE :pattern")
+"""The server sessions whose last statement was a ``LISTEN`` on a channel like ``:pattern``."""
+
+
 async def listening_channels(engine: AsyncEngine, schema: str) -> set[str]:
-    """The channels of the test's schema that a server session listens on (its last query)."""
+    """The channels of the test's schema that a server session listens on."""
     async with engine.connect() as conn:
-        rows = await conn.execute(
-            sa.text(
-                "SELECT query FROM pg_stat_activity WHERE query LIKE 'LISTEN %' "
-                "AND query LIKE :schema"
-            ),
-            {"schema": f"%{schema}%"},
-        )
-        return {query.split(None, 1)[1].strip('"') for (query,) in rows}
+        found = (await conn.execute(LISTENING, {"pattern": f'LISTEN "%{schema}"'})).scalars()
+        return {query.split(None, 1)[1].strip('"') for query in found}
 
 
 @pytest.mark.parametrize("listen", [False, True], ids=["poll", "listen"])
@@ -173,7 +171,6 @@ async def test_a_worker_and_a_client_through_pgbouncer(
             await asyncio.wait_for(ledger.holding.setdefault(held, asyncio.Event()).wait(), BOUND)
             await client.pause_task(held)
             await wait_state(client, held, State.PAUSED)
-            ledger.holding[held].clear()
             await client.run_task(held)
             assert (await client.wait_task(held, timeout=BOUND)).state is State.FINISHED
 
