@@ -5,6 +5,8 @@ PostgreSQL URLs as managed services hand them out carry libpq parameters
 query parameter is checked before any I/O and either translated (``sslmode``,
 ``connect_timeout``, ``application_name``), passed on as asyncpg or SQLAlchemy takes it
 (converted to the type they want), or refused with a ``ConfigurationError`` naming it.
+``pgbouncer=transaction`` (with ``listen_host`` and ``listen_port``) is ours: the URL goes through
+a pooler in transaction mode (``TransactionPooler``).
 
 MySQL and MariaDB URLs (``mysql://``, ``mariadb://``, with or without ``+aiomysql``) get the
 aiomysql driver, which the ``mysql`` extra installs, and the utf8mb4 character set, always.
@@ -17,11 +19,13 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import make_url
+from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from ._errors import ConfigurationError
 
@@ -140,6 +144,31 @@ _PG_PASSED: dict[str, Callable[[str, str], Any]] = {
 }
 _PG_KEPT = ("host", "port")
 """Left in the URL: SQLAlchemy reads them (a Unix socket directory, several hosts)."""
+_PG_POOLER = ("pgbouncer", "listen_host", "listen_port")
+"""Ours: a transaction pooler in front of the server (``_engine_options``)."""
+POOLER_MODES = ("transaction",)
+"""The pool modes ``pgbouncer=`` names; a pooler in session mode needs no parameter."""
+POOLER_OPTION = "aioasync_pooler"
+"""The execution option of an engine whose URL says ``pgbouncer=transaction``: its
+``TransactionPooler``."""
+DEFAULT_PG_PORT = 5432
+"""The server's port when ``listen_port`` is not given (the URL's port is the pooler's)."""
+_CACHES = ("statement_cache_size", "prepared_statement_cache_size")
+"""The statement caches, which a transaction pooler rules out (``_engine_options``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionPooler:
+    """The engine's connections go through a pooler in transaction mode (PgBouncer's
+    ``pool_mode = transaction``): each transaction may run on another server session, so the
+    engine prepares no statement that outlives a transaction, and the driver keeps no setting
+    in a session and listens only on ``listen`` (docs/design.md §14)."""
+
+    listen: AsyncEngine | None
+    """An engine of direct connections to the server, for ``LISTEN`` (``listen_host``); None:
+    nodes poll."""
+
+
 _PG_ENVIRONMENT = {
     "sslrootcert": "PGSSLROOTCERT",
     "sslcert": "PGSSLCERT",
@@ -182,9 +211,9 @@ def _pg_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, An
     args: dict[str, Any] = {}
     native = _asyncpg_arguments() | {"prepared_statement_cache_size"}
     passed = {name: convert for name, convert in _PG_PASSED.items() if name in native}
-    accepted = sorted([*_PG_TRANSLATED, *passed, *_PG_KEPT])
+    accepted = sorted([*_PG_TRANSLATED, *passed, *_PG_KEPT, *_PG_POOLER])
     for name, value in query.items():
-        if name in _PG_KEPT:
+        if name in _PG_KEPT or name in _PG_POOLER:
             continue
         if not isinstance(value, str):
             raise ConfigurationError(f"database URL parameter {name!r} is given more than once")
@@ -209,6 +238,72 @@ def _pg_connect_args(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, An
                 f"unsupported PostgreSQL URL parameter {name!r}; accepted: {_accepted(accepted)}"
             )
     return args
+
+
+def _port(name: str, value: str) -> int:
+    number = _count(name, value)
+    if not 0 < number < 65536:
+        raise ConfigurationError(f"database URL parameter {name}={value!r}: use a TCP port")
+    return number
+
+
+def _unnamed() -> str:
+    """The name of every statement SQLAlchemy prepares through a transaction pooler: the
+    unnamed one, which the server forgets at the next statement, so that no name is ever
+    looked up on a server session that never saw it, nor taken on one that did."""
+    return ""
+
+
+def _engine_options(
+    url: URL, query: Mapping[str, str | tuple[str, ...]], connect_args: dict[str, Any]
+) -> dict[str, Any]:
+    """``create_async_engine``'s arguments for a PostgreSQL URL: ``connect_args``, and for
+    ``pgbouncer=transaction`` those of a transaction pooler (``TransactionPooler``)."""
+    values: dict[str, str] = {}
+    for name in _PG_POOLER:
+        value = query.get(name)
+        if isinstance(value, tuple):
+            raise ConfigurationError(f"database URL parameter {name!r} is given more than once")
+        if value is not None:
+            values[name] = value
+    if not values:
+        return {"connect_args": connect_args}
+    mode = values.get("pgbouncer")
+    if mode is None:
+        raise ConfigurationError(
+            f"database URL parameter {next(iter(values))!r} is for pgbouncer=transaction: "
+            "without a transaction pooler, nodes listen on connections of their own"
+        )
+    if mode not in POOLER_MODES:
+        raise ConfigurationError(
+            f"database URL parameter pgbouncer={mode!r}: use pgbouncer=transaction (a pooler "
+            "in session mode needs no parameter)"
+        )
+    if "listen_port" in values and "listen_host" not in values:
+        raise ConfigurationError("database URL parameter 'listen_port' needs a listen_host")
+    for name in _CACHES:
+        if name in connect_args:
+            raise ConfigurationError(
+                f"database URL parameter {name!r}: pgbouncer=transaction turns the statement "
+                "caches off, give one or the other"
+            )
+    listen = None
+    if "listen_host" in values:
+        port = _port("listen_port", values.get("listen_port", str(DEFAULT_PG_PORT)))
+        direct = url.set(host=values["listen_host"], port=port, query={})
+        try:
+            listen = create_async_engine(direct, connect_args=connect_args, poolclass=NullPool)
+        except ArgumentError as exc:
+            raise ConfigurationError(f"bad listen_host or listen_port: {exc}") from exc
+    return {
+        "connect_args": {
+            **connect_args,
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": _unnamed,
+        },
+        "execution_options": {POOLER_OPTION: TransactionPooler(listen)},
+    }
 
 
 def _passed_args(
@@ -260,7 +355,7 @@ def engine_from_url(url: str) -> AsyncEngine:
                 "SQLite needs a file (sqlite+aiosqlite:///path/to/tasks.db): an in-memory "
                 "database cannot be shared between connections or nodes"
             )
-        connect_args = _passed_args("SQLite", parsed.query, _SQLITE_PASSED)
+        options = {"connect_args": _passed_args("SQLite", parsed.query, _SQLITE_PASSED)}
         parsed = parsed.set(query={})
     elif driver in _MYSQL_DRIVERS:
         _require_mysql_driver()
@@ -268,11 +363,13 @@ def engine_from_url(url: str) -> AsyncEngine:
             "charset": MYSQL_CHARSET,
             **_passed_args("MySQL", parsed.query, _MYSQL_PASSED),
         }
+        options = {"connect_args": connect_args}
         parsed = parsed.set(query={})
     else:
-        connect_args = _pg_connect_args(parsed.query)
-        parsed = parsed.set(query={k: v for k, v in parsed.query.items() if k in _PG_KEPT})
+        query = parsed.query
+        parsed = parsed.set(query={k: v for k, v in query.items() if k in _PG_KEPT})
+        options = _engine_options(parsed, query, _pg_connect_args(query))
     try:
-        return create_async_engine(parsed, connect_args=connect_args)
+        return create_async_engine(parsed, **options)
     except ArgumentError as exc:
         raise ConfigurationError(f"bad database URL {_hide_password(url)!r}: {exc}") from exc

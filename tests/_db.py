@@ -40,6 +40,9 @@ CONNECT_TIMEOUT = 2.0
 
 _T = TypeVar("_T")
 
+POOLED = "pgbouncer"
+"""The backend of a PostgreSQL target behind PgBouncer in transaction pooling mode."""
+
 
 @dataclass(frozen=True)
 class DbTarget:
@@ -57,6 +60,11 @@ class DbTarget:
     @property
     def is_postgres(self) -> bool:
         return self.backend == "postgres"
+
+    @property
+    def pooled(self) -> bool:
+        """Behind a PgBouncer in transaction pooling mode (``tests/_pgbouncer.py``)."""
+        return self.backend == POOLED
 
     def connect_args(self) -> dict[str, Any]:
         """``connect_args`` for ``create_async_engine`` that put ``schema`` on the search path."""

@@ -22,6 +22,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, State, Task, TaskNotFound, TaskRegistry
+from aioasync_tasks._urls import engine_from_url
 
 BOUND = 30.0
 """Generous bound on waiting for a condition in the test's own process (never a timing
@@ -168,7 +169,11 @@ def all_in(node: Node, ids: list[int], *states: State) -> Callable[[], Awaitable
 
 def raw_engine(db: DbTarget) -> AsyncEngine:
     """An engine of the test's own, with the test schema on the search path (the ``raw``
-    fixture of ``conftest.py`` is one, disposed of after the test)."""
+    fixture of ``conftest.py`` is one, disposed of after the test). Behind PgBouncer
+    (``pgbouncer=transaction`` in the URL) it is made as an application makes its own, with
+    ``engine_from_url``, and has no search path (PgBouncer refuses the startup parameter)."""
+    if db.pooled:
+        return engine_from_url(db.url)
     return create_async_engine(db.url, connect_args=db.connect_args())
 
 

@@ -4,7 +4,8 @@ Fixtures
 --------
 ``db``
     Function-scoped, parametrised over ``sqlite``, ``postgres`` and ``mysql`` (test ids
-    ``[sqlite]``, ``[postgres]``, ``[mysql]``); yields a :class:`_db.DbTarget`.  Tests marked
+    ``[sqlite]``, ``[postgres]``, ``[mysql]``), and for the driver suite ``pgbouncer`` too
+    (``POOLED``); yields a :class:`_db.DbTarget`.  Tests marked
     ``postgres_only`` get only the ``postgres`` parameter.  Fixtures that depend on ``db`` are
     parametrised too.
 ``sqlite_db`` / ``pg_db``
@@ -19,6 +20,9 @@ Fixtures
 ``pg_proxy`` / ``pg_proxy_db``
     A fault-injecting :class:`_faults.PgProxy` in front of ``pg_server`` (closed after the
     test), and ``pg_db`` (same fresh schema) with its URL through that proxy.
+``pgbouncer``
+    Session-scoped :class:`_pgbouncer.PgBouncer`: a real PgBouncer process in transaction
+    pooling mode in front of ``pg_server`` (skips when there is no ``pgbouncer`` binary).
 ``raw``
     An engine of the test's own on ``db`` (``_helpers.raw_engine``), to look at the rows behind
     the library's back; disposed of after the test.
@@ -41,6 +45,7 @@ from typing import Any
 import pytest
 from _cluster import Cluster, open_cluster
 from _db import (
+    POOLED,
     DbTarget,
     MysqlServer,
     MysqlUnavailableError,
@@ -56,9 +61,12 @@ from _db import (
 )
 from _faults import PgProxy
 from _helpers import raw_engine
+from _pgbouncer import PgBouncer, PgBouncerUnavailableError, find_pgbouncer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 BACKENDS = ("sqlite", "postgres", "mysql")
+POOLED_SUITES = ("driver.",)
+"""The test packages that run on ``POOLED`` as well: the driver conformance suite."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -74,6 +82,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         backends: tuple[str, ...] = ("postgres",)
     else:
         backends = BACKENDS
+    if metafunc.module.__name__.startswith(POOLED_SUITES):
+        backends += (POOLED,)
     metafunc.parametrize("db", backends, indirect=True, ids=list(backends))
 
 
@@ -144,6 +154,13 @@ def _pg_target(server: PgServer) -> Iterator[DbTarget]:
         drop_schema(server.url, schema)
 
 
+def _pooled_target(server: PgServer, bouncer: PgBouncer) -> Iterator[DbTarget]:
+    """A fresh schema reached through ``bouncer``, listening on a direct connection (its URL
+    takes no search path: PgBouncer refuses that startup parameter)."""
+    for target in _pg_target(server):
+        yield DbTarget(backend=POOLED, url=bouncer.pooled_url(listen=True), schema=target.schema)
+
+
 @pytest.fixture
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbTarget]:
     """A fresh database on the backend named by the ``sqlite``/``postgres``/``mysql``
@@ -155,6 +172,10 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbTarget]:
         yield from _pg_target(request.getfixturevalue("pg_server"))
     elif backend == "mysql":
         yield from _mysql_target(request.getfixturevalue("mysql_server"))
+    elif backend == POOLED:
+        yield from _pooled_target(
+            request.getfixturevalue("pg_server"), request.getfixturevalue("pgbouncer")
+        )
     else:
         raise pytest.UsageError(f"db fixture got unexpected backend {backend!r}")
 
@@ -190,6 +211,22 @@ def pg_proxy_db(pg_db: DbTarget, pg_proxy: PgProxy) -> DbTarget:
     """``pg_db`` through ``pg_proxy``: same schema, URL on the proxy's port.  The proxy closes
     before the schema is dropped (which goes to the server directly)."""
     return pg_proxy.target(pg_db)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: PgServer) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode in front of the session's server, stopped at the
+    end of the session."""
+    try:
+        binary = find_pgbouncer()
+    except PgBouncerUnavailableError as exc:
+        pytest.skip(str(exc))
+    bouncer = PgBouncer(binary, pg_server.url)
+    bouncer.start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
 
 
 @pytest.fixture

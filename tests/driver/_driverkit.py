@@ -18,7 +18,7 @@ from typing import Any
 
 from _db import DbTarget
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Fifo, Operation, State, StopRequest, Task
 from aioasync_tasks._backends import driver_for
@@ -36,6 +36,7 @@ from aioasync_tasks._backends._driver import (
 )
 from aioasync_tasks._schema import TASKS
 from aioasync_tasks._states import Event, Outcome, apply_event
+from aioasync_tasks._urls import engine_from_url
 from aioasync_tasks._validation import OnConflict
 
 FAR = 3600.0
@@ -54,9 +55,9 @@ def unique_type() -> str:
 
 @asynccontextmanager
 async def open_engine(db: DbTarget) -> AsyncIterator[AsyncEngine]:
-    """An engine on the test database (no search path: the driver must name its schema
-    itself), disposed of afterwards."""
-    engine = create_async_engine(db.url)
+    """An engine on the test database as a node makes it from the URL (no search path: the
+    driver must name its schema itself), disposed of afterwards."""
+    engine = engine_from_url(db.url)
     try:
         yield engine
     finally:

@@ -40,7 +40,8 @@ How a new driver uses it
    schema …). Every test here then runs once more, with the test id ``[<name>]``.
 3. Run ``nice -n 10 .venv/bin/python -m pytest -q tests/driver``. The driver conforms when
    every test passes (and no xfail of a test meant for another driver's bug passes by accident:
-   they are strict).
+   they are strict). PostgreSQL's runs twice: directly, and behind a real PgBouncer in
+   transaction pooling mode (``[pgbouncer]``; skipped without the ``pgbouncer`` binary).
 
 The suite reads behind the driver's back only where the protocol returns nothing to read: the
 ``token`` and ``handoff`` columns of the tasks table (``_driverkit.Peek``), and one test deletes
@@ -57,7 +58,8 @@ Fixtures
     since it is built from the ``db`` fixture (``tests/conftest.py``), which every test that
     uses it gets once per backend.
 ``engine``
-    The driver's engine (``create_async_engine(db.url)``), disposed of after the test.
+    The driver's engine (``engine_from_url(db.url)``, as a node makes it), disposed of after
+    the test.
 ``peek``
     A ``_driverkit.Peek`` on the same engine, for the columns the driver does not return.
 """

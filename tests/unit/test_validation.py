@@ -24,7 +24,12 @@ from aioasync_tasks._backends._transaction import (
     describe_database,
     describe_exception,
 )
-from aioasync_tasks._urls import _pg_connect_args, engine_from_url
+from aioasync_tasks._urls import (
+    POOLER_OPTION,
+    TransactionPooler,
+    _pg_connect_args,
+    engine_from_url,
+)
 from aioasync_tasks._validation import (
     MAX_ERROR_LENGTH,
     MAX_NAME_LENGTH,
@@ -227,6 +232,51 @@ def test_asyncpg_parameters_pass_converted() -> None:
 def test_bad_postgresql_url_parameters_are_refused(query: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         engine_from_url(f"postgresql://u:secret@127.0.0.1:1/db?{query}")
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("pgbouncer=session", "pgbouncer='session': use pgbouncer=transaction"),
+        ("pgbouncer=statement", "pgbouncer='statement': use pgbouncer=transaction"),
+        ("listen_host=db", "'listen_host' is for pgbouncer=transaction"),
+        ("listen_port=5432", "'listen_port' is for pgbouncer=transaction"),
+        ("pgbouncer=transaction&listen_port=5432", "'listen_port' needs a listen_host"),
+        ("pgbouncer=transaction&listen_host=db&listen_port=0", "listen_port='0': use a TCP"),
+        ("pgbouncer=transaction&listen_host=db&listen_port=x", "listen_port='x'"),
+        ("pgbouncer=transaction&pgbouncer=transaction", "'pgbouncer' is given more than once"),
+        ("pgbouncer=transaction&statement_cache_size=100", "'statement_cache_size': pgbouncer"),
+        (
+            "pgbouncer=transaction&prepared_statement_cache_size=0",
+            "'prepared_statement_cache_size': pgbouncer",
+        ),
+    ],
+)
+def test_bad_pooler_parameters_are_refused(query: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        engine_from_url(f"postgresql://u:secret@127.0.0.1:1/db?{query}")
+
+
+async def test_a_pooled_engine_names_its_pooler_and_the_direct_listen_address() -> None:
+    engine = engine_from_url(
+        "postgresql://u@pooler:6432/db?pgbouncer=transaction&listen_host=db&sslmode=require"
+    )
+    try:
+        pooler = engine.get_execution_options()[POOLER_OPTION]
+        assert isinstance(pooler, TransactionPooler)
+        assert pooler.listen is not None
+        assert (pooler.listen.url.host, pooler.listen.url.port) == ("db", 5432)
+        assert pooler.listen.url.database == "db"
+        _, connect_args = engine.dialect.create_connect_args(engine.url)
+        assert connect_args["port"] == 6432
+        polled = engine_from_url("postgresql://u@pooler:6432/db?pgbouncer=transaction")
+        assert polled.get_execution_options()[POOLER_OPTION] == TransactionPooler(None)
+        await polled.dispose()
+        direct = engine_from_url("postgresql://u@db/db")
+        assert POOLER_OPTION not in direct.get_execution_options()
+        await direct.dispose()
+    finally:
+        await engine.dispose()
 
 
 def test_an_unknown_parameter_is_named_with_the_accepted_ones() -> None:

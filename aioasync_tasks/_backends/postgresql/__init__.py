@@ -1,6 +1,8 @@
 """The PostgreSQL driver (asyncpg): its statements are in ``queries.sql`` beside this file, its
 schema in ``migrations/``. Row locks with ``SKIP LOCKED``, arrays for lists and batches,
-LISTEN/NOTIFY to wake nodes and deliver stop requests at once."""
+LISTEN/NOTIFY to wake nodes and deliver stop requests at once. Through a transaction pooler
+(``pgbouncer=transaction``) it keeps nothing in a session: the idle bound is set in each write
+transaction, and it listens on a direct connection, or not at all (nodes poll)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..._urls import POOLER_OPTION
 from .._driver import ListenParams, task_events
 from .._sqldriver import SqlDriver
 from .._transaction import WRAPPED, database_error, forget_session_values, set_session_value
@@ -30,7 +33,10 @@ def configure_engine(engine: AsyncEngine) -> None:
 
     The setting is made for the session and remembered per pooled connection
     (``set_session_value``): a connection that serves our writes one after another pays no
-    round trip for it, where a ``SET LOCAL`` in each transaction would."""
+    round trip for it, where a ``SET LOCAL`` in each transaction would. Through a transaction
+    pooler the session is not ours — the next transaction may run on another, and this one's
+    session serves other clients next — so each write transaction pays that ``SET LOCAL``
+    (docs/design.md §9.5)."""
     sync_engine = engine.sync_engine
     if getattr(sync_engine, "_aioasync_configured", False):
         return
@@ -41,6 +47,12 @@ def configure_engine(engine: AsyncEngine) -> None:
         if "aioasync_write" in options and not options["aioasync_write"]:
             return  # our reads: either setting will do
         milliseconds = options.get(IDLE_TIMEOUT_OPTION)
+        if POOLER_OPTION in options:
+            if milliseconds is not None and options.get("isolation_level") != "AUTOCOMMIT":
+                conn.exec_driver_sql(
+                    f"SET LOCAL idle_in_transaction_session_timeout = {int(milliseconds)}"
+                )
+            return
         value = "DEFAULT" if milliseconds is None else str(int(milliseconds))
         set_session_value(
             conn,
@@ -61,6 +73,11 @@ class PostgresDriver(SqlDriver):
     def __init__(self, engine: AsyncEngine, schema: str | None = None) -> None:
         super().__init__(engine, schema)
         configure_engine(engine)
+        pooler = engine.get_execution_options().get(POOLER_OPTION)
+        self._listen_engine: AsyncEngine | None = engine if pooler is None else pooler.listen
+        """Where ``LISTEN`` runs: a session of its own, which a transaction pooler cannot give
+        (its ``listen_host``, or None: nodes and waiters poll, docs/design.md §14)."""
+        self.supports_notify = self._listen_engine is not None
         suffix = re.sub(r"[^a-z0-9_]", "_", (schema or "public").lower())
         self.channel = f"aioasync_tasks_{suffix}"[:63]
         self.events_channel = f"aioasync_watch_{suffix}"[:63]
@@ -120,10 +137,13 @@ class PostgresDriver(SqlDriver):
     ) -> AsyncIterator[asyncio.Event]:
         # A connection of its own, out of the pool's rotation for as long as it listens; it is
         # invalidated (closed) afterwards, never handed to another user of the pool.
+        engine = self._listen_engine
+        if engine is None:
+            raise NotImplementedError("no listen_host for LISTEN behind a transaction pooler")
         try:
-            conn = await self.engine.connect()
+            conn = await engine.connect()
         except WRAPPED as exc:
-            raise database_error(exc, self.engine.url, "could not listen on") from exc
+            raise database_error(exc, engine.url, "could not listen on") from exc
         try:
             try:
                 raw = await conn.get_raw_connection()
@@ -134,7 +154,7 @@ class PostgresDriver(SqlDriver):
                     channel, lambda _conn, _pid, _channel, payload: on_message(payload)
                 )
             except Exception as exc:  # asyncpg raises errors of its own here too
-                raise database_error(exc, self.engine.url, "could not listen on") from exc
+                raise database_error(exc, engine.url, "could not listen on") from exc
             yield lost
         finally:
             # Whatever ends it (a lost connection, an error, the node's stop cancelling it
