@@ -218,6 +218,11 @@ async def test_migrate_sql_needs_only_the_dialect_of_the_url(tmp_path: Path) -> 
     mysql = expect_ok(await cli("--db", "mariadb://x@h/db", "migrate", "--sql"))
     assert "-- migration 1\n" in mysql
     assert "ENGINE=InnoDB" in mysql
+    # MySQL commits at every DDL statement: its header must not promise one transaction.
+    assert "-- Run them in one transaction." in script.split("\n\n", 1)[0]
+    mysql_header = mysql.split("\n\n", 1)[0]
+    assert "-- Run them in one transaction" not in mysql_header
+    assert "MySQL commits at every DDL statement, so they cannot run in one" in mysql_header
     assert "VALUES (2, UTC_TIMESTAMP(6));" in mysql
     bad = await cli("--db", "oracle://x@h/db", "migrate", "--sql")
     assert "unsupported database URL scheme" in bad.error_line

@@ -3,14 +3,15 @@ migration tool (Alembic, Flyway, sqitch, psql in a deploy step …).
 
 The dialect is read from the URL, without connecting. Each migration is the shipped file as
 it is, followed by the row that records its version, as ``Node.migrate()`` writes it: a node
-checks that version at start, so a schema made by the script is one the library accepts.
+checks that version at start, so a schema made by the script is one the library accepts. The
+header says how to run it: in one transaction, except on MySQL, whose DDL commits as it goes.
 """
 
 from __future__ import annotations
 
 from .._backends._migrations import migration_files
 from .._errors import ConfigurationError
-from .._schema import SCHEMA_VERSION, VERSIONS
+from .._schema import MYSQL, SCHEMA_VERSION, VERSIONS
 from .._urls import engine_from_url
 from .._validation import check_schema
 
@@ -46,9 +47,17 @@ def migration_script(url: str, schema: str | None, *, since: int = 0) -> str:
     lines = [
         f"-- aioasync_tasks: the migrations after schema version {since} for {dialect}, "
         f"up to version {SCHEMA_VERSION}",
-        "-- (printed by `aioasync-tasks migrate --sql`). Run them in one transaction; nodes then",
-        "-- find the schema up to date, and may start with auto_migrate=False.",
+        "-- (printed by `aioasync-tasks migrate --sql`).",
     ]
+    if dialect in MYSQL:
+        lines += [
+            "-- MySQL commits at every DDL statement, so they cannot run in one transaction: run",
+            "-- them in order; after a failure, the statements before it stay applied, so go on",
+            "-- from the one that failed.",
+        ]
+    else:
+        lines.append("-- Run them in one transaction.")
+    lines.append("-- Nodes then find the schema up to date, and may start with auto_migrate=False.")
     if not migrations:
         lines.append(f"-- nothing to do: version {SCHEMA_VERSION} is the newest")
     elif schema is not None:
