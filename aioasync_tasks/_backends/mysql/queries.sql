@@ -174,8 +174,9 @@ UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
 WHERE id = :id AND token = :token AND state = :expected
 
 -- name: delete_tasks
-DELETE FROM {tasks}
-WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+-- (A join by the primary key, as take_claims.)
+DELETE t FROM {tasks} t
+JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l ON t.id = l.v
 
 -- name: lock_group
 -- Taken in the order claims take it (group, then task).
@@ -261,12 +262,14 @@ WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) 
 FOR UPDATE SKIP LOCKED
 
 -- name: take_claims
--- The claim of locked rows (:ids): RUNNING, owned, an attempt and a new token.
-UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
-    token = token + 1, handoff = false, started_at = COALESCE(started_at, {now}),
-    updated_at = {now}
-WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
-    AND state = :from_state
+-- The claim of locked rows (:ids): RUNNING, owned, an attempt and a new token. A join, not
+-- `id IN (subquery)`: MariaDB runs an UPDATE or DELETE of one table with such a subquery once
+-- per row of the table (no semi-join), a join by the primary key once per id.
+UPDATE {tasks} t JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l ON t.id = l.v
+SET t.state = :to_state, t.node_id = :node, t.attempts = t.attempts + 1,
+    t.token = t.token + 1, t.handoff = false, t.started_at = COALESCE(t.started_at, {now}),
+    t.updated_at = {now}
+WHERE t.state = :from_state
 
 -- name: claimed_rows
 -- What a claim took, read back in its transaction.
@@ -300,10 +303,11 @@ ORDER BY run_at, id LIMIT :limit
 FOR UPDATE SKIP LOCKED
 
 -- name: take_cleanups
-UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
-    token = token + 1, updated_at = {now}
-WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
-    AND state = :from_state
+-- (A join by the primary key, as take_claims.)
+UPDATE {tasks} t JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l ON t.id = l.v
+SET t.state = :to_state, t.node_id = :node, t.attempts = t.attempts + 1,
+    t.token = t.token + 1, t.updated_at = {now}
+WHERE t.state = :from_state
 
 -- name: lock_checkpoints
 -- The rows whose checkpoint is accepted (:rows a JSON array of [id, token, context, progress,
