@@ -106,16 +106,18 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def _queue_params(queues: Sequence[Any]) -> dict[str, Any]:
-    """The parameters of the ``claim`` statement's copies of ``claim_queue``, one per queue
-    that ``claim_queues`` chose (``{n}``: its number)."""
+def _queue_params(queues: Sequence[Any], branches: int) -> dict[str, Any]:
+    """The parameters of the ``claim`` statement's ``branches`` copies of ``claim_queue``
+    (``{n}``: its number): the queues that ``claim_queues`` chose, then NULL names, which match
+    no row (the optimizer sees an impossible condition)."""
     params: dict[str, Any] = {}
-    for n, q in enumerate(queues):
-        params[f"group_{n}"] = q.group_name
-        params[f"user_{n}"] = q.user_name
-        params[f"user_running_{n}"] = q.user_running
-        params[f"group_room_{n}"] = q.group_room
-        params[f"user_room_{n}"] = q.user_room
+    for n in range(branches):
+        q = queues[n] if n < len(queues) else None
+        params[f"group_{n}"] = q and q.group_name
+        params[f"user_{n}"] = q and q.user_name
+        params[f"user_running_{n}"] = q and q.user_running
+        params[f"group_room_{n}"] = q and q.group_room
+        params[f"user_room_{n}"] = q and q.user_room
     return params
 
 
@@ -295,12 +297,15 @@ class MysqlDriver(SqlDriver):
             ).all()
             candidates: list[tuple[int, str]] = []
             if queues:
+                # Statements are cached by their number of queues: a power of two, the queues
+                # beyond len(queues) with no name (no rows), so that few texts are ever made.
+                branches = 1 << (len(queues) - 1).bit_length()
                 chosen = await self._run(
                     conn,
                     "claim",
-                    {"types": types, "pool": pool, **_queue_params(queues)},
+                    {"types": types, "pool": pool, **_queue_params(queues, branches)},
                     order_by=p.policy.order_by,
-                    queues=len(queues),
+                    queues=branches,
                 )
                 candidates = [(r.id, r.group_name) for r in chosen]
             locked: dict[int, Any] = {}
