@@ -90,6 +90,14 @@ async def fill(node: Node) -> int:
     return first
 
 
+async def fill_with_groups(node: Node) -> int:
+    """``fill``, with one group paused and one with limits, as a claim finds them."""
+    first = await fill(node)
+    await node.pause_group("g02")
+    await node.set_group_limits("g01", max_running=5, max_running_per_user=2)
+    return first
+
+
 MIXED_STATES = """
 UPDATE aioasync_tasks SET
   state = CASE
@@ -281,9 +289,7 @@ async def test_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
     engine = raw_engine(db)
     try:
         async with make_node(db, registry, concurrency=0) as client:
-            first = await fill(client)
-            await client.pause_group("g02")
-            await client.set_group_limits("g01", max_running=5, max_running_per_user=2)
+            first = await fill_with_groups(client)
             assert await client.count_tasks(states=[State.PENDING]) == ROWS
             await vacuum_analyze(engine)
             claim, cleanup_claim = await capture_claims(db, registry)
@@ -441,9 +447,7 @@ async def test_mysql_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
     engine = raw_engine(db)
     try:
         async with make_node(db, registry, concurrency=0) as client:
-            first = await fill(client)
-            await client.pause_group("g02")
-            await client.set_group_limits("g01", max_running=5, max_running_per_user=2)
+            first = await fill_with_groups(client)
             for run_at in (None, None, datetime.now(UTC) + timedelta(hours=1)):
                 await client.create_task("rare", max_attempts=3, run_at=run_at)
             for stage in ("100k pending", "mixed states"):
