@@ -145,12 +145,14 @@ ORDER BY id FOR UPDATE
 
 -- name: lock_tasks_of_nodes
 -- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
+-- `node_id IS NOT NULL` first: the owned rows are one range of the owner index (with the two
+-- cases OR-ed at the top, MariaDB read, and locked, every row of the table).
 SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
     watched_until > {now} AS watched
 FROM {tasks} t
-WHERE node_id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
-    OR (:orphans AND node_id IS NOT NULL
-        AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = t.node_id))
+WHERE node_id IS NOT NULL
+    AND (node_id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+        OR (:orphans AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = t.node_id)))
 ORDER BY id FOR UPDATE
 
 -- name: lock_running_in_group
