@@ -5,8 +5,8 @@
 -- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
 -- docs/design.md §6). Parameters are bound by name (:name). A list, or a batch of rows, is
 -- bound as one JSON array and read with JSON_TABLE, so that a statement's text never depends
--- on how many items it gets; strings read from it are utf8mb4 with the tables' binary
--- collation.
+-- on how many items it gets (but for the queues a claim reads: {queues}, in the claim
+-- statement); strings read from it are utf8mb4 with the tables' binary collation.
 --
 -- Neither MySQL nor MariaDB has UPDATE … RETURNING, and MariaDB has no LATERAL: the driver
 -- (mysql/__init__.py) runs a claim, a cleanup claim and a checkpoint as a locking SELECT of
