@@ -18,8 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 
-SCHEMA_VERSION = 5
-"""The newest migration this library knows (versions need not be contiguous:
+SCHEMA_VERSION = 6
+"""The newest migration this library knows, of any database (versions need not be contiguous,
+and a database may have versions the others lack: MySQL's 6 has no counterpart elsewhere;
 ``_backends/_migrations.py``)."""
 
 TASKS = "aioasync_tasks"
@@ -93,6 +94,11 @@ column of this name, ``CASE WHEN state IN (live states) THEN unique_key END``, a
 unique index ``aioasync_tasks_unique_idx`` on (type, live_key): NULLs never collide, so only
 live tasks hold their key (docs/design.md §16.1). This metadata, which is the same for every
 database, does not declare it: it is the partial index's stand-in, not a column of its own."""
+MYSQL_STATE_LED = frozenset({"aioasync_tasks_queue_idx", "aioasync_tasks_active_idx"})
+"""The indexes that are partial on the state elsewhere and, on MySQL and MariaDB (migration 6),
+lead with ``state`` instead: the rows of one state are one range of the index, as the partial
+index holds them (docs/design.md §16.1). This metadata declares them as the other databases
+have them."""
 
 
 _TABLE_OPTIONS: dict[str, Any] = {

@@ -8,7 +8,7 @@ and the library's result is printed as a ratio to it.
 
     python benchmarks/drain.py --backend postgres -n 20000              # 1x100 and 2x10
     python benchmarks/drain.py --backend sqlite -n 20000 --config 1x100
-    python benchmarks/drain.py --backend mysql --no-baseline       # MariaDB/MySQL: no baseline
+    python benchmarks/drain.py --backend mysql -n 20000 --config 1x100  # MariaDB/MySQL
     python benchmarks/drain.py -n 20000 --config 1x100 --profile pyinstrument   # profile node
 """
 
@@ -167,13 +167,6 @@ def _absolute(path: str) -> str:
 async def _main(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.timeout
     configs = args.config or [(1, 100), (2, 10)]
-    if args.backend == "mysql" and not args.no_baseline:
-        print(
-            "drain: no raw baseline on MySQL/MariaDB (raw_baseline.py has PostgreSQL and SQLite "
-            "SQL only): running as with --no-baseline",
-            flush=True,
-        )
-        args.no_baseline = True
     load = c.load_average()
     print(
         f"drain: backend={args.backend} n={args.n} configs={configs} "

@@ -5,6 +5,11 @@ unless ``--lean``), N pending rows, P processes each with C "slots": claim up to
 ``UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED LIMIT k) … RETURNING``, "run" each (a no-op),
 mark them finished with one ``UPDATE … WHERE id = ANY($1)``, repeat until nothing is left.
 SQLite: the same cycle on the ``sqlite3`` module (``BEGIN IMMEDIATE``; ``UPDATE … RETURNING``).
+MySQL/MariaDB: aiomysql directly; neither has ``UPDATE … RETURNING``, so a claim is one
+transaction of ``SELECT id, type, context … ORDER BY … LIMIT k FOR UPDATE SKIP LOCKED`` and the
+``UPDATE`` of those ids, and the finish one autocommit ``UPDATE … WHERE id IN (…)``; the table
+has the library's MySQL columns and indexes (after its migration 6), and the ready index leads
+with ``state``, as MySQL's stand-in for a partial index.
 
 ``--shape library`` (PostgreSQL) replays the round trips the library makes per cycle instead:
 claim = BEGIN, a lock query, the claim, COMMIT; finish = BEGIN, ``SELECT … FOR UPDATE`` of the
@@ -28,8 +33,10 @@ import resource
 import sqlite3
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -60,6 +67,48 @@ CREATE TABLE {t} (
     error TEXT, node_id INTEGER, created_at REAL NOT NULL, updated_at REAL NOT NULL,
     started_at REAL, done_at REAL, run_at REAL NOT NULL)
 """
+_MYSQL_DDL = """
+CREATE TABLE {t} (
+    id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, type VARCHAR(200) NOT NULL,
+    user_name VARCHAR(200) NOT NULL, group_name VARCHAR(200) NOT NULL,
+    state VARCHAR(16) NOT NULL, requested VARCHAR(16), context LONGTEXT NOT NULL,
+    priority INTEGER NOT NULL, attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
+    has_cleanup BOOL NOT NULL, handoff BOOL NOT NULL, error LONGTEXT, node_id BIGINT,
+    created_at DATETIME(6) NOT NULL, updated_at DATETIME(6) NOT NULL, started_at DATETIME(6),
+    done_at DATETIME(6), run_at DATETIME(6) NOT NULL
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
+"""
+_MYSQL_READY_INDEX = "CREATE INDEX {p}ready_idx ON {t} (state, handoff DESC, priority DESC, id)"
+_MYSQL_OTHER_INDEXES = (
+    "CREATE INDEX {p}active_idx ON {t} (state, group_name, user_name)",
+    "CREATE INDEX {p}queue_idx ON {t}"
+    " (state, group_name, user_name, handoff DESC, priority DESC, id)",
+    "CREATE INDEX {p}deleting_idx ON {t} (run_at)",
+    "CREATE INDEX {p}group_idx ON {t} (group_name, id)",
+    "CREATE INDEX {p}owner_idx ON {t} (node_id)",
+    "CREATE INDEX {p}ready_at_idx ON {t} (run_at)",
+    "CREATE INDEX {p}state_idx ON {t} (state, id)",
+    "CREATE INDEX {p}user_idx ON {t} (user_name, id)",
+    "CREATE INDEX {p}done_idx ON {t} (state, done_at)",
+)
+MYSQL_NOW = "UTC_TIMESTAMP(6)"
+_MYSQL_LOCK = (
+    "SELECT id, type, context FROM {t} WHERE state = 'pending' AND run_at <= {now}"
+    " ORDER BY handoff DESC, priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+_MYSQL_CLAIM = (
+    "UPDATE {t} SET state = 'running', node_id = %s, attempts = attempts + 1,"
+    " started_at = COALESCE(started_at, {now}), updated_at = {now} WHERE id IN ({ids})"
+)
+_MYSQL_FINISH = (
+    "UPDATE {t} SET state = 'finished', node_id = NULL, done_at = {now}, updated_at = {now}"
+    " WHERE id IN ({ids}) AND node_id = %s AND state = 'running'"
+)
+_MYSQL_INSERT = (
+    "INSERT INTO {t} (type, user_name, group_name, state, context, priority, attempts,"
+    " max_attempts, has_cleanup, handoff, created_at, updated_at, run_at)"
+    " VALUES ('noop', '', 'bench', 'pending', '', 0, 0, 1, false, false, {now}, {now}, {now})"
+)
 _READY_INDEX = (
     "CREATE INDEX {p}ready_idx ON {t} (handoff DESC, priority DESC, id) WHERE state = 'pending'"
 )
@@ -97,8 +146,11 @@ _SQLITE_FINISH = (
 )
 
 
-def _indexes(table: str, prefix: str, lean: bool) -> list[str]:
-    chosen = [_READY_INDEX] + ([] if lean else list(_OTHER_INDEXES))
+def _indexes(table: str, prefix: str, lean: bool, backend: str) -> list[str]:
+    if backend == "mysql":
+        chosen = [_MYSQL_READY_INDEX] + ([] if lean else list(_MYSQL_OTHER_INDEXES))
+    else:
+        chosen = [_READY_INDEX] + ([] if lean else list(_OTHER_INDEXES))
     return [s.format(t=table, p=prefix) for s in chosen]
 
 
@@ -112,7 +164,7 @@ async def _setup(db: c.BenchDb, n: int, lean: bool) -> str:
         conn = await asyncpg.connect(db.pg_dsn)
         try:
             await conn.execute(_PG_DDL.format(t=table))
-            for statement in _indexes(table, f"{TABLE}_", lean):
+            for statement in _indexes(table, f"{TABLE}_", lean, db.backend):
                 await conn.execute(statement)
             await conn.execute(
                 f"INSERT INTO {table} (type, user_name, group_name, state, context, priority,"
@@ -125,6 +177,28 @@ async def _setup(db: c.BenchDb, n: int, lean: bool) -> str:
         finally:
             await conn.close()
         return table
+    if db.backend == "mysql":
+        assert db.mysql_kwargs is not None
+        conn = await c.mysql_connect(db.mysql_kwargs, db.database)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(_MYSQL_DDL.format(t=TABLE))
+                with warnings.catch_warnings():
+                    # The deleting and ready indexes are both (run_at) here, as the library's
+                    # are on MySQL; MariaDB warns of the duplicate.
+                    warnings.filterwarnings("ignore", "Duplicate index")
+                    for statement in _indexes(TABLE, f"{TABLE}_", lean, db.backend):
+                        await cur.execute(statement)
+                insert = _MYSQL_INSERT.format(t=TABLE, now=MYSQL_NOW)
+                for start in range(0, n, 1000):  # one multi-row INSERT per 1,000
+                    rows = min(1000, n - start)
+                    values = insert.partition(" VALUES ")[2]
+                    await cur.execute(insert + (", " + values) * (rows - 1))
+                await cur.execute(f"ANALYZE TABLE {TABLE}")
+                await cur.fetchall()
+        finally:
+            conn.close()
+        return TABLE
     assert db.path is not None
     path = db.path
 
@@ -133,7 +207,7 @@ async def _setup(db: c.BenchDb, n: int, lean: bool) -> str:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(_SQLITE_DDL.format(t=TABLE))
-            for statement in _indexes(TABLE, f"{TABLE}_", lean):
+            for statement in _indexes(TABLE, f"{TABLE}_", lean, db.backend):
                 conn.execute(statement)
             conn.execute("BEGIN")
             conn.execute(
@@ -197,6 +271,39 @@ async def _pg_worker(dsn: str, table: str, node_id: int, slots: int, shape: str)
         await conn.close()
 
 
+async def _mysql_worker(url: str, table: str, node_id: int, slots: int) -> int:
+    conn = await c.mysql_connect(
+        {**c.mysql_connect_kwargs(url), "autocommit": False}, urlsplit(url).path.lstrip("/")
+    )
+    lock = _MYSQL_LOCK.format(t=table, now=MYSQL_NOW)
+    async with conn.cursor() as cur:
+        # READ COMMITTED, as the library's writes: locking reads take no gap locks.
+        await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    print("READY", flush=True)
+    sys.stdin.readline()
+    _GO_CPU[0] = _cpu()
+    done = 0
+    try:
+        async with conn.cursor() as cur:
+            while True:
+                await cur.execute(lock, (slots,))
+                rows = await cur.fetchall()
+                if rows:
+                    listed = ",".join(str(int(r[0])) for r in rows)
+                    claim = _MYSQL_CLAIM.format(t=table, now=MYSQL_NOW, ids=listed)
+                    await cur.execute(claim, (node_id,))
+                await conn.commit()
+                if not rows:
+                    return done
+                finish = _MYSQL_FINISH.format(t=table, now=MYSQL_NOW, ids=listed)  # no-ops
+                await cur.execute(finish, (node_id,))
+                await conn.commit()
+                done += len(rows)
+    finally:
+        _report_done(done)
+        conn.close()
+
+
 def _sqlite_worker(path: str, table: str, node_id: int, slots: int) -> int:
     conn = sqlite3.connect(path, isolation_level=None, timeout=60)
     conn.execute("PRAGMA busy_timeout = 60000")
@@ -244,7 +351,9 @@ def _worker_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--backend", required=True)
-    parser.add_argument("--target", required=True, help="asyncpg DSN or SQLite path")
+    parser.add_argument(
+        "--target", required=True, help="asyncpg DSN, MySQL URL with its database, SQLite path"
+    )
     parser.add_argument("--table", required=True)
     parser.add_argument("--node", type=int, required=True)
     parser.add_argument("--slots", type=int, required=True)
@@ -252,6 +361,8 @@ def _worker_main(argv: list[str]) -> None:
     a = parser.parse_args(argv)
     if a.backend == "postgres":
         asyncio.run(_pg_worker(a.target, a.table, a.node, a.slots, a.shape))
+    elif a.backend == "mysql":
+        asyncio.run(_mysql_worker(a.target, a.table, a.node, a.slots))
     else:
         _sqlite_worker(a.target, a.table, a.node, a.slots)
 
@@ -274,7 +385,7 @@ async def run_baseline(
     deadline = deadline or time.monotonic() + 600
     async with c.bench_db(backend, dsn, prefix="bench_raw") as db:
         table = await _setup(db, n, lean)
-        target = db.pg_dsn if backend == "postgres" else db.path
+        target = {"postgres": db.pg_dsn, "mysql": db.url}.get(backend, db.path)
         assert target is not None
         procs: list[asyncio.subprocess.Process] = []
         try:
@@ -305,7 +416,7 @@ async def run_baseline(
                 line = await asyncio.wait_for(proc.stdout.readline(), 60)
                 if not line.startswith(b"READY"):
                     raise RuntimeError(f"raw worker did not start: {line!r}")
-            pg_cpu0 = c.postgres_cpu_seconds()
+            server_cpu0 = c.server_cpu_seconds(backend)
             wall0 = time.monotonic()
             for proc in procs:
                 assert proc.stdin is not None
@@ -322,7 +433,8 @@ async def run_baseline(
                 per_proc.append(int(line.split()[1]))
                 client_cpu += float(line.split()[2])
             wall = time.monotonic() - wall0
-            pg_cpu = c.postgres_cpu_seconds() - pg_cpu0  # the workers' backends still live
+            # The workers' connections still live (PostgreSQL: their backends).
+            server_cpu = c.server_cpu_seconds(backend) - server_cpu0
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.close()
@@ -348,7 +460,7 @@ async def run_baseline(
         "tasks_per_s": round(n / seconds, 1) if seconds else None,
         "per_process": per_proc,
         "client_cpu_seconds": round(client_cpu, 3),
-        "postgres_cpu_seconds": round(pg_cpu, 3) if backend == "postgres" else None,
+        "server_cpu_seconds": round(server_cpu, 3) if backend != "sqlite" else None,
     }
 
 
@@ -378,7 +490,7 @@ async def _main(args: argparse.Namespace) -> None:
         results.append(r)
     c.print_table(
         f"raw baseline ({args.backend}, n={args.n}, shape={args.shape}, loadavg at start {load})",
-        ["P", "C", "tasks/s", "seconds", "wall s", "workers CPU", "postgres CPU"],
+        ["P", "C", "tasks/s", "seconds", "wall s", "workers CPU", "server CPU"],
         [
             [
                 r["processes"],
@@ -387,7 +499,7 @@ async def _main(args: argparse.Namespace) -> None:
                 r["seconds"],
                 r["wall_seconds"],
                 _share(r["client_cpu_seconds"], r["wall_seconds"]),
-                _share(r["postgres_cpu_seconds"], r["wall_seconds"]),
+                _share(r["server_cpu_seconds"], r["wall_seconds"]),
             ]
             for r in results
         ],
@@ -420,11 +532,8 @@ def main() -> None:
         "the library makes today (PostgreSQL only)",
     )
     args = parser.parse_args()
-    if args.backend == "mysql":
-        parser.error(
-            "no MySQL/MariaDB version (its SQL is PostgreSQL's and SQLite's); "
-            "drain.py --backend mysql runs without a baseline"
-        )
+    if args.backend != "postgres" and args.shape != "minimal":
+        parser.error("--shape library is PostgreSQL's only")
     c.run_main(lambda: _main(args), args.timeout)
 
 

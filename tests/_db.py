@@ -31,6 +31,8 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # no type information
 
+from aioasync_tasks._backends._migrations import migration_files
+
 DSN_ENV = "AIOASYNC_TASKS_TEST_DSN"
 LOCAL_HOST = "127.0.0.1"
 LOCAL_PORT = 5432
@@ -65,6 +67,22 @@ class DbTarget:
     def pooled(self) -> bool:
         """Behind a PgBouncer in transaction pooling mode (``tests/_pgbouncer.py``)."""
         return self.backend == POOLED
+
+    @property
+    def dialect(self) -> str:
+        """The folder of its driver under ``aioasync_tasks/_backends/``."""
+        return {
+            "postgres": "postgresql",
+            POOLED: "postgresql",
+            "sqlite": "sqlite",
+            "mysql": "mysql",
+        }[self.backend]
+
+    @property
+    def shipped_versions(self) -> list[int]:
+        """The versions of its shipped migrations (a database may lack some that others have:
+        ``aioasync_tasks._schema.SCHEMA_VERSION``)."""
+        return [version for version, _ in migration_files(self.dialect)]
 
     def connect_args(self) -> dict[str, Any]:
         """``connect_args`` for ``create_async_engine`` that put ``schema`` on the search path."""

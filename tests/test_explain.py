@@ -1,4 +1,5 @@
-"""The queries of the PostgreSQL backend use indexes on a big table.
+"""The queries of the PostgreSQL backend, and the claim of the MySQL one, use indexes on a big
+table.
 
 100,000 tasks are created through ``create_tasks`` and spread over users, groups, types and
 states; the statements the library really runs are captured from the node's engine (a
@@ -13,6 +14,13 @@ generic plan it may switch to once asyncpg's prepared statement has run a few ti
 are all old, the index must also serve the filter itself (an ``Index Cond`` on the column): a
 walk of the primary key backwards with a ``Filter`` would read nearly the whole table to find
 its page. The table is VACUUMed and ANALYZEd first, as autovacuum would have done.
+
+On MariaDB (or MySQL), the claim's statements and the next-due query are EXPLAINed the same way
+(``EXPLAIN FORMAT=JSON``, the table ANALYZEd first): no table of the plan is read whole, the
+queues are found by a loose scan of the active index, each queue's tasks are read from the queue
+index, the chosen rows are locked and updated by their primary key, and the next due time is
+read from a ``run_at`` index (docs/design.md §16.1). The rescuer's lock of owned tasks reads
+the owner index.
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -32,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Node, Report, State, TaskRegistry
 
-pytestmark = [pytest.mark.postgres_only, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 TABLE = "aioasync_tasks"
 ROWS = 100_000
@@ -47,7 +55,7 @@ Captured = tuple[str, Any]
 """A statement as the driver received it, and its parameters."""
 
 
-def build_registry() -> TaskRegistry:
+def build_registry(types: Sequence[str] = TYPES) -> TaskRegistry:
     registry = TaskRegistry()
 
     async def wait_for_stop(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
@@ -57,7 +65,7 @@ def build_registry() -> TaskRegistry:
     async def cleanup(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
         yield Report.finished()
 
-    for name in TYPES:
+    for name in types:
         registry.register_task(name, wait_for_stop, cleanup if name == CLEANUP_TYPE else None)
     return registry
 
@@ -80,6 +88,14 @@ async def fill(node: Node) -> int:
         )
         first = ids[0] if first is None else first
     assert first is not None
+    return first
+
+
+async def fill_with_groups(node: Node) -> int:
+    """``fill``, with one group paused and one with limits, as a claim finds them."""
+    first = await fill(node)
+    await node.pause_group("g02")
+    await node.set_group_limits("g01", max_running=5, max_running_per_user=2)
     return first
 
 
@@ -268,14 +284,13 @@ async def capture_claims(db: DbTarget, registry: TaskRegistry) -> tuple[Captured
     return claims[0], cleanups[0]
 
 
+@pytest.mark.postgres_only
 async def test_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
     registry = build_registry()
     engine = raw_engine(db)
     try:
         async with make_node(db, registry, concurrency=0) as client:
-            first = await fill(client)
-            await client.pause_group("g02")
-            await client.set_group_limits("g01", max_running=5, max_running_per_user=2)
+            first = await fill_with_groups(client)
             assert await client.count_tasks(states=[State.PENDING]) == ROWS
             await vacuum_analyze(engine)
             claim, cleanup_claim = await capture_claims(db, registry)
@@ -304,6 +319,7 @@ QUERIES: list[tuple[str, dict[str, Any], str | None]] = [
 ]
 
 
+@pytest.mark.postgres_only
 async def test_task_queries_use_indexes(db: DbTarget) -> None:
     engine = raw_engine(db)
     try:
@@ -329,6 +345,7 @@ async def test_task_queries_use_indexes(db: DbTarget) -> None:
         await engine.dispose()
 
 
+@pytest.mark.postgres_only
 async def test_retention_unique_keys_and_bulk_deletes_use_indexes(db: DbTarget) -> None:
     """docs/design.md §4.4, §4.5: the prune, the lookups of a unique key's holder and a bulk
     delete by state read indexes, not the whole table."""
@@ -364,5 +381,130 @@ async def test_retention_unique_keys_and_bulk_deletes_use_indexes(db: DbTarget) 
             assert len(prunes) == 2  # FINISHED, then FAILED
             for prune in prunes:
                 await check_both_plans(engine, prune, "prune", filter_column="done_at")
+    finally:
+        await engine.dispose()
+
+
+# -- MySQL and MariaDB ------------------------------------------------------------------------
+
+
+def mysql_tables(plan: Any) -> Iterator[dict[str, Any]]:
+    """Every table read in a MariaDB or MySQL ``EXPLAIN FORMAT=JSON`` document, subqueries and
+    derived tables included."""
+    if isinstance(plan, dict):
+        table = plan.get("table")
+        if isinstance(table, dict) and "table_name" in table:
+            yield table
+        for value in plan.values():
+            yield from mysql_tables(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            yield from mysql_tables(value)
+
+
+async def explain_mysql(engine: AsyncEngine, captured: Captured) -> list[dict[str, Any]]:
+    """The tables of the plan of a captured statement with the parameters it ran with."""
+    statement, parameters = captured
+    async with engine.connect() as conn:
+        result = await conn.exec_driver_sql("EXPLAIN FORMAT=JSON " + statement, parameters)
+        plan = json.loads(result.scalar_one())
+        await conn.rollback()
+    return list(mysql_tables(plan))
+
+
+SMALL_TABLES = {"n", "g"}
+"""The nodes and the groups (their aliases in the statements): a row per node or per group with
+settings, which a plan may read whole."""
+
+
+def check_mysql_plan(tables: list[dict[str, Any]], what: str, *indexes: str) -> None:
+    """No table read whole but ``SMALL_TABLES`` (a JSON list of the statement's parameters is
+    read whole: it is one), and each of ``indexes`` read (``name`` or ``name/group-by``: by a
+    loose scan)."""
+    text = "\n".join(
+        f"{t['table_name']} {t.get('access_type')} {t.get('key', '')}"
+        f"{' group-by' if t.get('using_index_for_group_by') else ''}"
+        for t in tables
+    )
+    whole = [
+        t
+        for t in tables
+        if t.get("access_type") in ("ALL", "index")
+        and "table_function" not in t
+        and not t["table_name"].startswith("<")  # a derived table, already bounded
+        and t["table_name"] not in SMALL_TABLES
+    ]
+    assert not whole, f"{what}: a table read whole\n{text}"
+    for index in indexes:
+        name, _, how = index.partition("/")
+        used = [t for t in tables if t.get("key") == name]
+        if how == "group-by":
+            used = [t for t in used if t.get("using_index_for_group_by")]
+        assert used, f"{what}: {index} not used\n{text}"
+
+
+def mysql_statement(capture: Capture, marker: str) -> Captured:
+    (found, *_) = capture.find(lambda s: marker in s)
+    return found
+
+
+@pytest.mark.parametrize("db", ["mysql"], indirect=True)
+async def test_mysql_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
+    registry = build_registry()
+    rare = build_registry(["rare"])  # two due tasks and a delayed one: a claim comes back short
+    engine = raw_engine(db)
+    try:
+        async with make_node(db, registry, concurrency=0) as client:
+            first = await fill_with_groups(client)
+            for run_at in (None, None, datetime.now(UTC) + timedelta(hours=1)):
+                await client.create_task("rare", max_attempts=3, run_at=run_at)
+            for stage in ("100k pending", "mixed states"):
+                if stage == "mixed states":
+                    async with engine.begin() as conn:
+                        sql = MIXED_STATES.replace(":first", str(int(first)))
+                        await conn.exec_driver_sql(sql)
+                async with engine.connect() as conn:
+                    await conn.exec_driver_sql(f"ANALYZE TABLE {TABLE}")
+                for worker_registry in (registry, rare):
+                    worker = make_node(db, worker_registry, concurrency=WORKER_CONCURRENCY)
+                    with Capture(worker.engine) as capture:
+                        async with worker:
+                            await worker.services.claimer.run_once()
+                            await worker.services.rescuer.run_once()
+                    queues = mysql_statement(capture, "firsts AS (")
+                    chosen = mysql_statement(capture, "chosen AS (")
+                    what = f"{stage}, types {worker_registry.names}"
+                    check_mysql_plan(
+                        await explain_mysql(engine, queues),
+                        f"claim_queues, {what}",
+                        "aioasync_tasks_active_idx/group-by",
+                        "aioasync_tasks_queue_idx",
+                    )
+                    check_mysql_plan(
+                        await explain_mysql(engine, chosen),
+                        f"claim, {what}",
+                        "aioasync_tasks_queue_idx",
+                    )
+                    for step, marker in [
+                        ("lock_claims", "SELECT id, group_name, handoff FROM"),
+                        ("take_claims", "t.handoff = false"),
+                    ]:
+                        tables = await explain_mysql(engine, mysql_statement(capture, marker))
+                        check_mysql_plan(tables, f"{step}, {what}", "PRIMARY")
+                    rescue = mysql_statement(capture, "NOT EXISTS (SELECT 1 FROM")
+                    check_mysql_plan(
+                        await explain_mysql(engine, rescue),
+                        f"the rescuer's lock, {what}",
+                        "aioasync_tasks_owner_idx",
+                    )
+                    if worker_registry is rare:
+                        next_due = mysql_statement(capture, "min(run_at)")
+                        tables = await explain_mysql(engine, next_due)
+                        check_mysql_plan(tables, f"next_due, {what}")
+                        keys = {t.get("key") for t in tables if t["table_name"] == TABLE}
+                        assert keys <= {
+                            "aioasync_tasks_ready_at_idx",
+                            "aioasync_tasks_deleting_idx",  # on MySQL the same (run_at) index
+                        }, keys
     finally:
         await engine.dispose()

@@ -24,12 +24,9 @@ from sqlalchemy.engine import Connection
 import aioasync_tasks
 from aioasync_tasks import Report, SchemaError, State, TaskNotFound, TaskRegistry, metadata
 from aioasync_tasks._backends._migrations import migration_files, split_sql
-from aioasync_tasks._schema import MYSQL, MYSQL_LIVE_KEY, SCHEMA_VERSION
+from aioasync_tasks._schema import MYSQL, MYSQL_LIVE_KEY, MYSQL_STATE_LED, SCHEMA_VERSION
 
 VERSIONS = "aioasync_schema_version"
-ALL_VERSIONS = [version for version, _ in migration_files("sqlite")]
-"""The shipped migrations (the same versions for every database; they need not be
-contiguous)."""
 
 
 def _affinity(type_: sa.types.TypeEngine[Any], dialect: sa.engine.Dialect) -> str:
@@ -70,6 +67,8 @@ def _declared(dialect: sa.engine.Dialect) -> dict[str, Any]:
             if index.name == "aioasync_tasks_unique_idx" and dialect.name in MYSQL:
                 # No partial index there: the generated live_key stands in for its predicate.
                 columns = [MYSQL_LIVE_KEY if c == "unique_key" else c for c in columns]
+            if index.name in MYSQL_STATE_LED and dialect.name in MYSQL:
+                columns = ["state", *columns]  # the partial index's state, leading instead
             indexes[index.name] = (columns, sorted(descending), partial, bool(index.unique))
         shape[table.name] = {
             "columns": {
@@ -148,7 +147,7 @@ async def test_migrating_an_empty_database_yields_the_metadata(db: DbTarget) -> 
     assert await _shape(db) == {}
     node = make_node(db, concurrency=0)
     try:
-        assert await node.migrate() == ALL_VERSIONS
+        assert await node.migrate() == db.shipped_versions
         dialect = node.engine.dialect
     finally:
         await node.stop()
@@ -168,13 +167,13 @@ async def test_migrating_an_empty_database_yields_the_metadata(db: DbTarget) -> 
         VERSIONS,
     }
     assert aioasync_tasks.metadata is metadata
-    assert await _versions(db) == ALL_VERSIONS
+    assert await _versions(db) == db.shipped_versions
 
 
 async def test_migrate_is_idempotent(db: DbTarget) -> None:
     node = make_node(db, concurrency=0)
     try:
-        assert await node.migrate() == ALL_VERSIONS
+        assert await node.migrate() == db.shipped_versions
         shape = await _shape(db)
         assert await node.migrate() == []
         assert await node.migrate() == []
@@ -183,7 +182,7 @@ async def test_migrate_is_idempotent(db: DbTarget) -> None:
     async with make_node(db, concurrency=0) as started:  # auto_migrate on a current schema
         assert await started.count_tasks() == 0
     assert await _shape(db) == shape
-    assert await _versions(db) == ALL_VERSIONS
+    assert await _versions(db) == db.shipped_versions
 
 
 async def test_concurrent_migrations_from_two_nodes_are_safe(db: DbTarget) -> None:
@@ -193,8 +192,8 @@ async def test_concurrent_migrations_from_two_nodes_are_safe(db: DbTarget) -> No
     finally:
         await first.stop()
         await second.stop()
-    assert sorted(applied) == [[], ALL_VERSIONS]  # one of them did it all, the other nothing
-    assert await _versions(db) == ALL_VERSIONS
+    assert sorted(applied) == [[], db.shipped_versions]  # one of them did it all, the other nothing
+    assert await _versions(db) == db.shipped_versions
 
 
 async def test_concurrent_starts_with_auto_migrate_are_safe(db: DbTarget) -> None:
@@ -216,7 +215,7 @@ async def test_concurrent_starts_with_auto_migrate_are_safe(db: DbTarget) -> Non
     finally:
         for node in nodes:
             await node.stop()
-    assert await _versions(db) == ALL_VERSIONS
+    assert await _versions(db) == db.shipped_versions
 
 
 async def test_start_without_auto_migrate_on_an_empty_database_fails(db: DbTarget) -> None:
@@ -281,7 +280,7 @@ async def test_a_schema_newer_than_the_library_is_refused(db: DbTarget, auto_mig
             await node.stop()
 
     assert await _shape(db) == shape  # nothing changed
-    assert await _versions(db) == [*ALL_VERSIONS, SCHEMA_VERSION + 1]
+    assert await _versions(db) == [*db.shipped_versions, SCHEMA_VERSION + 1]
     engine = raw_engine(db)
     try:
         async with engine.connect() as conn:
@@ -295,7 +294,7 @@ async def test_version_3_upgrades_a_version_2_database_with_its_rows(db: DbTarge
     """Version 3 adds nullable columns, an index, the task types table, and drops the group
     rows that hold nothing but the defaults (a group row now exists only for settings)."""
     engine = raw_engine(db)
-    dialect = {"postgres": "postgresql", "sqlite": "sqlite", "mysql": "mysql"}[db.backend]
+    dialect = db.dialect
     now = datetime.now(UTC)
     try:
         async with engine.begin() as conn:
@@ -338,7 +337,7 @@ async def test_version_3_upgrades_a_version_2_database_with_its_rows(db: DbTarge
         await engine.dispose()
 
     async with make_node(db, concurrency=0) as node:
-        assert await _versions(db) == ALL_VERSIONS
+        assert await _versions(db) == db.shipped_versions
         (task,) = await node.get_tasks()
         assert (task.unique_key, task.progress, task.message) == (None, None, None)
         groups_left = {g.name: g for g in await node.get_groups()}

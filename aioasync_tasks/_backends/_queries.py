@@ -6,8 +6,11 @@ after it document the query, and the rest of the block, up to the next ``-- name
 SQL. In the SQL, ``{tasks}``, ``{nodes}``, ``{groups}``, ``{task_types}``, ``{schedules}``
 and ``{versions}`` stand for the tables (qualified by the schema, where the database has
 schemas), ``{<name>}`` for another block of the same file (a fragment, such as SQLite's clock),
-and ``{order_by}`` for the scheduling policy's ``ORDER BY`` — the only part filled in when the
-statement is used.
+and ``{order_by}`` for the scheduling policy's ``ORDER BY``, filled in when the statement is
+used. So is ``{queues}``, in MySQL's ``claim`` alone: one copy of the block ``claim_queue`` per
+queue the claim reads, joined by ``UNION ALL``, each with ``{n}`` its number (MariaDB has no
+``LATERAL``, and a subquery of its own per queue is how a claim reads no more than the first
+tasks of each queue: docs/design.md §16.1).
 Nothing else is assembled: each statement reads top to bottom in its file.
 """
 
@@ -22,7 +25,7 @@ from .._schema import GROUPS, NODES, SCHEDULES, TASK_TYPES, TASKS, VERSIONS
 
 _NAME = re.compile(r"^-- name: (\w+)[ \t]*$", re.MULTILINE)
 _SLOT = re.compile(r"\{(\w+)\}")
-RUNTIME_SLOTS = frozenset({"order_by"})
+RUNTIME_SLOTS = frozenset({"order_by", "queues", "n"})
 """Slots filled in when a statement is used, not when the file is read."""
 
 
@@ -70,13 +73,19 @@ class Queries:
 
         self.dialect = dialect
         self.sql = {name: expand(sql, (name,)) for name, sql in raw.items()}
-        self._statements: dict[tuple[str, str], sa.TextClause] = {}
+        self._statements: dict[tuple[str, str, int], sa.TextClause] = {}
 
-    def statement(self, name: str, *, order_by: str = "") -> sa.TextClause:
-        key = (name, order_by)
+    def statement(self, name: str, *, order_by: str = "", queues: int = 0) -> sa.TextClause:
+        key = (name, order_by, queues)
         statement = self._statements.get(key)
         if statement is None:
             sql = self.sql[name]
+            if "{queues}" in sql:
+                if queues <= 0:
+                    raise ValueError(f"query {name!r} needs its number of queues")
+                branch = self.sql[f"{name}_queue"]
+                copies = (branch.replace("{n}", str(n)) for n in range(queues))
+                sql = sql.replace("{queues}", "\nUNION ALL\n".join(copies))
             if "{order_by}" in sql:
                 if not order_by:
                     raise ValueError(f"query {name!r} needs an order_by")

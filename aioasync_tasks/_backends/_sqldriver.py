@@ -260,8 +260,9 @@ class SqlDriver:
         params: Any = None,
         *,
         order_by: str = "",
+        queues: int = 0,
     ) -> sa.CursorResult[Any]:
-        statement = self.queries.statement(name, order_by=order_by)
+        statement = self.queries.statement(name, order_by=order_by, queues=queues)
         return await self._execute(conn, statement, params)
 
     async def _execute(

@@ -13,9 +13,8 @@ import click
 from .._errors import NodeStopped
 from .._node import Node
 from .._registry import TaskRegistry
-from .._schema import SCHEMA_VERSION
 from .client import Settings, load_registry, reach, with_client
-from .migrations import migration_script
+from .migrations import migration_script, newest_version
 
 FORCE_STOP_TIMEOUT = 2.0
 """Seconds a worker's forced stop (second signal) gives its tasks before cancelling them."""
@@ -156,4 +155,5 @@ def migrate(settings: Settings, as_sql: bool, since: int) -> None:
         versions = ", ".join(str(v) for v in applied)
         click.echo(f"{settings.where}: applied migration {versions}; schema version {applied[-1]}")
     else:
-        click.echo(f"{settings.where}: schema version {SCHEMA_VERSION} is up to date")
+        newest = newest_version(settings.db)
+        click.echo(f"{settings.where}: schema version {newest} is up to date")

@@ -29,6 +29,8 @@ ONLY = {
         "migration_lock",
         "migration_unlock",
         "lock_limited_groups",
+        "claim_queues",
+        "claim_queue",
         "lock_claims",
         "take_claims",
         "take_cleanups",
@@ -42,7 +44,8 @@ ONLY = {
     },
 }
 """Statements one database has and the others do without (locks, notifications, fragments,
-and the steps of MySQL's claims and checkpoints, which have no UPDATE … RETURNING)."""
+and the steps of MySQL's claims and checkpoints, which have no UPDATE … RETURNING, nor LATERAL
+on MariaDB)."""
 OWN_PARAMETERS = {
     "mysql": {"claim_prepare", "claim", "claim_cleanups", "migration_lock"},
 }
@@ -87,6 +90,17 @@ def test_the_schema_and_order_by_slots_are_filled() -> None:
     assert "{" not in str(claim)
     with pytest.raises(ValueError, match="order_by"):
         queries.statement("claim")
+
+
+def test_the_queues_slot_repeats_the_queue_block() -> None:
+    """MySQL's claim reads each queue with a subquery of its own (docs/design.md §16.1)."""
+    queries = Queries("mysql")
+    claim = str(queries.statement("claim", order_by="id", queues=3))
+    assert claim.count("UNION ALL") == 2
+    assert ":group_2" in claim
+    assert "{" not in claim
+    with pytest.raises(ValueError, match="number of queues"):
+        queries.statement("claim", order_by="id")
 
 
 def test_parse_reads_names_and_drops_comments() -> None:

@@ -106,6 +106,21 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _queue_params(queues: Sequence[Any], branches: int) -> dict[str, Any]:
+    """The parameters of the ``claim`` statement's ``branches`` copies of ``claim_queue``
+    (``{n}``: its number): the queues that ``claim_queues`` chose, then NULL names, which match
+    no row (the optimizer sees an impossible condition)."""
+    params: dict[str, Any] = {}
+    for n in range(branches):
+        q = queues[n] if n < len(queues) else None
+        params[f"group_{n}"] = q and q.group_name
+        params[f"user_{n}"] = q and q.user_name
+        params[f"user_running_{n}"] = q and q.user_running
+        params[f"group_room_{n}"] = q and q.group_room
+        params[f"user_room_{n}"] = q and q.user_room
+    return params
+
+
 class MysqlDriver(SqlDriver):
     dialect = "mysql"
     claim_pool_factor = 3  # concurrent claimers choose alike; SKIP LOCKED then skips past
@@ -252,10 +267,11 @@ class MysqlDriver(SqlDriver):
 
     @cancel_safe
     async def claim(self, params: ClaimParams) -> ClaimResult:
-        """As ``SqlDriver.claim`` (docs/design.md §6): the node row share-locked, the limited
-        groups locked in name order, the candidates chosen by the ``claim`` statement, locked
-        with ``SKIP LOCKED`` (a row that is no longer PENDING, moved to another group, or busy
-        is skipped), the first ``limit`` of them by the policy's order taken."""
+        """As ``SqlDriver.claim`` (docs/design.md §6, §16.1): the node row share-locked, the
+        limited groups locked in name order, the queues to read chosen (``claim_queues``), the
+        candidates chosen from the first tasks of those queues (``claim``), locked with ``SKIP
+        LOCKED`` (a row that is no longer PENDING, moved to another group, or busy is
+        skipped), the first ``limit`` of them by the policy's order taken."""
         p, limit = params, params.limit
         if limit <= 0 or not p.types:
             return ClaimResult([], None)
@@ -265,18 +281,33 @@ class MysqlDriver(SqlDriver):
             if not registered:
                 return ClaimResult([], None)
             await self._run(conn, "lock_limited_groups")
-            chosen = await self._run(
-                conn,
-                "claim",
-                {
-                    "types": types,
-                    "pool": limit * self.claim_pool_factor,
-                    "all_groups": p.groups is None,
-                    "groups": self.bind_list(p.groups or ()),
-                },
-                order_by=p.policy.order_by,
-            )
-            candidates = [(r.id, r.group_name) for r in chosen]
+            pool = limit * self.claim_pool_factor
+            queues = (
+                await self._run(
+                    conn,
+                    "claim_queues",
+                    {
+                        "types": types,
+                        "pool": pool,
+                        "all_groups": p.groups is None,
+                        "groups": self.bind_list(p.groups or ()),
+                    },
+                    order_by=p.policy.order_by,
+                )
+            ).all()
+            candidates: list[tuple[int, str]] = []
+            if queues:
+                # Statements are cached by their number of queues: a power of two, the queues
+                # beyond len(queues) with no name (no rows), so that few texts are ever made.
+                branches = 1 << (len(queues) - 1).bit_length()
+                chosen = await self._run(
+                    conn,
+                    "claim",
+                    {"types": types, "pool": pool, **_queue_params(queues, branches)},
+                    order_by=p.policy.order_by,
+                    queues=branches,
+                )
+                candidates = [(r.id, r.group_name) for r in chosen]
             locked: dict[int, Any] = {}
             if candidates:
                 result = await self._run(

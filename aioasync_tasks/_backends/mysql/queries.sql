@@ -5,8 +5,8 @@
 -- that name below; {order_by} is the scheduling policy's ORDER BY (trusted code,
 -- docs/design.md §6). Parameters are bound by name (:name). A list, or a batch of rows, is
 -- bound as one JSON array and read with JSON_TABLE, so that a statement's text never depends
--- on how many items it gets; strings read from it are utf8mb4 with the tables' binary
--- collation.
+-- on how many items it gets (but for the queues a claim reads: {queues}, in the claim
+-- statement); strings read from it are utf8mb4 with the tables' binary collation.
 --
 -- Neither MySQL nor MariaDB has UPDATE … RETURNING, and MariaDB has no LATERAL: the driver
 -- (mysql/__init__.py) runs a claim, a cleanup claim and a checkpoint as a locking SELECT of
@@ -145,12 +145,14 @@ ORDER BY id FOR UPDATE
 
 -- name: lock_tasks_of_nodes
 -- The tasks of dead or departing nodes, and (:orphans) every owned task whose node row is gone.
+-- `node_id IS NOT NULL` first: the owned rows are one range of the owner index (with the two
+-- cases OR-ed at the top, MariaDB read, and locked, every row of the table).
 SELECT id, state, requested, has_cleanup, attempts, max_attempts, node_id, group_name, token,
     watched_until > {now} AS watched
 FROM {tasks} t
-WHERE node_id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
-    OR (:orphans AND node_id IS NOT NULL
-        AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = t.node_id))
+WHERE node_id IS NOT NULL
+    AND (node_id IN (SELECT v FROM JSON_TABLE(:nodes, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+        OR (:orphans AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = t.node_id)))
 ORDER BY id FOR UPDATE
 
 -- name: lock_running_in_group
@@ -174,8 +176,9 @@ UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
 WHERE id = :id AND token = :token AND state = :expected
 
 -- name: delete_tasks
-DELETE FROM {tasks}
-WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
+-- (A join by the primary key, as take_claims.)
+DELETE t FROM {tasks} t
+JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l ON t.id = l.v
 
 -- name: lock_group
 -- Taken in the order claims take it (group, then task).
@@ -194,15 +197,19 @@ SELECT name FROM {groups}
 WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL
 ORDER BY name FOR UPDATE
 
--- name: claim
--- The candidates of a claim: up to :pool due tasks of :types (of :groups unless :all_groups),
--- in the policy's order (pick), skipping paused groups and never exceeding a group's limits
--- (docs/design.md §6). The driver then locks them (lock_claims) and takes the first :limit it
--- could lock (take_claims). No LATERAL in MariaDB: every due task of the open queues is
--- ranked in its queue by a window function.
+-- name: claim_queues
+-- The first step of a claim: the (group, user) queues it reads, at most :pool of them, with
+-- what their group lets them take. Every queue with pending tasks comes from a loose scan of
+-- the active index (state, group, user: one index seek per queue); the open ones (group not
+-- paused, below both limits, one of :groups unless :all_groups) are judged by their first due
+-- task of :types, read from the queue index, and the best :pool by the policy's order hold
+-- the best tasks (docs/design.md §6.3, §16.1). The cost grows with the number of queues, not
+-- with the number of pending tasks.
 WITH
--- Every (group, user) queue with pending tasks.
-pairs AS (SELECT DISTINCT group_name, user_name FROM {tasks} WHERE state = 'pending'),
+pairs AS (
+    SELECT group_name, user_name FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+    WHERE state = 'pending' GROUP BY state, group_name, user_name
+),
 -- What runs now, per queue and per group (all nodes).
 active AS (
     SELECT group_name, user_name, count(*) AS n FROM {tasks}
@@ -224,19 +231,40 @@ open_pairs AS (
         AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))
         AND (g.max_running_per_user IS NULL OR g.max_running_per_user > COALESCE(a.n, 0))
 ),
--- The due tasks of the open queues, ranked within their queue.
-ranked AS (
-    SELECT c.id, c.handoff, c.priority, c.run_at, c.group_name, c.user_name, op.user_running,
-        op.group_room, op.user_room,
+-- Each open queue's first due task (none: the queue has nothing to give).
+firsts AS (
+    SELECT op.*, (
+        SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_queue_idx)
+        WHERE state = 'pending' AND group_name = op.group_name AND user_name = op.user_name
+            AND run_at <= {now}
+            AND type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
+                COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
+        ORDER BY handoff DESC, priority DESC, id LIMIT 1) AS head_id
+    FROM open_pairs op
+),
+heads AS (
+    SELECT h.id, h.handoff, h.priority, h.run_at, f.group_name, f.user_name, f.user_running,
+        1 AS user_rank, f.group_room, f.user_room
+    FROM firsts f JOIN {tasks} h ON h.id = f.head_id
+)
+SELECT group_name, user_name, user_running, group_room, user_room FROM heads
+ORDER BY {order_by} LIMIT :pool
+
+-- name: claim
+-- The candidates of a claim: up to :pool due tasks of :types from the queues claim_queues
+-- chose, in the policy's order (pick), never exceeding a group's limits (docs/design.md §6).
+-- The driver then locks them (lock_claims) and takes the first :limit it could lock
+-- (take_claims). {queues} is one claim_queue per queue (no LATERAL in MariaDB): each reads at
+-- most :pool tasks of its queue, so the ranking below sees at most :pool × :pool rows,
+-- whatever the backlog.
+WITH
+candidates AS (
+    SELECT c.id, c.handoff, c.priority, c.run_at, c.group_name, c.user_name, c.user_running,
+        c.group_room, c.user_room,
         row_number() OVER (PARTITION BY c.group_name, c.user_name
             ORDER BY c.handoff DESC, c.priority DESC, c.id) AS user_rank
-    FROM open_pairs op
-    JOIN {tasks} c ON c.group_name = op.group_name AND c.user_name = op.user_name
-    WHERE c.state = 'pending' AND c.run_at <= {now}
-        AND c.type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
-            COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
+    FROM ({queues}) c
 ),
-candidates AS (SELECT * FROM ranked WHERE user_rank <= :pool),
 -- The limits, applied in policy order.
 allowed AS (
     SELECT id, handoff, priority, run_at, group_name, user_name, user_running, user_rank,
@@ -250,6 +278,22 @@ chosen AS (
 )
 SELECT id, group_name, pick FROM chosen WHERE pick <= :pool ORDER BY pick
 
+-- name: claim_queue
+-- One queue of a claim (a fragment: {n} is its number): its first :pool due tasks of :types,
+-- in queue order, read from the queue index (state, group, user, handoff DESC, priority DESC,
+-- id), which stops after :pool of them; with the queue's running tasks and its group's and
+-- user's room, as claim_queues found them (:group_{n}, :user_{n}, :user_running_{n},
+-- :group_room_{n}, :user_room_{n}; NULL: no limit).
+(SELECT id, handoff, priority, run_at, group_name, user_name,
+    :user_running_{n} AS user_running, :group_room_{n} AS group_room,
+    :user_room_{n} AS user_room
+FROM {tasks} FORCE INDEX (aioasync_tasks_queue_idx)
+WHERE state = 'pending' AND group_name = :group_{n} AND user_name = :user_{n}
+    AND run_at <= {now}
+    AND type IN (SELECT v FROM JSON_TABLE(:types, '$[*]'
+        COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS tl)
+ORDER BY handoff DESC, priority DESC, id LIMIT :pool)
+
 -- name: lock_claims
 -- The candidates still PENDING, locked; rows another claimer holds are skipped, not waited
 -- for; so are the tasks the node still runs an execution of (:busy). The driver checks each
@@ -261,12 +305,14 @@ WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) 
 FOR UPDATE SKIP LOCKED
 
 -- name: take_claims
--- The claim of locked rows (:ids): RUNNING, owned, an attempt and a new token.
-UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
-    token = token + 1, handoff = false, started_at = COALESCE(started_at, {now}),
-    updated_at = {now}
-WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
-    AND state = :from_state
+-- The claim of locked rows (:ids): RUNNING, owned, an attempt and a new token. A join, not
+-- `id IN (subquery)`: MariaDB runs an UPDATE or DELETE of one table with such a subquery once
+-- per row of the table (no semi-join), a join by the primary key once per id.
+UPDATE {tasks} t JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l ON t.id = l.v
+SET t.state = :to_state, t.node_id = :node, t.attempts = t.attempts + 1,
+    t.token = t.token + 1, t.handoff = false, t.started_at = COALESCE(t.started_at, {now}),
+    t.updated_at = {now}
+WHERE t.state = :from_state
 
 -- name: claimed_rows
 -- What a claim took, read back in its transaction.
@@ -300,10 +346,11 @@ ORDER BY run_at, id LIMIT :limit
 FOR UPDATE SKIP LOCKED
 
 -- name: take_cleanups
-UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
-    token = token + 1, updated_at = {now}
-WHERE id IN (SELECT v FROM JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l)
-    AND state = :from_state
+-- (A join by the primary key, as take_claims.)
+UPDATE {tasks} t JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (v BIGINT PATH '$')) AS l ON t.id = l.v
+SET t.state = :to_state, t.node_id = :node, t.attempts = t.attempts + 1,
+    t.token = t.token + 1, t.updated_at = {now}
+WHERE t.state = :from_state
 
 -- name: lock_checkpoints
 -- The rows whose checkpoint is accepted (:rows a JSON array of [id, token, context, progress,
