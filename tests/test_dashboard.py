@@ -10,10 +10,12 @@ import base64
 import re
 import signal
 import socket
+import sys
 import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,6 +31,7 @@ from _helpers import (
     wait_for,
     wait_state,
 )
+from aiohttp import web
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,7 +41,8 @@ from test_docs import plain_signature, reference_text
 from aioasync_tasks import ConfigurationError, Node, State, TaskNotFound
 from aioasync_tasks._cli.app import main
 from aioasync_tasks._cli.dashboard import is_local
-from aioasync_tasks.dashboard import create_app
+from aioasync_tasks.dashboard import aiohttp_app, create_app
+from aioasync_tasks.dashboard._aiohttp import DASHBOARD
 
 BASE = "http://dash.test"
 SAME_ORIGIN = {"origin": BASE}
@@ -245,6 +249,84 @@ async def test_from_a_url_with_a_node_of_its_own(db: DbTarget) -> None:
         assert (await client.get("/metrics")).status_code == 200
         assert source.started
     assert not source.started
+
+
+async def test_an_aiohttp_sub_application_under_a_prefix(db: DbTarget, aiohttp_client: Any) -> None:
+    """``aiohttp_app`` mounted with ``add_subapp``: prefixed links, a POSTed action."""
+    async with client_node(db) as node:
+        task_id = await node.create_task("steps", steps_context(1), auto_run=False)
+        app = web.Application()
+        app.add_subapp("/tasks-admin", aiohttp_app(node, actions=True))
+        client = await aiohttp_client(app)
+        overview = await client.get("/tasks-admin/")
+        page = await client.get(f"/tasks-admin/tasks/{task_id}")
+        bare = await client.get("/tasks-admin", allow_redirects=False)
+        html = await page.text()
+        origin = str(client.make_url("")).rstrip("/")
+        paused = await client.post(
+            f"/tasks-admin/tasks/{task_id}/pause",
+            data={"csrf_token": form_token(html)},
+            headers={"origin": origin},
+            allow_redirects=False,
+        )
+        refused = await client.post(
+            f"/tasks-admin/tasks/{task_id}/run",
+            data={"csrf_token": form_token(html)},
+            headers={"origin": "http://elsewhere.test"},
+        )
+        assert overview.status == page.status == 200
+        assert 'href="/tasks-admin/tasks"' in await overview.text()
+        assert 'href="/tasks-admin/static/dashboard.css"' in html
+        assert f'data-live="/tasks-admin/tasks/{task_id}/events"' in html
+        assert f'action="/tasks-admin/tasks/{task_id}/pause"' in html
+        assert page.headers["x-frame-options"] == "DENY"
+        assert bare.status == 307
+        assert bare.headers["location"].endswith("/tasks-admin/")
+        assert paused.status == 303
+        assert paused.headers["location"] == f"/tasks-admin/tasks/{task_id}"
+        assert refused.status == 403
+        assert (await node.get_task(task_id)).state is State.PAUSED
+
+
+async def test_aiohttp_streams_the_events_as_they_come(db: DbTarget, aiohttp_client: Any) -> None:
+    """The server-sent events of a running task arrive while it runs, not when it ends."""
+    async with make_node(db, registry, concurrency=1) as node:
+        task_id = await node.create_task("steps", steps_context(100_000, 0.05))
+        await wait_state(node, task_id, State.RUNNING)
+        app = web.Application()
+        app.add_subapp("/admin", aiohttp_app(node))
+        client = await aiohttp_client(app)
+        async with client.get(f"/admin/tasks/{task_id}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            first = b""
+            while not first.endswith(b"\n\n"):
+                first += await stream.content.readline()
+        assert b'data-task-state="running"' in first
+        assert (await node.get_task(task_id)).state is State.RUNNING
+        await node.delete_task(task_id, force=True)
+
+
+async def test_aiohttp_stops_the_node_of_its_own_at_cleanup(
+    db: DbTarget, aiohttp_client: Any
+) -> None:
+    async with client_node(db):  # migrates the schema
+        pass
+    dashboard = aiohttp_app(db.url, schema=db.schema)
+    source = dashboard[DASHBOARD].state.node_source
+    app = web.Application()
+    app.add_subapp("/admin", dashboard)
+    client = await aiohttp_client(app)
+    assert (await client.get("/admin/tasks")).status == 200
+    assert source.started
+    await client.close()
+    assert not source.started
+
+
+def test_aiohttp_app_without_aiohttp_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aiohttp", None)
+    monkeypatch.delitem(sys.modules, "aioasync_tasks.dashboard._aiohttp")
+    with pytest.raises(ModuleNotFoundError, match=r"needs aiohttp .*pip install aiohttp"):
+        from aioasync_tasks.dashboard import aiohttp_app  # noqa: F401, PLC0415 - the import is the test
 
 
 # -- actions and their guards -----------------------------------------------------------------
