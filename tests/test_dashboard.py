@@ -197,6 +197,41 @@ async def test_list_filters_pages_and_finds_by_id(db: DbTarget) -> None:
     assert not_id.status_code == 400
 
 
+async def test_the_list_refreshes_its_rows_with_its_filters_and_page(db: DbTarget) -> None:
+    """The list page polls ``/tasks/rows`` with its own filters and offset; the fragment is
+    the live part alone, and shows what changed since the page was read."""
+    async with client_node(db) as node:
+        older = [
+            await node.create_task("steps", steps_context(1), user="a", auto_run=False)
+            for _ in range(51)
+        ]
+        await node.create_task("steps", steps_context(1), user="other", auto_run=False)
+        async with client_of(create_app(node)) as client:
+            page = await client.get("/tasks", params={"user": "a", "offset": "50"})
+            live = re.search(
+                r'<section id="task-list" hx-get="([^"]+)" hx-trigger="([^"]+)"', page.text
+            )
+            assert live is not None
+            rows_url = live.group(1).replace("&amp;", "&")
+            newer = await node.create_task("steps", steps_context(1), user="a", auto_run=False)
+            rows = await client.get(rows_url)
+            first_page = await client.get("/tasks/rows", params={"user": "a"})
+            bad = await client.get("/tasks/rows", params={"state": "sleeping"})
+    assert rows_url == "/tasks/rows?user=a&offset=50"
+    assert live.group(2) == "every 3s"
+    assert listed_ids(page.text) == [older[0]]
+    assert rows.status_code == 200
+    assert rows.text.startswith('<section id="task-list"')
+    assert "<html" not in rows.text
+    assert 'id="filters"' not in rows.text
+    assert listed_ids(rows.text) == older[:2][::-1]  # the new task pushed one onto this page
+    assert "Tasks 51 to 52 of 52" in rows.text
+    assert 'id="previous" href="/tasks?user=a&amp;offset=0"' in rows.text
+    assert listed_ids(first_page.text)[0] == newer
+    assert 'hx-get="/tasks/rows?user=a&amp;offset=0"' in first_page.text
+    assert bad.status_code == 400
+
+
 async def test_events_stream_the_task_until_it_ends(db: DbTarget) -> None:
     async with make_node(db, registry) as node:
         task_id = await node.create_task("steps", steps_context(3))
