@@ -630,10 +630,11 @@ def test_cli_refuses_actions_on_a_public_address_without_a_login(
 # -- the reference ----------------------------------------------------------------------------
 
 
-def test_reference_shows_create_app_as_it_is() -> None:
+def test_reference_shows_create_app_and_aiohttp_app_as_they_are() -> None:
     text = reference_text()
-    assert "### `dashboard.create_app`" in text
-    assert plain_signature("create_app", create_app) in text
+    for name, function in (("create_app", create_app), ("aiohttp_app", aiohttp_app)):
+        assert f"### `dashboard.{name}`" in text
+        assert plain_signature(name, function) in text
 
 
 @pytest.mark.slow
