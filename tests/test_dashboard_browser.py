@@ -146,7 +146,9 @@ def served(db: DbTarget) -> Iterator[Served]:
 
 
 def wait_until(driver: webdriver.Chrome, condition: Callable[[Any], Any], what: str) -> Any:
-    """Wait for ``condition(driver)`` (elements replaced meanwhile are looked up again)."""
+    """Wait for ``condition(driver)`` (elements replaced meanwhile are looked up again). Every
+    read of a part the page replaces by itself (the live task, the overview's counts and nodes,
+    the task list) goes through here: read directly, its element may go stale mid-read."""
     waiting = WebDriverWait(
         driver,
         BOUND,
@@ -212,7 +214,7 @@ def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: D
         lambda d: d.find_element(By.CSS_SELECTOR, running_cell).text == "2",
         "2 running tasks in the overview (refreshed by htmx)",
     )
-    assert str(node.id) in browser.find_element(By.ID, "nodes").text
+    wait_until(browser, lambda d: str(node.id) in text_of("nodes")(d), "the node listed")
     assert "batch" in browser.find_element(By.ID, "groups").text
     shot("1-overview")
 
@@ -221,7 +223,7 @@ def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: D
     wait_until(browser, lambda d: live_state(d) == "running", "task running")
     first = wait_until(browser, lambda d: live_progress(d) > 0 and live_progress(d), "progress")
     wait_until(browser, lambda d: live_progress(d) > first, "the progress to move")
-    assert "of 100000" in browser.find_element(By.ID, "message").text
+    wait_until(browser, lambda d: "of 100000" in text_of("message")(d), "the task's message")
     assert browser.find_element(By.ID, "pause").is_displayed()
     assert not browser.find_element(By.ID, "run").is_displayed()
     shot("2-task-running")
@@ -249,7 +251,7 @@ def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: D
     browser.find_element(By.ID, "apply").click()
     wait_until(browser, lambda d: "user=bob" in d.current_url, "the filtered list")
 
-    assert listed(browser) == [waiting, bob]
+    wait_until(browser, lambda d: listed(d) == [waiting, bob], "bob's tasks listed")
     Select(browser.find_element(By.NAME, "state")).select_by_value("init")
     browser.find_element(By.ID, "apply").click()
     wait_until(browser, lambda d: listed(d) == [waiting], "only the INIT task of bob")
@@ -350,5 +352,5 @@ def test_the_list_refreshes_and_tasks_are_deleted(
     wait_until(browser, lambda d: d.find_elements(By.ID, "tasks"), "back on the list")
     with pytest.raises(TaskNotFound):
         served.run(node.get_task(second))
-    assert second not in listed(browser)
+    wait_until(browser, lambda d: second not in listed(d), "the task gone from the list")
     shot("4-task-force-deleted")
