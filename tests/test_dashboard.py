@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import signal
 import socket
 import sys
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 from _dashboard import form_token, listed_ids, registry, steps_context
 from _db import DbTarget
 from _helpers import (
+    BOUND,
     HERMETIC_ENV,
     LONG_BOUND,
     db_args,
@@ -31,7 +33,7 @@ from _helpers import (
     wait_for,
     wait_state,
 )
-from aiohttp import web
+from aiohttp import ClientResponse, ClientSession, web
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -286,6 +288,17 @@ async def test_from_a_url_with_a_node_of_its_own(db: DbTarget) -> None:
     assert not source.started
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def first_event(stream: ClientResponse) -> bytes:
+    """The first server-sent event of a stream, read as it comes."""
+    event = b""
+    while not event.endswith(b"\n\n"):
+        event += await stream.content.readline()
+    return event
+
+
 async def test_an_aiohttp_sub_application_under_a_prefix(db: DbTarget, aiohttp_client: Any) -> None:
     """``aiohttp_app`` mounted with ``add_subapp``: prefixed links, a POSTed action."""
     async with client_node(db) as node:
@@ -323,8 +336,11 @@ async def test_an_aiohttp_sub_application_under_a_prefix(db: DbTarget, aiohttp_c
         assert (await node.get_task(task_id)).state is State.PAUSED
 
 
-async def test_aiohttp_streams_the_events_as_they_come(db: DbTarget, aiohttp_client: Any) -> None:
-    """The server-sent events of a running task arrive while it runs, not when it ends."""
+async def test_aiohttp_streams_the_events_as_they_come(
+    db: DbTarget, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server-sent events of a running task arrive while it runs, not when it ends; a
+    client that leaves ends the stream quietly."""
     async with make_node(db, registry, concurrency=1) as node:
         task_id = await node.create_task("steps", steps_context(100_000, 0.05))
         await wait_state(node, task_id, State.RUNNING)
@@ -333,12 +349,49 @@ async def test_aiohttp_streams_the_events_as_they_come(db: DbTarget, aiohttp_cli
         client = await aiohttp_client(app)
         async with client.get(f"/admin/tasks/{task_id}/events") as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
-            first = b""
-            while not first.endswith(b"\n\n"):
-                first += await stream.content.readline()
+            first = await first_event(stream)
         assert b'data-task-state="running"' in first
         assert (await node.get_task(task_id)).state is State.RUNNING
-        await node.delete_task(task_id, force=True)
+        await node.delete_task(task_id, force=True)  # the stream's next write finds it gone
+        await client.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_aiohttp_ends_the_stream_of_an_idle_task_when_its_client_leaves(
+    db: DbTarget,
+) -> None:
+    """aiohttp tells no handler of a disconnect (its test server cancels handlers; a server
+    started as ``web.run_app`` does does not): the bridge notices it, and the stream of a task
+    that never changes ends (its handler returns)."""
+    ended = asyncio.Event()
+
+    @web.middleware
+    async def watch_handlers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            if request.path.endswith("/events"):
+                ended.set()
+
+    async with client_node(db) as node:
+        task_id = await node.create_task("steps", steps_context(1), auto_run=False)
+        app = web.Application(middlewares=[watch_handlers])
+        app.add_subapp("/admin", aiohttp_app(node))
+        runner = web.AppRunner(app)  # run_app's defaults: handlers are not cancelled
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            host, port = runner.addresses[0][:2]
+            async with (
+                ClientSession() as session,
+                session.get(f"http://{host}:{port}/admin/tasks/{task_id}/events") as stream,
+            ):
+                assert b'data-task-state="init"' in await first_event(stream)
+            assert not ended.is_set()
+            await asyncio.wait_for(ended.wait(), BOUND)
+        finally:
+            await runner.cleanup()
 
 
 async def test_aiohttp_stops_the_node_of_its_own_at_cleanup(

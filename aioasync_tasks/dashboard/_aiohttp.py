@@ -2,8 +2,11 @@
 aiohttp_app(node))``. A small bridge serves the Starlette application inside aiohttp: each
 request becomes an ASGI call (its path under the mount point as ``root_path``, so the pages'
 links carry the prefix), each response is streamed as the application sends it (the task page's
-server-sent events arrive as they happen), and the application's lifespan runs in the
-sub-application's ``cleanup_ctx`` (the dashboard's own node is stopped at cleanup).
+server-sent events arrive as they happen) until it ends or its client leaves, and the
+application's lifespan runs in the sub-application's ``cleanup_ctx`` (the dashboard's own node
+is stopped at cleanup). aiohttp tells a handler of no disconnect: a failed write tells it, and
+while a response streams the bridge looks at the connection every ``DISCONNECT_POLL`` seconds,
+so that the stream of a task that does not change is not left watching it.
 
 Written here rather than taken from ``aiohttp-asgi`` (0.7.1): its resource cannot be part of a
 sub-application (``add_prefix`` is not implemented, so ``add_subapp`` fails), and its
@@ -13,6 +16,7 @@ Starlette's streaming responses spin."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +37,8 @@ from ._app import create_app
 
 _TAIL = "tail"
 """The match-info name of the path under the mount point."""
+DISCONNECT_POLL = 1.0
+"""Seconds between looks, while a response streams, at whether its client has left."""
 DASHBOARD = web.AppKey("dashboard", Starlette)
 """The key, in the aiohttp application, of the dashboard it serves (``create_app``'s)."""
 
@@ -88,7 +94,8 @@ class _Exchange:
         self.request = request
         self.body: bytes | None = body
         self.response: web.StreamResponse | None = None
-        self.sent = asyncio.Event()
+        self.ended = asyncio.Event()
+        """Set when the response is sent, or the client has left."""
 
     def scope(self) -> Scope:
         request = self.request
@@ -99,8 +106,8 @@ class _Exchange:
         server = request.transport.get_extra_info("sockname") if request.transport else None
         return {
             "type": "http",
-            # 2.4: send() raises OSError once the client is gone, and no http.disconnect comes
-            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            # 2.3: the end of a request is told by http.disconnect (receive), not by send raising
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": f"{request.version.major}.{request.version.minor}",
             "method": request.method,
             "scheme": request.scheme,
@@ -115,11 +122,19 @@ class _Exchange:
         }
 
     async def receive(self) -> Message:
+        """The body, then, once the response is sent or the client has left, the disconnect
+        (on which Starlette cancels a stream, which closes its ``Node.watch``)."""
         body, self.body = self.body, None
-        if body is None:  # asked again: nothing more comes until the response is sent
-            await self.sent.wait()
-            return {"type": "http.disconnect"}
-        return {"type": "http.request", "body": body, "more_body": False}
+        if body is not None:
+            return {"type": "http.request", "body": body, "more_body": False}
+        while not self.ended.is_set():
+            transport = self.request.transport
+            if transport is None or transport.is_closing():  # aiohttp tells no one: look
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DISCONNECT_POLL):
+                    await self.ended.wait()
+        return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -131,12 +146,15 @@ class _Exchange:
             response = self.response
             if response is None:
                 raise RuntimeError("a response body before its start")
-            if not response.prepared:
-                await response.prepare(self.request)
             body: Any = message.get("body", b"")
-            if message.get("more_body", False):
-                if body:
-                    await response.write(body)
-            else:
+            try:
+                if not response.prepared:
+                    await response.prepare(self.request)
+                if message.get("more_body", False):
+                    if body and not self.ended.is_set():
+                        await response.write(body)
+                    return
                 await response.write_eof(body)
-                self.sent.set()
+            except ConnectionResetError:  # the client left: told by receive(), not raised
+                pass
+            self.ended.set()
