@@ -8,7 +8,8 @@ are handed off) when the application shuts down. Run it::
 It serves the same endpoints as ``fastapi_app.py``: ``POST /tasks``, ``GET /tasks``,
 ``GET /tasks/{id}``, ``GET /tasks/{id}/wait``, ``POST /tasks/{id}/pause``,
 ``POST /tasks/{id}/run``, ``DELETE /tasks/{id}``, ``POST /tasks/{id}/move`` and the
-transactional ``POST /orders``.
+transactional ``POST /orders``. The web dashboard is mounted beside them, at ``/tasks-admin/``
+(``aiohttp_app``: the same node, actions enabled; needs the ``dashboard`` extra).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from aioasync_tasks import (
     UnknownTaskType,
     WaitTimeout,
 )
+from aioasync_tasks.dashboard import aiohttp_app
 
 DEFAULT_URL = "sqlite:///aioasync_tasks.db"
 NODE = web.AppKey("node", Node)
@@ -260,8 +262,9 @@ def create_app(
         sa.Column("task_id", sa.BigInteger, nullable=False),
     )
 
+    node = Node(url, registry=tasks, schema=schema, concurrency=concurrency, **node_options)
+
     async def node_context(app: web.Application) -> AsyncIterator[None]:
-        node = Node(url, registry=tasks, schema=schema, concurrency=concurrency, **node_options)
         async with node:  # migrates, starts; on exit hands running tasks off and stops
             async with node.engine.begin() as conn:
                 await conn.run_sync(app_metadata.create_all)
@@ -272,6 +275,8 @@ def create_app(
     app = web.Application(middlewares=[map_errors])
     app.cleanup_ctx.append(node_context)
     app.add_routes(routes)
+    # The dashboard of the same node; put it behind your authentication, or pass auth=.
+    app.add_subapp("/tasks-admin", aiohttp_app(node, actions=True))
     return app
 
 

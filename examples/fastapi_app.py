@@ -11,7 +11,9 @@ Run it (``pip install uvicorn`` first)::
 Endpoints: ``POST /tasks``, ``GET /tasks``, ``GET /tasks/{id}``, ``GET /tasks/{id}/wait`` (a
 long poll: the task once it has ended), ``POST /tasks/{id}/pause``, ``POST /tasks/{id}/run``,
 ``DELETE /tasks/{id}``, ``POST /tasks/{id}/move`` and ``POST /orders``, which inserts an order
-row and creates its shipping task in one transaction.
+row and creates its shipping task in one transaction. The web dashboard is mounted beside them,
+at ``/tasks-admin/`` (``create_app`` of ``aioasync_tasks.dashboard``: the same node, actions
+enabled; needs the ``dashboard`` extra).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from aioasync_tasks import (
     UnknownTaskType,
     WaitTimeout,
 )
+from aioasync_tasks.dashboard import create_app as dashboard_app
 
 DEFAULT_URL = "sqlite:///aioasync_tasks.db"
 
@@ -126,9 +129,10 @@ def create_app(
         sa.Column("task_id", sa.BigInteger, nullable=False),
     )
 
+    node = Node(url, registry=tasks, schema=schema, concurrency=concurrency, **node_options)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        node = Node(url, registry=tasks, schema=schema, concurrency=concurrency, **node_options)
         async with node:  # migrates, starts; on exit hands running tasks off and stops
             async with node.engine.begin() as conn:
                 await conn.run_sync(app_metadata.create_all)
@@ -137,6 +141,8 @@ def create_app(
             yield
 
     app = FastAPI(title="aioasync_tasks example", lifespan=lifespan)
+    # The dashboard of the same node; put it behind your authentication, or pass auth=.
+    app.mount("/tasks-admin", dashboard_app(node, actions=True))
 
     def error(status_code: int):
         async def handler(request: Request, exc: Exception) -> JSONResponse:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import signal
 import socket
+import sys
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +24,7 @@ import sqlalchemy as sa
 from _dashboard import form_token, listed_ids, registry, steps_context
 from _db import DbTarget
 from _helpers import (
+    BOUND,
     HERMETIC_ENV,
     LONG_BOUND,
     db_args,
@@ -29,6 +33,7 @@ from _helpers import (
     wait_for,
     wait_state,
 )
+from aiohttp import ClientResponse, ClientSession, web
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,7 +43,8 @@ from test_docs import plain_signature, reference_text
 from aioasync_tasks import ConfigurationError, Node, State, TaskNotFound
 from aioasync_tasks._cli.app import main
 from aioasync_tasks._cli.dashboard import is_local
-from aioasync_tasks.dashboard import create_app
+from aioasync_tasks.dashboard import aiohttp_app, create_app
+from aioasync_tasks.dashboard._aiohttp import DASHBOARD
 
 BASE = "http://dash.test"
 SAME_ORIGIN = {"origin": BASE}
@@ -193,6 +199,41 @@ async def test_list_filters_pages_and_finds_by_id(db: DbTarget) -> None:
     assert not_id.status_code == 400
 
 
+async def test_the_list_refreshes_its_rows_with_its_filters_and_page(db: DbTarget) -> None:
+    """The list page polls ``/tasks/rows`` with its own filters and offset; the fragment is
+    the live part alone, and shows what changed since the page was read."""
+    async with client_node(db) as node:
+        older = [
+            await node.create_task("steps", steps_context(1), user="a", auto_run=False)
+            for _ in range(51)
+        ]
+        await node.create_task("steps", steps_context(1), user="other", auto_run=False)
+        async with client_of(create_app(node)) as client:
+            page = await client.get("/tasks", params={"user": "a", "offset": "50"})
+            live = re.search(
+                r'<section id="task-list" hx-get="([^"]+)" hx-trigger="([^"]+)"', page.text
+            )
+            assert live is not None
+            rows_url = live.group(1).replace("&amp;", "&")
+            newer = await node.create_task("steps", steps_context(1), user="a", auto_run=False)
+            rows = await client.get(rows_url)
+            first_page = await client.get("/tasks/rows", params={"user": "a"})
+            bad = await client.get("/tasks/rows", params={"state": "sleeping"})
+    assert rows_url == "/tasks/rows?user=a&offset=50"
+    assert live.group(2) == "every 3s"
+    assert listed_ids(page.text) == [older[0]]
+    assert rows.status_code == 200
+    assert rows.text.startswith('<section id="task-list"')
+    assert "<html" not in rows.text
+    assert 'id="filters"' not in rows.text
+    assert listed_ids(rows.text) == older[:2][::-1]  # the new task pushed one onto this page
+    assert "Tasks 51 to 52 of 52" in rows.text
+    assert 'id="previous" href="/tasks?user=a&amp;offset=0"' in rows.text
+    assert listed_ids(first_page.text)[0] == newer
+    assert 'hx-get="/tasks/rows?user=a&amp;offset=0"' in first_page.text
+    assert bad.status_code == 400
+
+
 async def test_events_stream_the_task_until_it_ends(db: DbTarget) -> None:
     async with make_node(db, registry) as node:
         task_id = await node.create_task("steps", steps_context(3))
@@ -245,6 +286,135 @@ async def test_from_a_url_with_a_node_of_its_own(db: DbTarget) -> None:
         assert (await client.get("/metrics")).status_code == 200
         assert source.started
     assert not source.started
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def first_event(stream: ClientResponse) -> bytes:
+    """The first server-sent event of a stream, read as it comes."""
+    event = b""
+    while not event.endswith(b"\n\n"):
+        event += await stream.content.readline()
+    return event
+
+
+async def test_an_aiohttp_sub_application_under_a_prefix(db: DbTarget, aiohttp_client: Any) -> None:
+    """``aiohttp_app`` mounted with ``add_subapp``: prefixed links, a POSTed action."""
+    async with client_node(db) as node:
+        task_id = await node.create_task("steps", steps_context(1), auto_run=False)
+        app = web.Application()
+        app.add_subapp("/tasks-admin", aiohttp_app(node, actions=True))
+        client = await aiohttp_client(app)
+        overview = await client.get("/tasks-admin/")
+        page = await client.get(f"/tasks-admin/tasks/{task_id}")
+        bare = await client.get("/tasks-admin", allow_redirects=False)
+        html = await page.text()
+        origin = str(client.make_url("")).rstrip("/")
+        paused = await client.post(
+            f"/tasks-admin/tasks/{task_id}/pause",
+            data={"csrf_token": form_token(html)},
+            headers={"origin": origin},
+            allow_redirects=False,
+        )
+        refused = await client.post(
+            f"/tasks-admin/tasks/{task_id}/run",
+            data={"csrf_token": form_token(html)},
+            headers={"origin": "http://elsewhere.test"},
+        )
+        assert overview.status == page.status == 200
+        assert 'href="/tasks-admin/tasks"' in await overview.text()
+        assert 'href="/tasks-admin/static/dashboard.css"' in html
+        assert f'data-live="/tasks-admin/tasks/{task_id}/events"' in html
+        assert f'action="/tasks-admin/tasks/{task_id}/pause"' in html
+        assert page.headers["x-frame-options"] == "DENY"
+        assert bare.status == 307
+        assert bare.headers["location"].endswith("/tasks-admin/")
+        assert paused.status == 303
+        assert paused.headers["location"] == f"/tasks-admin/tasks/{task_id}"
+        assert refused.status == 403
+        assert (await node.get_task(task_id)).state is State.PAUSED
+
+
+async def test_aiohttp_streams_the_events_as_they_come(
+    db: DbTarget, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server-sent events of a running task arrive while it runs, not when it ends; a
+    client that leaves ends the stream quietly."""
+    async with make_node(db, registry, concurrency=1) as node:
+        task_id = await node.create_task("steps", steps_context(100_000, 0.05))
+        await wait_state(node, task_id, State.RUNNING)
+        app = web.Application()
+        app.add_subapp("/admin", aiohttp_app(node))
+        client = await aiohttp_client(app)
+        async with client.get(f"/admin/tasks/{task_id}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            first = await first_event(stream)
+        assert b'data-task-state="running"' in first
+        assert (await node.get_task(task_id)).state is State.RUNNING
+        await node.delete_task(task_id, force=True)  # the stream's next write finds it gone
+        await client.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_aiohttp_ends_the_stream_of_an_idle_task_when_its_client_leaves(
+    db: DbTarget,
+) -> None:
+    """aiohttp tells no handler of a disconnect (its test server cancels handlers; a server
+    started as ``web.run_app`` does does not): the bridge notices it, and the stream of a task
+    that never changes ends (its handler returns)."""
+    ended = asyncio.Event()
+
+    @web.middleware
+    async def watch_handlers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            if request.path.endswith("/events"):
+                ended.set()
+
+    async with client_node(db) as node:
+        task_id = await node.create_task("steps", steps_context(1), auto_run=False)
+        app = web.Application(middlewares=[watch_handlers])
+        app.add_subapp("/admin", aiohttp_app(node))
+        runner = web.AppRunner(app)  # run_app's defaults: handlers are not cancelled
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            host, port = runner.addresses[0][:2]
+            async with (
+                ClientSession() as session,
+                session.get(f"http://{host}:{port}/admin/tasks/{task_id}/events") as stream,
+            ):
+                assert b'data-task-state="init"' in await first_event(stream)
+            assert not ended.is_set()
+            await asyncio.wait_for(ended.wait(), BOUND)
+        finally:
+            await runner.cleanup()
+
+
+async def test_aiohttp_stops_the_node_of_its_own_at_cleanup(
+    db: DbTarget, aiohttp_client: Any
+) -> None:
+    async with client_node(db):  # migrates the schema
+        pass
+    dashboard = aiohttp_app(db.url, schema=db.schema)
+    source = dashboard[DASHBOARD].state.node_source
+    app = web.Application()
+    app.add_subapp("/admin", dashboard)
+    client = await aiohttp_client(app)
+    assert (await client.get("/admin/tasks")).status == 200
+    assert source.started
+    await client.close()
+    assert not source.started
+
+
+def test_aiohttp_app_without_aiohttp_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aiohttp", None)
+    monkeypatch.delitem(sys.modules, "aioasync_tasks.dashboard._aiohttp")
+    with pytest.raises(ModuleNotFoundError, match=r"needs aiohttp .*pip install aiohttp"):
+        from aioasync_tasks.dashboard import aiohttp_app  # noqa: F401, PLC0415 - the import is the test
 
 
 # -- actions and their guards -----------------------------------------------------------------
@@ -513,10 +683,11 @@ def test_cli_refuses_actions_on_a_public_address_without_a_login(
 # -- the reference ----------------------------------------------------------------------------
 
 
-def test_reference_shows_create_app_as_it_is() -> None:
+def test_reference_shows_create_app_and_aiohttp_app_as_they_are() -> None:
     text = reference_text()
-    assert "### `dashboard.create_app`" in text
-    assert plain_signature("create_app", create_app) in text
+    for name, function in (("create_app", create_app), ("aiohttp_app", aiohttp_app)):
+        assert f"### `dashboard.{name}`" in text
+        assert plain_signature(name, function) in text
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@ against uvicorn serving ``create_app`` of a worker node that runs real tasks, on
 
 The server and the node run in a thread of their own, on its event loop; the test drives the
 browser from the main thread and reads the database through the node (``Served.run``).
-Screenshots of each step go to ``test-artifacts/dashboard/<backend>/`` (git-ignored), or under
+Screenshots of each step go to ``test-artifacts/<test>/<backend>/`` (``dashboard``,
+``dashboard-groups``, ``dashboard-delete``; git-ignored), or under
 ``AIOASYNC_TASKS_TEST_ARTIFACTS`` when set. Skipped, with the reason, when there is no Chromium
 or chromedriver."""
 
@@ -34,7 +35,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from aioasync_tasks import Node, State, Task
+from aioasync_tasks import Group, Node, State, Task, TaskNotFound
 from aioasync_tasks.dashboard import create_app
 
 pytestmark = pytest.mark.slow
@@ -145,7 +146,9 @@ def served(db: DbTarget) -> Iterator[Served]:
 
 
 def wait_until(driver: webdriver.Chrome, condition: Callable[[Any], Any], what: str) -> Any:
-    """Wait for ``condition(driver)`` (elements replaced meanwhile are looked up again)."""
+    """Wait for ``condition(driver)`` (elements replaced meanwhile are looked up again). Every
+    read of a part the page replaces by itself (the live task, the overview's counts and nodes,
+    the task list) goes through here: read directly, its element may go stale mid-read."""
     waiting = WebDriverWait(
         driver,
         BOUND,
@@ -173,13 +176,24 @@ def confirm(driver: webdriver.Chrome, button_id: str) -> None:
     WebDriverWait(driver, BOUND).until(expected_conditions.alert_is_present()).accept()
 
 
-def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: DbTarget) -> None:
-    shots = ARTIFACTS / "dashboard" / db.backend
+def listed(driver: webdriver.Chrome) -> list[int]:
+    """The ids of the rows of the task list on the page."""
+    rows = driver.find_elements(By.CSS_SELECTOR, "#tasks tr[data-task]")
+    return [int(r.get_attribute("data-task") or 0) for r in rows]
+
+
+def screenshots(db: DbTarget, browser: webdriver.Chrome, folder: str) -> Callable[[str], None]:
+    shots = ARTIFACTS / folder / db.backend
     shots.mkdir(parents=True, exist_ok=True)
 
     def shot(name: str) -> None:
         assert browser.save_screenshot(str(shots / f"{name}.png"))
 
+    return shot
+
+
+def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: DbTarget) -> None:
+    shot = screenshots(db, browser, "dashboard")
     node = served.node
     long = steps_context(100_000, 0.05)
     alice = served.run(node.create_task("steps", long, user="alice"))
@@ -200,7 +214,7 @@ def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: D
         lambda d: d.find_element(By.CSS_SELECTOR, running_cell).text == "2",
         "2 running tasks in the overview (refreshed by htmx)",
     )
-    assert str(node.id) in browser.find_element(By.ID, "nodes").text
+    wait_until(browser, lambda d: str(node.id) in text_of("nodes")(d), "the node listed")
     assert "batch" in browser.find_element(By.ID, "groups").text
     shot("1-overview")
 
@@ -209,7 +223,7 @@ def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: D
     wait_until(browser, lambda d: live_state(d) == "running", "task running")
     first = wait_until(browser, lambda d: live_progress(d) > 0 and live_progress(d), "progress")
     wait_until(browser, lambda d: live_progress(d) > first, "the progress to move")
-    assert "of 100000" in browser.find_element(By.ID, "message").text
+    wait_until(browser, lambda d: "of 100000" in text_of("message")(d), "the task's message")
     assert browser.find_element(By.ID, "pause").is_displayed()
     assert not browser.find_element(By.ID, "run").is_displayed()
     shot("2-task-running")
@@ -237,11 +251,7 @@ def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: D
     browser.find_element(By.ID, "apply").click()
     wait_until(browser, lambda d: "user=bob" in d.current_url, "the filtered list")
 
-    def listed(d: webdriver.Chrome) -> list[int]:
-        rows = d.find_elements(By.CSS_SELECTOR, "#tasks tr[data-task]")
-        return [int(r.get_attribute("data-task") or 0) for r in rows]
-
-    assert listed(browser) == [waiting, bob]
+    wait_until(browser, lambda d: listed(d) == [waiting, bob], "bob's tasks listed")
     Select(browser.find_element(By.NAME, "state")).select_by_value("init")
     browser.find_element(By.ID, "apply").click()
     wait_until(browser, lambda d: listed(d) == [waiting], "only the INIT task of bob")
@@ -258,3 +268,89 @@ def test_dashboard_in_a_browser(browser: webdriver.Chrome, served: Served, db: D
 
     served.run(node.delete_task(alice, force=True))
     served.run(node.delete_task(bob, force=True))
+
+
+def test_groups_are_paused_limited_and_resumed(
+    browser: webdriver.Chrome, served: Served, db: DbTarget
+) -> None:
+    shot = screenshots(db, browser, "dashboard-groups")
+    node = served.node
+    served.run(node.create_task("steps", steps_context(1), group="batch", auto_run=False))
+    row = '#groups tr[data-group="batch"]'
+
+    def cells(d: webdriver.Chrome) -> list[str]:
+        return [td.text for td in d.find_elements(By.CSS_SELECTOR, f"{row} td")][:4]
+
+    def group() -> Group:
+        return next(g for g in served.run(node.get_groups()) if g.name == "batch")
+
+    def act(button: str) -> None:
+        """Click a button of the group's row and accept its confirmation."""
+        browser.find_element(By.CSS_SELECTOR, f'{row} button[name="{button}"]').click()
+        WebDriverWait(browser, BOUND).until(expected_conditions.alert_is_present()).accept()
+
+    browser.get(served.url + "/")
+    wait_until(browser, lambda d: cells(d) == ["batch", "no", "-", "-"], "batch not paused")
+    shot("1-group")
+
+    act("pause-group")
+    wait_until(browser, lambda d: cells(d)[1] == "paused", "batch marked paused")
+    assert group().paused
+    assert browser.find_elements(By.CSS_SELECTOR, f'{row} button[name="pause-group"]') == []
+    shot("2-group-paused")
+
+    browser.find_element(By.CSS_SELECTOR, f'{row} input[name="max_running"]').send_keys("3")
+    browser.find_element(By.CSS_SELECTOR, f'{row} input[name="max_running_per_user"]').send_keys(
+        "1"
+    )
+    act("set-limits")
+    wait_until(browser, lambda d: cells(d)[2:] == ["3", "1"], "the limits shown")
+    assert (group().max_running, group().max_running_per_user) == (3, 1)
+    shot("3-group-limited")
+
+    act("resume-group")
+    wait_until(browser, lambda d: cells(d) == ["batch", "no", "3", "1"], "batch resumed")
+    assert not group().paused
+    shot("4-group-resumed")
+
+
+def test_the_list_refreshes_and_tasks_are_deleted(
+    browser: webdriver.Chrome, served: Served, db: DbTarget
+) -> None:
+    shot = screenshots(db, browser, "dashboard-delete")
+    node = served.node
+    long = steps_context(100_000, 0.05)
+    first = served.run(node.create_task("steps", long, user="carol"))
+
+    # The list, filtered: a task created after the page loaded appears without a reload.
+    browser.get(served.url + "/tasks?user=carol")
+    wait_until(browser, lambda d: listed(d) == [first], "carol's first task listed")
+    browser.execute_script("window.loadedOnce = true;")  # gone if the page were reloaded
+    second = served.run(node.create_task("steps", long, user="carol"))
+    served.run(node.create_task("steps", steps_context(1), user="dave", auto_run=False))
+    wait_until(browser, lambda d: listed(d) == [second, first], "the new task listed")
+    assert browser.execute_script("return window.loadedOnce === true;")
+    assert "user=carol" in browser.current_url
+    shot("1-list-refreshed")
+
+    # Delete a running task from its page: it is stopped, then gone from the list.
+    browser.get(f"{served.url}/tasks/{first}")
+    wait_until(browser, lambda d: live_state(d) == "running", "the first task running")
+    shot("2-task-to-delete")
+    confirm(browser, "delete")
+    wait_until(browser, lambda d: d.find_elements(By.ID, "tasks"), "back on the list")
+    wait_until(browser, lambda d: first not in listed(d), "the deleted task gone from the list")
+    with pytest.raises(TaskNotFound):
+        served.run(node.get_task(first))
+    shot("3-task-deleted")
+
+    # Force-delete the other one: no cleanup, removed at once.
+    browser.get(f"{served.url}/tasks/{second}")
+    wait_until(browser, lambda d: live_state(d) == "running", "the second task running")
+    browser.find_element(By.ID, "force").click()
+    confirm(browser, "delete")
+    wait_until(browser, lambda d: d.find_elements(By.ID, "tasks"), "back on the list")
+    with pytest.raises(TaskNotFound):
+        served.run(node.get_task(second))
+    wait_until(browser, lambda d: second not in listed(d), "the task gone from the list")
+    shot("4-task-force-deleted")

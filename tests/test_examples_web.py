@@ -272,6 +272,18 @@ async def test_order_and_task_commit_together_or_not_at_all(api: Api) -> None:
     assert [t["id"] for t in tasks] == [created["task_id"]]
 
 
+async def test_the_dashboard_is_mounted_beside_the_routes(api: Api) -> None:
+    task = await api.create("count", {"n": 1}, user="dora", auto_run=False)
+    status, page = await api.get(f"/tasks-admin/tasks/{task['id']}")
+    assert status == 200, page
+    assert f'data-live="/tasks-admin/tasks/{task["id"]}/events"' in page
+    assert 'action="/tasks-admin/tasks/' in page  # actions enabled
+    status, listing = await api.get("/tasks-admin/tasks", [("user", "dora")])
+    assert status == 200
+    assert f'<tr data-task="{task["id"]}"' in listing
+    assert 'href="/tasks-admin/static/dashboard.css"' in listing
+
+
 # -- the script examples ------------------------------------------------------------------
 
 

@@ -399,6 +399,37 @@ class ListenParams:
     on_message: Callable[[str], None]
 
 
+@dataclass(frozen=True, slots=True)
+class StatsParams:
+    """``queue_stats``: the windows, in seconds back from the database clock, of the counts of
+    tasks that ended (FINISHED or FAILED)."""
+
+    windows: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EndedCount:
+    """The tasks that ended within ``window`` seconds of the database clock."""
+
+    window: float
+    finished: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The queue as one read sees it (the dashboard's overview and ``/metrics``)."""
+
+    now: datetime
+    """The database clock when read."""
+    counts: dict[tuple[str, State], int]
+    """(group, state) → tasks; pairs without tasks are left out."""
+    running: dict[int, int]
+    """Node id → tasks it runs (RUNNING or CANCELING); nodes without any left out."""
+    ended: list[EndedCount]
+    """One per window, in the order of ``StatsParams.windows``."""
+
+
 TASK_DONE = "done"
 """A task event: the tasks became FINISHED or FAILED, or were removed."""
 TASK_PROGRESS = "progress"
@@ -511,3 +542,8 @@ class Driver(Protocol):
     def listen_tasks(self, params: ListenParams) -> AbstractAsyncContextManager[asyncio.Event]:
         """Where ``supports_notify``: deliver task events (``task_events`` payloads) while
         inside; the event yielded is set when the listening connection is lost."""
+
+    # -- statistics
+    async def queue_stats(self, params: StatsParams) -> QueueStats:
+        """Counts by group and state, running tasks by node and recent ends, in one read
+        transaction, with the database clock they are measured on."""

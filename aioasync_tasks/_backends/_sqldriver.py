@@ -52,6 +52,7 @@ from ._driver import (
     DeleteParams,
     DeleteResult,
     DeregisterParams,
+    EndedCount,
     Fired,
     InsertParams,
     Limits,
@@ -64,11 +65,13 @@ from ._driver import (
     PruneParams,
     PruneResult,
     PutScheduleParams,
+    QueueStats,
     RegisterParams,
     RegisterTypesParams,
     ReleaseClaimsParams,
     RescueParams,
     SetGroupParams,
+    StatsParams,
     StoredTaskType,
     TaskFilter,
     TaskTypesQuery,
@@ -1246,3 +1249,28 @@ class SqlDriver:
         values = {"ids": self.bind_list(params.ids), "seconds": params.seconds}
         async with self.write() as conn:
             await self._run(conn, "watch_tasks", values)
+
+    # -- statistics -------------------------------------------------------------------------
+
+    @cancel_safe
+    async def queue_stats(self, params: StatsParams) -> QueueStats:
+        async with self.read() as conn:
+            now = time_from_db((await self._run(conn, "db_now")).scalar_one())
+            counts = {
+                (r.group_name, State(r.state)): int(r.tasks)
+                for r in await self._run(conn, "stats_by_group_and_state")
+            }
+            running = {int(r.node_id): int(r.tasks) for r in await self._run(conn, "stats_running")}
+            ended: list[EndedCount] = []
+            for window in params.windows:
+                since = self._db_time(now - timedelta(seconds=window))
+                by_state = {
+                    State(r.state): int(r.tasks)
+                    for r in await self._run(conn, "stats_ended", {"since": since})
+                }
+                ended.append(
+                    EndedCount(
+                        window, by_state.get(State.FINISHED, 0), by_state.get(State.FAILED, 0)
+                    )
+                )
+        return QueueStats(now, counts, running, ended)

@@ -148,6 +148,7 @@ def create_app(
     routes = [
         Route("/", pages.overview, name="overview"),
         Route("/tasks", pages.tasks, name="tasks"),
+        Route("/tasks/rows", pages.task_rows, name="task_rows"),
         Route("/tasks/{task_id:int}", pages.task, name="task"),
         Route("/tasks/{task_id:int}/events", pages.task_events, name="task_events"),
         Route("/tasks/{task_id:int}/{action:str}", pages.task_action, methods=["POST"], name="act"),
@@ -201,13 +202,22 @@ class _Dashboard:
         return self.render(request, "overview.html", data=data, states=list(State))
 
     async def tasks(self, request: Request) -> Response:
-        node = await self.source.get()
-        query = request.query_params
-        wanted = query.get("id", "").strip()
+        wanted = request.query_params.get("id", "").strip()
         if wanted:
             if not wanted.isdigit():
                 return self.problem(request, 400, f"{wanted!r} is not a task id")
             return RedirectResponse(_url(request, "task", task_id=int(wanted)), 303)
+        return await self._task_list(request, "tasks.html")
+
+    async def task_rows(self, request: Request) -> Response:
+        """The live part of the list (summary, rows, page links), which the list page fetches
+        again every few seconds, with its filters and offset."""
+        return await self._task_list(request, "_task_list.html")
+
+    async def _task_list(self, request: Request, template: str) -> Response:
+        """One page of the tasks that match the filters of the query string, rendered."""
+        node = await self.source.get()
+        query = request.query_params
         filters = {name: query.get(name, "").strip() for name in ("state", "type", "user", "group")}
         try:
             offset = max(0, int(query.get("offset", "0")))
@@ -219,14 +229,20 @@ class _Dashboard:
             "types": [filters["type"]] if filters["type"] else None,
             "states": [filters["state"]] if filters["state"] else None,
         }
+        kept = {k: v for k, v in filters.items() if v}
         pages = {"previous": None, "next": None, "first": 0, "last": 0}
-        values: dict[str, Any] = {"filters": filters, "tasks": [], "total": 0, "pages": pages}
+        values: dict[str, Any] = {
+            "filters": filters,
+            "tasks": [],
+            "total": 0,
+            "pages": pages,
+            "live": _url(request, "task_rows", **kept, offset=offset),
+        }
         try:
             found = await node.get_tasks(**options, offset=offset, limit=PAGE_SIZE)
             total = await node.count_tasks(**options)
         except ConfigurationError as exc:
-            return self.render(request, "tasks.html", 400, **values, error=str(exc))
-        kept = {k: v for k, v in filters.items() if v}
+            return self.render(request, template, 400, **values, error=str(exc))
         values["pages"] = {
             "previous": _url(request, "tasks", **kept, offset=max(0, offset - PAGE_SIZE))
             if offset
@@ -238,7 +254,7 @@ class _Dashboard:
             "last": offset + len(found),
         }
         values.update(tasks=found, total=total)
-        return self.render(request, "tasks.html", **values, error=None)
+        return self.render(request, template, **values, error=None)
 
     async def task(self, request: Request) -> Response:
         node = await self.source.get()

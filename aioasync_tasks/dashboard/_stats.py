@@ -6,20 +6,14 @@ on it, as the nodes' liveness is). Exact across the cluster, never a per-process
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
+from .._backends._driver import StatsParams
 from .._models import Group, NodeInfo, State
 from .._node import Node
-from .._schema import MYSQL, tasks_table, time_from_db
 
 THROUGHPUT_WINDOWS = (1, 5, 15)
 """The windows, in minutes, of the tasks that ended recently."""
-
-_ACTIVE = (State.RUNNING.value, State.CANCELING.value)
-_ENDED = (State.FINISHED.value, State.FAILED.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,69 +50,29 @@ class Overview:
         return self.counts.get(group, {}).get(state, 0)
 
 
-def _tasks(node: Node) -> sa.Table:
-    """The tasks table in the node's schema (PostgreSQL), as the node's driver names it."""
-    schema: str | None = getattr(node.driver, "schema", None)
-    return tasks_table.to_metadata(sa.MetaData(), schema=schema) if schema else tasks_table
-
-
-async def _db_now(conn: AsyncConnection) -> datetime:
-    if conn.dialect.name == "sqlite":
-        query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
-    elif conn.dialect.name in MYSQL:
-        query = "SELECT UTC_TIMESTAMP(6)"  # now() is the session's local time there
-    else:
-        query = "SELECT now()"
-    return time_from_db((await conn.exec_driver_sql(query)).scalar_one())
-
-
 async def read_overview(node: Node) -> Overview:
     """Counts, nodes, groups and recent ends, as the database has them now."""
     groups = await node.get_groups()
     infos = await node.get_nodes()
-    t = _tasks(node)
-    async with node.engine.connect() as conn:
-        now = await _db_now(conn)
-        by_group = await conn.execute(
-            sa.select(t.c.group_name, t.c.state, sa.func.count()).group_by(
-                t.c.group_name, t.c.state
-            )
-        )
-        counts: dict[str, dict[State, int]] = {}
-        totals: dict[State, int] = {}
-        for group, state, n in by_group:
-            counts.setdefault(group, {})[State(state)] = n
-            totals[State(state)] = totals.get(State(state), 0) + n
-        owners = await conn.execute(
-            sa.select(t.c.node_id, sa.func.count())
-            .where(t.c.node_id.is_not(None), t.c.state.in_(_ACTIVE))
-            .group_by(t.c.node_id)
-        )
-        running: dict[int, int] = dict(owners.all())
-        since = {m: now - timedelta(minutes=m) for m in THROUGHPUT_WINDOWS}
-        longest = since[max(THROUGHPUT_WINDOWS)]
-        columns = [
-            sa.func.sum(sa.case((sa.and_(t.c.done_at >= since[m], t.c.state == state), 1), else_=0))
-            for m in THROUGHPUT_WINDOWS
-            for state in _ENDED
-        ]
-        sums = (
-            await conn.execute(
-                sa.select(*columns).where(t.c.state.in_(_ENDED), t.c.done_at >= longest)
-            )
-        ).one()
+    stats = await node.driver.queue_stats(
+        StatsParams(windows=tuple(60.0 * m for m in THROUGHPUT_WINDOWS))
+    )
+    counts: dict[str, dict[State, int]] = {}
+    totals: dict[State, int] = {}
+    for (name, state), n in stats.counts.items():
+        counts.setdefault(name, {})[state] = n
+        totals[state] = totals.get(state, 0) + n
     ended = [
-        Ended(m, int(sums[2 * i] or 0), int(sums[2 * i + 1] or 0))
-        for i, m in enumerate(THROUGHPUT_WINDOWS)
+        Ended(m, e.finished, e.failed) for m, e in zip(THROUGHPUT_WINDOWS, stats.ended, strict=True)
     ]
     for group in groups:
         counts.setdefault(group.name, {})
     nodes = [
         NodeRow(
             info,
-            max(0.0, (now - info.heartbeat_at).total_seconds()),
-            int(running.get(info.id, 0)),
+            max(0.0, (stats.now - info.heartbeat_at).total_seconds()),
+            stats.running.get(info.id, 0),
         )
         for info in infos
     ]
-    return Overview(now, counts, groups, nodes, ended, totals)
+    return Overview(stats.now, counts, groups, nodes, ended, totals)

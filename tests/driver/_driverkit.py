@@ -370,6 +370,22 @@ class Peek:
             result = await conn.execute(text(f"SELECT id, {column} FROM {self.table(TASKS)}"))
             return {row[0]: row[1] for row in result}
 
+    async def age(self, ids: list[int], column: str, hours: int) -> None:
+        """Move a time column of tasks ``hours`` into the past."""
+        assert column in ("done_at", "updated_at")
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            change = f"{column} - {hours * 3600}"  # epoch seconds
+        elif dialect in ("mysql", "mariadb"):
+            change = f"{column} - INTERVAL {hours} HOUR"
+        else:
+            change = f"{column} - interval '{hours} hours'"
+        for task_id in ids:
+            await self.execute(
+                f"UPDATE {self.table(TASKS)} SET {column} = {change} WHERE id = :id",
+                {"id": task_id},
+            )
+
     async def tokens(self) -> dict[int, int]:
         return {k: int(v) for k, v in (await self.columns("token")).items()}
 

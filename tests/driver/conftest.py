@@ -26,7 +26,9 @@ together, one line each (``_driverkit.Problems``).
   ``deregister`` (STOPPED), ``rescue`` (NODE_LOST);
 - ``test_driver_groups``: ``set_group``, ``get_groups``, ``pause_group``, ``listen``;
 - ``test_driver_schedules``: ``put_schedule``, ``get_schedules``, ``delete_schedule``, ``tick``
-  (each tick enqueued once, by concurrent drivers too; only the latest missed tick).
+  (each tick enqueued once, by concurrent drivers too; only the latest missed tick);
+- ``test_driver_stats``: ``queue_stats`` (the dashboard's counts, running tasks by node, recent
+  ends per window).
 
 A test that shows a driver disagreeing with the state table or the docs is marked
 ``xfail(strict=True)`` with the bug named in its reason, until the driver is fixed.

@@ -24,7 +24,6 @@ from aioasync_tasks._backends._driver import (
     SetGroupParams,
     TaskFilter,
 )
-from aioasync_tasks._schema import TASKS
 from aioasync_tasks._states import apply_operation
 from driver._driverkit import (
     FAR,
@@ -43,34 +42,18 @@ from driver._driverkit import (
     view,
 )
 
-
-async def _age(peek: Peek, engine: AsyncEngine, ids: list[int], column: str, hours: int) -> None:
-    """Move a time column of tasks ``hours`` into the past, behind the driver's back."""
-    assert column in ("done_at", "updated_at")
-    if engine.dialect.name == "sqlite":
-        change = f"{column} - {hours * 3600}"  # epoch seconds
-    elif engine.dialect.name in ("mysql", "mariadb"):
-        change = f"{column} - INTERVAL {hours} HOUR"
-    else:
-        change = f"{column} - interval '{hours} hours'"
-    for task_id in ids:
-        await peek.execute(
-            f"UPDATE {peek.table(TASKS)} SET {column} = {change} WHERE id = :id", {"id": task_id}
-        )
-
-
 # -- prune ----------------------------------------------------------------------------------
 
 
 async def test_prune_removes_only_finished_and_failed_tasks_past_their_age(
-    driver: Driver, peek: Peek, engine: AsyncEngine
+    driver: Driver, peek: Peek
 ) -> None:
     node = await register(driver)
     made = await make_many(driver, node, every_start())
     before = await snapshot(driver)
     ended = [m.id for m in made if m.start.state in (State.FINISHED, State.FAILED)]
     assert ended
-    await _age(peek, engine, ended, "done_at", 2)
+    await peek.age(ended, "done_at", 2)
 
     # Younger than their ages, or kept: nothing goes.
     for params in (
@@ -101,10 +84,10 @@ async def test_prune_removes_only_finished_and_failed_tasks_past_their_age(
     problems.assert_none()
 
 
-async def test_prune_works_in_batches(driver: Driver, peek: Peek, engine: AsyncEngine) -> None:
+async def test_prune_works_in_batches(driver: Driver, peek: Peek) -> None:
     node = await register(driver)
     made = await make_many(driver, node, [Want(Start.FINISHED) for _ in range(5)])
-    await _age(peek, engine, [m.id for m in made], "done_at", 1)
+    await peek.age([m.id for m in made], "done_at", 1)
     params = PruneParams(finished_after=60, failed_after=60, limit=2)
     removed = []
     while True:
@@ -116,12 +99,10 @@ async def test_prune_works_in_batches(driver: Driver, peek: Peek, engine: AsyncE
     assert await driver.count_tasks(TaskFilter()) == 0
 
 
-async def test_concurrent_prunes_remove_each_task_once(
-    driver: Driver, peek: Peek, engine: AsyncEngine
-) -> None:
+async def test_concurrent_prunes_remove_each_task_once(driver: Driver, peek: Peek) -> None:
     node = await register(driver)
     made = await make_many(driver, node, [Want(Start.FINISHED) for _ in range(6)])
-    await _age(peek, engine, [m.id for m in made], "done_at", 1)
+    await peek.age([m.id for m in made], "done_at", 1)
     results = await asyncio.gather(
         *(driver.prune(PruneParams(finished_after=60, failed_after=None)) for _ in range(4))
     )
@@ -137,7 +118,7 @@ async def test_prune_skips_its_round_while_another_node_prunes(
     """PostgreSQL: one pruner at a time, by an advisory lock tried, not waited for."""
     node = await register(driver)
     made = await make_many(driver, node, [Want(Start.FINISHED)])
-    await _age(peek, engine, [m.id for m in made], "done_at", 1)
+    await peek.age([m.id for m in made], "done_at", 1)
     channel = getattr(driver, "channel", None)
     assert isinstance(channel, str)
     async with engine.connect() as other:
@@ -201,9 +182,7 @@ async def test_delete_matching_follows_the_state_table(driver: Driver, force: bo
     assert deleted == changed
 
 
-async def test_delete_matching_applies_the_filters_and_the_age(
-    driver: Driver, peek: Peek, engine: AsyncEngine
-) -> None:
+async def test_delete_matching_applies_the_filters_and_the_age(driver: Driver, peek: Peek) -> None:
     ids = {
         name: await insert(driver, type=type, user=user, group=group)
         for name, type, user, group in [
@@ -215,7 +194,7 @@ async def test_delete_matching_applies_the_filters_and_the_age(
         ]
     }
     await driver.operate(OperateParams(ids["e"], Operation.PAUSE))
-    await _age(peek, engine, [ids["a"], ids["c"]], "updated_at", 48)
+    await peek.age([ids["a"], ids["c"]], "updated_at", 48)
 
     async def delete(f: TaskFilter, older_than: float | None = None) -> set[int]:
         present = set(await snapshot(driver))

@@ -435,6 +435,23 @@ ORDER BY n.name
 -- The database clock (times a bulk delete compares with are taken from it).
 SELECT {now}
 
+-- name: stats_by_group_and_state
+-- The dashboard's counts: tasks by group and state.
+SELECT group_name, state, count(*) AS tasks FROM {tasks} GROUP BY group_name, state
+
+-- name: stats_running
+-- The tasks each node runs now (RUNNING or CANCELING), by node.
+SELECT node_id, count(*) AS tasks FROM {tasks}
+WHERE node_id IS NOT NULL AND state IN ('running', 'canceling')
+GROUP BY node_id
+
+-- name: stats_ended
+-- The tasks that ended (FINISHED, FAILED) since :since, by state: a range of the done index
+-- (state, done_at) for each state.
+SELECT state, count(*) AS tasks FROM {tasks}
+WHERE state IN ('finished', 'failed') AND done_at >= :since
+GROUP BY state
+
 -- name: prune_lock
 -- One pruner at a time (docs/design.md §4.5): a named lock of the session, tried without
 -- waiting (1: ours), released by prune_unlock after the round.

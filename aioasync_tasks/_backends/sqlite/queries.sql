@@ -325,6 +325,23 @@ ORDER BY n.name
 -- The database clock (times a bulk delete compares with are taken from it).
 SELECT {now}
 
+-- name: stats_by_group_and_state
+-- The dashboard's counts: tasks by group and state.
+SELECT group_name, state, count(*) AS tasks FROM {tasks} GROUP BY group_name, state
+
+-- name: stats_running
+-- The tasks each node runs now (RUNNING or CANCELING), by node.
+SELECT node_id, count(*) AS tasks FROM {tasks}
+WHERE node_id IS NOT NULL AND state IN ('running', 'canceling')
+GROUP BY node_id
+
+-- name: stats_ended
+-- The tasks that ended (FINISHED, FAILED) since :since, by state: a range of the done index
+-- (its predicate, done_at IS NOT NULL, is implied by done_at >= …).
+SELECT state, count(*) AS tasks FROM {tasks}
+WHERE state IN ('finished', 'failed') AND done_at >= :since
+GROUP BY state
+
 -- name: prune
 -- Up to :limit tasks in :state (FINISHED or FAILED) that ended more than :age seconds ago,
 -- oldest first, removed (one pruner at a time: the write lock). done_at < … implies the done

@@ -1,6 +1,6 @@
-// The dashboard's own script: confirmation of actions, and the live task view (server-sent
-// events of server-rendered HTML, fed by Node.watch). No inline scripts: the pages' content
-// security policy allows only the dashboard's own files.
+// The dashboard's own script: confirmation of actions, polls paused in a hidden tab, and the
+// live task view (server-sent events of server-rendered HTML, fed by Node.watch). No inline
+// scripts: the pages' content security policy allows only the dashboard's own files.
 "use strict";
 
 document.addEventListener("submit", (event) => {
@@ -13,6 +13,12 @@ document.addEventListener("click", (event) => {
     event.preventDefault();
     history.back();
   }
+});
+
+// The pages' htmx requests are all polls (the overview's counts, the task list): a hidden tab
+// skips its turns, and the next turn after it is shown again brings the page up to date.
+document.addEventListener("htmx:beforeRequest", (event) => {
+  if (document.hidden) event.preventDefault();
 });
 
 // Show only the actions that the task's state allows (the server checks them anyway).
