@@ -12,12 +12,22 @@ Metrics (instruments of the meter ``aioasync_tasks``): ``aioasync_tasks.tasks.cr
 ``aioasync_tasks.flush.duration``, ``aioasync_tasks.flush.writes``,
 ``aioasync_tasks.lease.losses``, ``aioasync_tasks.fencings``.
 
+The queue of the whole cluster — tasks by group and state, PENDING tasks by group, live nodes —
+is read from the database, so it is opt-in and best done by one process:
+``async with observer.queue_gauges(node):`` reads it every ``every`` seconds for the observable
+gauges ``aioasync_tasks.queue.tasks``, ``aioasync_tasks.queue.depth`` and
+``aioasync_tasks.nodes``.
+
 Needs the OpenTelemetry API: ``pip install 'aioasync-tasks[opentelemetry]'``; the SDK and the
 exporters are the application's to set up. See docs/reference.md, "Metrics and tracing".
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
 from contextvars import Token
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -32,6 +42,11 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installa
         name=exc.name,
     ) from exc
 
+from ._backends._driver import QueueStats, StatsParams
+from ._errors import AsyncTasksError, ConfigurationError
+from ._logging import LOGGER_NAME
+from ._models import State
+from ._node import Node
 from ._telemetry import Attempt, AttemptOutcome, Observer
 
 __all__ = ["OpenTelemetry"]
@@ -40,6 +55,46 @@ SCOPE = "aioasync_tasks"
 """The name of the tracer and of the meter."""
 _FAILED = (AttemptOutcome.FAILED, AttemptOutcome.RETRIED)
 _PROPAGATOR = TraceContextTextMapPropagator()
+_log = logging.getLogger(LOGGER_NAME)
+
+
+class _Queue:
+    """The last reading of the queue, for the observable gauges (read on the exporter's
+    thread: a reading is replaced whole, never changed in place)."""
+
+    def __init__(self) -> None:
+        self.stats: QueueStats | None = None
+        self.nodes = 0
+        self.seen: set[tuple[str, State]] = set()
+        """Every (group, state) ever reported: one that empties is reported as 0."""
+
+    def tasks(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        stats = self.stats
+        if stats is None:
+            return []
+        self.seen |= set(stats.counts)
+        return [
+            metrics.Observation(
+                stats.counts.get(key, 0),
+                {"aioasync_tasks.group": key[0], "aioasync_tasks.state": key[1].value},
+            )
+            for key in sorted(self.seen)
+        ]
+
+    def depth(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        stats = self.stats
+        if stats is None:
+            return []
+        groups = sorted({group for group, _ in self.seen | set(stats.counts)})
+        return [
+            metrics.Observation(
+                stats.counts.get((group, State.PENDING), 0), {"aioasync_tasks.group": group}
+            )
+            for group in groups
+        ]
+
+    def live_nodes(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [] if self.stats is None else [metrics.Observation(self.nodes)]
 
 
 def _version() -> str:
@@ -88,6 +143,9 @@ class OpenTelemetry(Observer):
         self._fencings = meter.create_counter(
             "aioasync_tasks.fencings", "{event}", "Times a node was declared dead by its peers."
         )
+        self._meter = meter
+        self._queue: _Queue | None = None
+        self._gauges_made = False
         self._spans: dict[Attempt, tuple[trace.Span, Token[context.Context]]] = {}
         self._attributes: dict[tuple[str, str, bool], dict[str, Any]] = {}
         """The attributes of each (type, group, cleanup), made once."""
@@ -113,6 +171,63 @@ class OpenTelemetry(Observer):
                 "aioasync_tasks.outcome": outcome.value,
             }
         return found
+
+    @contextlib.asynccontextmanager
+    async def queue_gauges(self, node: Node, *, every: float = 15.0) -> AsyncIterator[None]:
+        """Read the queue through ``node`` (started) now and every ``every`` seconds until the
+        block ends, for the gauges ``aioasync_tasks.queue.tasks`` (by group and state),
+        ``aioasync_tasks.queue.depth`` (PENDING, by group) and ``aioasync_tasks.nodes``. One
+        process of a cluster is enough. A failed read is logged and the gauges report nothing
+        until the next one succeeds."""
+        if isinstance(every, bool) or not isinstance(every, int | float) or not every > 0:
+            raise ConfigurationError("every must be a number of seconds above 0")
+        if self._queue is not None:
+            raise ConfigurationError("queue_gauges is already reading for this observer")
+        queue = self._queue = _Queue()
+        if not self._gauges_made:  # once: the gauges read whichever reading is current
+            self._gauges_made = True
+            self._meter.create_observable_gauge(
+                "aioasync_tasks.queue.tasks",
+                [lambda o: self._queue.tasks(o) if self._queue else []],
+                "{task}",
+                "Tasks by group and state.",
+            )
+            self._meter.create_observable_gauge(
+                "aioasync_tasks.queue.depth",
+                [lambda o: self._queue.depth(o) if self._queue else []],
+                "{task}",
+                "PENDING tasks by group.",
+            )
+            self._meter.create_observable_gauge(
+                "aioasync_tasks.nodes",
+                [lambda o: self._queue.live_nodes(o) if self._queue else []],
+                "{node}",
+                "Live (registered) nodes.",
+            )
+
+        async def read() -> None:
+            try:
+                stats = await node.driver.queue_stats(StatsParams(()))
+                queue.nodes = len(await node.get_nodes())
+                queue.stats = stats
+            except AsyncTasksError as exc:
+                _log.warning("queue_gauges: the queue could not be read: %s", exc)
+                queue.stats = None
+
+        async def refresh() -> None:
+            while True:
+                await asyncio.sleep(every)
+                await read()
+
+        await read()
+        refreshing = asyncio.create_task(refresh(), name="aioasync_tasks-queue-gauges")
+        try:
+            yield
+        finally:
+            refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refreshing
+            self._queue = None  # the gauges report nothing once the block has ended
 
     def trace_parent(self) -> str | None:
         carrier: dict[str, str] = {}

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import HERMETIC_ENV, make_node, wait_state
+from _helpers import HERMETIC_ENV, make_node, wait_for, wait_state
 from _observers import Recorder
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -358,3 +358,50 @@ async def test_the_link_crosses_processes(db: DbTarget) -> None:
         await wait_state(node, task_id, State.FINISHED, timeout=BOUND)
     (run,) = [s for s in spans.get_finished_spans() if s.name == "run ok"]
     assert [(k.context.trace_id, k.context.span_id) for k in run.links] == [(trace_id, span_id)]
+
+
+async def test_opentelemetry_queue_gauges_are_the_database_counts(
+    db: DbTarget, raw: AsyncEngine
+) -> None:
+    """``queue_gauges``: tasks by group and state, PENDING by group and live nodes, as the
+    database has them; a state that empties reads 0; nothing once the block has ended."""
+    reader = InMemoryMetricReader()
+    observer = OpenTelemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    async with make_node(db, registry, concurrency=0) as client:
+        for _ in range(3):
+            await client.create_task("ok", group="waiting", auto_run=False)
+        first = await client.create_task("held", group="queued")
+        await client.create_task("held", group="queued")
+        async with observer.queue_gauges(client, every=0.05):
+            seen = gauge_points(reader)
+            await client.delete_task(first)  # PENDING, no cleanup: gone at once
+            await wait_for(
+                lambda: gauge_points(reader)["aioasync_tasks.queue.depth"][("queued",)] == 1,
+                timeout=BOUND,
+                what="the next reading",
+            )
+            later = gauge_points(reader)
+        after = gauge_points(reader)
+    async with raw.connect() as conn:
+        stored = (await conn.execute(sa.text("SELECT count(*) FROM aioasync_nodes"))).scalar()
+    assert seen["aioasync_tasks.queue.tasks"] == {("waiting", "init"): 3, ("queued", "pending"): 2}
+    assert seen["aioasync_tasks.queue.depth"] == {("waiting",): 0, ("queued",): 2}
+    assert seen["aioasync_tasks.nodes"] == {(): stored} == {(): 0}  # a client-only node
+    assert later["aioasync_tasks.queue.tasks"][("queued", "pending")] == 1
+    assert after == {}
+
+
+def gauge_points(reader: InMemoryMetricReader) -> dict[str, dict[tuple[str, ...], float]]:
+    """Gauge name → its attributes' values (group, state) → the value now."""
+    data = reader.get_metrics_data()
+    found: dict[str, dict[tuple[str, ...], float]] = {}
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points = {
+                    tuple(str(v) for v in (p.attributes or {}).values()): p.value  # type: ignore[union-attr]  # gauges
+                    for p in metric.data.data_points
+                }
+                if points:
+                    found[metric.name] = points
+    return found
