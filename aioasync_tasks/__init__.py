@@ -1,7 +1,8 @@
 """aioasync_tasks: durable, decentralised, stateful background tasks for asyncio.
 
 Tasks are async generators that yield ``Report`` checkpoints; every process that starts a
-``Node`` is an equal peer, and PostgreSQL (or SQLite) is the only coordinator.
+``Node`` is an equal peer, and the database (PostgreSQL, SQLite, MySQL or MariaDB) is the only
+coordinator.
 """
 
 from ._errors import (

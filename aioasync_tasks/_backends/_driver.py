@@ -1,6 +1,6 @@
 """The driver protocol: the queue operations the engine asks of a database, and the values
-they take and return. ``SqlDriver`` implements it for PostgreSQL and SQLite; a new database is
-added by implementing it (CONTRIBUTING.md, "Adding a database").
+they take and return. ``SqlDriver`` implements it for PostgreSQL, SQLite and MySQL/MariaDB; a
+new database is added by implementing it (CONTRIBUTING.md, "Adding a database").
 
 Every operation is one short transaction of its own (or of the caller's, for
 ``insert_many(connection=…)``), safe to cancel (``_transaction.cancel_safe``), and raises

@@ -55,7 +55,7 @@ PROG = "aioasync-tasks"
 @click.version_option(package_name="aioasync-tasks", prog_name=PROG)
 @click.pass_context
 def cli(ctx: click.Context, db: str, schema: str | None) -> None:
-    """Durable, decentralised, stateful background tasks on PostgreSQL or SQLite."""
+    """Durable, decentralised, stateful background tasks on PostgreSQL, SQLite, MySQL or MariaDB."""
     source = click.core.ParameterSource.COMMANDLINE
     ctx.obj = Settings(
         db=db,
