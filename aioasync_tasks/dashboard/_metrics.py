@@ -84,8 +84,9 @@ class OverviewCollector(Collector):
             labels=["minutes", "state"],
         )
         for window in data.ended:
-            ended.add_metric([str(window.minutes), State.FINISHED.value], window.finished)
-            ended.add_metric([str(window.minutes), State.FAILED.value], window.failed)
+            minutes = str(round(window.window / 60))
+            ended.add_metric([minutes, State.FINISHED.value], window.finished)
+            ended.add_metric([minutes, State.FAILED.value], window.failed)
         yield ended
 
 

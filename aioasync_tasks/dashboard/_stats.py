@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .._backends._driver import StatsParams
+from .._backends._driver import EndedCount, StatsParams
 from .._models import Group, NodeInfo, State
 from .._node import Node
 
@@ -26,15 +26,6 @@ class NodeRow:
 
 
 @dataclass(frozen=True, slots=True)
-class Ended:
-    """The tasks that ended (FINISHED, FAILED) in the last ``minutes``."""
-
-    minutes: int
-    finished: int
-    failed: int
-
-
-@dataclass(frozen=True, slots=True)
 class Overview:
     now: datetime
     """The database clock when read."""
@@ -42,7 +33,8 @@ class Overview:
     """Group → state → tasks (states without tasks left out)."""
     groups: list[Group]
     nodes: list[NodeRow]
-    ended: list[Ended]
+    ended: list[EndedCount]
+    """The tasks that ended in the last 1, 5 and 15 minutes (``THROUGHPUT_WINDOWS``)."""
     totals: dict[State, int] = field(default_factory=dict)
     """State → tasks, over all groups."""
 
@@ -62,9 +54,6 @@ async def read_overview(node: Node) -> Overview:
     for (name, state), n in stats.counts.items():
         counts.setdefault(name, {})[state] = n
         totals[state] = totals.get(state, 0) + n
-    ended = [
-        Ended(m, e.finished, e.failed) for m, e in zip(THROUGHPUT_WINDOWS, stats.ended, strict=True)
-    ]
     for group in groups:
         counts.setdefault(group.name, {})
     nodes = [
@@ -75,4 +64,4 @@ async def read_overview(node: Node) -> Overview:
         )
         for info in infos
     ]
-    return Overview(stats.now, counts, groups, nodes, ended, totals)
+    return Overview(stats.now, counts, groups, nodes, stats.ended, totals)
