@@ -29,6 +29,7 @@ from _helpers import (
     spawn_cli,
     wait_for,
 )
+from sqlalchemy import make_url
 
 from aioasync_tasks import Node, NodeInfo, Schedule, State, StopRequest, Task, TaskRegistry
 from aioasync_tasks._backends._migrations import split_sql
@@ -941,6 +942,19 @@ async def test_demo_on_postgres(db: DbTarget, tmp_path: Path) -> None:
     out = expect_ok(await cli("demo", *db_args(db), cwd=tmp_path, timeout=100))
     _check_demo_output(out)
     assert f"schema '{db.schema}'" in out
+
+
+@pytest.mark.parametrize("db", ["mysql"], indirect=True)
+async def test_demo_on_mysql(db: DbTarget, tmp_path: Path) -> None:
+    """The URL's database holds the demo's tables (no --schema there); a second run empties
+    them first."""
+    refused = await cli("demo", *db_args(db), "--schema", "elsewhere", cwd=tmp_path)
+    assert refused.code == 1
+    assert "--schema is for PostgreSQL" in refused.err
+    for _ in range(2):
+        out = expect_ok(await cli("demo", *db_args(db), cwd=tmp_path, timeout=100))
+        _check_demo_output(out)
+        assert f"on MySQL/MariaDB, database '{make_url(db.url).database}'" in out
 
 
 def test_table_formatter() -> None:

@@ -21,10 +21,33 @@ _OUR_TABLES = frozenset(metadata.tables)
 """Every table of the library's schema."""
 
 
+def sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL; None for a server's database."""
+    parsed = make_url(url)
+    return parsed.database if parsed.get_backend_name() == "sqlite" else None
+
+
+def describe(url: str, schema: str | None) -> str:
+    """Where the demo runs, for its first line."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return "SQLite"
+    if schema is not None:
+        return f"PostgreSQL, schema {schema!r}"
+    return f"MySQL/MariaDB, database {parsed.database!r}"
+
+
 def demo_database(url: str | None, schema: str | None) -> tuple[str, str | None]:
     """The demo's URL (an absolute SQLite path, so that workers find the same file) and
-    schema (PostgreSQL only, default ``aioasync_tasks_demo``)."""
+    schema (PostgreSQL only, default ``aioasync_tasks_demo``; on MySQL and MariaDB the URL's
+    database holds the tables)."""
     parsed = make_url(url or DEMO_DB)
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        if schema is not None:
+            raise DemoFailed("--schema is for PostgreSQL; give MySQL another database instead")
+        if not parsed.database:
+            raise DemoFailed("the demo needs a database in the URL: mysql://user@host/dbname")
+        return parsed.render_as_string(hide_password=False), None
     if parsed.get_backend_name() == "sqlite":
         if schema is not None:
             raise DemoFailed("--schema is for PostgreSQL; give SQLite another file instead")
@@ -68,7 +91,7 @@ async def reset(url: str, schema: str | None) -> None:
                         f"{where} holds tasks that are not the demo's; the demo wipes its "
                         "database: give it another --db or --schema"
                     )
-            if schema is not None:
+            if sqlite_file(url) is None:  # a server's schema or database: drop our tables
                 for table in sorted(names & _OUR_TABLES):
                     await conn.execute(sa.text(f"DROP TABLE {qualify(table)} CASCADE"))
                 await conn.commit()
@@ -78,9 +101,8 @@ async def reset(url: str, schema: str | None) -> None:
         raise DemoFailed(f"cannot reach the demo database: {exc}") from exc
     finally:
         await engine.dispose()
-    if schema is None:
-        database = make_url(url).database
-        assert database is not None
+    database = sqlite_file(url)
+    if database is not None:
         await asyncio.to_thread(_remove_sqlite_files, database)
 
 

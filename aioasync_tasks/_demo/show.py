@@ -67,7 +67,7 @@ class Demo:
         self.echo = echo
         self.tracked: list[_Tracked] = []
         self.started = time.monotonic()
-        sqlite_file = make_url(url).database if schema is None else None
+        sqlite_file = database.sqlite_file(url)
         log_path = Path(f"{sqlite_file}.log" if sqlite_file else "aioasync_tasks_demo.log")
         self.workers = Workers(url, schema, log_path)
 
@@ -75,8 +75,8 @@ class Demo:
         self.echo(f"[{time.monotonic() - self.started:5.1f}s] {text}")
 
     async def run(self) -> None:
-        backend = "PostgreSQL, schema " + repr(self.schema) if self.schema else "SQLite"
-        self.echo(f"aioasync-tasks demo on {backend}: {make_url(self.url).render_as_string()}")
+        where = database.describe(self.url, self.schema)
+        self.echo(f"aioasync-tasks demo on {where}: {make_url(self.url).render_as_string()}")
         await database.reset(self.url, self.schema)
         client = Node(self.url, registry=registry, schema=self.schema, concurrency=0)
         handled = self._handle_signals()
