@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -788,7 +788,7 @@ class Node:
         self._ready()
         return await self._watcher.wait(task_id, timeout)
 
-    def watch(self, task_id: int) -> AsyncIterator[Task]:
+    def watch(self, task_id: int) -> AsyncGenerator[Task]:
         """``async for task in node.watch(task_id)``: a snapshot of the task now, then one
         after each change as it commits (a checkpoint, a claim, an operation; a slow loop gets
         the latest), ending after the FINISHED or FAILED one. ``TaskNotFound`` when the task

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -89,7 +89,7 @@ class TaskWatcher:
             assert timeout is not None
             raise WaitTimeout(task_id, timeout) from None
 
-    async def watch(self, task_id: int) -> AsyncIterator[Task]:
+    async def watch(self, task_id: int) -> AsyncGenerator[Task]:
         """Snapshots of the task: now, then after each change as it commits (a slow reader
         gets the latest), the last one FINISHED or FAILED; ``TaskNotFound`` when it is gone."""
         async with self._subscribed(task_id, progress=True) as waiter:

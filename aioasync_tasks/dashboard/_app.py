@@ -279,8 +279,10 @@ class _Dashboard:
 
         async def stream() -> AsyncIterator[str]:
             try:
-                async for snapshot in node.watch(task_id):
-                    yield event(template.render(**values, task=snapshot))
+                # Closed here when the client leaves (the stream is closed), not when collected.
+                async with contextlib.aclosing(node.watch(task_id)) as snapshots:
+                    async for snapshot in snapshots:
+                        yield event(template.render(**values, task=snapshot))
             except TaskNotFound:
                 yield event(template.render(**values, task=None))
             except (AsyncTasksError, sa.exc.SQLAlchemyError) as exc:
