@@ -1,9 +1,9 @@
 """Scheduling cost: claims with fair share and group limits on a large backlog (``docs/how-to.md``,
 "Use groups, limits and priorities").
 
-100,000 pending tasks spread over 1,000 users and 10 groups — ``--spread queues`` puts every
-user in every group (10,000 (group, user) queues, 10 tasks each), ``--spread users`` puts each
-user in one group (1,000 queues, 100 tasks each). Then:
+100,000 pending tasks spread over 1,000 users and 10 groups (``-n``, ``--users``, ``--groups``)
+— ``--spread queues`` puts every user in every group (10,000 (group, user) queues, 10 tasks
+each), ``--spread users`` puts each user in one group (1,000 queues, 100 tasks each). Then:
 
 - **claim of 10**: the time of one claim statement of up to 10 tasks (the node's whole claim
   transaction), repeated; p50/p99 for ``FairShare`` and ``Fifo``;
@@ -17,6 +17,7 @@ queues, not with the number of tasks.
     python benchmarks/scheduling.py --backend postgres
     python benchmarks/scheduling.py --backend postgres --spread users
     python benchmarks/scheduling.py --backend sqlite
+    python benchmarks/scheduling.py --backend postgres --users 10000 --rounds 5   # 100,000 queues
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ import _common as c
 from aioasync_tasks import FairShare, Fifo, Node, Report, SchedulingPolicy, State, TaskRegistry
 from aioasync_tasks._backends._driver import ClaimParams, DeregisterParams, RegisterParams
 
-USERS = 1_000
-GROUPS = 10
 BATCH = 10_000
 
 
@@ -50,15 +49,15 @@ def registry() -> TaskRegistry:
     return tasks
 
 
-def spec(i: int, spread: str) -> dict[str, Any]:
-    user = i % USERS
-    group = (i // USERS) % GROUPS if spread == "queues" else user % GROUPS
+def spec(i: int, args: argparse.Namespace) -> dict[str, Any]:
+    user = i % args.users
+    group = (i // args.users) % args.groups if args.spread == "queues" else user % args.groups
     return {"type": "noop", "user": f"user{user}", "group": f"group{group}"}
 
 
-async def fill(node: Node, n: int, spread: str) -> None:
-    for start in range(0, n, BATCH):
-        await node.create_tasks([spec(i, spread) for i in range(start, min(n, start + BATCH))])
+async def fill(node: Node, args: argparse.Namespace) -> None:
+    for start in range(0, args.n, BATCH):
+        await node.create_tasks([spec(i, args) for i in range(start, min(args.n, start + BATCH))])
 
 
 async def time_claims(node: Node, policy: SchedulingPolicy, rounds: int) -> list[float]:
@@ -94,7 +93,7 @@ async def _main(args: argparse.Namespace) -> None:
     async with c.bench_db(args.backend, args.dsn, prefix="bench_sched") as db:
         async with Node(db.url, registry=registry(), concurrency=0, **db.node_kwargs()) as client:
             started = time.perf_counter()
-            await fill(client, args.n, args.spread)
+            await fill(client, args)
             results["fill_s"] = time.perf_counter() - started
             rows = []
             for policy in (FairShare(), Fifo()):
@@ -106,7 +105,8 @@ async def _main(args: argparse.Namespace) -> None:
                 }
                 rows.append([name, c.percentile(times, 50), c.percentile(times, 99), len(times)])
             c.print_table(
-                f"claim of 10 ({args.backend}, {args.n:,} pending, {args.spread} spread, "
+                f"claim of 10 ({args.backend}, {args.n:,} pending, {args.users:,} users x "
+                f"{args.groups} groups, {args.spread} spread, "
                 f"load {c.load_average()})",
                 ["policy", "p50 ms", "p99 ms", "claims"],
                 rows,
@@ -116,7 +116,7 @@ async def _main(args: argparse.Namespace) -> None:
         results["drain_free_per_s"] = free
         drain_rows.append(["none", free])
         async with Node(db.url, registry=registry(), concurrency=0, **db.node_kwargs()) as client:
-            for g in range(GROUPS):
+            for g in range(args.groups):
                 await client.set_group_limits(
                     f"group{g}", max_running=args.max_running, max_running_per_user=2
                 )
@@ -128,13 +128,23 @@ async def _main(args: argparse.Namespace) -> None:
             ["limits", "tasks/s"],
             drain_rows,
         )
-    c.emit_json("scheduling", args.backend, results, n=args.n, spread=args.spread)
+    c.emit_json(
+        "scheduling",
+        args.backend,
+        results,
+        n=args.n,
+        users=args.users,
+        groups=args.groups,
+        spread=args.spread,
+    )
 
 
 def main() -> None:
     parser = c.base_parser(__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=100_000, help="pending tasks (default 100000)")
     parser.add_argument("--spread", choices=("queues", "users"), default="queues")
+    parser.add_argument("--users", type=int, default=1_000, help="users (default 1000)")
+    parser.add_argument("--groups", type=int, default=10, help="groups (default 10)")
     parser.add_argument("--rounds", type=int, default=50, help="claims timed per policy")
     parser.add_argument("--drain", type=int, default=10_000, help="tasks per drain run")
     parser.add_argument("--max-running", type=int, default=5, help="per-group limit")
