@@ -89,6 +89,19 @@ class _NodeSource:
             await self._node.stop()
             self._started = False
 
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """The lifespan of an application that reads through this source: ``close`` at its
+        end."""
+        try:
+            yield
+        finally:
+            await self.close()
+
+
+UNREADABLE: tuple[type[Exception], ...] = (AsyncTasksError, sa.exc.SQLAlchemyError, OSError)
+"""What a request that cannot read the database now raises (answered with a 503)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Settings:
@@ -156,16 +169,12 @@ def create_app(
         Route("/metrics", pages.metrics, name="metrics"),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    handlers: Mapping[Any, Any] = {
-        AsyncTasksError: pages.on_error,
-        sa.exc.SQLAlchemyError: pages.on_error,
-        OSError: pages.on_error,
-    }
+    handlers: Mapping[Any, Any] = dict.fromkeys(UNREADABLE, pages.on_error)
     app = Starlette(
         routes=routes,
         middleware=[Middleware(Guard, credentials=credentials)],
         exception_handlers=handlers,
-        lifespan=pages.lifespan,
+        lifespan=pages.source.lifespan,
     )
     app.state.node_source = pages.source
     return app
@@ -378,13 +387,6 @@ class _Dashboard:
             message = f"The database cannot be read now ({type(exc).__name__}); try again."
         _log.warning("dashboard: %s %s failed: %s", request.method, request.url.path, exc)
         return self.problem(request, 503, message)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self.source.close()
 
 
 def _limit(value: str) -> int | None:

@@ -3,23 +3,20 @@ a Prometheus scraper looks, without the pages."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from .._errors import AsyncTasksError
 from .._logging import LOGGER_NAME
 from .._node import Node
 from . import _metrics
-from ._app import _NodeSource
+from ._app import UNREADABLE, _NodeSource
 from ._security import Credentials, Guard
 
 _log = logging.getLogger(f"{LOGGER_NAME}.dashboard")
@@ -48,21 +45,10 @@ def create_metrics_app(
             f"the database cannot be read now ({type(exc).__name__})\n", status_code=503
         )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await source.close()
-
-    handlers: Mapping[Any, Any] = {
-        AsyncTasksError: unavailable,
-        sa.exc.SQLAlchemyError: unavailable,
-        OSError: unavailable,
-    }
+    handlers: Mapping[Any, Any] = dict.fromkeys(UNREADABLE, unavailable)
     return Starlette(
         routes=[Route("/", metrics, name="metrics")],
         middleware=[Middleware(Guard, credentials=credentials)],
         exception_handlers=handlers,
-        lifespan=lifespan,
+        lifespan=source.lifespan,
     )
