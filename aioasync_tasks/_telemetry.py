@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,23 +122,24 @@ class Telemetry:
                 )
         return cls(found, logger)
 
-    def _call(self, name: str, call: Callable[[Observer], Any]) -> None:
+    def _answers(self, name: str, call: Callable[[Observer], Any]) -> Iterator[Any]:
+        """``call`` on each observer in turn, lazily: what each returns; one that raises is
+        logged and skipped."""
         for observer in self.observers:
             try:
-                call(observer)
+                answer = call(observer)
             except Exception:
                 self._log.exception("observer %s failed in %s", type(observer).__name__, name)
+                continue
+            yield answer
+
+    def _call(self, name: str, call: Callable[[Observer], Any]) -> None:
+        for _ in self._answers(name, call):
+            pass
 
     def trace_parent(self) -> str | None:
-        for observer in self.observers:
-            try:
-                found = observer.trace_parent()
-            except Exception:
-                self._log.exception("observer %s failed in trace_parent", type(observer).__name__)
-                continue
-            if found is not None:
-                return found
-        return None
+        answers = self._answers("trace_parent", lambda o: o.trace_parent())
+        return next((found for found in answers if found is not None), None)
 
     def created(self, type: str, group: str, count: int) -> None:
         self._call("created", lambda o: o.created(type, group, count))
