@@ -29,6 +29,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextvars import Token
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -58,43 +59,58 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _log = logging.getLogger(LOGGER_NAME)
 
 
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    stats: QueueStats
+    nodes: int
+    seen: frozenset[tuple[str, State]]
+    """Every (group, state) reported since the gauges began: one that empties reads 0."""
+
+
 class _Queue:
     """The last reading of the queue, for the observable gauges (read on the exporter's
     thread: a reading is replaced whole, never changed in place)."""
 
     def __init__(self) -> None:
-        self.stats: QueueStats | None = None
-        self.nodes = 0
-        self.seen: set[tuple[str, State]] = set()
-        """Every (group, state) ever reported: one that empties is reported as 0."""
+        self.reading: _Reading | None = None
+        self._seen: frozenset[tuple[str, State]] = frozenset()
+        """Kept across failed reads (the event loop's only)."""
+
+    def update(self, stats: QueueStats | None, nodes: int) -> None:
+        """A new reading (None: the read failed)."""
+        if stats is None:
+            self.reading = None
+            return
+        self._seen |= frozenset(stats.counts)
+        self.reading = _Reading(stats, nodes, self._seen)
 
     def tasks(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        stats = self.stats
-        if stats is None:
+        reading = self.reading
+        if reading is None:
             return []
-        self.seen |= set(stats.counts)
         return [
             metrics.Observation(
-                stats.counts.get(key, 0),
+                reading.stats.counts.get(key, 0),
                 {"aioasync_tasks.group": key[0], "aioasync_tasks.state": key[1].value},
             )
-            for key in sorted(self.seen)
+            for key in sorted(reading.seen)
         ]
 
     def depth(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        stats = self.stats
-        if stats is None:
+        reading = self.reading
+        if reading is None:
             return []
-        groups = sorted({group for group, _ in self.seen | set(stats.counts)})
         return [
             metrics.Observation(
-                stats.counts.get((group, State.PENDING), 0), {"aioasync_tasks.group": group}
+                reading.stats.counts.get((group, State.PENDING), 0),
+                {"aioasync_tasks.group": group},
             )
-            for group in groups
+            for group in sorted({group for group, _ in reading.seen})
         ]
 
     def live_nodes(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        return [] if self.stats is None else [metrics.Observation(self.nodes)]
+        reading = self.reading
+        return [] if reading is None else [metrics.Observation(reading.nodes)]
 
 
 def _version() -> str:
@@ -208,11 +224,12 @@ class OpenTelemetry(Observer):
         async def read() -> None:
             try:
                 stats = await node.driver.queue_stats(StatsParams(()))
-                queue.nodes = len(await node.get_nodes())
-                queue.stats = stats
+                nodes = len(await node.get_nodes())
             except AsyncTasksError as exc:
                 _log.warning("queue_gauges: the queue could not be read: %s", exc)
-                queue.stats = None
+                queue.update(None, 0)
+            else:
+                queue.update(stats, nodes)
 
         async def refresh() -> None:
             while True:
