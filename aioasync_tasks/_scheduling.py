@@ -1,10 +1,12 @@
 """Scheduling policies: the order in which a node claims due tasks (docs/explanation.md,
 "Claims").
 
-A claim considers every (group, user) queue of due PENDING tasks that its group's state allows —
-the group is not paused, and neither ``max_running`` of the group nor ``max_running_per_user``
-of that user is reached — and orders the candidates by the policy's ``order_by``. Limits are
-then applied to the ordered candidates, so a batch never overshoots them.
+A claim considers the (group, user) queues of due PENDING tasks of its window (up to 64 queues,
+every queue when there are no more; the next claim's window goes on from there:
+docs/design.md §6.3) that their group's state allows — the group is not paused, and neither
+``max_running`` of the group nor ``max_running_per_user`` of that user is reached — and orders
+the candidates by the policy's ``order_by``. Limits are then applied to the ordered
+candidates, so a batch never overshoots them.
 
 ``order_by`` is an SQL ``ORDER BY`` list over these candidate columns:
 

@@ -11,8 +11,9 @@ each), ``--spread users`` puts each user in one group (1,000 queues, 100 tasks e
   them have finished, without limits and with ``max_running`` / ``max_running_per_user`` on
   every group; tasks/s.
 
-The claim walks every non-empty (group, user) queue, so its cost grows with the number of
-queues, not with the number of tasks.
+A claim looks at a window of at most 64 (group, user) queues (more for a node with many free
+slots; docs/design.md §6.3), so its cost grows with neither the number of queues nor the
+number of tasks. (Before the window, it walked every non-empty queue.)
 
     python benchmarks/scheduling.py --backend postgres
     python benchmarks/scheduling.py --backend postgres --spread users

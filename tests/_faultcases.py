@@ -54,8 +54,11 @@ _BEGIN = re.compile(rb"^BEGIN\b", re.I)
 _END = re.compile(rb"^(COMMIT|ROLLBACK|END)\b", re.I)
 _COMMIT = re.compile(rb"^COMMIT\b", re.I)
 
-CLAIM_SQL = rb"^WITH RECURSIVE\s+pairs\b"
-"""The claim statement (PENDING → RUNNING, one statement per claim)."""
+CLAIM_SQL = rb"^WITH\s+pairs\b"
+"""The claim statement (PENDING → RUNNING, one statement per claim, when its window of queues
+is not empty)."""
+CLAIM_PREPARE_SQL = rb"^WITH RECURSIVE\s+pending_groups\b"
+"""The statement every claim transaction begins with: its locks and its window of queues."""
 WRITE_SQL = rb"^UPDATE \S+aioasync_tasks SET state = "
 """The batched UPDATE of decided outcomes: completions, releases, rescues, user operations."""
 CHECKPOINT_SQL = rb"^UPDATE \S+aioasync_tasks t SET context = "

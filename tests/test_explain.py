@@ -261,6 +261,10 @@ def is_claim(statement: str) -> bool:
     return re.search(r"\bchosen AS \(", statement) is not None and "RETURNING" in statement
 
 
+def is_claim_window(statement: str) -> bool:
+    return re.search(r"\bwalk\(group_name", statement) is not None
+
+
 def is_cleanup_claim(statement: str) -> bool:
     return (
         "state = 'deleting' AND node_id IS NULL" in statement
@@ -269,8 +273,11 @@ def is_cleanup_claim(statement: str) -> bool:
     )
 
 
-async def capture_claims(db: DbTarget, registry: TaskRegistry) -> tuple[Captured, Captured]:
-    """Run a worker node until it has claimed once; return its claim and cleanup claim."""
+async def capture_claims(
+    db: DbTarget, registry: TaskRegistry
+) -> tuple[Captured, Captured, Captured]:
+    """Run a worker node until it has claimed once; return its claim window, its claim and
+    its cleanup claim."""
     worker = make_node(db, registry, concurrency=WORKER_CONCURRENCY)
     with Capture(worker.engine) as capture:
         async with worker:
@@ -281,7 +288,7 @@ async def capture_claims(db: DbTarget, registry: TaskRegistry) -> tuple[Captured
             )
             # Graceful stop: the claimed tasks go back to PENDING.
     claims, cleanups = capture.find(is_claim), capture.find(is_cleanup_claim)
-    return claims[0], cleanups[0]
+    return capture.find(is_claim_window)[0], claims[0], cleanups[0]
 
 
 @pytest.mark.postgres_only
@@ -293,13 +300,15 @@ async def test_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
             first = await fill_with_groups(client)
             assert await client.count_tasks(states=[State.PENDING]) == ROWS
             await vacuum_analyze(engine)
-            claim, cleanup_claim = await capture_claims(db, registry)
+            window, claim, cleanup_claim = await capture_claims(db, registry)
             assert await client.count_tasks(states=[State.PENDING]) == ROWS  # handed back
 
+            await check_both_plans(engine, window, "claim window, 100k pending")
             await check_both_plans(engine, claim, "claim, 100k pending")
             await check_both_plans(engine, cleanup_claim, "cleanup claim, 100k pending")
 
             await set_mixed_states(engine, first)
+            await check_both_plans(engine, window, "claim window, mixed states")
             await check_both_plans(engine, claim, "claim, mixed states")
             await check_both_plans(engine, cleanup_claim, "cleanup claim, mixed states")
     finally:
@@ -471,13 +480,18 @@ async def test_mysql_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
                         async with worker:
                             await worker.services.claimer.run_once()
                             await worker.services.rescuer.run_once()
+                    window = mysql_statement(capture, "walk(group_name")
                     queues = mysql_statement(capture, "firsts AS (")
                     chosen = mysql_statement(capture, "chosen AS (")
                     what = f"{stage}, types {worker_registry.names}"
                     check_mysql_plan(
+                        await explain_mysql(engine, window),
+                        f"claim_window, {what}",
+                        "aioasync_tasks_active_idx",
+                    )
+                    check_mysql_plan(
                         await explain_mysql(engine, queues),
                         f"claim_queues, {what}",
-                        "aioasync_tasks_active_idx/group-by",
                         "aioasync_tasks_queue_idx",
                     )
                     check_mysql_plan(

@@ -28,6 +28,7 @@ import pytest
 from _db import DbTarget, PgServer, free_port
 from _faultcases import (
     CHECKPOINT_SQL,
+    CLAIM_PREPARE_SQL,
     CLAIM_SQL,
     HEARTBEAT_SQL,
     WRITE_SQL,
@@ -264,7 +265,7 @@ async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
     )
     async with running(fault_proxy, client, node):
         # A's first claim found the group paused; no other claim comes until a wake-up.
-        await fault_proxy.settled(CLAIM_SQL)
+        await fault_proxy.settled(CLAIM_PREPARE_SQL)
         await DriverProbe(node, "claim").quiet()
         fault = fault_proxy.drop_commit_after(CLAIM_SQL)
         await client.resume_group("g")  # its NOTIFY wakes the claimer
@@ -548,7 +549,7 @@ async def test_a_claim_that_returns_after_the_lease_ran_out_is_handed_back(
     async with running(fault_proxy, client, node):
         state = node.services.state
         # A's first claim found the group paused; no other claim comes until a wake-up.
-        await fault_proxy.settled(CLAIM_SQL)
+        await fault_proxy.settled(CLAIM_PREPARE_SQL)
         claims = DriverProbe(node, "claim")
         await claims.quiet()
         heartbeats = DriverProbe(node, "heartbeat")

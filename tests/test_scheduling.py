@@ -27,7 +27,7 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
-from aioasync_tasks._backends._driver import ClaimParams, RegisterParams
+from aioasync_tasks._backends._driver import ClaimCursor, ClaimParams, RegisterParams
 from aioasync_tasks._backends._sqldriver import CLAIM, SqlDriver
 from aioasync_tasks._runner import Backoff
 
@@ -324,7 +324,12 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         policy = FairShare()
         async with backend.write() as conn:
             prepare = backend.queries.statement("claim_prepare")
-            assert (await conn.execute(prepare, {"node": first_node})).one().registered
+            everything = {"all_groups": True, "groups": backend.bind_list([])}
+            window = backend.window_params(ClaimCursor(), 64, everything)
+            prepared = await conn.execute(
+                prepare, {"node": first_node, "types": backend.bind_list(["job"]), **window}
+            )
+            assert prepared.all()[0].registered
             result = await conn.execute(
                 backend.queries.statement("claim", order_by=policy.order_by),
                 {
@@ -335,6 +340,8 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
                     "busy": [],
                     "all_groups": True,
                     "groups": [],
+                    "window_groups": backend.bind_list(["g"]),  # its one queue: user ""
+                    "window_users": backend.bind_list([""]),
                     **CLAIM,
                 },
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,6 +61,21 @@ class TaskFilter:
     limit: int = 100
 
 
+Queue = tuple[str, str]
+"""A (group, user) queue of tasks."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimCursor:
+    """Where a node's claims are in their walk of the (group, user) queues: each claim looks
+    at a window of them, the next one goes on from there (docs/design.md §6.3)."""
+
+    group: str = ""
+    """The walk starts with the first open group after this one ("": the first group)."""
+    users: Mapping[str, str] = field(default_factory=dict)
+    """Per group: its queues are walked from the first user after this one."""
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A task a node has just claimed (to run it, or to run its cleanup)."""
@@ -86,6 +101,10 @@ class ClaimResult:
     next_due: float | None
     """Seconds until the next delayed task of the claimed types is due (None: none, or the
     claim was full and the claimer will look again anyway)."""
+    cursor: ClaimCursor = ClaimCursor()
+    """Where the next claim's walk of the queues starts (docs/design.md §6.3)."""
+    more: bool = False
+    """The claim's window of queues was full: there may be queues it did not look at."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +193,9 @@ class ClaimParams:
     """Only these groups (the node's ``groups=`` option); None: every group."""
     busy: Sequence[int] = ()
     """Tasks the node still runs an execution of: never claimed again meanwhile."""
+    after: ClaimCursor = ClaimCursor()
+    """Where the claim's walk of the queues starts: the previous claim's
+    ``ClaimResult.cursor``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from ._driver import (
     TASK_DONE,
     TASK_PROGRESS,
     CheckpointParams,
+    ClaimCursor,
     Claimed,
     ClaimParams,
     ClaimResult,
@@ -65,6 +66,7 @@ from ._driver import (
     PruneParams,
     PruneResult,
     PutScheduleParams,
+    Queue,
     QueueStats,
     RegisterParams,
     RegisterTypesParams,
@@ -160,6 +162,48 @@ class _Write:
     """The attempt it was claimed for is given back (``_states.give_back``)."""
 
 
+def next_due_in(seconds: Any) -> float | None:
+    """The seconds until the next delayed task is due, as a claim reports it (None: none, or
+    the claim was full and the claimer looks again anyway)."""
+    return None if seconds is None else max(float(seconds), 0.0)
+
+
+MAX_CURSOR_GROUPS = 10_000
+"""The most groups whose place a claim cursor keeps (beyond it, those of the last window)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimWindow:
+    """The (group, user) queues one claim looked at, in the order it walked them
+    (docs/design.md §6.3)."""
+
+    queues: list[Queue]
+    full: bool
+    """As many queues as the window holds: there may be others it did not reach."""
+
+    def advance(self, cursor: ClaimCursor, claimed: Sequence[Claimed], limit: int) -> ClaimCursor:
+        """Where the next claim's walk starts. A claim that took all it could (``limit``)
+        chose among the queues it looked at: the walk goes on after the last queue it took
+        from, in each group up to that queue's, so that those it passed by are looked at
+        again; in a group it took nothing from, after the last queue it looked at. A short
+        claim took all the queues it looked at could give: the walk goes on after them."""
+        if not self.queues:
+            return cursor
+        walked = self.queues
+        taken = {(c.group, c.user) for c in claimed}
+        if len(claimed) >= limit and taken:
+            walked = walked[: max(i for i, q in enumerate(walked) if q in taken) + 1]
+        users = dict(cursor.users) if len(cursor.users) < MAX_CURSOR_GROUPS else {}
+        served: set[str] = set()
+        for group, user in walked:
+            if (group, user) in taken:
+                users[group] = user
+                served.add(group)
+            elif group not in served:
+                users[group] = user
+        return ClaimCursor(walked[-1][0], users)
+
+
 def _unique_violation(exc: DatabaseError) -> bool:
     """Whether ``exc`` is the unique index of unique keys refusing a row (docs/design.md §4.4):
     PostgreSQL names the index, SQLite the columns."""
@@ -187,6 +231,9 @@ class SqlDriver:
     claim_pool_factor: ClassVar[int] = 1
     """Candidates a claim considers per task it may take (more where claimers skip each
     other's locked rows)."""
+    claim_window: ClassVar[int] = 64
+    """The fewest (group, user) queues a claim looks at (at least its pool): the bound on a
+    claim's cost whatever the number of queues (docs/design.md §6.3)."""
     rows_per_transaction: ClassVar[int | None] = None
     """The most rows ``create_tasks`` inserts in one transaction of its own (None: all)."""
 
@@ -690,40 +737,67 @@ class SqlDriver:
         SQLite), and the claim counts every task the previous claimer took. A task whose group
         changed since the statement's snapshot is skipped under its row lock, and so is every
         task in ``busy`` (the node still runs an execution of it).
+
+        The claim looks at a window of queues from ``after`` on, not at every queue: its cost
+        is bounded whatever the number of queues (docs/design.md §6.3). ``claim_prepare``
+        finds the window, and the next due time, in the same round trip as the locks.
         """
         p, limit = params, params.limit
         if limit <= 0 or not p.types:
             return ClaimResult([], None)
-        bound: dict[str, Any] = {
-            "node": p.node_id,
-            "types": self.bind_list(p.types),
-            "limit": limit,
-            "pool": limit * self.claim_pool_factor,
-            "busy": self.bind_list(p.busy),
+        pool = limit * self.claim_pool_factor
+        size = max(self.claim_window, pool)
+        groups: dict[str, Any] = {
             "all_groups": p.groups is None,
             "groups": self.bind_list(p.groups or ()),
-            **CLAIM,
         }
+        prepare = {"node": p.node_id, "types": self.bind_list(p.types)}
         async with self.write() as conn:
-            prepared = (await self._run(conn, "claim_prepare", {"node": p.node_id})).one()
-            if not prepared.registered:
+            found = (
+                await self._run(
+                    conn, "claim_prepare", {**prepare, **self.window_params(p.after, size, groups)}
+                )
+            ).all()
+            if not found[0].registered:
                 return ClaimResult([], None)
-            result = await self._run(conn, "claim", bound, order_by=p.policy.order_by)
-            rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
-            await self._notify_claimed(conn, rows)
-            next_due = await self._next_due(conn, len(rows), limit, bound["types"])
-        return ClaimResult([_rows.claimed(r) for r in rows], next_due)
+            queues = [(r.group_name, r.user_name) for r in found if r.group_name is not None]
+            window = ClaimWindow(queues, full=len(queues) >= size)
+            rows: list[Any] = []
+            if window.queues:
+                bound: dict[str, Any] = {
+                    "node": p.node_id,
+                    "types": self.bind_list(p.types),
+                    "limit": limit,
+                    "pool": pool,
+                    "busy": self.bind_list(p.busy),
+                    "window_groups": self.bind_list(g for g, _ in window.queues),
+                    "window_users": self.bind_list(u for _, u in window.queues),
+                    **groups,
+                    **CLAIM,
+                }
+                result = await self._run(conn, "claim", bound, order_by=p.policy.order_by)
+                rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
+                await self._notify_claimed(conn, rows)
+        claimed = [_rows.claimed(r) for r in rows]
+        next_due = found[0].next_due if len(rows) < limit else None
+        return ClaimResult(
+            claimed,
+            next_due_in(next_due),
+            window.advance(p.after, claimed, limit),
+            window.full,
+        )
 
-    async def _next_due(
-        self, conn: AsyncConnection, taken: int, limit: int, types: Any
-    ) -> float | None:
-        """For a claim that took ``taken`` of ``limit`` tasks: the seconds until the next
-        delayed task of ``types`` (bound) is due — None when there is none, or when the claim
-        was full and the claimer looks again anyway."""
-        if taken >= limit:
-            return None
-        due = (await self._run(conn, "next_due", {"types": types})).scalar()
-        return None if due is None else max(float(due), 0.0)
+    def window_params(
+        self, after: ClaimCursor, size: int, groups: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The parameters of a claim's walk of up to ``size`` queues from ``after`` on."""
+        return {
+            "after_group": after.group,  # "": no group is named so
+            "cursor_groups": self.bind_list(after.users),
+            "cursor_users": self.bind_list(after.users.values()),
+            "window": size,
+            **groups,
+        }
 
     @cancel_safe
     async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:

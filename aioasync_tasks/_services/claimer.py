@@ -10,13 +10,23 @@ import random
 
 import anyio
 
-from .._backends._driver import Claimed, ClaimParams, CleanupClaimParams, ReleaseClaimsParams
+from .._backends._driver import (
+    ClaimCursor,
+    Claimed,
+    ClaimParams,
+    CleanupClaimParams,
+    ReleaseClaimsParams,
+)
 from .._committer import Committer
 from .._errors import DatabaseError
 from .._logging import task_logger
 from .._runner import Execution, StopReason
 from .._telemetry import Attempt
 from .state import NodeState
+
+CLAIM_WINDOWS = 4
+"""The most claims a node makes at once while they come back short from full windows of
+queues: how far past queues with nothing to give it looks before it sleeps."""
 
 
 class Claimer:
@@ -27,6 +37,8 @@ class Claimer:
         self._committer = committer
         self._next_due: float | None = None
         """Seconds until the next delayed task is due, as the last claim saw it."""
+        self._cursor = ClaimCursor()
+        """Where the next claim's window of queues starts (docs/design.md §6.3)."""
 
     async def run(self) -> None:
         """Claim, then sleep for ``poll_interval`` (±10 %), or until the next delayed task is
@@ -60,22 +72,35 @@ class Claimer:
         return started
 
     async def _claim_tasks(self) -> int:
+        """Claim for the free slots; while claims come back short from full windows of queues,
+        claim again from where the window ended, up to ``CLAIM_WINDOWS`` claims (docs/design.md
+        §6.3)."""
         state = self._state
         config = state.config
-        running = sum(1 for e in state.executions.values() if not e.cleanup)
-        node_id = state.node_id
-        result = await state.driver.claim(
-            ClaimParams(
-                node_id,
-                state.types,
-                config.concurrency - running,
-                config.policy,
-                config.groups,
-                busy=list(state.executions),
+        started = 0
+        for _ in range(CLAIM_WINDOWS):
+            running = sum(1 for e in state.executions.values() if not e.cleanup)
+            free = config.concurrency - running
+            if free <= 0:
+                return started
+            node_id = state.node_id
+            result = await state.driver.claim(
+                ClaimParams(
+                    node_id,
+                    state.types,
+                    free,
+                    config.policy,
+                    config.groups,
+                    busy=list(state.executions),
+                    after=self._cursor,
+                )
             )
-        )
-        self._next_due = result.next_due
-        return await self._start_claimed(result.claimed, node_id, cleanup=False)
+            self._next_due = result.next_due
+            self._cursor = result.cursor
+            started += await self._start_claimed(result.claimed, node_id, cleanup=False)
+            if not result.more or len(result.claimed) >= free or not state.may_claim():
+                break
+        return started
 
     async def _claim_cleanups(self) -> int:
         state = self._state

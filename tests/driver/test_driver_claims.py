@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from aioasync_tasks import FairShare, Operation, State
 from aioasync_tasks._backends._driver import (
+    ClaimCursor,
     Claimed,
     ClaimParams,
-    ClaimResult,
     CleanupClaimParams,
     DeregisterParams,
     Driver,
@@ -104,7 +106,8 @@ async def test_claim_takes_at_most_limit_and_says_when_the_next_task_is_due(
     assert empty.claimed == []
     assert empty.next_due is not None
     assert 200 < empty.next_due <= 300
-    assert await driver.claim(ClaimParams(node, ["c"], 2, FIFO)) == ClaimResult([], None)
+    nothing = await driver.claim(ClaimParams(node, ["c"], 2, FIFO))
+    assert (nothing.claimed, nothing.next_due) == ([], None)
     assert (await driver.claim(ClaimParams(node, [], 2, FIFO))).claimed == []
     assert (await driver.claim(ClaimParams(node, ["a", "b"], 0, FIFO))).claimed == []
 
@@ -206,6 +209,109 @@ async def test_fair_share_claims_for_the_user_with_fewest_running_tasks(driver: 
         for _ in range(2)
     ]
     assert order == [[bobs], [alices]]
+
+
+def _small_window(driver: Driver, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """Make ``driver`` look at ``size`` queues a claim (a driver that claims from a window of
+    queues has its size as ``claim_window``: docs/design.md §6.3)."""
+    assert hasattr(driver, "claim_window")
+    monkeypatch.setattr(driver, "claim_window", size)
+
+
+async def test_claims_walk_a_window_of_queues_and_come_round_to_every_queue(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim looks at a window of queues after the previous claim's cursor, not at every
+    queue: the oldest task, in the last queue, waits for the walk to reach it; each queue is
+    reached in turn, and after the group's last user the walk starts again at its first."""
+    _small_window(driver, monkeypatch, 3)
+    node = await register(driver)
+    users = [f"u{i}" for i in range(8)]
+    oldest = await insert(driver, type="a", user=users[-1])
+    ids = dict(
+        zip(
+            users[:-1],
+            await driver.insert_many(InsertParams([new_task("a", user=u) for u in users[:-1]])),
+            strict=True,
+        )
+    )
+    ids[users[-1]] = oldest
+
+    first = await driver.claim(ClaimParams(node, ["a"], 1, FIFO))
+    assert _ids(first.claimed) == [ids["u0"]]  # not the oldest: u7 is beyond the window
+    assert (first.cursor, first.more) == (ClaimCursor("default", {"default": "u0"}), True)
+
+    taken, cursor, claims = _ids(first.claimed), first.cursor, 1
+    while len(taken) < len(users):
+        result = await driver.claim(ClaimParams(node, ["a"], 1, FIFO, after=cursor))
+        assert len(result.claimed) == 1, f"claim {claims + 1} after {cursor}: {result}"
+        taken += _ids(result.claimed)
+        cursor, claims = result.cursor, claims + 1
+    # Each queue once, in key order but for u7: its task, the oldest, goes first as soon as
+    # it is in the window (u5, u6, u7); the walk then goes on after u7, round to u5 and u6.
+    order = ["u0", "u1", "u2", "u3", "u4", "u7", "u5", "u6"]
+    assert taken == [ids[u] for u in order]
+    assert claims == len(users)
+
+    # One task again in u1 and in u5; from after u5 the walk goes round past the last queue.
+    again = await driver.insert_many(
+        InsertParams([new_task("a", user="u1"), new_task("a", user="u5")])
+    )
+    after = ClaimCursor("default", {"default": "u5"})
+    rest = await driver.claim(ClaimParams(node, ["a"], 5, FIFO, after=after))
+    assert sorted(_ids(rest.claimed)) == sorted(again)
+    assert (rest.cursor, rest.more) == (after, False)  # the window held every queue
+
+
+async def test_a_short_claim_says_when_queues_beyond_its_window_remain(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queues with nothing to give (delayed tasks, tasks of other types) take places in the
+    window; a claim that comes back short from a full window says so (``more``), with the
+    cursor at the end of its window, and the next claim goes on from there. Paused groups take
+    no place."""
+    _small_window(driver, monkeypatch, 3)
+    node = await register(driver)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    for i in range(3):
+        await insert(driver, type="a", user=f"a{i}", run_at=later)
+    for i in range(4):
+        await insert(driver, type="a", group="paused", user=f"p{i}")
+    await driver.set_group(SetGroupParams("paused", paused=True))
+    await insert(driver, type="other", user="b0")
+    due = await insert(driver, type="a", user="c0")
+
+    first = await driver.claim(ClaimParams(node, ["a"], 1, FIFO))  # a window of 3 queues
+    assert first.claimed == []
+    assert (first.cursor, first.more) == (ClaimCursor("default", {"default": "a2"}), True)
+    second = await driver.claim(ClaimParams(node, ["a"], 1, FIFO, after=first.cursor))
+    assert _ids(second.claimed) == [due]
+    # b0, c0, then round to the group's first user: a0; the claim took all it could (one).
+    assert (second.cursor, second.more) == (ClaimCursor("default", {"default": "c0"}), True)
+
+
+async def test_a_claim_walks_no_more_queues_of_a_group_than_it_has_room_for(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each queue gives a task at least, so a group with room for two more running tasks
+    takes two places in the window, and the walk goes on to the next group; every group keeps
+    its own place in the walk of its users."""
+    _small_window(driver, monkeypatch, 4)
+    node = await register(driver)
+    await driver.set_group(SetGroupParams("lim", limits=Limits(2, None)))
+    opened = await driver.insert_many(
+        InsertParams([new_task("a", group="open", user=f"o{i}") for i in range(4)])
+    )
+    await driver.insert_many(
+        InsertParams([new_task("a", group="lim", user=f"l{i}") for i in range(4)])
+    )
+
+    first = await driver.claim(ClaimParams(node, ["a"], 1, FIFO))
+    assert _ids(first.claimed) == [opened[0]]  # of l0, l1, o0, o1: the oldest
+    assert first.cursor == ClaimCursor("open", {"lim": "l1", "open": "o0"})
+    second = await driver.claim(ClaimParams(node, ["a"], 1, FIFO, after=first.cursor))
+    assert _ids(second.claimed) == [opened[1]]  # of l2, l3, o1, o2
+    assert second.cursor == ClaimCursor("open", {"lim": "l3", "open": "o1"})
 
 
 async def test_a_node_without_a_row_claims_nothing(driver: Driver) -> None:

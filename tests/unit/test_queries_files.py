@@ -29,6 +29,8 @@ ONLY = {
         "migration_lock",
         "migration_unlock",
         "lock_limited_groups",
+        "claim_window",
+        "next_due",
         "claim_queues",
         "claim_queue",
         "lock_claims",

@@ -42,8 +42,10 @@ from .._migrations import migration_files, missing_versions, refuse_newer, split
 from .._sqldriver import (
     CLAIM,
     CLEANUP_CLAIM,
+    ClaimWindow,
     SqlDriver,
     _unique_violation,
+    next_due_in,
 )
 from .._transaction import cancel_safe, set_session_value
 
@@ -276,25 +278,38 @@ class MysqlDriver(SqlDriver):
         if limit <= 0 or not p.types:
             return ClaimResult([], None)
         types = self.bind_list(p.types)
+        groups: dict[str, Any] = {
+            "all_groups": p.groups is None,
+            "groups": self.bind_list(p.groups or ()),
+        }
         async with self.write() as conn:
             registered = (await self._run(conn, "claim_prepare", {"node": p.node_id})).scalar()
             if not registered:
                 return ClaimResult([], None)
             await self._run(conn, "lock_limited_groups")
             pool = limit * self.claim_pool_factor
-            queues = (
-                await self._run(
-                    conn,
-                    "claim_queues",
-                    {
-                        "types": types,
-                        "pool": pool,
-                        "all_groups": p.groups is None,
-                        "groups": self.bind_list(p.groups or ()),
-                    },
-                    order_by=p.policy.order_by,
-                )
-            ).all()
+            size = max(self.claim_window, pool)
+            walked = await self._run(
+                conn, "claim_window", self.window_params(p.after, size, groups)
+            )
+            found = [(r.group_name, r.user_name) for r in walked]
+            window = ClaimWindow(found, full=len(found) >= size)
+            queues: Sequence[Any] = []
+            if window.queues:
+                queues = (
+                    await self._run(
+                        conn,
+                        "claim_queues",
+                        {
+                            "types": types,
+                            "pool": pool,
+                            "window_groups": self.bind_list(g for g, _ in window.queues),
+                            "window_users": self.bind_list(u for _, u in window.queues),
+                            **groups,
+                        },
+                        order_by=p.policy.order_by,
+                    )
+                ).all()
             candidates: list[tuple[int, str]] = []
             if queues:
                 # Statements are cached by their number of queues: a power of two, the queues
@@ -324,10 +339,15 @@ class MysqlDriver(SqlDriver):
             bound = {"node": p.node_id, **CLAIM}
             rows = await self._take(conn, "take_claims", ids[:limit], bound)
             await self._notify_claimed(conn, rows)
-            next_due = await self._next_due(conn, len(rows), limit, types)
+            next_due = None
+            if len(rows) < limit:
+                next_due = (await self._run(conn, "next_due", {"types": types})).scalar()
         # Hand-offs first, as they were before the claim cleared the flag.
         rows.sort(key=lambda r: (not locked[r.id].handoff, -r.priority, r.id))
-        return ClaimResult([_rows.claimed(r) for r in rows], next_due)
+        claimed = [_rows.claimed(r) for r in rows]
+        return ClaimResult(
+            claimed, next_due_in(next_due), window.advance(p.after, claimed, limit), window.full
+        )
 
     @cancel_safe
     async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:

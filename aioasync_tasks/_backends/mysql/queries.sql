@@ -197,18 +197,103 @@ SELECT name FROM {groups}
 WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL
 ORDER BY name FOR UPDATE
 
+-- name: claim_window
+-- The (group, user) queues a claim looks at (docs/design.md §6.3): up to :window queues with
+-- pending tasks. The walk goes through the open groups (not paused, with room under
+-- max_running and, unless :all_groups, in :groups) in name order, starting after
+-- :after_group, round past the last to the first and no further than :after_group. In each
+-- group it walks the users after the group's cursor (:cursor_groups, :cursor_users), then
+-- from its first user up to the cursor (`lap` 1), through no more of them than the group has
+-- room for (`quota`: each queue gives a task at least). Each step is one seek of the
+-- active index (state, group, user): the cost is bounded by :window whatever the number of queues.
+-- The walk's columns take their types from its first row, hence the casts.
+WITH RECURSIVE
+pending_groups(name) AS (
+    SELECT (SELECT group_name FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+        WHERE state = 'pending' ORDER BY state, group_name LIMIT 1)
+    UNION ALL
+    SELECT (SELECT group_name FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+        WHERE state = 'pending' AND group_name > g.name ORDER BY state, group_name LIMIT 1)
+    FROM pending_groups g WHERE g.name IS NOT NULL
+),
+group_running AS (
+    SELECT group_name, count(*) AS n FROM {tasks} WHERE state IN ('running', 'canceling')
+    GROUP BY group_name
+),
+cursors AS (
+    SELECT cg.v AS group_name, cu.v AS user_name
+    FROM JSON_TABLE(:cursor_groups, '$[*]' COLUMNS (i FOR ORDINALITY,
+        v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS cg
+    JOIN JSON_TABLE(:cursor_users, '$[*]' COLUMNS (i FOR ORDINALITY,
+        v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS cu ON cu.i = cg.i
+),
+open_groups AS (
+    SELECT p.name, c.user_name AS after_user,
+        COALESCE(LEAST(g.max_running - COALESCE(r.n, 0), :window), :window) AS quota
+    FROM pending_groups p
+    LEFT JOIN {groups} g ON g.name = p.name
+    LEFT JOIN group_running r ON r.group_name = p.name
+    LEFT JOIN cursors c ON c.group_name = p.name
+    WHERE p.name IS NOT NULL AND NOT COALESCE(g.paused, false)
+        AND (:all_groups OR p.name IN (SELECT v FROM JSON_TABLE(:groups, '$[*]'
+            COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS gl))
+        AND (g.max_running IS NULL OR g.max_running > COALESCE(r.n, 0))
+),
+-- A step is the next user of the same group while it has room (a: after the cursor, then
+-- from the first user up to it), else the first queue of the next open group, or once of the
+-- first open group (b, of the group nx). k: the queues taken from the step's group so far
+-- (the first row: none, and no room left); lap: the group's walk is past its last user.
+walk(group_name, user_name, n, k, lap, wrapped) AS (
+    SELECT CAST(:after_group AS CHAR(200) CHARACTER SET utf8mb4) COLLATE utf8mb4_bin,
+        CAST('' AS CHAR(200) CHARACTER SET utf8mb4) COLLATE utf8mb4_bin, 0, :window, false, false
+    UNION ALL
+    SELECT COALESCE(a.group_name, b.group_name), COALESCE(a.user_name, b.user_name), w.n + 1,
+        CASE WHEN a.id IS NOT NULL THEN w.k + 1 ELSE 1 END,
+        CASE WHEN a.id IS NOT NULL THEN w.lap OR a.user_name < w.user_name
+            ELSE COALESCE(b.user_name <= nx.after_user, false) END,
+        w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name)
+    FROM walk w
+    LEFT JOIN open_groups cur ON cur.name = w.group_name AND w.k < cur.quota
+    LEFT JOIN {tasks} a ON a.id = CASE WHEN NOT w.lap THEN COALESCE(
+            (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
+             ORDER BY state, group_name, user_name LIMIT 1),
+            (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+             WHERE state = 'pending' AND group_name = cur.name AND user_name <= cur.after_user
+             ORDER BY state, group_name, user_name LIMIT 1))
+        ELSE (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
+                AND user_name <= cur.after_user
+             ORDER BY state, group_name, user_name LIMIT 1) END
+    LEFT JOIN open_groups nx ON a.id IS NULL AND nx.name = COALESCE(
+        (SELECT min(name) FROM open_groups WHERE name > w.group_name),
+        CASE WHEN NOT w.wrapped THEN (SELECT min(name) FROM open_groups) END)
+    LEFT JOIN {tasks} b ON b.id = COALESCE(
+        (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+         WHERE state = 'pending' AND group_name = nx.name AND user_name > nx.after_user
+         ORDER BY state, group_name, user_name LIMIT 1),
+        (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+         WHERE state = 'pending' AND group_name = nx.name
+         ORDER BY state, group_name, user_name LIMIT 1))
+    WHERE w.n < :window AND (a.id IS NOT NULL OR b.id IS NOT NULL)
+        AND (NOT (w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name))
+            OR COALESCE(a.group_name, b.group_name) <= :after_group)
+)
+SELECT group_name, user_name FROM walk WHERE n > 0 ORDER BY n
+
 -- name: claim_queues
 -- The first step of a claim: the (group, user) queues it reads, at most :pool of them, with
--- what their group lets them take. Every queue with pending tasks comes from a loose scan of
--- the active index (state, group, user: one index seek per queue); the open ones (group not
--- paused, below both limits, one of :groups unless :all_groups) are judged by their first due
--- task of :types, read from the queue index, and the best :pool by the policy's order hold
--- the best tasks (docs/design.md §6.3, §16.1). The cost grows with the number of queues, not
--- with the number of pending tasks.
+-- what their group lets them take. The queues are those of the claim's window
+-- (:window_groups, :window_users: claim_window); the open ones (below both limits) are judged
+-- by their first due task of :types, read from the queue index, and the best :pool by the
+-- policy's order hold the best tasks (docs/design.md §6.3, §16.1).
 WITH
 pairs AS (
-    SELECT group_name, user_name FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-    WHERE state = 'pending' GROUP BY state, group_name, user_name
+    SELECT wg.v AS group_name, wu.v AS user_name
+    FROM JSON_TABLE(:window_groups, '$[*]' COLUMNS (i FOR ORDINALITY,
+        v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS wg
+    JOIN JSON_TABLE(:window_users, '$[*]' COLUMNS (i FOR ORDINALITY,
+        v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS wu ON wu.i = wg.i
 ),
 -- What runs now, per queue and per group (all nodes).
 active AS (

@@ -161,30 +161,112 @@ DELETE FROM {tasks} WHERE id = ANY(:ids)
 SELECT name FROM {groups} WHERE name = :name FOR UPDATE
 
 -- name: claim_prepare
--- One round trip before a claim: share-lock our node row (fencing: a node declared dead claims
--- nothing), and lock the rows of the groups with limits in name order, so that claimers that
--- could exceed a limit run one after the other and the claim that follows (a fresh snapshot
--- under READ COMMITTED) counts every task the previous one took.
-SELECT (SELECT count(*) FROM (SELECT id FROM {nodes} WHERE id = :node FOR KEY SHARE) me)
-    AS registered,
-    (SELECT count(*) FROM (SELECT name FROM {groups}
+-- One round trip before a claim (docs/design.md §6.3, §6.4, §6.8): share-lock our node row
+-- (fencing: a node declared dead claims nothing); lock the rows of the groups with limits in
+-- name order, so that claimers that could exceed a limit run one after the other and the claim
+-- that follows (a fresh snapshot under READ COMMITTED) counts every task the previous one took;
+-- find the claim's window of queues; and the seconds until the next delayed task of :types is
+-- due (NULL: none). The window's rooms are counted in this statement's snapshot, which may
+-- predate the locks: they only choose the queues the claim looks at, and the claim counts the
+-- limits again. One row per queue of the window, in the walk's order (none: one row, no queue).
+--
+-- The window: up to :window queues with pending tasks. The walk goes through the open groups
+-- (not paused, with room under max_running and, unless :all_groups, in :groups) in name
+-- order, starting after :after_group, round past the last to the first and no further than
+-- :after_group. In each group it walks the users after the group's cursor (:cursor_groups,
+-- :cursor_users), then from its first user up to the cursor (`lap`), through no more of them
+-- than the group has room for (`quota`: each queue gives a task at least). Each step is one
+-- seek of the queue index: the cost is bounded by :window whatever the number of queues.
+WITH RECURSIVE
+pending_groups(name) AS (
+    (SELECT group_name FROM {tasks} WHERE state = 'pending' ORDER BY group_name LIMIT 1)
+    UNION ALL
+    SELECT n.group_name FROM pending_groups g CROSS JOIN LATERAL
+        (SELECT group_name FROM {tasks} WHERE state = 'pending' AND group_name > g.name
+         ORDER BY group_name LIMIT 1) n
+),
+group_running AS (
+    SELECT group_name, count(*) AS n FROM {tasks} WHERE state IN ('running', 'canceling')
+    GROUP BY group_name
+),
+cursors(group_name, user_name) AS (
+    SELECT * FROM unnest(CAST(:cursor_groups AS text[]), CAST(:cursor_users AS text[]))
+),
+open_groups AS MATERIALIZED (
+    SELECT p.name, c.user_name AS after_user,
+        COALESCE(LEAST(g.max_running - COALESCE(r.n, 0), :window), :window) AS quota
+    FROM pending_groups p
+    LEFT JOIN {groups} g ON g.name = p.name
+    LEFT JOIN group_running r ON r.group_name = p.name
+    LEFT JOIN cursors c ON c.group_name = p.name
+    WHERE NOT COALESCE(g.paused, false)
+        AND (:all_groups OR p.name = ANY(CAST(:groups AS text[])))
+        AND (g.max_running IS NULL OR g.max_running > COALESCE(r.n, 0))
+),
+-- A step is the next user of the same group while it has room (a: after the cursor, then
+-- from the first user up to it), else the first queue of the next open group, or once of the
+-- first open group (b, of the group nx). k: the queues taken from the step's group so far
+-- (the first row: none, and no room left); lap: the group's walk is past its last user.
+walk(group_name, user_name, n, k, lap, wrapped) AS (
+    SELECT CAST(:after_group AS text), CAST('' AS text), 0, CAST(:window AS integer),
+        false, false
+    UNION ALL
+    SELECT COALESCE(a.group_name, b.group_name), COALESCE(a.user_name, b.user_name), w.n + 1,
+        CASE WHEN a.id IS NOT NULL THEN w.k + 1 ELSE 1 END,
+        CASE WHEN a.id IS NOT NULL THEN w.lap OR a.user_name < w.user_name
+            ELSE COALESCE(b.user_name <= nx.after_user, false) END,
+        w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name)
+    FROM walk w
+    LEFT JOIN open_groups cur ON cur.name = w.group_name AND w.k < cur.quota
+    LEFT JOIN {tasks} a ON a.id = CASE WHEN NOT w.lap THEN COALESCE(
+            (SELECT id FROM {tasks}
+             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
+             ORDER BY group_name, user_name LIMIT 1),
+            (SELECT id FROM {tasks}
+             WHERE state = 'pending' AND group_name = cur.name AND user_name <= cur.after_user
+             ORDER BY group_name, user_name LIMIT 1))
+        ELSE (SELECT id FROM {tasks}
+             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
+                AND user_name <= cur.after_user
+             ORDER BY group_name, user_name LIMIT 1) END
+    LEFT JOIN open_groups nx ON a.id IS NULL AND nx.name = COALESCE(
+        (SELECT min(name) FROM open_groups WHERE name > w.group_name),
+        CASE WHEN NOT w.wrapped THEN (SELECT min(name) FROM open_groups) END)
+    LEFT JOIN {tasks} b ON b.id = COALESCE(
+        (SELECT id FROM {tasks}
+         WHERE state = 'pending' AND group_name = nx.name AND user_name > nx.after_user
+         ORDER BY group_name, user_name LIMIT 1),
+        (SELECT id FROM {tasks}
+         WHERE state = 'pending' AND group_name = nx.name
+         ORDER BY group_name, user_name LIMIT 1))
+    WHERE w.n < :window AND (a.id IS NOT NULL OR b.id IS NOT NULL)
+        AND (NOT (w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name))
+            OR COALESCE(a.group_name, b.group_name) <= CAST(:after_group AS text))
+),
+me AS (
+    SELECT count(*) AS registered FROM (SELECT id FROM {nodes} WHERE id = :node FOR KEY SHARE) m
+),
+limited AS (
+    SELECT count(*) AS n FROM (SELECT name FROM {groups}
         WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL
-        ORDER BY name FOR UPDATE) limited) AS limited
+        ORDER BY name FOR UPDATE) l
+),
+due AS (
+    SELECT EXTRACT(EPOCH FROM (min(run_at) - now())) AS next_due FROM {tasks}
+    WHERE state = 'pending' AND run_at > now() AND type = ANY(:types)
+)
+SELECT me.registered, limited.n AS limited, due.next_due, w.group_name, w.user_name
+FROM me CROSS JOIN limited CROSS JOIN due
+LEFT JOIN walk w ON w.n > 0
+ORDER BY w.n
 
 -- name: claim
--- Up to :limit due tasks of :types (of :groups unless :all_groups), in the policy's order,
--- skipping paused groups and never exceeding a group's limits (docs/design.md §6).
-WITH RECURSIVE
--- Every (group, user) queue with pending tasks: a loose scan of the queue index, each step
--- reading the next queue's key straight from the index.
+-- Up to :limit due tasks of :types in the queues of the window (:window_groups,
+-- :window_users: claim_window), in the policy's order, skipping paused groups and never
+-- exceeding a group's limits (docs/design.md §6).
+WITH
 pairs(group_name, user_name) AS (
-    (SELECT group_name, user_name FROM {tasks} WHERE state = 'pending'
-     ORDER BY group_name, user_name LIMIT 1)
-    UNION ALL
-    SELECT n.group_name, n.user_name FROM pairs p CROSS JOIN LATERAL
-        (SELECT group_name, user_name FROM {tasks} WHERE state = 'pending'
-         AND (group_name, user_name) > (p.group_name, p.user_name)
-         ORDER BY group_name, user_name LIMIT 1) n
+    SELECT * FROM unnest(CAST(:window_groups AS text[]), CAST(:window_users AS text[]))
 ),
 -- What runs now, per queue and per group (all nodes).
 active AS (
@@ -265,11 +347,6 @@ WHERE t.id = k.claim_id
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
     token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
     trace_parent
-
--- name: next_due
--- Seconds until the next delayed task of :types is due (NULL: none).
-SELECT EXTRACT(EPOCH FROM (min(run_at) - now())) FROM {tasks}
-WHERE state = 'pending' AND run_at > now() AND type = ANY(:types)
 
 -- name: node_registered
 -- Whether the node's row still exists, kept (share lock) until the transaction commits.

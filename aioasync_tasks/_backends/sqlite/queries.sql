@@ -143,31 +143,107 @@ DELETE FROM {tasks} WHERE id IN (SELECT value FROM json_each(:ids))
 SELECT name FROM {groups} WHERE name = :name
 
 -- name: claim_prepare
--- Fencing: a node declared dead (its row deleted) claims nothing. The write lock does what
--- PostgreSQL's group row locks do for the limits.
-SELECT count(*) AS registered FROM {nodes} WHERE id = :node
-
--- name: claim
--- Up to :limit due tasks of :types (of :groups unless :all_groups), in the policy's order,
--- skipping paused groups and never exceeding a group's limits (docs/design.md §6).
--- Without statistics SQLite may pick the (state, id) index and sort the whole backlog:
--- the queue index is named where it must be used.
+-- One statement before a claim (docs/design.md §6.3, §6.8), under the write lock: whether our
+-- node row exists (fencing: a node declared dead claims nothing; the write lock does what
+-- PostgreSQL's group row locks do for the limits), the claim's window of queues, and the
+-- seconds until the next delayed task of :types is due (NULL: none). One row per queue of the
+-- window, in the walk's order (none: one row, no queue).
+--
+-- The window: up to :window queues with pending tasks. The walk goes through the open groups
+-- (not paused, with room under max_running and, unless :all_groups, in :groups) in name
+-- order, starting after :after_group, round past the last to the first and no further than
+-- :after_group. In each group it walks the users after the group's cursor (:cursor_groups,
+-- :cursor_users), then from its first user up to the cursor (`lap`), through no more of them
+-- than the group has room for (`quota`: each queue gives a task at least). Each step is one
+-- seek of the queue index (SQLite seeks a row-value range on its first column only: hence a
+-- group, then a user range): the cost is bounded by :window whatever the number of queues.
 WITH RECURSIVE
--- Every (group, user) queue with pending tasks: a loose scan of the queue index. SQLite seeks
--- a row-value range on its first column only, so the next queue is either the next user of
--- the same group or the first user of the next group.
-pairs(group_name, user_name) AS (
-    SELECT group_name, user_name FROM {tasks} WHERE id = (
-        SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
-        WHERE state = 'pending' ORDER BY group_name, user_name LIMIT 1)
+pending_groups(name) AS (
+    SELECT (SELECT group_name FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+        WHERE state = 'pending' ORDER BY group_name LIMIT 1)
     UNION ALL
-    SELECT n.group_name, n.user_name FROM pairs p JOIN {tasks} n ON n.id = COALESCE(
+    SELECT (SELECT group_name FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+        WHERE state = 'pending' AND group_name > g.name ORDER BY group_name LIMIT 1)
+    FROM pending_groups g WHERE g.name IS NOT NULL
+),
+group_running AS (
+    SELECT group_name, count(*) AS n FROM {tasks} WHERE state IN ('running', 'canceling')
+    GROUP BY group_name
+),
+cursors(group_name, user_name) AS (
+    SELECT g.value, u.value FROM json_each(:cursor_groups) g
+    JOIN json_each(:cursor_users) u ON u.key = g.key
+),
+open_groups AS MATERIALIZED (
+    SELECT p.name, c.user_name AS after_user,
+        COALESCE(min(g.max_running - COALESCE(r.n, 0), :window), :window) AS quota
+    FROM pending_groups p
+    LEFT JOIN {groups} g ON g.name = p.name
+    LEFT JOIN group_running r ON r.group_name = p.name
+    LEFT JOIN cursors c ON c.group_name = p.name
+    WHERE p.name IS NOT NULL AND NOT COALESCE(g.paused, false)
+        AND (:all_groups OR p.name IN (SELECT value FROM json_each(:groups)))
+        AND (g.max_running IS NULL OR g.max_running > COALESCE(r.n, 0))
+),
+-- A step is the next user of the same group while it has room (a: after the cursor, then
+-- from the first user up to it), else the first queue of the next open group, or once of the
+-- first open group (b, of the group nx). k: the queues taken from the step's group so far
+-- (the first row: none, and no room left); lap: the group's walk is past its last user.
+walk(group_name, user_name, n, k, lap, wrapped) AS (
+    SELECT :after_group, '', 0, :window, false, false
+    UNION ALL
+    SELECT COALESCE(a.group_name, b.group_name), COALESCE(a.user_name, b.user_name), w.n + 1,
+        CASE WHEN a.id IS NOT NULL THEN w.k + 1 ELSE 1 END,
+        CASE WHEN a.id IS NOT NULL THEN w.lap OR a.user_name < w.user_name
+            ELSE COALESCE(b.user_name <= nx.after_user, false) END,
+        w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name)
+    FROM walk w
+    LEFT JOIN open_groups cur ON cur.name = w.group_name AND w.k < cur.quota
+    LEFT JOIN {tasks} a ON a.id = CASE WHEN NOT w.lap THEN COALESCE(
+            (SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
+             ORDER BY group_name, user_name LIMIT 1),
+            (SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+             WHERE state = 'pending' AND group_name = cur.name AND user_name <= cur.after_user
+             ORDER BY group_name, user_name LIMIT 1))
+        ELSE (SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
+             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
+                AND user_name <= cur.after_user
+             ORDER BY group_name, user_name LIMIT 1) END
+    LEFT JOIN open_groups nx ON a.id IS NULL AND nx.name = COALESCE(
+        (SELECT min(name) FROM open_groups WHERE name > w.group_name),
+        CASE WHEN NOT w.wrapped THEN (SELECT min(name) FROM open_groups) END)
+    LEFT JOIN {tasks} b ON b.id = COALESCE(
         (SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
-         WHERE state = 'pending' AND group_name = p.group_name AND user_name > p.user_name
+         WHERE state = 'pending' AND group_name = nx.name AND user_name > nx.after_user
          ORDER BY group_name, user_name LIMIT 1),
         (SELECT id FROM {tasks} INDEXED BY aioasync_tasks_queue_idx
-         WHERE state = 'pending' AND group_name > p.group_name
+         WHERE state = 'pending' AND group_name = nx.name
          ORDER BY group_name, user_name LIMIT 1))
+    WHERE w.n < :window AND (a.id IS NOT NULL OR b.id IS NOT NULL)
+        AND (NOT (w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name))
+            OR COALESCE(a.group_name, b.group_name) <= :after_group)
+),
+due AS (
+    SELECT min(run_at) - {now} AS next_due FROM {tasks}
+    WHERE state = 'pending' AND run_at > {now}
+        AND type IN (SELECT value FROM json_each(:types))
+)
+SELECT (SELECT count(*) FROM {nodes} WHERE id = :node) AS registered, due.next_due,
+    w.group_name, w.user_name
+FROM due LEFT JOIN walk w ON w.n > 0
+ORDER BY w.n
+
+-- name: claim
+-- Up to :limit due tasks of :types in the queues of the window (:window_groups,
+-- :window_users: claim_window), in the policy's order, skipping paused groups and never
+-- exceeding a group's limits (docs/design.md §6).
+-- Without statistics SQLite may pick the (state, id) index and sort the whole backlog:
+-- the queue index is named where it must be used.
+WITH
+pairs(group_name, user_name) AS (
+    SELECT g.value, u.value FROM json_each(:window_groups) g
+    JOIN json_each(:window_users) u ON u.key = g.key
 ),
 -- What runs now, per queue and per group (all nodes).
 active AS (
@@ -238,11 +314,6 @@ WHERE id IN (
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
     token, watched_until > {now} AS watched, {now} - run_at AS waited, trace_parent
-
--- name: next_due
--- Seconds until the next delayed task of :types is due (NULL: none).
-SELECT min(run_at) - {now} FROM {tasks}
-WHERE state = 'pending' AND run_at > {now} AND type IN (SELECT value FROM json_each(:types))
 
 -- name: node_registered
 SELECT id FROM {nodes} WHERE id = :node
