@@ -225,7 +225,7 @@ walk(group_name, user_name, n, k, lap, wrapped) AS (
             OR COALESCE(a.group_name, b.group_name) <= :after_group)
 ),
 due AS (
-    SELECT min(run_at) - {now} AS next_due FROM {tasks}
+    SELECT min(run_at) - {now} AS next_due FROM {tasks} INDEXED BY aioasync_tasks_ready_at_idx
     WHERE state = 'pending' AND run_at > {now}
         AND type IN (SELECT value FROM json_each(:types))
 )
