@@ -370,6 +370,41 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         assert running == 2
 
 
+@pytest.mark.postgres_only
+async def test_claims_lock_only_the_limited_groups_they_take_from(db: DbTarget) -> None:
+    """A claim holds the row locks of the limited groups of its window of queues until it
+    commits; a claim whose window holds other groups does not wait for it. Here a claim of
+    group a is held open on purpose while a second node claims from group b (both groups have
+    a limit): the second one takes its tasks at once. Before the window, every claim locked
+    every limited group, so the second waited for the first to commit."""
+    recorder = Recorder()
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        for group in ("a", "b"):
+            await client.set_group_limits(group, max_running=2)
+        await client.create_tasks([{"type": "job", "group": g} for g in ("a", "b") * 2])
+        backend = client.driver
+        assert isinstance(backend, SqlDriver)  # its SQL, beyond the driver protocol
+        liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
+        first_node = await backend.register_node(RegisterParams("first", 10, ["job"], **liveness))
+        second_node = await backend.register_node(RegisterParams("second", 10, ["job"], **liveness))
+        async with backend.write() as conn:
+            only_a = {"all_groups": False, "groups": backend.bind_list(["a"])}
+            held = await conn.execute(
+                backend.queries.statement("claim_prepare"),
+                {
+                    "node": first_node,
+                    "types": backend.bind_list(["job"]),
+                    **backend.window_params(ClaimCursor(), 64, only_a),
+                },
+            )
+            assert [(r.group_name, r.limited) for r in held.all()] == [("a", 1)]
+            second = await asyncio.wait_for(
+                backend.claim(ClaimParams(second_node, ["job"], 10, FairShare(), groups=["b"])),
+                timeout=30,
+            )
+        assert sorted(c.group for c in second.claimed) == ["b", "b"]
+
+
 async def test_a_node_can_be_dedicated_to_some_groups(db: DbTarget) -> None:
     recorder = Recorder()
     recorder.release.set()

@@ -270,7 +270,8 @@ class MysqlDriver(SqlDriver):
     @cancel_safe
     async def claim(self, params: ClaimParams) -> ClaimResult:
         """As ``SqlDriver.claim`` (docs/design.md §6, §16.1): the node row share-locked, the
-        limited groups locked in name order, the queues to read chosen (``claim_queues``), the
+        window of queues walked (``claim_window``), its groups that have limits locked in name
+        order, the queues to read chosen among the window's (``claim_queues``), the
         candidates chosen from the first tasks of those queues (``claim``), locked with ``SKIP
         LOCKED`` (a row that is no longer PENDING, moved to another group, or busy is
         skipped), the first ``limit`` of them by the policy's order taken."""
@@ -286,7 +287,6 @@ class MysqlDriver(SqlDriver):
             registered = (await self._run(conn, "claim_prepare", {"node": p.node_id})).scalar()
             if not registered:
                 return ClaimResult([], None)
-            await self._run(conn, "lock_limited_groups")
             pool = limit * self.claim_pool_factor
             size = max(self.claim_window, pool)
             walked = await self._run(
@@ -296,17 +296,17 @@ class MysqlDriver(SqlDriver):
             window = ClaimWindow(found, full=len(found) >= size)
             queues: Sequence[Any] = []
             if window.queues:
+                in_window = {
+                    "window_groups": self.bind_list(g for g, _ in window.queues),
+                    "window_users": self.bind_list(u for _, u in window.queues),
+                }
+                limited = {"window_groups": in_window["window_groups"]}
+                await self._run(conn, "lock_limited_groups", limited)
                 queues = (
                     await self._run(
                         conn,
                         "claim_queues",
-                        {
-                            "types": types,
-                            "pool": pool,
-                            "window_groups": self.bind_list(g for g, _ in window.queues),
-                            "window_users": self.bind_list(u for _, u in window.queues),
-                            **groups,
-                        },
+                        {"types": types, "pool": pool, **in_window, **groups},
                         order_by=p.policy.order_by,
                     )
                 ).all()

@@ -190,11 +190,15 @@ SELECT name FROM {groups} WHERE name = :name FOR UPDATE
 SELECT count(*) AS registered FROM {nodes} WHERE id = :node LOCK IN SHARE MODE
 
 -- name: lock_limited_groups
--- Then the rows of the groups with limits, in name order, so that claimers that could exceed
--- a limit run one after the other, and the claim that follows (a fresh snapshot under READ
--- COMMITTED) counts every task the previous one took.
+-- Then the rows of the groups with limits among those of the claim's window (:window_groups),
+-- in name order, so that claimers that could exceed a limit run one after the other, and the
+-- statements that follow (fresh snapshots under READ COMMITTED) count every task the previous
+-- one took. The claim takes from the window's queues only: the groups it takes from are
+-- locked, and no others.
 SELECT name FROM {groups}
-WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL
+WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
+    AND name IN (SELECT v FROM JSON_TABLE(:window_groups, '$[*]'
+        COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS wg)
 ORDER BY name FOR UPDATE
 
 -- name: claim_window

@@ -162,13 +162,15 @@ SELECT name FROM {groups} WHERE name = :name FOR UPDATE
 
 -- name: claim_prepare
 -- One round trip before a claim (docs/design.md §6.3, §6.4, §6.8): share-lock our node row
--- (fencing: a node declared dead claims nothing); lock the rows of the groups with limits in
--- name order, so that claimers that could exceed a limit run one after the other and the claim
--- that follows (a fresh snapshot under READ COMMITTED) counts every task the previous one took;
--- find the claim's window of queues; and the seconds until the next delayed task of :types is
--- due (NULL: none). The window's rooms are counted in this statement's snapshot, which may
--- predate the locks: they only choose the queues the claim looks at, and the claim counts the
--- limits again. One row per queue of the window, in the walk's order (none: one row, no queue).
+-- (fencing: a node declared dead claims nothing); find the claim's window of queues; lock the
+-- rows of the window's groups that have limits, in name order, so that claimers that could
+-- exceed a limit run one after the other and the claim that follows (a fresh snapshot under
+-- READ COMMITTED) counts every task the previous one took — the claim takes from the window's
+-- queues only, so the groups it takes from are locked, and no others; and the seconds until
+-- the next delayed task of :types is due (NULL: none). The window's rooms are counted in this
+-- statement's snapshot, which may predate the locks: they only choose the queues the claim
+-- looks at, and the claim counts the limits again. One row per queue of the window, in the
+-- walk's order (none: one row, no queue).
 --
 -- The window: up to :window queues with pending tasks. The walk goes through the open groups
 -- (not paused, with room under max_running and, unless :all_groups, in :groups) in name
@@ -248,7 +250,8 @@ me AS (
 ),
 limited AS (
     SELECT count(*) AS n FROM (SELECT name FROM {groups}
-        WHERE max_running IS NOT NULL OR max_running_per_user IS NOT NULL
+        WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
+            AND name IN (SELECT group_name FROM walk WHERE n > 0)
         ORDER BY name FOR UPDATE) l
 ),
 due AS (
