@@ -480,14 +480,20 @@ async def test_mysql_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
                         async with worker:
                             await worker.services.claimer.run_once()
                             await worker.services.rescuer.run_once()
-                    window = mysql_statement(capture, "walk(group_name")
+                    groups = mysql_statement(capture, "AS later")
+                    window = mysql_statement(capture, "AS lap")
                     queues = mysql_statement(capture, "firsts AS (")
                     chosen = mysql_statement(capture, "chosen AS (")
                     what = f"{stage}, types {worker_registry.names}"
                     check_mysql_plan(
+                        await explain_mysql(engine, groups),
+                        f"claim_groups, {what}",
+                        "aioasync_tasks_active_idx/group-by",
+                    )
+                    check_mysql_plan(
                         await explain_mysql(engine, window),
                         f"claim_window, {what}",
-                        "aioasync_tasks_active_idx",
+                        "aioasync_tasks_active_idx/group-by",
                     )
                     check_mysql_plan(
                         await explain_mysql(engine, queues),

@@ -32,6 +32,7 @@ from .. import _rows
 from .._driver import (
     TASK_PROGRESS,
     CheckpointParams,
+    ClaimCursor,
     Claimed,
     ClaimParams,
     ClaimResult,
@@ -267,6 +268,38 @@ class MysqlDriver(SqlDriver):
         await self._run(conn, statement, {**bound, "ids": listed})
         return list(await self._run(conn, "claimed_rows", {"ids": listed}))
 
+    async def _claim_window(
+        self, conn: AsyncConnection, after: ClaimCursor, size: int, groups: dict[str, Any]
+    ) -> ClaimWindow:
+        """The claim's window of queues, as PostgreSQL's walk finds it (docs/design.md §6.3,
+        §16.1): the open groups in the walk's order (``claim_groups``), then for the first
+        ``size`` of them (each has a queue at least), up to each one's quota of its queues from
+        its cursor on (``claim_window``, one loose scan per group), up to ``size`` queues in
+        all."""
+        params = {"after_group": after.group, "window": size, **groups}
+        found = (await self._run(conn, "claim_groups", params)).all()
+        walk = [r for r in found if r.later] + [r for r in found if not r.later]
+        reached = [
+            (row.name, after.users.get(row.name, ""), min(int(row.quota), size))
+            for row in walk[:size]
+        ]
+        if not reached:
+            return ClaimWindow([], full=False)
+        # Cached by the number of groups: a power of two, the extra ones nameless (no rows).
+        branches = 1 << (len(reached) - 1).bit_length()
+        bound: dict[str, Any] = {}
+        padding: list[tuple[str | None, str, int]] = [(None, "", 0)] * (branches - len(reached))
+        for n, (group, cursor, quota) in enumerate([*reached, *padding]):
+            bound |= {f"group_{n}": group, f"after_{n}": cursor, f"quota_{n}": quota}
+        rows = await self._run(conn, "claim_window", bound, queues=branches)
+        kept: dict[int, int] = {}
+        queues: list[tuple[str, str]] = []
+        for row in rows:  # by group in the walk's order, the users after the cursor first
+            if kept.get(row.g, 0) < reached[row.g][2] and len(queues) < size:
+                kept[row.g] = kept.get(row.g, 0) + 1
+                queues.append((row.group_name, row.user_name))
+        return ClaimWindow(queues, full=len(queues) >= size or len(reached) < len(walk))
+
     @cancel_safe
     async def claim(self, params: ClaimParams) -> ClaimResult:
         """As ``SqlDriver.claim`` (docs/design.md §6, §16.1): the node row share-locked, the
@@ -288,12 +321,7 @@ class MysqlDriver(SqlDriver):
             if not registered:
                 return ClaimResult([], None)
             pool = limit * self.claim_pool_factor
-            size = max(self.claim_window, pool)
-            walked = await self._run(
-                conn, "claim_window", self.window_params(p.after, size, groups)
-            )
-            found = [(r.group_name, r.user_name) for r in walked]
-            window = ClaimWindow(found, full=len(found) >= size)
+            window = await self._claim_window(conn, p.after, max(self.claim_window, pool), groups)
             queues: Sequence[Any] = []
             if window.queues:
                 in_window = {

@@ -201,89 +201,57 @@ WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
         COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS wg)
 ORDER BY name FOR UPDATE
 
--- name: claim_window
--- The (group, user) queues a claim looks at (docs/design.md §6.3): up to :window queues with
--- pending tasks. The walk goes through the open groups (not paused, with room under
--- max_running and, unless :all_groups, in :groups) in name order, starting after
--- :after_group, round past the last to the first and no further than :after_group. In each
--- group it walks the users after the group's cursor (:cursor_groups, :cursor_users), then
--- from its first user up to the cursor (`lap` 1), through no more of them than the group has
--- room for (`quota`: each queue gives a task at least). Each step is one seek of the
--- active index (state, group, user): the cost is bounded by :window whatever the number of queues.
--- The walk's columns take their types from its first row, hence the casts.
-WITH RECURSIVE
-pending_groups(name) AS (
-    SELECT (SELECT group_name FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-        WHERE state = 'pending' ORDER BY state, group_name LIMIT 1)
-    UNION ALL
-    SELECT (SELECT group_name FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-        WHERE state = 'pending' AND group_name > g.name ORDER BY state, group_name LIMIT 1)
-    FROM pending_groups g WHERE g.name IS NOT NULL
+-- name: claim_groups
+-- The open groups a claim's window walks (docs/design.md §6.3, §16.1): with pending tasks (a
+-- loose scan of the active index, one seek per group), not paused, with room under
+-- max_running and, unless :all_groups, in :groups; in name order, each with the number of its
+-- queues the window may take (`quota`: its room, at most :window: each queue gives a task at
+-- least) and whether it comes after :after_group in the walk (`later`).
+WITH
+pending_groups AS (
+    SELECT group_name AS name FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+    WHERE state = 'pending' GROUP BY state, group_name
 ),
 group_running AS (
-    SELECT group_name, count(*) AS n FROM {tasks} WHERE state IN ('running', 'canceling')
-    GROUP BY group_name
-),
-cursors AS (
-    SELECT cg.v AS group_name, cu.v AS user_name
-    FROM JSON_TABLE(:cursor_groups, '$[*]' COLUMNS (i FOR ORDINALITY,
-        v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS cg
-    JOIN JSON_TABLE(:cursor_users, '$[*]' COLUMNS (i FOR ORDINALITY,
-        v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS cu ON cu.i = cg.i
-),
-open_groups AS (
-    SELECT p.name, c.user_name AS after_user,
-        COALESCE(LEAST(g.max_running - COALESCE(r.n, 0), :window), :window) AS quota
-    FROM pending_groups p
-    LEFT JOIN {groups} g ON g.name = p.name
-    LEFT JOIN group_running r ON r.group_name = p.name
-    LEFT JOIN cursors c ON c.group_name = p.name
-    WHERE p.name IS NOT NULL AND NOT COALESCE(g.paused, false)
-        AND (:all_groups OR p.name IN (SELECT v FROM JSON_TABLE(:groups, '$[*]'
-            COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS gl))
-        AND (g.max_running IS NULL OR g.max_running > COALESCE(r.n, 0))
-),
--- A step is the next user of the same group while it has room (a: after the cursor, then
--- from the first user up to it), else the first queue of the next open group, or once of the
--- first open group (b, of the group nx). k: the queues taken from the step's group so far
--- (the first row: none, and no room left); lap: the group's walk is past its last user.
-walk(group_name, user_name, n, k, lap, wrapped) AS (
-    SELECT CAST(:after_group AS CHAR(200) CHARACTER SET utf8mb4) COLLATE utf8mb4_bin,
-        CAST('' AS CHAR(200) CHARACTER SET utf8mb4) COLLATE utf8mb4_bin, 0, :window, false, false
-    UNION ALL
-    SELECT COALESCE(a.group_name, b.group_name), COALESCE(a.user_name, b.user_name), w.n + 1,
-        CASE WHEN a.id IS NOT NULL THEN w.k + 1 ELSE 1 END,
-        CASE WHEN a.id IS NOT NULL THEN w.lap OR a.user_name < w.user_name
-            ELSE COALESCE(b.user_name <= nx.after_user, false) END,
-        w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name)
-    FROM walk w
-    LEFT JOIN open_groups cur ON cur.name = w.group_name AND w.k < cur.quota
-    LEFT JOIN {tasks} a ON a.id = CASE WHEN NOT w.lap THEN COALESCE(
-            (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
-             ORDER BY state, group_name, user_name LIMIT 1),
-            (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-             WHERE state = 'pending' AND group_name = cur.name AND user_name <= cur.after_user
-             ORDER BY state, group_name, user_name LIMIT 1))
-        ELSE (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
-                AND user_name <= cur.after_user
-             ORDER BY state, group_name, user_name LIMIT 1) END
-    LEFT JOIN open_groups nx ON a.id IS NULL AND nx.name = COALESCE(
-        (SELECT min(name) FROM open_groups WHERE name > w.group_name),
-        CASE WHEN NOT w.wrapped THEN (SELECT min(name) FROM open_groups) END)
-    LEFT JOIN {tasks} b ON b.id = COALESCE(
-        (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-         WHERE state = 'pending' AND group_name = nx.name AND user_name > nx.after_user
-         ORDER BY state, group_name, user_name LIMIT 1),
-        (SELECT id FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
-         WHERE state = 'pending' AND group_name = nx.name
-         ORDER BY state, group_name, user_name LIMIT 1))
-    WHERE w.n < :window AND (a.id IS NOT NULL OR b.id IS NOT NULL)
-        AND (NOT (w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name))
-            OR COALESCE(a.group_name, b.group_name) <= :after_group)
+    SELECT group_name, count(*) AS n FROM {tasks}
+    WHERE state IN ('running', 'canceling') GROUP BY group_name
 )
-SELECT group_name, user_name FROM walk WHERE n > 0 ORDER BY n
+SELECT p.name, COALESCE(LEAST(g.max_running - COALESCE(r.n, 0), :window), :window) AS quota,
+    p.name > :after_group AS later
+FROM pending_groups p
+LEFT JOIN {groups} g ON g.name = p.name
+LEFT JOIN group_running r ON r.group_name = p.name
+WHERE NOT COALESCE(g.paused, false)
+    AND (:all_groups OR p.name IN (SELECT v FROM JSON_TABLE(:groups, '$[*]'
+        COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS gl))
+    AND (g.max_running IS NULL OR g.max_running > COALESCE(r.n, 0))
+ORDER BY p.name
+
+-- name: claim_window
+-- The queues of a claim's window (docs/design.md §6.3, §16.1): {queues} is one
+-- claim_window_queue per group the walk reaches, numbered in the walk's order; the driver
+-- keeps up to the group's quota of each, the users after the group's cursor first, and stops
+-- at :window queues in all. (MariaDB plans a correlated subquery once, with the equality
+-- prefix of the index and not its range: a recursive walk read a whole group at every step.)
+SELECT g, lap, group_name, user_name FROM ({queues}) w ORDER BY g, lap, user_name
+
+-- name: claim_window_queue
+-- One group of a claim's window (a fragment: {n} is its place in the walk): up to
+-- :quota_{n} of the queues of :group_{n} after its cursor :after_{n} (lap 0), and up to
+-- :quota_{n} from its first user up to the cursor (lap 1), each a loose scan of the active
+-- index (state, group, user) that stops after as many. A group without a cursor has "": its
+-- user "" comes last.
+(SELECT {n} AS g, 0 AS lap, group_name, user_name
+ FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+ WHERE state = 'pending' AND group_name = :group_{n} AND user_name > :after_{n}
+ GROUP BY state, group_name, user_name ORDER BY state, group_name, user_name
+ LIMIT :quota_{n})
+UNION ALL
+(SELECT {n}, 1, group_name, user_name
+ FROM {tasks} FORCE INDEX (aioasync_tasks_active_idx)
+ WHERE state = 'pending' AND group_name = :group_{n} AND user_name <= :after_{n}
+ GROUP BY state, group_name, user_name ORDER BY state, group_name, user_name
+ LIMIT :quota_{n})
 
 -- name: claim_queues
 -- The first step of a claim: the (group, user) queues it reads, at most :pool of them, with
