@@ -7,10 +7,11 @@ SQL. In the SQL, ``{tasks}``, ``{nodes}``, ``{groups}``, ``{task_types}``, ``{sc
 and ``{versions}`` stand for the tables (qualified by the schema, where the database has
 schemas), ``{<name>}`` for another block of the same file (a fragment, such as SQLite's clock),
 and ``{order_by}`` for the scheduling policy's ``ORDER BY``, filled in when the statement is
-used. So is ``{queues}``, in MySQL's ``claim`` alone: one copy of the block ``claim_queue`` per
-queue the claim reads, joined by ``UNION ALL``, each with ``{n}`` its number (MariaDB has no
-``LATERAL``, and a subquery of its own per queue is how a claim reads no more than the first
-tasks of each queue: docs/design.md §16.1).
+used. So is ``{queues}``, in MySQL's ``claim`` and ``claim_window`` alone: one copy of the
+block ``<name>_queue`` per queue the claim reads (per group its window reaches), joined by
+``UNION ALL``, each with ``{n}`` its number (MariaDB has no ``LATERAL``, and a subquery of its
+own per queue is how a claim reads no more than the first tasks of each queue:
+docs/design.md §16.1).
 Nothing else is assembled: each statement reads top to bottom in its file.
 """
 
