@@ -190,8 +190,9 @@ class ClaimWindow:
         if not self.queues:
             return cursor
         walked = self.queues
-        taken = {(c.group, c.user) for c in claimed}
-        if len(claimed) >= limit and taken:
+        full = len(claimed) >= limit
+        taken = {(c.group, c.user) for c in claimed} if full else set()
+        if taken:
             walked = walked[: max(i for i, q in enumerate(walked) if q in taken) + 1]
         users = dict(cursor.users) if len(cursor.users) < MAX_CURSOR_GROUPS else {}
         served: set[str] = set()
