@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -167,6 +167,8 @@ def next_due_in(seconds: Any) -> float | None:
     the claim was full and the claimer looks again anyway)."""
     return None if seconds is None else max(float(seconds), 0.0)
 
+
+_T = TypeVar("_T")
 
 MAX_CURSOR_GROUPS = 10_000
 """The most groups whose place a claim cursor keeps (beyond it, those of the last window)."""
@@ -413,14 +415,23 @@ class SqlDriver:
         return ids
 
     async def _insert_chunk(self, new_tasks: Sequence[NewTask], wake: bool) -> list[int]:
-        """Insert ``new_tasks`` in a write transaction of our own; again, after a pause, when
-        the database rolled the whole transaction back and says to try again
-        (``rolled_back_retry``)."""
+        """Insert ``new_tasks`` in a write transaction of our own (tried again as
+        ``_retry_rolled_back`` says)."""
+
+        async def insert() -> list[int]:
+            async with self.write() as conn:
+                return await self._insert(conn, new_tasks, wake)
+
+        return await self._retry_rolled_back(insert)
+
+    async def _retry_rolled_back(self, transaction: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``transaction`` (a write transaction of our own, whole); again, after a pause,
+        when the database rolled it back entirely and says to try again
+        (``rolled_back_retry``): nothing of it was committed."""
         attempt = 0
         while True:
             try:
-                async with self.write() as conn:
-                    return await self._insert(conn, new_tasks, wake)
+                return await transaction()
             except DatabaseError as exc:
                 delay = self.rolled_back_retry(exc, attempt)
                 if delay is None:
@@ -677,7 +688,11 @@ class SqlDriver:
 
     @cancel_safe
     async def operate(self, params: OperateParams) -> OperationResult:
-        """Apply a user operation to one task, atomically (docs/design.md §3)."""
+        """Apply a user operation to one task, atomically (docs/design.md §3); again when the
+        database rolled its transaction back whole (``_retry_rolled_back``)."""
+        return await self._retry_rolled_back(lambda: self._operate(params))
+
+    async def _operate(self, params: OperateParams) -> OperationResult:
         task_id, group = params.task_id, params.group
         async with self.write() as conn:
             if group is not None:
@@ -863,11 +878,15 @@ class SqlDriver:
         A completion applies only to the row its execution claimed: still owned by ``node_id``
         under the same claim token. Any other (rescued, force-deleted, fenced, claimed again
         since) is left alone, so a completion retried after its first try committed, or sent
-        by an execution that lost its task, changes nothing.
+        by an execution that lost its task, changes nothing. Tried again when the database
+        rolled its transaction back whole (``_retry_rolled_back``).
         """
-        node_id, cleanup_attempts = params.node_id, params.cleanup_attempts
         if not params.completions:
             return set()
+        return await self._retry_rolled_back(lambda: self._complete(params))
+
+    async def _complete(self, params: CompleteParams) -> set[int]:
+        node_id, cleanup_attempts = params.node_id, params.cleanup_attempts
         by_id = {c.task_id: c for c in params.completions}
         async with self.write() as conn:
             writes: list[_Write] = []
@@ -1019,7 +1038,11 @@ class SqlDriver:
         """Declare dead every other node whose heartbeat is older than its own ``node_timeout``
         (database clock): release its tasks (NODE_LOST) and remove its row. Tasks owned by a
         node whose row is gone are released too. ``node_id`` — the rescuer — never rescues
-        itself. Returns the number of tasks released."""
+        itself. Returns the number of tasks released. Tried again when the database rolled
+        its transaction back whole (``_retry_rolled_back``)."""
+        return await self._retry_rolled_back(lambda: self._rescue(params))
+
+    async def _rescue(self, params: RescueParams) -> int:
         async with self.write() as conn:
             result = await self._run(conn, "dead_nodes", {"node": params.node_id})
             dead = [r.id for r in result]

@@ -59,7 +59,8 @@ MIGRATION_LOCK_TIMEOUT = 60
 DEADLOCK = 1213
 """InnoDB's deadlock: the victim's whole transaction is rolled back."""
 DEADLOCK_RETRIES = 5
-"""How often a create of ours that InnoDB chose as a deadlock's victim is tried again."""
+"""How often a transaction of ours (a create, a user operation) that InnoDB chose as a
+deadlock's victim is tried again."""
 UNIQUE_LOCK_TIMEOUT = 50
 """Seconds a create with a unique key waits for another creator of the same key (InnoDB's
 default lock wait)."""
@@ -190,9 +191,10 @@ class MysqlDriver(SqlDriver):
         return [i for row in rows for i in await super()._insert_rows(conn, [row], wake)]
 
     def rolled_back_retry(self, exc: DatabaseError, attempt: int) -> float | None:
-        # A create with unique keys locks the live holders of its keys, which other nodes'
-        # claims, completions and rescues lock too, in their own order: InnoDB then picks a
-        # victim, whose transaction it rolls back whole (docs/design.md §16.1). Try again.
+        # A create with unique keys locks the live holders of its keys, and a user operation
+        # its group's row and its task's, which other nodes' claims, completions and rescues
+        # lock too, in their own order: InnoDB then picks a victim, whose transaction it rolls
+        # back whole (docs/design.md §16.1). Try again.
         cause = getattr(exc.__cause__, "orig", None)
         code = cause.args[0] if isinstance(cause, Exception) and cause.args else None
         if code != DEADLOCK or attempt >= DEADLOCK_RETRIES:
@@ -404,9 +406,13 @@ class MysqlDriver(SqlDriver):
     @cancel_safe
     async def checkpoint(self, params: CheckpointParams) -> set[int]:
         """As ``SqlDriver.checkpoint``: the accepted rows are locked first, then written by one
-        ``UPDATE``; the ids returned are those locked."""
+        ``UPDATE``; the ids returned are those locked. Tried again when InnoDB rolled the
+        transaction back whole (``_retry_rolled_back``)."""
         if not params.checkpoints:
             return set()
+        return await self._retry_rolled_back(lambda: self._checkpoint(params))
+
+    async def _checkpoint(self, params: CheckpointParams) -> set[int]:
         bound = self._checkpoint_params(params)
         async with self.write() as conn:
             locked = (await self._run(conn, "lock_checkpoints", bound)).all()

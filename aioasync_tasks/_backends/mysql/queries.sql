@@ -194,11 +194,13 @@ SELECT count(*) AS registered FROM {nodes} WHERE id = :node LOCK IN SHARE MODE
 -- in name order, so that claimers that could exceed a limit run one after the other, and the
 -- statements that follow (fresh snapshots under READ COMMITTED) count every task the previous
 -- one took. The claim takes from the window's queues only: the groups it takes from are
--- locked, and no others.
-SELECT name FROM {groups}
+-- locked, and no others. InnoDB locks rows as it reads them, before any ORDER BY: the groups
+-- are read in primary-key order, the window a condition on each row (a join with the list
+-- would read them in the window's order, and two claimers could lock two groups each in the
+-- other's order: a deadlock).
+SELECT name FROM {groups} FORCE INDEX (PRIMARY)
 WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
-    AND name IN (SELECT v FROM JSON_TABLE(:window_groups, '$[*]'
-        COLUMNS (v VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) AS wg)
+    AND JSON_CONTAINS(:window_groups, JSON_QUOTE(name))
 ORDER BY name FOR UPDATE
 
 -- name: claim_groups
