@@ -485,16 +485,12 @@ async def test_mysql_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
                     queues = mysql_statement(capture, "firsts AS (")
                     chosen = mysql_statement(capture, "chosen AS (")
                     what = f"{stage}, types {worker_registry.names}"
-                    check_mysql_plan(
-                        await explain_mysql(engine, groups),
-                        f"claim_groups, {what}",
-                        "aioasync_tasks_active_idx/group-by",
-                    )
-                    check_mysql_plan(
-                        await explain_mysql(engine, window),
-                        f"claim_window, {what}",
-                        "aioasync_tasks_active_idx/group-by",
-                    )
+                    for step, statement in [("claim_groups", groups), ("claim_window", window)]:
+                        check_mysql_plan(
+                            await explain_mysql(engine, statement),
+                            f"{step}, {what}",
+                            "aioasync_tasks_active_idx/group-by",
+                        )
                     check_mysql_plan(
                         await explain_mysql(engine, queues),
                         f"claim_queues, {what}",

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
 from _helpers import make_node, raw_engine, wait_for
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aioasync_tasks import (
     ConfigurationError,
@@ -27,7 +29,7 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
-from aioasync_tasks._backends._driver import ClaimCursor, ClaimParams, RegisterParams
+from aioasync_tasks._backends._driver import ClaimParams, RegisterParams
 from aioasync_tasks._backends._sqldriver import CLAIM, SqlDriver
 from aioasync_tasks._runner import Backoff
 
@@ -302,6 +304,14 @@ async def test_per_task_max_attempts_overrides_the_type(db: DbTarget) -> None:
         assert (await node.get_task(task_id)).attempts == 2
 
 
+async def _prepare_claim(backend: SqlDriver, conn: AsyncConnection, p: ClaimParams) -> list[Any]:
+    """Run the ``claim_prepare`` statement of the claim ``p`` in ``conn`` (its locks are held
+    until ``conn``'s transaction ends); its rows."""
+    size = backend.window_size(p.limit)
+    params = backend.prepare_params(p, size, backend.group_params(p.groups))
+    return list(await conn.execute(backend.queries.statement("claim_prepare"), params))
+
+
 @pytest.mark.postgres_only
 async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> None:
     """The limit is exact by construction: a claimer holds the group's row lock until it
@@ -323,13 +333,10 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
         )
         policy = FairShare()
         async with backend.write() as conn:
-            prepare = backend.queries.statement("claim_prepare")
-            everything = {"all_groups": True, "groups": backend.bind_list([])}
-            window = backend.window_params(ClaimCursor(), 64, everything)
-            prepared = await conn.execute(
-                prepare, {"node": first_node, "types": backend.bind_list(["job"]), **window}
+            prepared = await _prepare_claim(
+                backend, conn, ClaimParams(first_node, ["job"], 10, policy)
             )
-            assert prepared.all()[0].registered
+            assert prepared[0].registered
             result = await conn.execute(
                 backend.queries.statement("claim", order_by=policy.order_by),
                 {
@@ -388,16 +395,9 @@ async def test_claims_lock_only_the_limited_groups_they_take_from(db: DbTarget) 
         first_node = await backend.register_node(RegisterParams("first", 10, ["job"], **liveness))
         second_node = await backend.register_node(RegisterParams("second", 10, ["job"], **liveness))
         async with backend.write() as conn:
-            only_a = {"all_groups": False, "groups": backend.bind_list(["a"])}
-            held = await conn.execute(
-                backend.queries.statement("claim_prepare"),
-                {
-                    "node": first_node,
-                    "types": backend.bind_list(["job"]),
-                    **backend.window_params(ClaimCursor(), 64, only_a),
-                },
-            )
-            assert [(r.group_name, r.limited) for r in held.all()] == [("a", 1)]
+            first = ClaimParams(first_node, ["job"], 10, FairShare(), groups=["a"])
+            held = await _prepare_claim(backend, conn, first)
+            assert [(r.group_name, r.limited) for r in held] == [("a", 1)]
             second = await asyncio.wait_for(
                 backend.claim(ClaimParams(second_node, ["job"], 10, FairShare(), groups=["b"])),
                 timeout=30,

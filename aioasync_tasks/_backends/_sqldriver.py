@@ -762,17 +762,11 @@ class SqlDriver:
         if limit <= 0 or not p.types:
             return ClaimResult([], None)
         pool = limit * self.claim_pool_factor
-        size = max(self.claim_window, pool)
-        groups: dict[str, Any] = {
-            "all_groups": p.groups is None,
-            "groups": self.bind_list(p.groups or ()),
-        }
-        prepare = {"node": p.node_id, "types": self.bind_list(p.types)}
+        size = self.window_size(limit)
+        groups = self.group_params(p.groups)
         async with self.write() as conn:
             found = (
-                await self._run(
-                    conn, "claim_prepare", {**prepare, **self.window_params(p.after, size, groups)}
-                )
+                await self._run(conn, "claim_prepare", self.prepare_params(p, size, groups))
             ).all()
             if not found[0].registered:
                 return ClaimResult([], None)
@@ -802,6 +796,22 @@ class SqlDriver:
             window.advance(p.after, claimed, limit),
             window.full,
         )
+
+    def window_size(self, limit: int) -> int:
+        """The most queues the window of a claim of up to ``limit`` tasks holds."""
+        return max(self.claim_window, limit * self.claim_pool_factor)
+
+    def group_params(self, groups: Sequence[str] | None) -> dict[str, Any]:
+        """A node's ``groups=`` option as the claim's statements bind it."""
+        return {"all_groups": groups is None, "groups": self.bind_list(groups or ())}
+
+    def prepare_params(self, p: ClaimParams, size: int, groups: dict[str, Any]) -> dict[str, Any]:
+        """The parameters of ``claim_prepare`` (PostgreSQL, SQLite) for the claim ``p``."""
+        return {
+            "node": p.node_id,
+            "types": self.bind_list(p.types),
+            **self.window_params(p.after, size, groups),
+        }
 
     def window_params(
         self, after: ClaimCursor, size: int, groups: dict[str, Any]

@@ -38,6 +38,7 @@ from .._driver import (
     ClaimResult,
     CleanupClaimParams,
     PutScheduleParams,
+    Queue,
 )
 from .._migrations import migration_files, missing_versions, refuse_newer, split_sql
 from .._sqldriver import (
@@ -295,7 +296,7 @@ class MysqlDriver(SqlDriver):
             bound |= {f"group_{n}": group, f"after_{n}": cursor, f"quota_{n}": quota}
         rows = await self._run(conn, "claim_window", bound, queues=branches)
         kept: dict[int, int] = {}
-        queues: list[tuple[str, str]] = []
+        queues: list[Queue] = []
         for row in rows:  # by group in the walk's order, the users after the cursor first
             if kept.get(row.g, 0) < reached[row.g][2] and len(queues) < size:
                 kept[row.g] = kept.get(row.g, 0) + 1
@@ -314,16 +315,13 @@ class MysqlDriver(SqlDriver):
         if limit <= 0 or not p.types:
             return ClaimResult([], None)
         types = self.bind_list(p.types)
-        groups: dict[str, Any] = {
-            "all_groups": p.groups is None,
-            "groups": self.bind_list(p.groups or ()),
-        }
+        groups = self.group_params(p.groups)
         async with self.write() as conn:
             registered = (await self._run(conn, "claim_prepare", {"node": p.node_id})).scalar()
             if not registered:
                 return ClaimResult([], None)
             pool = limit * self.claim_pool_factor
-            window = await self._claim_window(conn, p.after, max(self.claim_window, pool), groups)
+            window = await self._claim_window(conn, p.after, self.window_size(limit), groups)
             queues: Sequence[Any] = []
             if window.queues:
                 in_window = {
