@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aioasync_tasks import (
     ConfigurationError,
+    DatabaseError,
     FairShare,
     Fifo,
     Report,
@@ -403,6 +404,67 @@ async def test_claims_lock_only_the_limited_groups_they_take_from(db: DbTarget) 
                 timeout=30,
             )
         assert sorted(c.group for c in second.claimed) == ["b", "b"]
+
+
+@pytest.mark.parametrize("db", ["mysql"], indirect=True)
+async def test_a_claim_chosen_as_a_deadlocks_victim_is_tried_again(db: DbTarget) -> None:
+    """InnoDB rolls back the whole transaction of a deadlock's victim, the lighter of the
+    two. Here a claim is made one on purpose: it holds its node row's share lock (fencing)
+    and waits for a limited group's row, which another transaction — heavier: it has written
+    rows — holds and which then asks for the node row. The claim is tried again once the
+    other commits, and takes its task; before, the claimer logged "claim failed"."""
+    recorder = Recorder()
+    engine = raw_engine(db)
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        await client.set_group_limits("g", max_running=2)
+        (task,) = await client.create_tasks([{"type": "job", "group": "g"}])
+        backend = client.driver
+        assert isinstance(backend, SqlDriver)
+        liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
+        node = await backend.register_node(RegisterParams("claimer", 10, ["job"], **liveness))
+        retried: list[int] = []
+        first_try = backend.rolled_back_retry
+
+        def counted(exc: DatabaseError, attempt: int) -> float | None:
+            delay = first_try(exc, attempt)
+            if delay is not None:
+                retried.append(attempt)
+            return delay
+
+        async def claim_waits(probe: AsyncConnection) -> bool:
+            result = await probe.exec_driver_sql(
+                "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+            )
+            return bool(result.scalar())
+
+        backend.rolled_back_retry = counted  # type: ignore[method-assign]
+        try:
+            async with engine.connect() as other:
+                await other.exec_driver_sql("CREATE TABLE weight (n INT)")  # commits
+                await other.exec_driver_sql(
+                    "INSERT INTO weight WITH RECURSIVE s (n) AS"
+                    " (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < 1000) SELECT n FROM s"
+                )
+                await other.exec_driver_sql(
+                    "SELECT name FROM aioasync_groups WHERE name = 'g' FOR UPDATE"
+                )
+                claim = asyncio.create_task(
+                    backend.claim(ClaimParams(node, ["job"], 10, FairShare()))
+                )
+                async with engine.connect() as probe:
+                    # InnoDB refreshes that table only when it was not read for 0.1 s.
+                    await wait_for(
+                        lambda: claim_waits(probe), interval=0.25, what="the claim to wait for g"
+                    )
+                await other.exec_driver_sql(
+                    f"UPDATE aioasync_nodes SET heartbeat_at = heartbeat_at WHERE id = {node}"
+                )
+                await other.commit()
+            result = await asyncio.wait_for(claim, timeout=30)
+        finally:
+            await engine.dispose()
+    assert retried == [0]
+    assert [c.id for c in result.claimed] == [task]
 
 
 async def test_a_node_can_be_dedicated_to_some_groups(db: DbTarget) -> None:

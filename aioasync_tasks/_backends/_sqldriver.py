@@ -15,12 +15,13 @@ notifies other nodes, and how its engine is set up; it writes no SQL of its own 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -130,6 +131,25 @@ def transition(from_state: State, event: Event) -> dict[str, str]:
     return {"from_state": from_state.value, "to_state": outcome.state.value}
 
 
+_D = TypeVar("_D", bound="SqlDriver")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def whole(
+    method: Callable[Concatenate[_D, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[_D, _P], Coroutine[Any, Any, _T]]:
+    """``method`` is one write transaction of the driver's own, whole: tried again when the
+    database rolled it back entirely (``SqlDriver.rolled_back_retry``; InnoDB's deadlock
+    victims, docs/design.md §16.1)."""
+
+    @functools.wraps(method)
+    async def run(self: _D, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._retry_rolled_back(lambda: method(self, *args, **kwargs))
+
+    return run
+
+
 PRUNED = {
     state: apply_operation(state, None, Operation.DELETE, has_cleanup=True, force=True)
     for state in (State.FINISHED, State.FAILED)
@@ -167,8 +187,6 @@ def next_due_in(seconds: Any) -> float | None:
     the claim was full and the claimer looks again anyway)."""
     return None if seconds is None else max(float(seconds), 0.0)
 
-
-_T = TypeVar("_T")
 
 MAX_CURSOR_GROUPS = 10_000
 """The most groups whose place a claim cursor keeps (beyond it, those of the last window)."""
@@ -687,12 +705,9 @@ class SqlDriver:
         return len(writes)
 
     @cancel_safe
+    @whole
     async def operate(self, params: OperateParams) -> OperationResult:
-        """Apply a user operation to one task, atomically (docs/design.md §3); again when the
-        database rolled its transaction back whole (``_retry_rolled_back``)."""
-        return await self._retry_rolled_back(lambda: self._operate(params))
-
-    async def _operate(self, params: OperateParams) -> OperationResult:
+        """Apply a user operation to one task, atomically (docs/design.md §3)."""
         task_id, group = params.task_id, params.group
         async with self.write() as conn:
             if group is not None:
@@ -743,6 +758,7 @@ class SqlDriver:
     # -- execution --------------------------------------------------------------------------
 
     @cancel_safe
+    @whole
     async def claim(self, params: ClaimParams) -> ClaimResult:
         """Claim up to ``limit`` due PENDING tasks of ``types`` (and of ``groups``, when given)
         for ``node_id`` (event CLAIM), in the ``policy``'s order, skipping paused groups and
@@ -826,6 +842,7 @@ class SqlDriver:
         }
 
     @cancel_safe
+    @whole
     async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:
         """Claim unowned, due DELETING tasks to run their cleanup handler (CLEANUP_CLAIM)."""
         p = params
@@ -856,6 +873,7 @@ class SqlDriver:
             await self.notify_task_events(conn, TASK_PROGRESS, watched)
 
     @cancel_safe
+    @whole
     async def checkpoint(self, params: CheckpointParams) -> set[int]:
         """Store checkpoints (context, progress, message) of executions on ``node_id``; returns
         the ids whose write was accepted: rows still owned by ``node_id`` under the execution's
@@ -882,20 +900,17 @@ class SqlDriver:
         }
 
     @cancel_safe
+    @whole
     async def complete(self, params: CompleteParams) -> set[int]:
         """Apply the ends of executions on ``node_id``; returns the accepted task ids.
 
         A completion applies only to the row its execution claimed: still owned by ``node_id``
         under the same claim token. Any other (rescued, force-deleted, fenced, claimed again
         since) is left alone, so a completion retried after its first try committed, or sent
-        by an execution that lost its task, changes nothing. Tried again when the database
-        rolled its transaction back whole (``_retry_rolled_back``).
+        by an execution that lost its task, changes nothing.
         """
         if not params.completions:
             return set()
-        return await self._retry_rolled_back(lambda: self._complete(params))
-
-    async def _complete(self, params: CompleteParams) -> set[int]:
         node_id, cleanup_attempts = params.node_id, params.cleanup_attempts
         by_id = {c.task_id: c for c in params.completions}
         async with self.write() as conn:
@@ -939,6 +954,7 @@ class SqlDriver:
             return {w.row.id for w in writes}
 
     @cancel_safe
+    @whole
     async def release_claims(self, params: ReleaseClaimsParams) -> int:
         """Hand back tasks ``node_id`` claimed but never ran (``claims``: task id → token):
         a claim that came back after the node's lease ran out, or a row the node found it owns
@@ -984,6 +1000,7 @@ class SqlDriver:
     # -- nodes ------------------------------------------------------------------------------
 
     @cancel_safe
+    @whole
     async def register_node(self, params: RegisterParams) -> int:
         bound = {
             "name": params.name,
@@ -996,6 +1013,7 @@ class SqlDriver:
             return self.inserted_id(await self._run(conn, "register_node", bound))
 
     @cancel_safe
+    @whole
     async def heartbeat(self, node_id: int) -> list[Owned] | None:
         """Renew the node's row and read the tasks it owns; None when the row is gone
         (the node was declared dead: it must fence itself)."""
@@ -1034,6 +1052,7 @@ class SqlDriver:
         return count
 
     @cancel_safe
+    @whole
     async def deregister(self, params: DeregisterParams) -> None:
         """Remove the node's row at the end of a graceful stop. Whatever it still owns (a task
         claimed while it began to stop, or cancelled by ``stop(timeout=…)``) is handed back
@@ -1044,15 +1063,12 @@ class SqlDriver:
             )
 
     @cancel_safe
+    @whole
     async def rescue(self, params: RescueParams) -> int:
         """Declare dead every other node whose heartbeat is older than its own ``node_timeout``
         (database clock): release its tasks (NODE_LOST) and remove its row. Tasks owned by a
         node whose row is gone are released too. ``node_id`` — the rescuer — never rescues
-        itself. Returns the number of tasks released. Tried again when the database rolled
-        its transaction back whole (``_retry_rolled_back``)."""
-        return await self._retry_rolled_back(lambda: self._rescue(params))
-
-    async def _rescue(self, params: RescueParams) -> int:
+        itself. Returns the number of tasks released."""
         async with self.write() as conn:
             result = await self._run(conn, "dead_nodes", {"node": params.node_id})
             dead = [r.id for r in result]
@@ -1068,6 +1084,7 @@ class SqlDriver:
     # -- groups -----------------------------------------------------------------------------
 
     @cancel_safe
+    @whole
     async def set_group(self, params: SetGroupParams) -> Group:
         """Create a group's row, or update its settings (what ``params`` leaves None stays)."""
         async with self.write() as conn:
@@ -1115,6 +1132,7 @@ class SqlDriver:
             return [_rows.group(r) for r in await self._run(conn, "get_groups")]
 
     @cancel_safe
+    @whole
     async def pause_group(self, params: PauseGroupParams) -> list[tuple[int, int]]:
         """Pause the group; with ``stop_running`` also pause every task of it that runs now, in
         the same transaction (all or nothing). Returns the stopped tasks with their owners."""
@@ -1192,6 +1210,7 @@ class SqlDriver:
         return PruneResult(removed, more=more)
 
     @cancel_safe
+    @whole
     async def delete_matching(self, params: DeleteParams) -> DeleteResult:
         """The delete operation (``force`` as given) applied to one batch of the tasks that
         match, in id order after ``params.after``: each row locked, decided by the state
@@ -1234,6 +1253,7 @@ class SqlDriver:
     # -- task types -------------------------------------------------------------------------
 
     @cancel_safe
+    @whole
     async def register_task_types(self, params: RegisterTypesParams) -> None:
         """Store the options of the task types a worker runs (docs/design.md §4.6)."""
         if not params.types:
@@ -1259,6 +1279,7 @@ class SqlDriver:
     # -- periodic tasks (docs/design.md §17) ------------------------------------------------
 
     @cancel_safe
+    @whole
     async def put_schedule(self, params: PutScheduleParams) -> Schedule:
         period = params.period
         values = {
@@ -1279,6 +1300,7 @@ class SqlDriver:
             return _rows.schedule((await self._run(conn, "put_schedule", values)).one())
 
     @cancel_safe
+    @whole
     async def delete_schedule(self, params: UnscheduleParams) -> bool:
         async with self.write() as conn:
             return self.found(await self._run(conn, "delete_schedule", {"name": params.name}))
@@ -1289,6 +1311,7 @@ class SqlDriver:
             return [_rows.schedule(r) for r in await self._run(conn, "get_schedules")]
 
     @cancel_safe
+    @whole
     async def tick(self, params: TickParams) -> TickResult:
         """Enqueue the due ticks of the schedules of ``params.types``: for each, in one
         transaction, the task of its latest due tick (due at the tick), and its next tick
@@ -1351,6 +1374,7 @@ class SqlDriver:
     # -- waiting and watching (docs/design.md §18) ------------------------------------------
 
     @cancel_safe
+    @whole
     async def watch_tasks(self, params: WatchParams) -> None:
         if not self.supports_notify or not params.ids:
             return  # watchers poll: nothing to mark, and no write lock to take

@@ -48,6 +48,7 @@ from .._sqldriver import (
     SqlDriver,
     _unique_violation,
     next_due_in,
+    whole,
 )
 from .._transaction import cancel_safe, set_session_value
 
@@ -192,10 +193,11 @@ class MysqlDriver(SqlDriver):
         return [i for row in rows for i in await super()._insert_rows(conn, [row], wake)]
 
     def rolled_back_retry(self, exc: DatabaseError, attempt: int) -> float | None:
-        # A create with unique keys locks the live holders of its keys, and a user operation
-        # its group's row and its task's, which other nodes' claims, completions and rescues
-        # lock too, in their own order: InnoDB then picks a victim, whose transaction it rolls
-        # back whole (docs/design.md §16.1). Try again.
+        # A create with unique keys locks the live holders of its keys, a user operation its
+        # group's row and its task's, which other nodes' claims, completions and rescues lock
+        # too, in their own order (InnoDB's next-key locks reach beyond the rows read): InnoDB
+        # then picks a victim, whose transaction it rolls back whole (docs/design.md §16.1).
+        # Every write transaction of the driver's own (``whole``) is tried again.
         cause = getattr(exc.__cause__, "orig", None)
         code = cause.args[0] if isinstance(cause, Exception) and cause.args else None
         if code != DEADLOCK or attempt >= DEADLOCK_RETRIES:
@@ -304,6 +306,7 @@ class MysqlDriver(SqlDriver):
         return ClaimWindow(queues, full=len(queues) >= size or len(reached) < len(walk))
 
     @cancel_safe
+    @whole
     async def claim(self, params: ClaimParams) -> ClaimResult:
         """As ``SqlDriver.claim`` (docs/design.md §6, §16.1): the node row share-locked, the
         window of queues walked (``claim_window``), its groups that have limits locked in name
@@ -378,6 +381,7 @@ class MysqlDriver(SqlDriver):
         )
 
     @cancel_safe
+    @whole
     async def claim_cleanups(self, params: CleanupClaimParams) -> list[Claimed]:
         p = params
         if p.limit <= 0 or not p.types:
@@ -402,15 +406,12 @@ class MysqlDriver(SqlDriver):
         return [_rows.claimed(r) for r in sorted(rows, key=lambda r: r.id)]
 
     @cancel_safe
+    @whole
     async def checkpoint(self, params: CheckpointParams) -> set[int]:
         """As ``SqlDriver.checkpoint``: the accepted rows are locked first, then written by one
-        ``UPDATE``; the ids returned are those locked. Tried again when InnoDB rolled the
-        transaction back whole (``_retry_rolled_back``)."""
+        ``UPDATE``; the ids returned are those locked."""
         if not params.checkpoints:
             return set()
-        return await self._retry_rolled_back(lambda: self._checkpoint(params))
-
-    async def _checkpoint(self, params: CheckpointParams) -> set[int]:
         bound = self._checkpoint_params(params)
         async with self.write() as conn:
             locked = (await self._run(conn, "lock_checkpoints", bound)).all()
@@ -424,6 +425,7 @@ class MysqlDriver(SqlDriver):
     # -- schedules: no RETURNING ---------------------------------------------------------------
 
     @cancel_safe
+    @whole
     async def put_schedule(self, params: PutScheduleParams) -> Schedule:
         """As ``SqlDriver.put_schedule``: the upsert, then the row read back in its
         transaction."""
