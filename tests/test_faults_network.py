@@ -811,6 +811,26 @@ async def test_a_reset_connection_raises_a_database_error_that_names_it(
         assert (await node.get_task(task_id)).id == task_id
 
 
+async def test_a_create_whose_connection_is_reset_raises_a_database_error_that_names_it(
+    fault_proxy: FaultProxy, proxied: DbTarget, db: DbTarget, raw: AsyncEngine
+) -> None:
+    """A create runs its one statement on asyncpg's connection itself, past SQLAlchemy: reset
+    there, it raises the same transient ``DatabaseError``, the broken connection leaves the
+    pool, and the next create goes through."""
+    registry = counter_registry(Witness())
+    client, _ = await setup(db, raw, registry)
+    node = make_node(proxied, registry, concurrency=0)
+    async with running(fault_proxy, client, node):
+        fault = fault_proxy.reset_on(rb"^WITH ins AS \(INSERT INTO")
+        with pytest.raises(DatabaseError) as info:
+            await node.create_task("counter", counter_context(1))
+        assert fault.fired == 1
+        assert "PostgreSQL at" in str(info.value), info.value
+        assert info.value.transient is True
+        task_id = await node.create_task("counter", counter_context(1))
+        assert [t.id for t in await client.get_tasks()] == [task_id]
+
+
 async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
     pg_db: DbTarget,
 ) -> None:

@@ -345,9 +345,16 @@ class SqlDriver:
             verb = str(statement).lstrip().split(None, 1)[0].upper()
             raise database_error(exc, self.engine.url, f"{verb} failed on") from exc
 
-    def write(self) -> Transaction:
-        """A short write transaction (it holds the write lock on SQLite)."""
-        return Transaction(self.engine, self.in_flight, write=True, options=self._write_options)
+    def write(self, *, autocommit: bool = False) -> Transaction:
+        """A short write transaction (it holds the write lock on SQLite); with
+        ``autocommit``, for one statement, without ``BEGIN`` and ``COMMIT``."""
+        return Transaction(
+            self.engine,
+            self.in_flight,
+            write=True,
+            autocommit=autocommit,
+            options=self._write_options,
+        )
 
     def read(self) -> Transaction:
         return Transaction(self.engine, self.in_flight, write=False)
@@ -434,13 +441,28 @@ class SqlDriver:
 
     async def _insert_chunk(self, new_tasks: Sequence[NewTask], wake: bool) -> list[int]:
         """Insert ``new_tasks`` in a write transaction of our own (tried again as
-        ``_retry_rolled_back`` says)."""
+        ``_retry_rolled_back`` says), or one task by ``insert_alone``."""
+        alone = len(new_tasks) == 1 and new_tasks[0].unique_key is None
 
         async def insert() -> list[int]:
+            if alone:
+                task_id = await self.insert_alone(new_tasks[0], wake)
+                if task_id is not None:
+                    return [task_id]
             async with self.write() as conn:
                 return await self._insert(conn, new_tasks, wake)
 
         return await self._retry_rolled_back(insert)
+
+    async def insert_alone(self, task: NewTask, wake: bool) -> int | None:
+        """Insert one task without a unique key (waking the claimers when ``wake``) as one
+        statement, atomic by itself, outside any transaction: its id; None when the driver
+        has no such statement (it is then inserted like a batch)."""
+        return None
+
+    def new_task_params(self, row: Sequence[Any]) -> dict[str, Any]:
+        """A new task's values (``_new_row``) as ``insert_task`` binds them."""
+        return dict(zip(_NEW_TASK_COLUMNS, row, strict=True))
 
     async def _retry_rolled_back(self, transaction: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``transaction`` (a write transaction of our own, whole); again, after a pause,
@@ -569,9 +591,9 @@ class SqlDriver:
         self, conn: AsyncConnection, rows: Sequence[Sequence[Any]], wake: bool
     ) -> list[int]:
         if len(rows) == 1:
-            params = dict(zip(_NEW_TASK_COLUMNS, rows[0], strict=True))
+            params = self.new_task_params(rows[0])
             if wake and "insert_task_and_wake" in self.queries.sql:
-                # One round trip for the most common create of all.
+                # One round trip for the most common create of all (in a transaction).
                 params |= self.notify_params
                 result = await self._run(conn, "insert_task_and_wake", params)
                 return [result.scalar_one()]

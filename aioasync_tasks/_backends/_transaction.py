@@ -65,6 +65,11 @@ def is_transient(exc: BaseException) -> bool:
     one of the data, which no retry will."""
     if isinstance(exc, PoolTimeoutError | OSError | ConnectionError):
         return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):  # asyncpg's own error, on its raw connection
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+    if type(exc).__name__ == "InterfaceError":  # asyncpg's: a connection closed or busy
+        return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True

@@ -18,9 +18,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..._urls import POOLER_OPTION
-from .._driver import ListenParams, task_events
+from .._driver import ListenParams, NewTask, task_events
 from .._sqldriver import SqlDriver
 from .._transaction import WRAPPED, database_error, forget_session_values, set_session_value
+
+_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+"""A ``:name`` parameter of a statement (not the ``::`` of a cast)."""
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 """The execution option of our write transactions: the server's
@@ -84,9 +87,57 @@ class PostgresDriver(SqlDriver):
         """Task events for watchers (docs/design.md §18), apart from the nodes' channel: a
         client that waits for a task hears no wake-ups, and a worker no task events."""
         self.notify_params: Mapping[str, Any] = {"channel": self.channel}
+        self._positionals: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._quoted_schema = (
             engine.dialect.identifier_preparer.quote_identifier(schema) if schema else None
         )
+
+    async def insert_alone(self, task: NewTask, wake: bool) -> int | None:
+        # Outside a transaction (no BEGIN, no COMMIT) and on asyncpg's own connection, as a
+        # prepared statement: one round trip (docs/design.md §10.2).
+        params = {**self.new_task_params(self._new_row(task)), **self.notify_params}
+        async with self.write(autocommit=True) as conn:
+            task_id = await self.fetchval(
+                conn, "insert_task_and_wake" if wake else "insert_task", params
+            )
+        return int(task_id)
+
+    async def fetchval(self, conn: AsyncConnection, name: str, params: Mapping[str, Any]) -> Any:
+        """The first value of the statement ``name``, run on ``conn``'s asyncpg connection
+        itself, past SQLAlchemy's layers: asyncpg prepares it once per connection (unless
+        through a transaction pooler, docs/design.md §9.5) and binds the values as they are."""
+        import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - loaded by then; not for SQLite
+
+        sql, names = self._positional(name)
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None  # checked out: open
+        try:
+            return await raw.fetchval(sql, *(params[n] for n in names))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            if not isinstance(exc, asyncpg.PostgresError) or isinstance(
+                exc, asyncpg.PostgresConnectionError
+            ):
+                await conn.invalidate()  # the pool must not hand it out again
+            verb = sql.lstrip().split(None, 1)[0].upper()
+            raise database_error(exc, self.engine.url, f"{verb} failed on") from exc
+
+    def _positional(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """The statement ``name`` with asyncpg's ``$1, $2 …`` for its ``:name`` parameters,
+        and the names in their order."""
+        found = self._positionals.get(name)
+        if found is None:
+            names: list[str] = []
+
+            def number(match: re.Match[str]) -> str:
+                if match.group(1) not in names:
+                    names.append(match.group(1))
+                return f"${names.index(match.group(1)) + 1}"
+
+            found = self._positionals[name] = (
+                _PARAMETER.sub(number, self.queries.sql[name]),
+                tuple(names),
+            )
+        return found
 
     def bound_idle_transactions(self, seconds: float) -> None:
         # Only our own write transactions, never the application's on the same engine.
