@@ -72,6 +72,7 @@ class Execution:
         logger: logging.LoggerAdapter[logging.Logger],
         attempt: Attempt | None,
         telemetry: Telemetry,
+        ended: Callable[[], None],
         clock: Clock = time.monotonic,
     ) -> None:
         self.claimed = claimed
@@ -82,6 +83,10 @@ class Execution:
         self.reason: StopReason | None = None
         self.claimed_at = clock()
         self.done = asyncio.Event()
+        self.ending = False
+        """The task's code is over and its end is being written: its slot is free, and
+        ``ended`` was called to say so (docs/design.md §6.8)."""
+        self._ended = ended
         self._committer = committer
         self._backoff = Backoff(
             backoff.base if task_type.retry_base is None else task_type.retry_base,
@@ -153,6 +158,8 @@ class Execution:
         error: str | None = None
         try:
             completion = await self._execute()
+            self.ending = True
+            self._ended()
             accepted = await self._committer.complete(self.node_id, completion)
             if accepted:
                 if attempt is not None:

@@ -406,6 +406,36 @@ async def test_claims_lock_only_the_limited_groups_they_take_from(db: DbTarget) 
         assert sorted(c.group for c in second.claimed) == ["b", "b"]
 
 
+@pytest.mark.postgres_only
+async def test_a_slot_is_free_while_the_end_of_its_task_is_written(db: DbTarget) -> None:
+    """A node of one slot: the code of task a ends while a transaction of the test holds a's
+    row, so a's end cannot be written yet; task b is claimed and started meanwhile, and a's
+    end is written once the row is free (docs/design.md §6.8). Before, the slot stayed taken
+    until a's end had been committed, and b waited for it."""
+    recorder = Recorder()
+    engine = raw_engine(db)
+    try:
+        async with make_node(db, recorder.registry, concurrency=1) as node:
+            a = await node.create_task("job")
+            await wait_for(lambda: recorder.started == [a], what="task a to start")
+            async with engine.connect() as holder:
+                await holder.execute(
+                    sa.text("SELECT id FROM aioasync_tasks WHERE id = :id FOR UPDATE"), {"id": a}
+                )
+                b = await node.create_task("job")
+                recorder.release.set()
+                await wait_for(lambda: recorder.started == [a, b], what="task b to start")
+                state = await holder.execute(
+                    sa.text("SELECT state FROM aioasync_tasks WHERE id = :id"), {"id": a}
+                )
+                assert state.scalar_one() == State.RUNNING.value  # a's end not written yet
+                await holder.rollback()
+            for task_id in (a, b):
+                assert (await node.wait_task(task_id, timeout=30)).state is State.FINISHED
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize("db", ["mysql"], indirect=True)
 async def test_a_claim_chosen_as_a_deadlocks_victim_is_tried_again(db: DbTarget) -> None:
     """InnoDB rolls back the whole transaction of a deadlock's victim, the lighter of the
@@ -458,6 +488,63 @@ async def test_a_claim_chosen_as_a_deadlocks_victim_is_tried_again(db: DbTarget)
                     )
                 await other.exec_driver_sql(
                     f"UPDATE aioasync_nodes SET heartbeat_at = heartbeat_at WHERE id = {node}"
+                )
+                await other.commit()
+            result = await asyncio.wait_for(claim, timeout=30)
+        finally:
+            await engine.dispose()
+    assert retried == [0]
+    assert [c.id for c in result.claimed] == [task]
+
+
+@pytest.mark.postgres_only
+async def test_a_claim_chosen_as_a_deadlocks_victim_is_tried_again_on_postgres(
+    db: DbTarget,
+) -> None:
+    """The same on PostgreSQL, where the transaction that waited first is the victim (its
+    deadlock check runs first, after ``deadlock_timeout``): the claim, which holds its node
+    row's key-share lock and waits for the limited group's row that another transaction
+    holds; that one then asks for the node row."""
+    recorder = Recorder()
+    engine = raw_engine(db)
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        await client.set_group_limits("g", max_running=2)
+        (task,) = await client.create_tasks([{"type": "job", "group": "g"}])
+        backend = client.driver
+        assert isinstance(backend, SqlDriver)
+        liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
+        node = await backend.register_node(RegisterParams("claimer", 10, ["job"], **liveness))
+        retried: list[int] = []
+        first_try = backend.rolled_back_retry
+
+        def counted(exc: DatabaseError, attempt: int) -> float | None:
+            delay = first_try(exc, attempt)
+            if delay is not None:
+                retried.append(attempt)
+            return delay
+
+        async def claim_waits(probe: AsyncConnection) -> bool:
+            result = await probe.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'WITH RECURSIVE%'"
+                )
+            )
+            return bool(result.scalar())
+
+        backend.rolled_back_retry = counted  # type: ignore[method-assign]
+        try:
+            async with engine.connect() as other:
+                await other.execute(
+                    sa.text("SELECT name FROM aioasync_groups WHERE name = 'g' FOR UPDATE")
+                )
+                claim = asyncio.create_task(
+                    backend.claim(ClaimParams(node, ["job"], 10, FairShare()))
+                )
+                async with engine.connect() as probe:
+                    await wait_for(lambda: claim_waits(probe), what="the claim to wait for g")
+                await other.execute(
+                    sa.text("SELECT id FROM aioasync_nodes WHERE id = :id FOR UPDATE"), {"id": node}
                 )
                 await other.commit()
             result = await asyncio.wait_for(claim, timeout=30)

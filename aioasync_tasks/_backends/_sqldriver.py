@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -96,6 +97,9 @@ from ._transaction import WRAPPED, InFlight, Transaction, cancel_safe, database_
 GROUP_TRIES = 10
 """How often setting a group tries again when its row was removed between its creation and its
 lock (another node set the group back to its default settings meanwhile)."""
+DEADLOCK_RETRIES = 5
+"""How often a transaction of ours that the database chose as a deadlock's victim is tried
+again (``SqlDriver.rolled_back_retry``)."""
 UNIQUE_TRIES = 10
 """How often a create with a unique key tries again when the live task that held the key
 became final between the insert and the lock (each try is two statements)."""
@@ -480,10 +484,19 @@ class SqlDriver:
             await asyncio.sleep(delay)
 
     def rolled_back_retry(self, exc: DatabaseError, attempt: int) -> float | None:
-        """After ``exc`` ended try number ``attempt`` (from 0) of a transaction of ours that
-        the database rolled back entirely, so that nothing of it was committed: the seconds to
-        wait before trying again, or None to raise it. None by default."""
-        return None
+        """After ``exc`` ended try number ``attempt`` (from 0) of a transaction of ours: when
+        the database chose it as a deadlock's victim (``deadlock_victim``) and rolled it back
+        entirely, so that nothing of it was committed, the seconds to wait before trying
+        again (jittered, at most 10, 20, 40 … ms), up to ``DEADLOCK_RETRIES`` times; else None,
+        to raise it."""
+        if attempt >= DEADLOCK_RETRIES or not self.deadlock_victim(exc.__cause__):
+            return None
+        return random.uniform(0.0, 0.01 * 2**attempt)
+
+    def deadlock_victim(self, cause: BaseException | None) -> bool:
+        """Whether the driver's error ``cause`` says the database rolled the transaction back
+        whole as a deadlock's victim. Never, by default."""
+        return False
 
     def _new_row(self, t: NewTask) -> tuple[Any, ...]:
         """A new task's values, in the order of ``_NEW_TASK_COLUMNS``."""

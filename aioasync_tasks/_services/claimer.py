@@ -79,7 +79,7 @@ class Claimer:
         config = state.config
         started = 0
         for _ in range(CLAIM_WINDOWS):
-            running = sum(1 for e in state.executions.values() if not e.cleanup)
+            running = sum(1 for e in state.executions.values() if not (e.cleanup or e.ending))
             free = config.concurrency - running
             if free <= 0:
                 return started
@@ -144,6 +144,7 @@ class Claimer:
             lease_valid=state.lease_valid,
             max_context_bytes=state.config.max_context_bytes,
             clock=state.clock,
+            ended=state.wake,
             attempt=attempt,
             telemetry=state.telemetry,
             logger=task_logger(

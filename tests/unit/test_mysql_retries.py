@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from aioasync_tasks import DatabaseError
-from aioasync_tasks._backends.mysql import DEADLOCK_RETRIES, MysqlDriver
+from aioasync_tasks._backends._sqldriver import DEADLOCK_RETRIES
+from aioasync_tasks._backends.mysql import MysqlDriver
 
 
 def _failure(code: int) -> DatabaseError:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -60,9 +59,6 @@ MIGRATION_LOCK_TIMEOUT = 60
 """Seconds a migration waits for another node's migration of the same database."""
 DEADLOCK = 1213
 """InnoDB's deadlock: the victim's whole transaction is rolled back."""
-DEADLOCK_RETRIES = 5
-"""How often a transaction of ours (a create, a user operation) that InnoDB chose as a
-deadlock's victim is tried again."""
 UNIQUE_LOCK_TIMEOUT = 50
 """Seconds a create with a unique key waits for another creator of the same key (InnoDB's
 default lock wait)."""
@@ -192,17 +188,14 @@ class MysqlDriver(SqlDriver):
         # MySQL 8 has no RETURNING and gives only the last insert id: one row at a time.
         return [i for row in rows for i in await super()._insert_rows(conn, [row], wake)]
 
-    def rolled_back_retry(self, exc: DatabaseError, attempt: int) -> float | None:
+    def deadlock_victim(self, cause: BaseException | None) -> bool:
         # A create with unique keys locks the live holders of its keys, a user operation its
         # group's row and its task's, which other nodes' claims, completions and rescues lock
         # too, in their own order (InnoDB's next-key locks reach beyond the rows read): InnoDB
         # then picks a victim, whose transaction it rolls back whole (docs/design.md §16.1).
         # Every write transaction of the driver's own (``whole``) is tried again.
-        cause = getattr(exc.__cause__, "orig", None)
-        code = cause.args[0] if isinstance(cause, Exception) and cause.args else None
-        if code != DEADLOCK or attempt >= DEADLOCK_RETRIES:
-            return None
-        return random.uniform(0.0, 0.01 * 2**attempt)
+        orig = getattr(cause, "orig", None)
+        return bool(isinstance(orig, Exception) and orig.args and orig.args[0] == DEADLOCK)
 
     # -- unique keys: named locks of the session, a refused insert -------------------------
 

@@ -25,6 +25,9 @@ from .._transaction import WRAPPED, database_error, forget_session_values, set_s
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 """A ``:name`` parameter of a statement (not the ``::`` of a cast)."""
 
+DEADLOCK_DETECTED = "40P01"
+"""PostgreSQL's SQLSTATE for the victim of a deadlock, whose whole transaction is aborted."""
+
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 """The execution option of our write transactions: the server's
 ``idle_in_transaction_session_timeout`` for them, in milliseconds."""
@@ -138,6 +141,13 @@ class PostgresDriver(SqlDriver):
                 tuple(names),
             )
         return found
+
+    def deadlock_victim(self, cause: BaseException | None) -> bool:
+        # Rows are locked in id order by most statements, but a checkpoint batch's UPDATE
+        # locks them in its join's order, and a unique create waits for the holder of its key:
+        # PostgreSQL then aborts one transaction, whole (docs/design.md §13.3). asyncpg's own
+        # error (fetchval) or SQLAlchemy's around it.
+        return getattr(getattr(cause, "orig", cause), "sqlstate", None) == DEADLOCK_DETECTED
 
     def bound_idle_transactions(self, seconds: float) -> None:
         # Only our own write transactions, never the application's on the same engine.
