@@ -714,9 +714,14 @@ class SqlDriver:
         if removed:
             await self._run(conn, "delete_tasks", {"ids": self.bind_list(removed)})
         if updates:
-            await self._run(conn, "update_task", updates)
+            await self.update_rows(conn, updates)
         if watched:
             await self._notify_watchers(conn, watched)
+
+    async def update_rows(self, conn: AsyncConnection, updates: list[dict[str, Any]]) -> None:
+        """Write decided outcomes of locked rows (``update_task``'s parameters, a dict per
+        row): one statement each, sent as one batch."""
+        await self._run(conn, "update_task", updates)
 
     async def _notify_watchers(self, conn: AsyncConnection, writes: list[_Write]) -> None:
         """Task events for the watched rows among ``writes`` (docs/design.md §18): done for

@@ -153,6 +153,26 @@ UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
     updated_at = now()
 WHERE id = :id AND token = :token AND state = :expected
 
+-- name: update_tasks
+-- update_task for a batch of locked rows in one statement: one array per parameter.
+UPDATE {tasks} t SET state = v.state, requested = v.requested, node_id = v.node_id,
+    attempts = v.attempts, handoff = v.handoff, group_name = v.group_name,
+    context = COALESCE(v.context, t.context), error = COALESCE(v.error, t.error),
+    progress = COALESCE(v.progress, t.progress), message = COALESCE(v.message, t.message),
+    run_at = CASE WHEN v.delay < 0 THEN t.run_at
+        ELSE now() + make_interval(secs => v.delay) END,
+    done_at = CASE WHEN v.done THEN now() ELSE t.done_at END,
+    updated_at = now()
+FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:requested AS text[]),
+    CAST(:node_id AS bigint[]), CAST(:attempts AS integer[]), CAST(:handoff AS boolean[]),
+    CAST(:group AS text[]), CAST(:context AS text[]), CAST(:error AS text[]),
+    CAST(:progress AS double precision[]), CAST(:message AS text[]),
+    CAST(:delay AS double precision[]), CAST(:done AS boolean[]), CAST(:token AS integer[]),
+    CAST(:expected AS text[]))
+    AS v(id, state, requested, node_id, attempts, handoff, group_name, context, error,
+    progress, message, delay, done, token, expected)
+WHERE t.id = v.id AND t.token = v.token AND t.state = v.expected
+
 -- name: delete_tasks
 DELETE FROM {tasks} WHERE id = ANY(:ids)
 
