@@ -82,7 +82,6 @@ class Execution:
         self.stop = asyncio.Event()
         self.reason: StopReason | None = None
         self.claimed_at = clock()
-        self.done = asyncio.Event()
         self.ending = False
         """The task's code is over and its end is being written: its slot is free, and
         ``ended`` was called to say so (docs/design.md §6.8)."""
@@ -176,7 +175,6 @@ class Execution:
             _current.reset(token)
             if self._timer is not None:
                 self._timer.cancel()
-            self.done.set()
 
     async def _execute(self) -> Completion:
         start = self.task_type.start_deleting if self.cleanup else self.task_type.start_running

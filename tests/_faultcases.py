@@ -59,8 +59,9 @@ CLAIM_SQL = rb"^WITH\s+pairs\b"
 is not empty)."""
 CLAIM_PREPARE_SQL = rb"^WITH RECURSIVE\s+pending_groups\b"
 """The statement every claim transaction begins with: its locks and its window of queues."""
-WRITE_SQL = rb"^UPDATE \S+aioasync_tasks SET state = "
-"""The batched UPDATE of decided outcomes: completions, releases, rescues, user operations."""
+WRITE_SQL = rb"^UPDATE \S+aioasync_tasks (?:t )?SET state = "
+"""The batched UPDATE of decided outcomes: completions, releases, rescues, user operations
+(PostgreSQL's ``update_tasks``, one statement for the batch, names the table ``t``)."""
 CHECKPOINT_SQL = rb"^UPDATE \S+aioasync_tasks t SET context = "
 HEARTBEAT_SQL = rb"^UPDATE \S+aioasync_nodes SET heartbeat_at = "
 
