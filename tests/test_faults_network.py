@@ -836,25 +836,30 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
 ) -> None:
     """On an engine the application shares with its node (one connection, so both use the same
     session): the node's write transactions run with ``idle_in_transaction_session_timeout``
-    at ¼ of the node timeout, and the application's own transactions on that engine — before,
-    between and after the node's — run with the server's default, never the node's bound."""
+    at ¼ of the node timeout and with generic plans (``plan_cache_mode``), and the
+    application's own transactions on that engine — before, between and after the node's — run
+    with the server's defaults, never the node's settings."""
     engine = create_async_engine(pg_db.url, pool_size=1, max_overflow=0)
     node = Node(engine, schema=pg_db.schema, concurrency=0, heartbeat_interval=1, node_timeout=8)
-    show = text("SHOW idle_in_transaction_session_timeout")
+    show = text(
+        "SELECT current_setting('idle_in_transaction_session_timeout'),"
+        " current_setting('plan_cache_mode')"
+    )
     try:
         async with engine.begin() as conn:
-            default = (await conn.execute(show)).scalar_one()
+            default = tuple((await conn.execute(show)).one())
+        assert default[1] == "auto"
         await node.start()
         backend = node.driver
         assert isinstance(backend, SqlDriver)
         for _ in range(3):
             async with backend.write() as conn:  # the node's own write transaction
-                assert (await conn.execute(show)).scalar_one() == "2s"
+                assert tuple((await conn.execute(show)).one()) == ("2s", "force_generic_plan")
             await node.pause_group("g")
             async with engine.begin() as conn:
-                assert (await conn.execute(show)).scalar_one() == default
+                assert tuple((await conn.execute(show)).one()) == default
             async with engine.connect() as conn:
-                assert (await conn.execute(show)).scalar_one() == default
+                assert tuple((await conn.execute(show)).one()) == default
                 await conn.rollback()
     finally:
         await node.stop()

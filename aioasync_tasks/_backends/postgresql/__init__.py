@@ -34,8 +34,8 @@ IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 
 
 def configure_engine(engine: AsyncEngine) -> None:
-    """Give our write transactions the idle timeout they ask for, and the application's
-    transactions on the same engine the server's default.
+    """Give our write transactions the idle timeout they ask for and generic plans, and the
+    application's transactions on the same engine the server's defaults.
 
     The setting is made for the session and remembered per pooled connection
     (``set_session_value``): a connection that serves our writes one after another pays no
@@ -66,6 +66,9 @@ def configure_engine(engine: AsyncEngine) -> None:
             value,
             f"SET idle_in_transaction_session_timeout = {value}",
         )
+        # Our statements are planned once per connection, not at every run (§15).
+        plans = "force_generic_plan" if options.get("aioasync_write") else "DEFAULT"
+        set_session_value(conn, "plans", plans, f"SET plan_cache_mode = {plans}")
 
     event.listen(sync_engine, "rollback", forget_session_values)
     sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
