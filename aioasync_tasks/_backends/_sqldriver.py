@@ -144,8 +144,8 @@ def whole(
     method: Callable[Concatenate[_D, _P], Coroutine[Any, Any, _T]],
 ) -> Callable[Concatenate[_D, _P], Coroutine[Any, Any, _T]]:
     """``method`` is one write transaction of the driver's own, whole: tried again when the
-    database rolled it back entirely (``SqlDriver.rolled_back_retry``; InnoDB's deadlock
-    victims, docs/design.md §16.1)."""
+    database rolled it back entirely as a deadlock's victim (``SqlDriver.rolled_back_retry``,
+    docs/design.md §13.3)."""
 
     @functools.wraps(method)
     async def run(self: _D, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -346,8 +346,13 @@ class SqlDriver:
         try:
             return await conn.execute(statement, params)
         except WRAPPED as exc:
-            verb = str(statement).lstrip().split(None, 1)[0].upper()
-            raise database_error(exc, self.engine.url, f"{verb} failed on") from exc
+            raise self.statement_failed(exc, str(statement)) from exc
+
+    def statement_failed(self, exc: BaseException, sql: str) -> DatabaseError:
+        """The ``DatabaseError`` of the statement ``sql`` that failed with ``exc``: "UPDATE
+        failed on PostgreSQL at …". Raise it ``from exc``."""
+        verb = sql.lstrip().split(None, 1)[0].upper()
+        return database_error(exc, self.engine.url, f"{verb} failed on")
 
     def write(self, *, autocommit: bool = False) -> Transaction:
         """A short write transaction (it holds the write lock on SQLite); with

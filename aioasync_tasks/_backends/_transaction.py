@@ -65,32 +65,31 @@ def is_transient(exc: BaseException) -> bool:
     one of the data, which no retry will."""
     if isinstance(exc, PoolTimeoutError | OSError | ConnectionError):
         return True
-    sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str):  # asyncpg's own error, on its raw connection
-        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
-    if type(exc).__name__ == "InterfaceError":  # asyncpg's: a connection closed or busy
-        return True
+    orig: BaseException | None
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
         orig = exc.orig
-        sqlstate = getattr(orig, "sqlstate", None)
-        if isinstance(sqlstate, str):
-            return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
-        code = orig.args[0] if orig is not None and orig.args else None
-        if type(orig).__module__.startswith("pymysql") and isinstance(code, int):
-            return code in _TRANSIENT_MYSQL
-        if isinstance(orig, sqlite3.Error) or type(orig).__module__.startswith("sqlalchemy"):
-            message = str(orig).lower()
-            if any(word in message for word in _TRANSIENT_SQLITE):
-                return True
-        # No SQLSTATE: the driver's own failure (connection closed, another operation in
-        # progress) is transient; a refused value is a data error.
-        name = type(orig).__name__
-        return name in ("InterfaceError", "InternalClientError") or (
-            name == "OperationalError" and sqlstate is None and not isinstance(orig, sqlite3.Error)
-        )
-    return False
+    elif type(exc).__module__.startswith("asyncpg"):
+        orig = exc  # asyncpg's own, raised on its raw connection (PostgresDriver.fetchval)
+    else:
+        return False
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+    code = orig.args[0] if orig is not None and orig.args else None
+    if type(orig).__module__.startswith("pymysql") and isinstance(code, int):
+        return code in _TRANSIENT_MYSQL
+    if isinstance(orig, sqlite3.Error) or type(orig).__module__.startswith("sqlalchemy"):
+        message = str(orig).lower()
+        if any(word in message for word in _TRANSIENT_SQLITE):
+            return True
+    # No SQLSTATE: the driver's own failure (connection closed, another operation in
+    # progress) is transient; a refused value is a data error.
+    name = type(orig).__name__
+    return name in ("InterfaceError", "InternalClientError") or (
+        name == "OperationalError" and sqlstate is None and not isinstance(orig, sqlite3.Error)
+    )
 
 
 def describe_database(url: URL) -> str:

@@ -100,7 +100,7 @@ class PostgresDriver(SqlDriver):
 
     async def insert_alone(self, task: NewTask, wake: bool) -> int | None:
         # Outside a transaction (no BEGIN, no COMMIT) and on asyncpg's own connection, as a
-        # prepared statement: one round trip (docs/design.md §10.2).
+        # prepared statement: one round trip (docs/design.md §13.1).
         params = {**self.new_task_params(self._new_row(task)), **self.notify_params}
         async with self.write(autocommit=True) as conn:
             task_id = await self.fetchval(
@@ -124,8 +124,7 @@ class PostgresDriver(SqlDriver):
                 exc, asyncpg.PostgresConnectionError
             ):
                 await conn.invalidate()  # the pool must not hand it out again
-            verb = sql.lstrip().split(None, 1)[0].upper()
-            raise database_error(exc, self.engine.url, f"{verb} failed on") from exc
+            raise self.statement_failed(exc, sql) from exc
 
     def _positional(self, name: str) -> tuple[str, tuple[str, ...]]:
         """The statement ``name`` with asyncpg's ``$1, $2 …`` for its ``:name`` parameters,
