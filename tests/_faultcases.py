@@ -54,11 +54,13 @@ _BEGIN = re.compile(rb"^BEGIN\b", re.I)
 _END = re.compile(rb"^(COMMIT|ROLLBACK|END)\b", re.I)
 _COMMIT = re.compile(rb"^COMMIT\b", re.I)
 
-CLAIM_SQL = rb"^WITH\s+pairs\b"
-"""The claim statement (PENDING → RUNNING, one statement per claim, when its window of queues
-is not empty)."""
+CLAIM_SQL = rb"(?s)^WITH\s+pairs\b|^WITH RECURSIVE\s+pending_groups\b.*\btaken AS \(\s*UPDATE\b"
+"""The statement that takes a claim's tasks (PENDING → RUNNING): ``claim``, in the claim's
+transaction when its window of queues is not empty, or PostgreSQL's ``claim_at_once``, a whole
+claim outside a transaction (docs/design.md §6.9)."""
 CLAIM_PREPARE_SQL = rb"^WITH RECURSIVE\s+pending_groups\b"
-"""The statement every claim transaction begins with: its locks and its window of queues."""
+"""The statement every claim begins with: its window of queues (``claim_prepare``, and
+``claim_at_once``, which is a claim of its own)."""
 WRITE_SQL = rb"^UPDATE \S+aioasync_tasks (?:t )?SET state = "
 """The batched UPDATE of decided outcomes: completions, releases, rescues, user operations
 (PostgreSQL's ``update_tasks``, one statement for the batch, names the table ``t``)."""
@@ -71,7 +73,8 @@ def _compile(pattern: Pattern) -> re.Pattern[bytes]:
 
 
 class CommitFault(Fault):
-    """Drops the reply to the COMMIT of a transaction in which ``trigger`` ran."""
+    """Drops the reply to the COMMIT of a transaction in which ``trigger`` ran, or to
+    ``trigger`` itself when it ran outside a transaction (it commits on its own)."""
 
     def __init__(
         self, proxy: FaultProxy, trigger: Pattern, count: int, *, reset_all: bool = False
@@ -99,6 +102,9 @@ class CommitFault(Fault):
             return False
         sql = sql.lstrip()
         if self.trigger.search(sql):
+            if not self._proxy._in_tx.get(link, False):
+                self._claimed += 1  # it commits on its own: its reply is the one dropped
+                return True
             self._marked.add(link.number)
         elif _COMMIT.search(sql) and link.number in self._marked:
             self._marked.discard(link.number)
@@ -136,7 +142,8 @@ class FaultProxy(PgProxy):
 
     def drop_commit_after(self, trigger: Pattern, count: int = 1) -> CommitFault:
         """Drop the reply to the COMMIT of the next ``count`` transactions that run a statement
-        matching ``trigger``: the transaction commits, its client sees a reset connection."""
+        matching ``trigger`` (or to the statement, run outside a transaction): the transaction
+        commits, its client sees a reset connection."""
         fault = CommitFault(self, trigger, count)
         self._call(lambda: self._faults.append(fault))
         return fault

@@ -30,8 +30,10 @@ from aioasync_tasks import (
     TaskRegistry,
     current_task,
 )
+from aioasync_tasks._backends import postgresql
 from aioasync_tasks._backends._driver import ClaimParams, RegisterParams
 from aioasync_tasks._backends._sqldriver import CLAIM, SqlDriver
+from aioasync_tasks._backends.postgresql import PostgresDriver
 from aioasync_tasks._runner import Backoff
 
 
@@ -404,6 +406,46 @@ async def test_claims_lock_only_the_limited_groups_they_take_from(db: DbTarget) 
                 timeout=30,
             )
         assert sorted(c.group for c in second.claimed) == ["b", "b"]
+
+
+@pytest.mark.postgres_only
+async def test_a_claim_is_one_statement_unless_its_window_has_a_limited_group(
+    db: DbTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a claim of groups without limits is one statement on asyncpg's own
+    connection, outside a transaction: no statement of it goes through SQLAlchemy. A window
+    with a limited group is claimed in a transaction (``claim_prepare`` locks the group, then
+    ``claim``), and so are the claims of the next ``LIMITED_PAUSE`` seconds (docs/design.md
+    §6.9)."""
+    recorder = Recorder()
+    async with make_node(db, recorder.registry, concurrency=0) as client:
+        backend = client.driver
+        assert isinstance(backend, PostgresDriver)
+        seen: list[str] = []
+
+        def statement(*args: Any) -> None:
+            seen.append(args[2])  # before_cursor_execute(conn, cursor, statement, …)
+
+        sa.event.listen(backend.engine.sync_engine, "before_cursor_execute", statement)
+        liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
+        node = await backend.register_node(RegisterParams("claimer", 10, ["job"], **liveness))
+
+        async def claim(group: str) -> tuple[list[str], bool]:
+            """Claim a task of ``group``: its group, and whether a statement of the claim
+            went through SQLAlchemy."""
+            await client.create_tasks([{"type": "job", "group": group}])
+            seen.clear()
+            result = await backend.claim(ClaimParams(node, ["job"], 10, FairShare()))
+            return [c.group for c in result.claimed], any("pending_groups" in s for s in seen)
+
+        monkeypatch.setattr(postgresql, "LIMITED_PAUSE", 0.0)
+        assert await claim("free") == (["free"], False)
+        await client.set_group_limits("limited", max_running=5)
+        assert await claim("limited") == (["limited"], True)
+        assert await claim("free") == (["free"], False)  # no pause
+        monkeypatch.setattr(postgresql, "LIMITED_PAUSE", 3600.0)
+        assert await claim("limited") == (["limited"], True)
+        assert await claim("free") == (["free"], True)  # within the pause
 
 
 @pytest.mark.postgres_only

@@ -817,11 +817,23 @@ class SqlDriver:
 
         The claim looks at a window of queues from ``after`` on, not at every queue: its cost
         is bounded whatever the number of queues (docs/design.md §6.3). ``claim_prepare``
-        finds the window, and the next due time, in the same round trip as the locks.
+        finds the window, and the next due time, in the same round trip as the locks. Where
+        the database can claim in one statement (``claim_at_once``), it does.
         """
-        p, limit = params, params.limit
-        if limit <= 0 or not p.types:
+        if params.limit <= 0 or not params.types:
             return ClaimResult([], None)
+        at_once = await self.claim_at_once(params)
+        return at_once if at_once is not None else await self._claim_in_two(params)
+
+    async def claim_at_once(self, params: ClaimParams) -> ClaimResult | None:
+        """The claim ``params`` in one statement outside a transaction, where the database
+        can make it so (docs/design.md §6.9); None where it cannot or does not: it is then made
+        in two statements in a transaction."""
+        return None
+
+    async def _claim_in_two(self, params: ClaimParams) -> ClaimResult:
+        """The claim ``params``: ``claim_prepare``, then ``claim``, in one transaction."""
+        p, limit = params, params.limit
         pool = limit * self.claim_pool_factor
         size = self.window_size(limit)
         groups = self.group_params(p.groups)
@@ -847,14 +859,21 @@ class SqlDriver:
                     **CLAIM,
                 }
                 result = await self._run(conn, "claim", bound, order_by=p.policy.order_by)
-                rows = sorted(result, key=lambda r: (not r.handoff, -r.priority, r.id))
+                rows = list(result)
                 await self._notify_claimed(conn, rows)
-        claimed = [_rows.claimed(r) for r in rows]
-        next_due = found[0].next_due if len(rows) < limit else None
+        return self.claim_result(p, rows, window, found[0].next_due)
+
+    def claim_result(
+        self, p: ClaimParams, rows: Sequence[Any], window: ClaimWindow, next_due: Any
+    ) -> ClaimResult:
+        """The result of the claim ``p`` that took ``rows`` (with the columns of ``claim``)
+        from ``window``; ``next_due``, the seconds until the next delayed task is due."""
+        ordered = sorted(rows, key=lambda r: (not r.handoff, -r.priority, r.id))
+        claimed = [_rows.claimed(r) for r in ordered]
         return ClaimResult(
             claimed,
-            next_due_in(next_due),
-            window.advance(p.after, claimed, limit),
+            next_due_in(next_due) if len(claimed) < p.limit else None,
+            window.advance(p.after, claimed, p.limit),
             window.full,
         )
 

@@ -71,7 +71,7 @@ def is_transient(exc: BaseException) -> bool:
             return True
         orig = exc.orig
     elif type(exc).__module__.startswith("asyncpg"):
-        orig = exc  # asyncpg's own, raised on its raw connection (PostgresDriver.fetchval)
+        orig = exc  # asyncpg's own, raised on its raw connection (PostgresDriver.fetch)
     else:
         return False
     sqlstate = getattr(orig, "sqlstate", None)

@@ -23,7 +23,9 @@ from aioasync_tasks._backends._driver import (
     MAX_PAYLOAD,
     Checkpoint,
     CheckpointParams,
+    ClaimParams,
     Driver,
+    InsertParams,
     ListenParams,
     OperateParams,
     WatchParams,
@@ -32,6 +34,7 @@ from aioasync_tasks._backends._driver import (
 )
 from aioasync_tasks._states import Event
 from driver._driverkit import (
+    FIFO,
     Start,
     Want,
     claim_one,
@@ -39,6 +42,7 @@ from driver._driverkit import (
     insert,
     make,
     make_many,
+    new_task,
     register,
     unique_type,
 )
@@ -129,6 +133,33 @@ async def test_claims_operations_and_removal_of_watched_tasks_send_events(
         assert await next_event(heard, 2) == ("progress", [paused.id])
         await driver.operate(OperateParams(pending, Operation.DELETE, force=True))
         assert await next_event(heard, 3) == ("done", [pending])
+
+
+async def test_a_claim_of_many_watched_tasks_tells_of_each_within_the_payload_bound(
+    driver: Driver,
+) -> None:
+    """A claim of many watched tasks sends events, each under ``MAX_PAYLOAD``, that name
+    every task taken once (PostgreSQL's claim in one statement sends them from SQL, 300 ids
+    an event: docs/design.md §6.9)."""
+    notifying(driver)
+    node = await register(driver)
+    type = unique_type()
+    ids = await driver.insert_many(InsertParams([new_task(type) for _ in range(700)]))
+    async with events(driver) as heard:
+        await watch(driver, *ids)
+        result = await driver.claim(ClaimParams(node, [type], len(ids), FIFO))
+        assert sorted(c.id for c in result.claimed) == sorted(ids)
+        await wait_for(
+            lambda: sum(len(i) for _, i in heard) >= len(ids), timeout=10, what="the events"
+        )
+    assert {kind for kind, _ in heard} == {"progress"}
+    assert sorted(i for _, event in heard for i in event) == sorted(ids)
+    assert all(len(payload) <= MAX_PAYLOAD for payload in _payloads(heard))
+
+
+def _payloads(heard: list[tuple[str, list[int]]]) -> list[str]:
+    """The payloads the events ``heard`` were parsed from."""
+    return [f"{kind}:{','.join(map(str, ids))}" for kind, ids in heard]
 
 
 async def test_watch_tasks_of_a_driver_without_notifications_is_a_no_op(driver: Driver) -> None:

@@ -23,6 +23,9 @@ ONLY = {
         "lock_unique_keys",
         "prune_lock",
         "watch_tasks",
+        "claim_at_once",
+        "claim_walk",
+        "claim_take",
     },
     "sqlite": {"now"},
     "mysql": {

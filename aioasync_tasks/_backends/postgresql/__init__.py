@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,8 +19,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..._urls import POOLER_OPTION
-from .._driver import ListenParams, NewTask, task_events
-from .._sqldriver import SqlDriver
+from .._driver import TASK_PROGRESS, ClaimParams, ClaimResult, ListenParams, NewTask, task_events
+from .._sqldriver import CLAIM, ClaimWindow, SqlDriver
 from .._transaction import WRAPPED, database_error, forget_session_values, set_session_value
 
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
@@ -27,6 +28,10 @@ _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 DEADLOCK_DETECTED = "40P01"
 """PostgreSQL's SQLSTATE for the victim of a deadlock, whose whole transaction is aborted."""
+
+LIMITED_PAUSE = 1.0
+"""Seconds a node claims in two statements after a window with a limited group, before it
+tries one statement again (docs/design.md §6.9)."""
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 """The execution option of our write transactions: the server's
@@ -93,7 +98,10 @@ class PostgresDriver(SqlDriver):
         """Task events for watchers (docs/design.md §18), apart from the nodes' channel: a
         client that waits for a task hears no wake-ups, and a worker no task events."""
         self.notify_params: Mapping[str, Any] = {"channel": self.channel}
-        self._positionals: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._positionals: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
+        self._limited_until = 0.0
+        """Until when (``time.monotonic``) claims are made in two statements: the last
+        window had a group with a limit."""
         self._quoted_schema = (
             engine.dialect.identifier_preparer.quote_identifier(schema) if schema else None
         )
@@ -103,22 +111,50 @@ class PostgresDriver(SqlDriver):
         # prepared statement: one round trip (docs/design.md §13.1).
         params = {**self.new_task_params(self._new_row(task)), **self.notify_params}
         async with self.write(autocommit=True) as conn:
-            task_id = await self.fetchval(
-                conn, "insert_task_and_wake" if wake else "insert_task", params
-            )
-        return int(task_id)
+            rows = await self.fetch(conn, "insert_task_and_wake" if wake else "insert_task", params)
+        return int(rows[0][0])
 
-    async def fetchval(self, conn: AsyncConnection, name: str, params: Mapping[str, Any]) -> Any:
-        """The first value of the statement ``name``, run on ``conn``'s asyncpg connection
-        itself, past SQLAlchemy's layers: asyncpg prepares it once per connection (unless
-        through a transaction pooler, docs/design.md §9.5) and binds the values as they are."""
+    async def claim_at_once(self, params: ClaimParams) -> ClaimResult | None:
+        # One round trip, on asyncpg's own connection: no BEGIN, no COMMIT, no SQLAlchemy.
+        # After a window with a limited group, two statements for a while (§6.9).
+        if time.monotonic() < self._limited_until:
+            return None
+        p = params
+        size = self.window_size(p.limit)
+        bound = {
+            **self.prepare_params(p, size, self.group_params(p.groups)),
+            "limit": p.limit,
+            "pool": p.limit * self.claim_pool_factor,
+            "busy": self.bind_list(p.busy),
+            "events_channel": self.events_channel,
+            "events_kind": f"{TASK_PROGRESS}:",
+            **CLAIM,
+        }
+        async with self.write(autocommit=True) as conn:
+            head, *taken = await self.fetch(conn, "claim_at_once", bound, p.policy.order_by)
+        if not head["registered"]:
+            return ClaimResult([], None)
+        if head["limited"]:
+            self._limited_until = time.monotonic() + LIMITED_PAUSE
+            return None
+        queues = list(zip(head["window_groups"] or (), head["window_users"] or (), strict=True))
+        window = ClaimWindow(queues, full=len(queues) >= size)
+        return self.claim_result(p, [_Row(r) for r in taken], window, head["next_due"])
+
+    async def fetch(
+        self, conn: AsyncConnection, name: str, params: Mapping[str, Any], order_by: str = ""
+    ) -> list[Any]:
+        """The rows (asyncpg's records) of the statement ``name``, run on ``conn``'s asyncpg
+        connection itself, past SQLAlchemy's layers: asyncpg prepares it once per connection
+        (unless through a transaction pooler, docs/design.md §9.5) and binds the values as
+        they are."""
         import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - loaded by then; not for SQLite
 
-        sql, names = self._positional(name)
+        sql, names = self._positional(name, order_by)
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None  # checked out: open
         try:
-            return await raw.fetchval(sql, *(params[n] for n in names))
+            return list(await raw.fetch(sql, *(params[n] for n in names)))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             if not isinstance(exc, asyncpg.PostgresError) or isinstance(
                 exc, asyncpg.PostgresConnectionError
@@ -126,10 +162,10 @@ class PostgresDriver(SqlDriver):
                 await conn.invalidate()  # the pool must not hand it out again
             raise self.statement_failed(exc, sql) from exc
 
-    def _positional(self, name: str) -> tuple[str, tuple[str, ...]]:
-        """The statement ``name`` with asyncpg's ``$1, $2 …`` for its ``:name`` parameters,
-        and the names in their order."""
-        found = self._positionals.get(name)
+    def _positional(self, name: str, order_by: str) -> tuple[str, tuple[str, ...]]:
+        """The statement ``name`` (with the policy's ``order_by``) with asyncpg's ``$1, $2 …``
+        for its ``:name`` parameters, and the names in their order."""
+        found = self._positionals.get((name, order_by))
         if found is None:
             names: list[str] = []
 
@@ -138,8 +174,9 @@ class PostgresDriver(SqlDriver):
                     names.append(match.group(1))
                 return f"${names.index(match.group(1)) + 1}"
 
-            found = self._positionals[name] = (
-                _PARAMETER.sub(number, self.queries.sql[name]),
+            sql = self.queries.statement(name, order_by=order_by).text
+            found = self._positionals[name, order_by] = (
+                _PARAMETER.sub(number, sql),
                 tuple(names),
             )
         return found
@@ -153,7 +190,7 @@ class PostgresDriver(SqlDriver):
         # Rows are locked in id order by most statements, but a checkpoint batch's UPDATE
         # locks them in its join's order, and a unique create waits for the holder of its key:
         # PostgreSQL then aborts one transaction, whole (docs/design.md §13.3). asyncpg's own
-        # error (fetchval) or SQLAlchemy's around it.
+        # error (fetch) or SQLAlchemy's around it.
         return getattr(getattr(cause, "orig", cause), "sqlstate", None) == DEADLOCK_DETECTED
 
     def bound_idle_transactions(self, seconds: float) -> None:
@@ -230,3 +267,15 @@ class PostgresDriver(SqlDriver):
             with anyio.CancelScope(shield=True):
                 await conn.invalidate()
                 await conn.close()
+
+
+class _Row:
+    """An asyncpg record read as SQLAlchemy's rows are: a column by attribute."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: Any) -> None:
+        self._record = record
+
+    def __getattr__(self, name: str) -> Any:
+        return self._record[name]

@@ -200,6 +200,90 @@ SELECT name FROM {groups} WHERE name = :name FOR UPDATE
 -- than the group has room for (`quota`: each queue gives a task at least). Each step is one
 -- seek of the queue index: the cost is bounded by :window whatever the number of queues.
 WITH RECURSIVE
+{claim_walk},
+limited AS (
+    SELECT count(*) AS n FROM (SELECT name FROM {groups}
+        WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
+            AND name IN (SELECT group_name FROM walk WHERE n > 0)
+        ORDER BY name FOR UPDATE) l
+)
+SELECT me.registered, limited.n AS limited, due.next_due, w.group_name, w.user_name
+FROM me CROSS JOIN limited CROSS JOIN due
+LEFT JOIN walk w ON w.n > 0
+ORDER BY w.n
+
+-- name: claim
+-- Up to :limit due tasks of :types in the queues of the window (:window_groups,
+-- :window_users: claim_window), in the policy's order, skipping paused groups and never
+-- exceeding a group's limits (docs/design.md §6).
+WITH
+pairs(group_name, user_name) AS (
+    SELECT * FROM unnest(CAST(:window_groups AS text[]), CAST(:window_users AS text[]))
+),
+{claim_take}
+UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
+    token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
+    updated_at = now()
+FROM picked k
+WHERE t.id = k.claim_id
+RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
+    token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
+    trace_parent
+
+-- name: claim_at_once
+-- A whole claim in one statement, run outside a transaction: one round trip, no BEGIN and no
+-- COMMIT (docs/design.md §6.9). It takes tasks only when no group of its window has a limit:
+-- the limits are exact because a claim that could exceed one locks its group first and counts
+-- in a later snapshot (claim_prepare, then claim), which one statement cannot do. With a
+-- limited group in the window it takes nothing, and says so (`limited`): the driver claims in
+-- two statements. The first row describes the claim — `registered`, `limited`, `next_due`, and
+-- the window's queues in walk order (`window_groups`, `window_users`) — and has no id; one row
+-- follows per task taken, with the columns of claim. Watchers of a task taken hear of it as
+-- they would from the driver's notify: :events_kind then up to 300 ids per payload.
+WITH RECURSIVE
+{claim_walk},
+window_limited AS (
+    SELECT count(*) AS n FROM {groups}
+    WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
+        AND name IN (SELECT group_name FROM walk WHERE n > 0)
+),
+pairs(group_name, user_name) AS (
+    SELECT w.group_name, w.user_name FROM walk w CROSS JOIN me CROSS JOIN window_limited l
+    WHERE w.n > 0 AND me.registered > 0 AND l.n = 0
+),
+{claim_take},
+taken AS (
+    UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
+        token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
+        updated_at = now()
+    FROM picked k
+    WHERE t.id = k.claim_id
+    RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff,
+        priority, token, watched_until > now() AS watched,
+        EXTRACT(EPOCH FROM now() - run_at) AS waited, trace_parent
+),
+events AS (
+    SELECT pg_notify(:events_channel, :events_kind || string_agg(CAST(id AS text), ',')) AS sent
+    FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / 300 AS chunk
+          FROM taken WHERE watched) w
+    GROUP BY chunk
+)
+SELECT me.registered, l.n > 0 AS limited, due.next_due,
+    (SELECT array_agg(group_name ORDER BY n) FROM walk WHERE n > 0) AS window_groups,
+    (SELECT array_agg(user_name ORDER BY n) FROM walk WHERE n > 0) AS window_users,
+    (SELECT count(*) FROM events) AS events,
+    NULL AS id, NULL AS type, NULL AS user_name, NULL AS group_name, NULL AS context,
+    NULL AS attempts, NULL AS max_attempts, NULL AS handoff, NULL AS priority, NULL AS token,
+    NULL AS watched, NULL AS waited, NULL AS trace_parent
+FROM me CROSS JOIN window_limited l CROSS JOIN due
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, id, type, user_name, group_name, context, attempts,
+    max_attempts, handoff, priority, token, watched, waited, trace_parent
+FROM taken
+
+-- name: claim_walk
+-- A fragment of claim_prepare and claim_at_once, in a WITH RECURSIVE: the CTEs `walk`, the
+-- window of queues (see claim_prepare), and those it is made of; `me` and `due`.
 pending_groups(name) AS (
     (SELECT group_name FROM {tasks} WHERE state = 'pending' ORDER BY group_name LIMIT 1)
     UNION ALL
@@ -265,32 +349,19 @@ walk(group_name, user_name, n, k, lap, wrapped) AS (
         AND (NOT (w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name))
             OR COALESCE(a.group_name, b.group_name) <= CAST(:after_group AS text))
 ),
+-- Our node's row, share-locked (fencing: 0, the node was declared dead).
 me AS (
     SELECT count(*) AS registered FROM (SELECT id FROM {nodes} WHERE id = :node FOR KEY SHARE) m
 ),
-limited AS (
-    SELECT count(*) AS n FROM (SELECT name FROM {groups}
-        WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
-            AND name IN (SELECT group_name FROM walk WHERE n > 0)
-        ORDER BY name FOR UPDATE) l
-),
+-- The seconds until the next delayed task of :types is due (NULL: none).
 due AS (
     SELECT EXTRACT(EPOCH FROM (min(run_at) - now())) AS next_due FROM {tasks}
     WHERE state = 'pending' AND run_at > now() AND type = ANY(:types)
 )
-SELECT me.registered, limited.n AS limited, due.next_due, w.group_name, w.user_name
-FROM me CROSS JOIN limited CROSS JOIN due
-LEFT JOIN walk w ON w.n > 0
-ORDER BY w.n
 
--- name: claim
--- Up to :limit due tasks of :types in the queues of the window (:window_groups,
--- :window_users: claim_window), in the policy's order, skipping paused groups and never
--- exceeding a group's limits (docs/design.md §6).
-WITH
-pairs(group_name, user_name) AS (
-    SELECT * FROM unnest(CAST(:window_groups AS text[]), CAST(:window_users AS text[]))
-),
+-- name: claim_take
+-- A fragment of claim and claim_at_once: from the CTE `pairs`, the window's queues, the CTE
+-- `picked`, the rows the claim takes, locked (see claim), and the CTEs it is made of.
 -- What runs now, per queue and per group (all nodes).
 active AS (
     SELECT group_name, user_name, count(*) AS n FROM {tasks}
@@ -362,14 +433,6 @@ picked AS MATERIALIZED (
     ORDER BY c.pick LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED
 )
-UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
-    token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
-    updated_at = now()
-FROM picked k
-WHERE t.id = k.claim_id
-RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
-    trace_parent
 
 -- name: node_registered
 -- Whether the node's row still exists, kept (share lock) until the transaction commits.
