@@ -356,6 +356,7 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
                 },
             )
             assert len(result.all()) == 2
+            held = (await conn.exec_driver_sql(_SESSION["postgres"])).scalar()
             second = asyncio.ensure_future(
                 backend.claim(ClaimParams(second_node, ["other"], 10, policy))
             )
@@ -365,10 +366,8 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
                 if second.done():
                     return True
                 async with probe.connect() as conn2:
-                    waiting = await conn2.execute(
-                        sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                    )
-                    return bool(waiting.scalar())
+                    waits = _WAITS_FOR["postgres"].format(session=int(held))
+                    return bool((await conn2.exec_driver_sql(waits)).scalar())
 
             try:
                 await wait_for(second_waits_or_is_done, what="the second claim to run or wait")
@@ -478,13 +477,17 @@ async def test_a_slot_is_free_while_the_end_of_its_task_is_written(db: DbTarget)
         await engine.dispose()
 
 
-_CLAIM_WAITS = {
-    # InnoDB refreshes that table only when it was not read for 0.1 s: polled every 0.25 s.
-    "mysql": "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'",
+_WAITS_FOR = {
+    # InnoDB refreshes these tables only when they were not read for 0.1 s: polled every 0.25 s.
+    "mysql": "SELECT count(*) FROM information_schema.innodb_lock_waits w"
+    " JOIN information_schema.innodb_trx t ON t.trx_id = w.blocking_trx_id"
+    " WHERE t.trx_mysql_thread_id = {session}",
     "postgres": "SELECT count(*) FROM pg_stat_activity"
-    " WHERE wait_event_type = 'Lock' AND query LIKE 'WITH RECURSIVE%'",
+    " WHERE {session} = ANY(pg_blocking_pids(pid))",
 }
-"""How a test sees that a claim waits for a lock, per server."""
+"""How a test sees that a transaction waits for a lock that the session ``{session}`` holds,
+per server (not one of another test that runs at the same time)."""
+_SESSION = {"mysql": "SELECT CONNECTION_ID()", "postgres": "SELECT pg_backend_pid()"}
 
 
 @pytest.mark.parametrize("db", ["mysql", "postgres"], indirect=True)
@@ -514,12 +517,19 @@ async def test_a_claim_chosen_as_a_deadlocks_victim_is_tried_again(db: DbTarget)
                 retried.append(attempt)
             return delay
 
-        async def claim_waits(probe: AsyncConnection) -> bool:
-            return bool((await probe.exec_driver_sql(_CLAIM_WAITS[db.backend])).scalar())
-
         backend.rolled_back_retry = counted  # type: ignore[method-assign]
         try:
             async with engine.connect() as other:
+                session = (await other.exec_driver_sql(_SESSION[db.backend])).scalar()
+                if db.backend == "postgres":
+                    # The claim, which waits first, is the victim: its deadlock check runs
+                    # first (after deadlock_timeout), however busy the machine.
+                    await other.exec_driver_sql("SET deadlock_timeout = '30s'")
+                waits = _WAITS_FOR[db.backend].format(session=int(session))
+
+                async def claim_waits(probe: AsyncConnection) -> bool:
+                    return bool((await probe.exec_driver_sql(waits)).scalar())
+
                 await other.exec_driver_sql("CREATE TABLE weight (n INT)")  # commits on MySQL
                 await other.exec_driver_sql(
                     "INSERT INTO weight WITH RECURSIVE s (n) AS"
