@@ -11,6 +11,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -139,7 +140,10 @@ class PostgresDriver(SqlDriver):
             return None
         queues = list(zip(head["window_groups"] or (), head["window_users"] or (), strict=True))
         window = ClaimWindow(queues, full=len(queues) >= size)
-        return self.claim_result(p, [_Row(r) for r in taken], window, head["next_due"])
+        # Read as SQLAlchemy's rows are, by attribute: a namespace is made in C, and each of
+        # its attributes is read at C speed (a __getattr__ of ours cost 5 µs a task).
+        rows = [SimpleNamespace(**r) for r in taken]
+        return self.claim_result(p, rows, window, head["next_due"])
 
     async def fetch(
         self, conn: AsyncConnection, name: str, params: Mapping[str, Any], order_by: str = ""
@@ -268,14 +272,3 @@ class PostgresDriver(SqlDriver):
                 await conn.invalidate()
                 await conn.close()
 
-
-class _Row:
-    """An asyncpg record read as SQLAlchemy's rows are: a column by attribute."""
-
-    __slots__ = ("_record",)
-
-    def __init__(self, record: Any) -> None:
-        self._record = record
-
-    def __getattr__(self, name: str) -> Any:
-        return self._record[name]
