@@ -54,16 +54,18 @@ _BEGIN = re.compile(rb"^BEGIN\b", re.I)
 _END = re.compile(rb"^(COMMIT|ROLLBACK|END)\b", re.I)
 _COMMIT = re.compile(rb"^COMMIT\b", re.I)
 
-CLAIM_SQL = rb"(?s)^WITH\s+pairs\b|^WITH RECURSIVE\s+pending_groups\b.*\btaken AS \(\s*UPDATE\b"
+CLAIM_SQL = rb"(?s)^WITH\s+pairs\b|^WITH RECURSIVE\s+pending_groups\b.*\bwritten AS \(\s*UPDATE\b"
 """The statement that takes a claim's tasks (PENDING → RUNNING): ``claim``, in the claim's
 transaction when its window of queues is not empty, or PostgreSQL's ``claim_at_once``, a whole
 claim outside a transaction (docs/design.md §6.9)."""
 CLAIM_PREPARE_SQL = rb"^WITH RECURSIVE\s+pending_groups\b"
 """The statement every claim begins with: its window of queues (``claim_prepare``, and
 ``claim_at_once``, which is a claim of its own)."""
-WRITE_SQL = rb"^UPDATE \S+aioasync_tasks (?:t )?SET state = "
+WRITE_SQL = rb"^(?:WITH written AS \(\s*)?UPDATE \S+aioasync_tasks (?:t )?SET state = "
 """The batched UPDATE of decided outcomes: completions, releases, rescues, user operations
-(PostgreSQL's ``update_tasks``, one statement for the batch, names the table ``t``)."""
+(PostgreSQL's ``update_tasks``, one statement for the batch, names the table ``t``), and
+PostgreSQL's ``complete_at_once``, completions in one statement outside a transaction
+(docs/design.md §15.1)."""
 CHECKPOINT_SQL = rb"^UPDATE \S+aioasync_tasks t SET context = "
 HEARTBEAT_SQL = rb"^UPDATE \S+aioasync_nodes SET heartbeat_at = "
 

@@ -44,7 +44,7 @@ from _observers import Recorder
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from aioasync_tasks import AttemptOutcome, Node, Report, TaskRegistry
+from aioasync_tasks import AttemptOutcome, Node, Report, State, TaskRegistry
 from aioasync_tasks._backends import SqlDriver
 from aioasync_tasks._errors import DatabaseError
 
@@ -232,6 +232,62 @@ async def test_lost_commit_reply_of_a_completion_never_lands_on_the_next_attempt
     assert runs == [(node_id, 1, 1, "failed"), (node_id, 2, 2, "finished")]
     witness.assert_no_overlap()
     witness.assert_checkpoints_kept(await history.by_task())
+
+
+async def test_lost_reply_of_a_finished_tasks_one_statement_end_is_not_written_twice(
+    fault_proxy: FaultProxy,
+    proxied: DbTarget,
+    db: DbTarget,
+    raw: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On PostgreSQL a FINISHED end of a task that still runs as claimed is one statement
+    outside a transaction (docs/design.md §15.1). It commits, but its reply is lost: the
+    committer sees a reset connection and tries the batch again. The retry finds the row no
+    longer running as claimed, goes through the locked path, and is rejected there: the task
+    ran once, ended once, and its last checkpoint and message are the final report's."""
+    witness = Witness()
+    registry = TaskRegistry()
+    gate = asyncio.Event()
+
+    async def once(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        run = witness.begin(0)
+        try:
+            yield Report(context='{"i": 1}')
+            await gate.wait()
+            yield Report.finished(context='{"i": 2}', message="done")
+        finally:
+            witness.end(run, "finished")
+
+    registry.register_task("once", once)
+    client, history = await setup(db, raw, registry)
+    node = make_node(proxied, registry, name="a", concurrency=2, **QUIET)
+    caplog.set_level(logging.WARNING, logger="aioasync_tasks")
+    async with running(fault_proxy, client, node):
+        task_id = await client.create_task("once", '{"i": 0}')
+        await wait_for(lambda: witness.started([task_id]), timeout=BOUND, what="the task")
+        fault = fault_proxy.drop_commit_after(WRITE_SQL)
+        gate.set()
+        await fault.wait(BOUND)
+
+        def rejected() -> bool:
+            return any("final write (finished) rejected" in r.getMessage() for r in caplog.records)
+
+        await wait_for(rejected, timeout=BOUND, what="the retried end to be rejected")
+        assert await orphans(raw, [node]) == []
+        node_id = node.id
+        task = await client.get_task(task_id)
+
+    assert fault.fired == 1
+    assert [s[:15] for s in fault.statements] == [b"WITH written AS"]  # not a COMMIT
+    await history.assert_path(task_id, [("pending", 0, 0), ("running", 1, 1), ("finished", 1, 1)])
+    assert (task.state, task.attempts, task.context, task.message) == (
+        State.FINISHED,
+        1,
+        '{"i": 2}',
+        "done",
+    )
+    assert [(r.node_id, r.attempt, r.token) for r in witness.runs] == [(node_id, 1, 1)]
 
 
 # -- 2. a lost COMMIT reply of a claim ----------------------------------------------------

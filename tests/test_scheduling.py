@@ -356,7 +356,7 @@ async def test_concurrent_claims_cannot_exceed_a_group_limit(db: DbTarget) -> No
                 },
             )
             assert len(result.all()) == 2
-            held = (await conn.exec_driver_sql(_SESSION["postgres"])).scalar()
+            held = (await conn.exec_driver_sql(_SESSION["postgres"])).scalar_one()
             second = asyncio.ensure_future(
                 backend.claim(ClaimParams(second_node, ["other"], 10, policy))
             )
@@ -520,7 +520,7 @@ async def test_a_claim_chosen_as_a_deadlocks_victim_is_tried_again(db: DbTarget)
         backend.rolled_back_retry = counted  # type: ignore[method-assign]
         try:
             async with engine.connect() as other:
-                session = (await other.exec_driver_sql(_SESSION[db.backend])).scalar()
+                session = (await other.exec_driver_sql(_SESSION[db.backend])).scalar_one()
                 if db.backend == "postgres":
                     # The claim, which waits first, is the victim: its deadlock check runs
                     # first (after deadlock_timeout), however busy the machine.

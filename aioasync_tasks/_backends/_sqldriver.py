@@ -52,6 +52,7 @@ from ._driver import (
     ClaimResult,
     CleanupClaimParams,
     CompleteParams,
+    Completion,
     DeleteParams,
     DeleteResult,
     DeregisterParams,
@@ -134,6 +135,30 @@ def transition(from_state: State, event: Event) -> dict[str, str]:
     assert outcome.owned
     return {"from_state": from_state.value, "to_state": outcome.state.value}
 
+
+def _certain_end(event: Event) -> State | None:
+    """The final state ``event`` moves a task to when it still runs as claimed (RUNNING, no
+    stop request), whatever its attempts and cleanup handler; None where those decide, or the
+    end is not final, or the task is handed back (docs/design.md §15.1)."""
+    outcomes = {
+        apply_event(State.RUNNING, None, event, has_cleanup=has_cleanup, can_retry=can_retry)
+        for has_cleanup in (False, True)
+        for can_retry in (False, True)
+    }
+    if len(outcomes) != 1:
+        return None
+    (outcome,) = outcomes
+    if outcome is None or outcome.state not in (State.FINISHED, State.FAILED):
+        return None
+    back = give_back(State.RUNNING, event, outcome, graceful=False)
+    if outcome.owned or outcome.requested or outcome.reset_attempts or back.handoff or back.refund:
+        return None
+    return outcome.state
+
+
+CERTAIN_ENDS = {event: end for event in Event if (end := _certain_end(event)) is not None}
+"""The events whose outcome on a task that still runs as claimed is known without reading
+its row: FINISHED and REJECTED (a FAILED may be retried, a STOPPED is handed back)."""
 
 _D = TypeVar("_D", bound="SqlDriver")
 _P = ParamSpec("_P")
@@ -964,7 +989,6 @@ class SqlDriver:
         }
 
     @cancel_safe
-    @whole
     async def complete(self, params: CompleteParams) -> set[int]:
         """Apply the ends of executions on ``node_id``; returns the accepted task ids.
 
@@ -972,11 +996,41 @@ class SqlDriver:
         under the same claim token. Any other (rescued, force-deleted, fenced, claimed again
         since) is left alone, so a completion retried after its first try committed, or sent
         by an execution that lost its task, changes nothing.
+
+        Where the database can (``complete_at_once``), the ends whose outcome is certain for a
+        task that still runs as claimed (``CERTAIN_ENDS``) are written first, in one statement
+        that checks that it does; the others, and those whose task does not, go through a
+        transaction that locks the rows and applies the state rules to them.
         """
-        if not params.completions:
+        rest = list(params.completions)
+        if not rest:
             return set()
-        node_id, cleanup_attempts = params.node_id, params.cleanup_attempts
-        by_id = {c.task_id: c for c in params.completions}
+        accepted: set[int] = set()
+        certain = [c for c in rest if c.event in CERTAIN_ENDS]
+        if certain:
+            written = await self.complete_at_once(params.node_id, certain)
+            if written is not None:
+                accepted = written
+                rest = [c for c in rest if c.task_id not in written]
+        if rest:
+            accepted |= await self._complete_locked(params.node_id, rest, params.cleanup_attempts)
+        return accepted
+
+    async def complete_at_once(
+        self, node_id: int, completions: list[Completion]
+    ) -> set[int] | None:
+        """Write ``completions`` (of ``CERTAIN_ENDS``) of the tasks that still run as their
+        executions claimed them, in one statement outside a transaction, where the database
+        can (docs/design.md §15.1); the ids written, or None where it cannot."""
+        return None
+
+    @whole
+    async def _complete_locked(
+        self, node_id: int, completions: list[Completion], cleanup_attempts: int
+    ) -> set[int]:
+        """Apply ``completions`` in one transaction: their rows locked, the state rules
+        applied to each, the outcomes written."""
+        by_id = {c.task_id: c for c in completions}
         async with self.write() as conn:
             writes: list[_Write] = []
             for row in await self._lock(conn, list(by_id), owner=node_id):

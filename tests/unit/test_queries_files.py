@@ -26,6 +26,8 @@ ONLY = {
         "claim_at_once",
         "claim_walk",
         "claim_take",
+        "watched_events",
+        "complete_at_once",
     },
     "sqlite": {"now"},
     "mysql": {

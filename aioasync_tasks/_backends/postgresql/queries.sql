@@ -173,6 +173,30 @@ FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:requested AS te
     progress, message, delay, done, token, expected)
 WHERE t.id = v.id AND t.token = v.token AND t.state = v.expected
 
+-- name: complete_at_once
+-- The ends of executions whose outcome is certain for a task that still runs as claimed
+-- (docs/design.md §15.1), in one statement outside a transaction: each row is written only if
+-- it is still RUNNING, with no stop request, owned by :node under the execution's claim token
+-- — a compare-and-set in place of the lock and the state rules of complete, which decide the
+-- same outcome for such a row. A row that is not is left alone, and not returned: its end
+-- goes through the locked path. Watchers of a task written hear of it from the statement
+-- itself (watched_events).
+WITH written AS (
+    UPDATE {tasks} t SET state = v.state, node_id = NULL, handoff = false,
+        context = COALESCE(v.context, t.context), error = COALESCE(v.error, t.error),
+        progress = COALESCE(v.progress, t.progress), message = COALESCE(v.message, t.message),
+        done_at = now(), updated_at = now()
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:states AS text[]),
+        CAST(:contexts AS text[]), CAST(:errors AS text[]),
+        CAST(:progress AS double precision[]), CAST(:messages AS text[]))
+        AS v(id, token, state, context, error, progress, message)
+    WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = 'running'
+        AND t.requested IS NULL
+    RETURNING t.id, t.watched_until > now() AS watched
+),
+{watched_events}
+SELECT id, (SELECT count(*) FROM events) AS events FROM written
+
 -- name: delete_tasks
 DELETE FROM {tasks} WHERE id = ANY(:ids)
 
@@ -239,7 +263,7 @@ RETURNING id, type, user_name, group_name, context, attempts, max_attempts, hand
 -- two statements. The first row describes the claim — `registered`, `limited`, `next_due`, and
 -- the window's queues in walk order (`window_groups`, `window_users`) — and has no id; one row
 -- follows per task taken, with the columns of claim. Watchers of a task taken hear of it as
--- they would from the driver's notify: :events_kind then up to 300 ids per payload.
+-- they would from the driver's notify (watched_events).
 WITH RECURSIVE
 {claim_walk},
 window_limited AS (
@@ -252,7 +276,7 @@ pairs(group_name, user_name) AS (
     WHERE w.n > 0 AND me.registered > 0 AND l.n = 0
 ),
 {claim_take},
-taken AS (
+written AS (
     UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
         token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
         updated_at = now()
@@ -262,12 +286,7 @@ taken AS (
         priority, token, watched_until > now() AS watched,
         EXTRACT(EPOCH FROM now() - run_at) AS waited, trace_parent
 ),
-events AS (
-    SELECT pg_notify(:events_channel, :events_kind || string_agg(CAST(id AS text), ',')) AS sent
-    FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / 300 AS chunk
-          FROM taken WHERE watched) w
-    GROUP BY chunk
-)
+{watched_events}
 SELECT me.registered, l.n > 0 AS limited, due.next_due,
     (SELECT array_agg(group_name ORDER BY n) FROM walk WHERE n > 0) AS window_groups,
     (SELECT array_agg(user_name ORDER BY n) FROM walk WHERE n > 0) AS window_users,
@@ -279,7 +298,18 @@ FROM me CROSS JOIN window_limited l CROSS JOIN due
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, id, type, user_name, group_name, context, attempts,
     max_attempts, handoff, priority, token, watched, waited, trace_parent
-FROM taken
+FROM written
+
+-- name: watched_events
+-- A fragment of claim_at_once and complete_at_once: the CTE `events`, one pg_notify per 300
+-- watched rows of the CTE `written` (its columns id and watched), each :events_kind then the
+-- ids (under the 8,000 bytes of a payload: an id has at most 20 characters).
+events AS (
+    SELECT pg_notify(:events_channel, :events_kind || string_agg(CAST(id AS text), ',')) AS sent
+    FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / 300 AS chunk
+          FROM written WHERE watched) w
+    GROUP BY chunk
+)
 
 -- name: claim_walk
 -- A fragment of claim_prepare and claim_at_once, in a WITH RECURSIVE: the CTEs `walk`, the
