@@ -66,7 +66,9 @@ WRITE_SQL = rb"^(?:WITH written AS \(\s*)?UPDATE \S+aioasync_tasks (?:t )?SET st
 (PostgreSQL's ``update_tasks``, one statement for the batch, names the table ``t``), and
 PostgreSQL's ``complete_at_once``, completions in one statement outside a transaction
 (docs/design.md §15.1)."""
-CHECKPOINT_SQL = rb"^UPDATE \S+aioasync_tasks t SET context = "
+CHECKPOINT_SQL = rb"^(?:WITH written AS \(\s*)?UPDATE \S+aioasync_tasks t SET context = "
+"""A checkpoint batch: in a transaction, or PostgreSQL's ``checkpoint_at_once``, one statement
+outside one."""
 HEARTBEAT_SQL = rb"^UPDATE \S+aioasync_nodes SET heartbeat_at = "
 
 

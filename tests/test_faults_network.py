@@ -758,12 +758,14 @@ async def test_a_node_cut_off_inside_a_transaction_is_still_rescued(
     raw: AsyncEngine,
     statement: bytes,
 ) -> None:
-    """Node A (through the proxy, node_timeout 2 s) is cut off just after a statement of one of
-    its write transactions reached the server — a checkpoint (row lock on a task) or its
-    heartbeat (row lock on its node row) — so that transaction stays open on the server, as it
-    does in a real partition until TCP keepalives notice (hours, by default). A stops its tasks
-    when its lease runs out; node B (straight to the server) must then rescue them once A's
-    heartbeat is older than A's node_timeout, and run them.
+    """Node A (through the proxy, node_timeout 2 s) is cut off just after one of its writes
+    reached the server — a checkpoint or its heartbeat (row lock on its node row, in a
+    transaction that stays open on the server, as it does in a real partition until TCP
+    keepalives notice: hours, by default). A stops its tasks when its lease runs out; node B
+    (straight to the server) must then rescue them once A's heartbeat is older than A's
+    node_timeout, and run them. (Since 2026-11-30 a checkpoint on PostgreSQL is one statement
+    outside a transaction, docs/design.md §15: it commits before the cut and leaves no row lock
+    of a task behind; it was a transaction holding one.)
 
     This needs the server to end A's open transaction (``idle_in_transaction_session_timeout``,
     set by every write transaction of a node since 304a7e7). Before that, and on 2086912, B's

@@ -967,15 +967,24 @@ class SqlDriver:
         """Store checkpoints (context, progress, message) of executions on ``node_id``; returns
         the ids whose write was accepted: rows still owned by ``node_id`` under the execution's
         claim token, running, canceling, or deleting for a cleanup handler. One statement per
-        batch."""
+        batch; outside a transaction where the database can (``checkpoint_at_once``)."""
         if not params.checkpoints:
             return set()
+        at_once = await self.checkpoint_at_once(params)
+        if at_once is not None:
+            return at_once
         async with self.write() as conn:
             written = (await self._run(conn, "checkpoint", self._checkpoint_params(params))).all()
             watched = [row.id for row in written if row.watched]
             if watched:  # one notification per batch, and only for tasks someone watches
                 await self.notify_task_events(conn, TASK_PROGRESS, watched)
         return {row.id for row in written}
+
+    async def checkpoint_at_once(self, params: CheckpointParams) -> set[int] | None:
+        """The checkpoint batch ``params`` in one statement outside a transaction, with the
+        task events of the watched rows, where the database can (docs/design.md §15); the ids
+        written, or None where it cannot."""
+        return None
 
     def _checkpoint_params(self, params: CheckpointParams) -> dict[str, Any]:
         rows = [

@@ -28,6 +28,7 @@ ONLY = {
         "claim_take",
         "watched_events",
         "complete_at_once",
+        "checkpoint_at_once",
     },
     "sqlite": {"now"},
     "mysql": {

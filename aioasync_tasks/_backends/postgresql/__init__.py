@@ -23,6 +23,7 @@ from ..._urls import POOLER_OPTION
 from .._driver import (
     TASK_DONE,
     TASK_PROGRESS,
+    CheckpointParams,
     ClaimParams,
     ClaimResult,
     Completion,
@@ -153,6 +154,16 @@ class PostgresDriver(SqlDriver):
         # its attributes is read at C speed (a __getattr__ of ours cost 5 µs a task).
         rows = [SimpleNamespace(**r) for r in taken]
         return self.claim_result(p, rows, window, head["next_due"])
+
+    async def checkpoint_at_once(self, params: CheckpointParams) -> set[int]:
+        bound = {
+            **self._checkpoint_params(params),
+            "events_channel": self.events_channel,
+            "events_kind": f"{TASK_PROGRESS}:",
+        }
+        async with self.write(autocommit=True) as conn:
+            rows = await self.fetch(conn, "checkpoint_at_once", bound)
+        return {row["id"] for row in rows}
 
     @whole
     async def complete_at_once(self, node_id: int, completions: list[Completion]) -> set[int]:

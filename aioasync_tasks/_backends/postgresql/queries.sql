@@ -497,6 +497,13 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts A
 WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = ANY(:states)
 RETURNING t.id, t.watched_until > now() AS watched
 
+-- name: checkpoint_at_once
+-- checkpoint in one statement outside a transaction, with the task events of the watched rows
+-- it wrote (watched_events, :events_kind): one round trip (docs/design.md §15).
+WITH written AS ({checkpoint}),
+{watched_events}
+SELECT id, (SELECT count(*) FROM events) AS events FROM written
+
 -- name: register_node
 INSERT INTO {nodes} (name, concurrency, types, started_at, heartbeat_at, heartbeat_interval,
     node_timeout)
