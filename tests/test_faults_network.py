@@ -326,13 +326,9 @@ async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
         fault = fault_proxy.drop_commit_after(CLAIM_SQL)
         await client.resume_group("g")  # its NOTIFY wakes the claimer
         await fault.wait(BOUND)
-
-        lost = await task_rows(raw, ids)
-        assert {(r.state, r.node_id, r.attempts) for r in lost.values()} == {
-            ("running", node.id, 1)
-        }
-        assert witness.runs == []
-        assert {row.id for row in await orphans(raw, [node])} == set(ids)
+        # The rows are RUNNING under token 1 with no execution only until the next heartbeat
+        # (0.2 s), too short to look at them reliably: the history below shows that state,
+        # and the witness that no execution ran under token 1.
         await wait_for(
             lambda: all_in(raw, ids, "finished"), timeout=BOUND, what="the tasks to finish"
         )
@@ -896,9 +892,19 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
     session): the node's write transactions run with ``idle_in_transaction_session_timeout``
     at ¼ of the node timeout and with generic plans (``plan_cache_mode``), and the
     application's own transactions on that engine — before, between and after the node's — run
-    with the server's defaults, never the node's settings."""
+    with the server's defaults, never the node's settings. So do the node's statements outside
+    a transaction (a one-by-one create: generic plans, docs/design.md §15)."""
     engine = create_async_engine(pg_db.url, pool_size=1, max_overflow=0)
-    node = Node(engine, schema=pg_db.schema, concurrency=0, heartbeat_interval=1, node_timeout=8)
+    registry = TaskRegistry()
+    registry.register_task("job", _never_run)
+    node = Node(
+        engine,
+        registry=registry,
+        schema=pg_db.schema,
+        concurrency=0,
+        heartbeat_interval=1,
+        node_timeout=8,
+    )
     show = text(
         "SELECT current_setting('idle_in_transaction_session_timeout'),"
         " current_setting('plan_cache_mode')"
@@ -919,6 +925,19 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
             async with engine.connect() as conn:
                 assert tuple((await conn.execute(show)).one()) == default
                 await conn.rollback()
+            await node.create_task("job")  # one statement on asyncpg's connection
+            async with engine.connect() as conn:
+                # No transaction begun: the session as the node's statement left it.
+                raw: Any = (await conn.get_raw_connection()).driver_connection
+                plans = await raw.fetchval("SELECT current_setting('plan_cache_mode')")
+                assert plans == "force_generic_plan"
+            async with engine.begin() as conn:
+                assert tuple((await conn.execute(show)).one()) == default
     finally:
         await node.stop()
         await engine.dispose()
+
+
+async def _never_run(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+    """A task type for nodes that only create tasks."""
+    yield Report.finished()

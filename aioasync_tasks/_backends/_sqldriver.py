@@ -379,16 +379,9 @@ class SqlDriver:
         verb = sql.lstrip().split(None, 1)[0].upper()
         return database_error(exc, self.engine.url, f"{verb} failed on")
 
-    def write(self, *, autocommit: bool = False) -> Transaction:
-        """A short write transaction (it holds the write lock on SQLite); with
-        ``autocommit``, for one statement, without ``BEGIN`` and ``COMMIT``."""
-        return Transaction(
-            self.engine,
-            self.in_flight,
-            write=True,
-            autocommit=autocommit,
-            options=self._write_options,
-        )
+    def write(self) -> Transaction:
+        """A short write transaction (it holds the write lock on SQLite)."""
+        return Transaction(self.engine, self.in_flight, write=True, options=self._write_options)
 
     def read(self) -> Transaction:
         return Transaction(self.engine, self.in_flight, write=False)

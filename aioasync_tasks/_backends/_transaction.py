@@ -228,13 +228,11 @@ class Transaction:
         in_flight: InFlight,
         *,
         write: bool,
-        autocommit: bool = False,
         options: Mapping[str, Any] | None = None,
     ) -> None:
         self._engine = engine
         self._in_flight = in_flight
         self._write = write
-        self._autocommit = autocommit
         self._options = options or {}
         """More execution options, for the dialect's ``begin`` listener."""
         self._conn: AsyncConnection | None = None
@@ -247,11 +245,9 @@ class Transaction:
             raise database_error(exc, url, "could not connect to") from exc
         self._conn = conn
         options: dict[str, Any] = {**self._options, "aioasync_write": self._write}
-        if self._autocommit:
-            options["isolation_level"] = "AUTOCOMMIT"
         try:
             conn = await conn.execution_options(**options)
-            await conn.begin()  # with AUTOCOMMIT no BEGIN reaches the server
+            await conn.begin()
         except WRAPPED as exc:
             await self._close(conn)
             raise database_error(exc, url, "could not begin a transaction on") from exc

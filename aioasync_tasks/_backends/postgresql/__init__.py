@@ -18,7 +18,9 @@ import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
+from ..._errors import NodeStopped
 from ..._urls import POOLER_OPTION
 from .._driver import (
     TASK_DONE,
@@ -43,6 +45,12 @@ DEADLOCK_DETECTED = "40P01"
 LIMITED_PAUSE = 1.0
 """Seconds a node claims in two statements after a window with a limited group, before it
 tries one statement again (docs/design.md §6.9)."""
+
+GENERIC_PLANS = "force_generic_plan"
+"""The ``plan_cache_mode`` of the library's statements (docs/design.md §15)."""
+PLANS_KEY = "aioasync_plans"
+"""Where a pooled connection's ``info`` remembers its session's ``plan_cache_mode``
+(``set_session_value``'s key for "plans")."""
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 """The execution option of our write transactions: the server's
@@ -70,7 +78,7 @@ def configure_engine(engine: AsyncEngine) -> None:
             return  # our reads: either setting will do
         milliseconds = options.get(IDLE_TIMEOUT_OPTION)
         if POOLER_OPTION in options:
-            if milliseconds is not None and options.get("isolation_level") != "AUTOCOMMIT":
+            if milliseconds is not None:
                 conn.exec_driver_sql(
                     f"SET LOCAL idle_in_transaction_session_timeout = {int(milliseconds)}"
                 )
@@ -83,7 +91,7 @@ def configure_engine(engine: AsyncEngine) -> None:
             f"SET idle_in_transaction_session_timeout = {value}",
         )
         # Our statements are planned once per connection, not at every run (§15).
-        plans = "force_generic_plan" if options.get("aioasync_write") else "DEFAULT"
+        plans = GENERIC_PLANS if options.get("aioasync_write") else "DEFAULT"
         set_session_value(conn, "plans", plans, f"SET plan_cache_mode = {plans}")
 
     event.listen(sync_engine, "rollback", forget_session_values)
@@ -99,6 +107,9 @@ class PostgresDriver(SqlDriver):
         super().__init__(engine, schema)
         configure_engine(engine)
         pooler = engine.get_execution_options().get(POOLER_OPTION)
+        self._per_session = pooler is None
+        """Whether a session's settings stay ours between statements (not through a
+        transaction pooler, whose next transaction may run in another session: §9.5)."""
         self._listen_engine: AsyncEngine | None = engine if pooler is None else pooler.listen
         """Where ``LISTEN`` runs: a session of its own, which a transaction pooler cannot give
         (its ``listen_host``, or None: nodes and waiters poll, docs/design.md §14)."""
@@ -121,8 +132,7 @@ class PostgresDriver(SqlDriver):
         # Outside a transaction (no BEGIN, no COMMIT) and on asyncpg's own connection, as a
         # prepared statement: one round trip (docs/design.md §13.1).
         params = {**self.new_task_params(self._new_row(task)), **self.notify_params}
-        async with self.write(autocommit=True) as conn:
-            rows = await self.fetch(conn, "insert_task_and_wake" if wake else "insert_task", params)
+        rows = await self.fetch("insert_task_and_wake" if wake else "insert_task", params)
         return int(rows[0][0])
 
     async def claim_at_once(self, params: ClaimParams) -> ClaimResult | None:
@@ -141,8 +151,7 @@ class PostgresDriver(SqlDriver):
             "events_kind": f"{TASK_PROGRESS}:",
             **CLAIM,
         }
-        async with self.write(autocommit=True) as conn:
-            head, *taken = await self.fetch(conn, "claim_at_once", bound, p.policy.order_by)
+        head, *taken = await self.fetch("claim_at_once", bound, p.policy.order_by)
         if not head["registered"]:
             return ClaimResult([], None)
         if head["limited"]:
@@ -161,8 +170,7 @@ class PostgresDriver(SqlDriver):
             "events_channel": self.events_channel,
             "events_kind": f"{TASK_PROGRESS}:",
         }
-        async with self.write(autocommit=True) as conn:
-            rows = await self.fetch(conn, "checkpoint_at_once", bound)
+        rows = await self.fetch("checkpoint_at_once", bound)
         return {row["id"] for row in rows}
 
     @whole
@@ -181,30 +189,50 @@ class PostgresDriver(SqlDriver):
             "events_channel": self.events_channel,
             "events_kind": f"{TASK_DONE}:",
         }
-        async with self.write(autocommit=True) as conn:
-            rows = await self.fetch(conn, "complete_at_once", bound)
+        rows = await self.fetch("complete_at_once", bound)
         return {row["id"] for row in rows}
 
-    async def fetch(
-        self, conn: AsyncConnection, name: str, params: Mapping[str, Any], order_by: str = ""
-    ) -> list[Any]:
-        """The rows (asyncpg's records) of the statement ``name``, run on ``conn``'s asyncpg
-        connection itself, past SQLAlchemy's layers: asyncpg prepares it once per connection
-        (unless through a transaction pooler, docs/design.md §9.5) and binds the values as
-        they are."""
+    async def fetch(self, name: str, params: Mapping[str, Any], order_by: str = "") -> list[Any]:
+        """The rows (asyncpg's records) of the statement ``name``, run outside a transaction
+        (it commits on its own) on the asyncpg connection of a pooled connection, past
+        SQLAlchemy's layers: no ``Connection``, no ``BEGIN`` or ``COMMIT`` and their events
+        (they cost more than the round trip; docs/design.md §13.1). asyncpg prepares the
+        statement once per connection (unless through a transaction pooler, §9.5) and binds
+        the values as they are; a statement of the library runs with generic plans (§15)."""
         import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - loaded by then; not for SQLite
 
         sql, names = self._positional(name, order_by)
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None  # checked out: open
+        url = self.engine.url
+        if self.in_flight.closed:
+            raise NodeStopped("the node was stopped")
         try:
-            return list(await raw.fetch(sql, *(params[n] for n in names)))
+            pooled = await self.engine.raw_connection()
+        except WRAPPED as exc:
+            raise database_error(exc, url, "could not connect to") from exc
+        raw: Any = pooled.driver_connection
+        broken = True  # unless it ends well, or with an error of the statement's own
+        try:
+            if self._per_session and pooled.info.get(PLANS_KEY) != GENERIC_PLANS:
+                pooled.info.pop(PLANS_KEY, None)
+                await raw.execute(f"SET plan_cache_mode = {GENERIC_PLANS}")
+                pooled.info[PLANS_KEY] = GENERIC_PLANS
+            rows = list(await raw.fetch(sql, *(params[n] for n in names)))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            if not isinstance(exc, asyncpg.PostgresError) or isinstance(
+            broken = not isinstance(exc, asyncpg.PostgresError) or isinstance(
                 exc, asyncpg.PostgresConnectionError
-            ):
-                await conn.invalidate()  # the pool must not hand it out again
+            )
             raise self.statement_failed(exc, sql) from exc
+        else:
+            broken = False
+            return rows
+        finally:
+            # A connection cut off in the middle of a statement (a cancelled caller, a lost
+            # server) is closed, never handed out again; so is every one after the node stopped
+            # (its engine may be disposed of).
+            with anyio.CancelScope(shield=True):
+                if broken or self.in_flight.closed:
+                    await greenlet_spawn(pooled.invalidate)
+                await greenlet_spawn(pooled.close)
 
     def _positional(self, name: str, order_by: str) -> tuple[str, tuple[str, ...]]:
         """The statement ``name`` (with the policy's ``order_by``) with asyncpg's ``$1, $2 …``
