@@ -32,6 +32,7 @@ from _faultcases import (
     CLAIM_SQL,
     HEARTBEAT_SQL,
     WRITE_SQL,
+    CommitFault,
     FaultProxy,
     History,
     Witness,
@@ -149,6 +150,19 @@ class FakeClock:
         self.now += seconds
 
 
+async def _end_with_its_reply_lost(
+    fault_proxy: FaultProxy, client: Node, witness: Witness, gate: asyncio.Event, type: str
+) -> tuple[int, CommitFault]:
+    """Create a task of ``type`` (context ``{"i": 0}``), wait until it runs, then let it end
+    (``gate``) with the reply to the write of its end dropped; the task and the fault."""
+    task_id = await client.create_task(type, '{"i": 0}')
+    await wait_for(lambda: witness.started([task_id]), timeout=BOUND, what="the task to start")
+    fault = fault_proxy.drop_commit_after(WRITE_SQL)
+    gate.set()
+    await fault.wait(BOUND)
+    return task_id, fault
+
+
 # -- 1. a lost COMMIT reply of a completion --------------------------------------------------
 
 
@@ -202,11 +216,7 @@ async def test_lost_commit_reply_of_a_completion_never_lands_on_the_next_attempt
     )
     caplog.set_level(logging.WARNING, logger="aioasync_tasks")
     async with running(fault_proxy, client, node):
-        task_id = await client.create_task("flaky", '{"i": 0}')
-        await wait_for(lambda: witness.started([task_id]), timeout=BOUND, what="attempt 1")
-        fault = fault_proxy.drop_commit_after(WRITE_SQL)
-        gate.set()
-        await fault.wait(BOUND)
+        task_id, fault = await _end_with_its_reply_lost(fault_proxy, client, witness, gate, "flaky")
         await wait_for(
             lambda: all_in(raw, [task_id], "finished"), timeout=BOUND, what="the task to finish"
         )
@@ -264,11 +274,7 @@ async def test_lost_reply_of_a_finished_tasks_one_statement_end_is_not_written_t
     node = make_node(proxied, registry, name="a", concurrency=2, **QUIET)
     caplog.set_level(logging.WARNING, logger="aioasync_tasks")
     async with running(fault_proxy, client, node):
-        task_id = await client.create_task("once", '{"i": 0}')
-        await wait_for(lambda: witness.started([task_id]), timeout=BOUND, what="the task")
-        fault = fault_proxy.drop_commit_after(WRITE_SQL)
-        gate.set()
-        await fault.wait(BOUND)
+        task_id, fault = await _end_with_its_reply_lost(fault_proxy, client, witness, gate, "once")
 
         def rejected() -> bool:
             return any("final write (finished) rejected" in r.getMessage() for r in caplog.records)
