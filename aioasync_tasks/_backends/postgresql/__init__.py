@@ -20,7 +20,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
-from ..._errors import NodeStopped
 from ..._urls import POOLER_OPTION
 from .._driver import (
     TASK_DONE,
@@ -203,8 +202,6 @@ class PostgresDriver(SqlDriver):
 
         sql, names = self._positional(name, order_by)
         url = self.engine.url
-        if self.in_flight.closed:
-            raise NodeStopped("the node was stopped")
         try:
             pooled = await self.engine.raw_connection()
         except WRAPPED as exc:
