@@ -138,13 +138,19 @@ WRAPPED = (SQLAlchemyError, OSError, UnicodeError)
 and a text the driver cannot encode."""
 
 
+def session_key(name: str) -> str:
+    """The key under which a pooled connection's ``info`` remembers the session value
+    ``name`` (``set_session_value``; cleared by ``forget_session_values``)."""
+    return f"aioasync_{name}"
+
+
 def set_session_value(conn: Connection, name: str, value: object, statement: str) -> None:
     """Run ``statement`` (a ``SET`` or ``PRAGMA`` giving ``name`` the value ``value``) unless the
     driver connection has that value already. Called from a ``begin`` listener: the value is
     remembered per pooled connection, so a connection that keeps serving the same kind of
     transaction pays the round trip once, not at every transaction."""
     info = conn.connection.info
-    key = f"aioasync_{name}"
+    key = session_key(name)
     if key in info and info[key] == value:
         return
     info.pop(key, None)  # unknown until the statement has run
@@ -156,7 +162,7 @@ def forget_session_values(conn: Connection) -> None:
     """After a rollback: a ``SET`` in the transaction rolled back was undone (PostgreSQL)."""
     if not conn.invalidated:
         info = conn.connection.info
-        for key in [k for k in info if k.startswith("aioasync_")]:
+        for key in [k for k in info if k.startswith(session_key(""))]:
             del info[key]
 
 

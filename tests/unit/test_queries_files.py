@@ -26,6 +26,8 @@ ONLY = {
         "claim_at_once",
         "claim_walk",
         "claim_take",
+        "claim_update",
+        "limited_groups",
         "watched_events",
         "complete_at_once",
         "checkpoint_at_once",

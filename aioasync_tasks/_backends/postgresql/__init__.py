@@ -33,7 +33,13 @@ from .._driver import (
     task_events,
 )
 from .._sqldriver import CERTAIN_ENDS, CLAIM, ClaimWindow, SqlDriver, whole
-from .._transaction import WRAPPED, database_error, forget_session_values, set_session_value
+from .._transaction import (
+    WRAPPED,
+    database_error,
+    forget_session_values,
+    session_key,
+    set_session_value,
+)
 
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 """A ``:name`` parameter of a statement (not the ``::`` of a cast)."""
@@ -47,9 +53,9 @@ tries one statement again (docs/design.md §6.9)."""
 
 GENERIC_PLANS = "force_generic_plan"
 """The ``plan_cache_mode`` of the library's statements (docs/design.md §15)."""
-PLANS_KEY = "aioasync_plans"
-"""Where a pooled connection's ``info`` remembers its session's ``plan_cache_mode``
-(``set_session_value``'s key for "plans")."""
+PLANS = "plans"
+"""The name under which a pooled connection remembers its session's ``plan_cache_mode``
+(``set_session_value``, ``session_key``)."""
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 """The execution option of our write transactions: the server's
@@ -91,7 +97,7 @@ def configure_engine(engine: AsyncEngine) -> None:
         )
         # Our statements are planned once per connection, not at every run (§15).
         plans = GENERIC_PLANS if options.get("aioasync_write") else "DEFAULT"
-        set_session_value(conn, "plans", plans, f"SET plan_cache_mode = {plans}")
+        set_session_value(conn, PLANS, plans, f"SET plan_cache_mode = {plans}")
 
     event.listen(sync_engine, "rollback", forget_session_values)
     sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
@@ -146,8 +152,7 @@ class PostgresDriver(SqlDriver):
             "limit": p.limit,
             "pool": p.limit * self.claim_pool_factor,
             "busy": self.bind_list(p.busy),
-            "events_channel": self.events_channel,
-            "events_kind": f"{TASK_PROGRESS}:",
+            **self._watched_events(TASK_PROGRESS),
             **CLAIM,
         }
         head, *taken = await self.fetch("claim_at_once", bound, p.policy.order_by)
@@ -164,11 +169,7 @@ class PostgresDriver(SqlDriver):
         return self.claim_result(p, rows, window, head["next_due"])
 
     async def checkpoint_at_once(self, params: CheckpointParams) -> set[int]:
-        bound = {
-            **self._checkpoint_params(params),
-            "events_channel": self.events_channel,
-            "events_kind": f"{TASK_PROGRESS}:",
-        }
+        bound = {**self._checkpoint_params(params), **self._watched_events(TASK_PROGRESS)}
         rows = await self.fetch("checkpoint_at_once", bound)
         return {row["id"] for row in rows}
 
@@ -185,11 +186,15 @@ class PostgresDriver(SqlDriver):
             "errors": [c.error for c in completions],
             "progress": [c.progress for c in completions],
             "messages": [c.message for c in completions],
-            "events_channel": self.events_channel,
-            "events_kind": f"{TASK_DONE}:",
+            **self._watched_events(TASK_DONE),
         }
         rows = await self.fetch("complete_at_once", bound)
         return {row["id"] for row in rows}
+
+    def _watched_events(self, kind: str) -> dict[str, str]:
+        """The parameters of the fragment ``watched_events``: the events of ``kind`` on the
+        watchers' channel, each ``kind:`` then the ids, as ``task_events`` makes them."""
+        return {"events_channel": self.events_channel, "events_kind": f"{kind}:"}
 
     async def fetch(self, name: str, params: Mapping[str, Any], order_by: str = "") -> list[Any]:
         """The rows (asyncpg's records) of the statement ``name``, run outside a transaction
@@ -209,10 +214,11 @@ class PostgresDriver(SqlDriver):
         raw: Any = pooled.driver_connection
         broken = True  # unless it ends well, or with an error of the statement's own
         try:
-            if self._per_session and pooled.info.get(PLANS_KEY) != GENERIC_PLANS:
-                pooled.info.pop(PLANS_KEY, None)
+            plans = session_key(PLANS)
+            if self._per_session and pooled.info.get(plans) != GENERIC_PLANS:
+                pooled.info.pop(plans, None)  # unknown until the statement has run
                 await raw.execute(f"SET plan_cache_mode = {GENERIC_PLANS}")
-                pooled.info[PLANS_KEY] = GENERIC_PLANS
+                pooled.info[plans] = GENERIC_PLANS
             rows = list(await raw.fetch(sql, *(params[n] for n in names)))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             broken = not isinstance(exc, asyncpg.PostgresError) or isinstance(

@@ -226,10 +226,7 @@ SELECT name FROM {groups} WHERE name = :name FOR UPDATE
 WITH RECURSIVE
 {claim_walk},
 limited AS (
-    SELECT count(*) AS n FROM (SELECT name FROM {groups}
-        WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
-            AND name IN (SELECT group_name FROM walk WHERE n > 0)
-        ORDER BY name FOR UPDATE) l
+    SELECT count(*) AS n FROM ({limited_groups} ORDER BY name FOR UPDATE) l
 )
 SELECT me.registered, limited.n AS limited, due.next_due, w.group_name, w.user_name
 FROM me CROSS JOIN limited CROSS JOIN due
@@ -245,14 +242,7 @@ pairs(group_name, user_name) AS (
     SELECT * FROM unnest(CAST(:window_groups AS text[]), CAST(:window_users AS text[]))
 ),
 {claim_take}
-UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
-    token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
-    updated_at = now()
-FROM picked k
-WHERE t.id = k.claim_id
-RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
-    token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
-    trace_parent
+{claim_update}
 
 -- name: claim_at_once
 -- A whole claim in one statement, run outside a transaction: one round trip, no BEGIN and no
@@ -266,26 +256,13 @@ RETURNING id, type, user_name, group_name, context, attempts, max_attempts, hand
 -- they would from the driver's notify (watched_events).
 WITH RECURSIVE
 {claim_walk},
-window_limited AS (
-    SELECT count(*) AS n FROM {groups}
-    WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
-        AND name IN (SELECT group_name FROM walk WHERE n > 0)
-),
+window_limited AS (SELECT count(*) AS n FROM ({limited_groups}) l),
 pairs(group_name, user_name) AS (
     SELECT w.group_name, w.user_name FROM walk w CROSS JOIN me CROSS JOIN window_limited l
     WHERE w.n > 0 AND me.registered > 0 AND l.n = 0
 ),
 {claim_take},
-written AS (
-    UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
-        token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
-        updated_at = now()
-    FROM picked k
-    WHERE t.id = k.claim_id
-    RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff,
-        priority, token, watched_until > now() AS watched,
-        EXTRACT(EPOCH FROM now() - run_at) AS waited, trace_parent
-),
+written AS ({claim_update}),
 {watched_events}
 SELECT me.registered, l.n > 0 AS limited, due.next_due,
     (SELECT array_agg(group_name ORDER BY n) FROM walk WHERE n > 0) AS window_groups,
@@ -299,6 +276,25 @@ UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, id, type, user_name, group_name, context, attempts,
     max_attempts, handoff, priority, token, watched, waited, trace_parent
 FROM written
+
+-- name: claim_update
+-- A fragment of claim and claim_at_once: the UPDATE that takes the rows of the CTE `picked`
+-- (event CLAIM: :from_state to :to_state), with the columns a claim returns.
+UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
+    token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
+    updated_at = now()
+FROM picked k
+WHERE t.id = k.claim_id
+RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
+    token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
+    trace_parent
+
+-- name: limited_groups
+-- A fragment of claim_prepare and claim_at_once: the groups of the walk's window that have a
+-- limit (docs/design.md §6.4).
+SELECT name FROM {groups}
+WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
+    AND name IN (SELECT group_name FROM walk WHERE n > 0)
 
 -- name: watched_events
 -- A fragment of claim_at_once and complete_at_once: the CTE `events`, one pg_notify per 300
