@@ -28,17 +28,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import make_node, raw_engine, wait_for
+from _helpers import BOUND, make_node, raw_engine, wait_for
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Node, Report, State, TaskRegistry
+from aioasync_tasks._backends.postgresql import PostgresDriver, plan_settings, set_statement
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +203,8 @@ def check_uses_index(plan: dict[str, Any], what: str, *, filter_column: str | No
 def sql_literal(value: object) -> str:
     """A literal for EXECUTE (the values are the test's own: text, numbers, times, lists of
     text; an empty list is left for the statement's own cast to type)."""
+    if value is None:
+        return "NULL"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -213,7 +216,7 @@ def sql_literal(value: object) -> str:
     if isinstance(value, list | tuple) and not value:
         return "'{}'"
     if isinstance(value, list | tuple):
-        cast = "" if all(isinstance(v, int) for v in value) else "::text[]"
+        cast = "" if all(isinstance(v, int | None) for v in value) else "::text[]"
         return "ARRAY[" + ", ".join(sql_literal(v) for v in value) + "]" + cast
     raise TypeError(f"no literal for {value!r}")
 
@@ -313,6 +316,133 @@ async def test_claim_uses_indexes_on_100k_pending(db: DbTarget) -> None:
             await check_both_plans(engine, cleanup_claim, "cleanup claim, mixed states")
     finally:
         await engine.dispose()
+
+
+YOUNG_TASKS = 16
+"""The tasks of the young table the hot statements are first planned on."""
+
+
+def touches_tasks(statement: str) -> bool:
+    """A statement that reads or writes the tasks table (not one of the other tables only)."""
+    return re.search(rf"\b{TABLE}\b(?!_)", statement) is not None
+
+
+def rows_read(plan: dict[str, Any]) -> int:
+    """The rows an executed plan read from the tasks table: those its scans of the table or
+    of its indexes returned or filtered out, in every loop."""
+    return sum(
+        (
+            n["Actual Rows"]
+            + n.get("Rows Removed by Filter", 0)
+            + n.get("Rows Removed by Index Recheck", 0)
+        )
+        * n["Actual Loops"]
+        for n in plan_nodes(plan)
+        if n.get("Relation Name") == TABLE
+    )
+
+
+@pytest.mark.postgres_only
+async def test_generic_plans_made_on_a_young_table_still_seek_on_a_big_one(
+    db: DbTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node plans its statements once per connection (generic plans, docs/design.md §15),
+    and PostgreSQL plans them again only after an ANALYZE of the table. A node started on a
+    young table keeps the plans it made for a few rows while the table grows by thousands of
+    rows a second, or for good where nothing runs ANALYZE: a plan that hashes the whole table,
+    or scans every PENDING row to join them with the few it claims, is cheap on 16 rows and
+    ruinous on 100,000 (the bloat benchmark saw claims take seconds). The hot statements —
+    creates, both claims, completions, checkpoints — are captured as a node runs them on a
+    young table and planned there; the table then grows to 100,000 PENDING tasks, unanalyzed,
+    and each statement runs again on its cached plan (EXPLAIN ANALYZE, rolled back). None may
+    read a tenth of the table's rows: these plans read at most a hundred; the plans that
+    were made before the planner settings of §15 read 100,000 to 300,000."""
+    captured: dict[str, list[Any]] = {}
+    ran: set[str] = set()
+    fetch = PostgresDriver.fetch
+
+    async def recording(
+        driver: PostgresDriver, name: str, params: Mapping[str, Any], order_by: str = ""
+    ) -> list[Any]:
+        sql, names = driver._positional(name, order_by)
+        captured.setdefault(sql, [params[n] for n in names])
+        ran.add(name)
+        return await fetch(driver, name, params, order_by)
+
+    monkeypatch.setattr(PostgresDriver, "fetch", recording)
+    checkpointed = asyncio.Event()
+    registry = TaskRegistry()
+
+    async def job(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report(context='{"step": 1}')
+        await checkpointed.wait()
+        yield Report.finished()
+
+    for name in ["job", *TYPES]:  # TYPES: the tasks of fill
+        registry.register_task(name, job)
+    engine = raw_engine(db)
+    try:
+        async with make_node(db, registry, concurrency=0) as client:
+            await client.set_group_limits("limited", max_running=5)  # claimed in two statements
+            worker = make_node(db, registry, concurrency=YOUNG_TASKS)
+            with Capture(client.engine) as created, Capture(worker.engine) as claimed:
+                async with worker:
+                    ids = [await client.create_task("job")]
+                    ids += await client.create_tasks(
+                        [{"type": "job", "group": "limited"}] * (YOUNG_TASKS // 2 - 1)
+                        + [{"type": "job"}] * (YOUNG_TASKS // 2)
+                    )
+                    await wait_for(
+                        lambda: "checkpoint_at_once" in ran,
+                        what="a checkpoint in one statement",
+                    )
+                    checkpointed.set()
+                    for task_id in ids:
+                        await client.wait_task(task_id, timeout=BOUND)
+            statements = dict(captured)
+            for sql, args in created.statements + claimed.statements:
+                statements.setdefault(sql, list(args))
+            hot = {sql: args for sql, args in statements.items() if touches_tasks(sql)}
+            assert {"insert_task_and_wake", "claim_at_once", "complete_at_once"} <= ran
+            assert claimed.find(is_claim_window)  # the limited group's claim: two statements
+            assert claimed.find(is_claim)
+
+            async with engine.connect() as session:
+                conn: Any = (await session.get_raw_connection()).driver_connection  # asyncpg's
+                await conn.execute(set_statement(plan_settings(ours=True)))  # as the node's
+                executes = {}
+                for i, (sql, args) in enumerate(hot.items()):
+                    await conn.execute(f"PREPARE young{i} AS {sql}")
+                    types = await conn.fetchval(
+                        "SELECT parameter_types::text[] FROM pg_prepared_statements "
+                        "WHERE name = $1",
+                        f"young{i}",
+                    )
+                    literals = ", ".join(
+                        f"CAST({sql_literal(v)} AS {t})" for v, t in zip(args, types, strict=True)
+                    )
+                    executes[sql] = f"EXECUTE young{i}({literals})"
+                    await conn.fetchval(f"EXPLAIN (FORMAT JSON) {executes[sql]}")  # planned now
+                await fill(client)  # 100,000 more rows, and no ANALYZE
+                ruinous = []
+                for sql in hot:
+                    transaction = conn.transaction()
+                    await transaction.start()
+                    try:
+                        plan = _plan_of(
+                            await conn.fetchval(
+                                f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {executes[sql]}"
+                            )
+                        )
+                    finally:
+                        await transaction.rollback()
+                    read = rows_read(plan)
+                    if read > ROWS // 10:
+                        ruinous.append(f"{read} rows read by\n{sql}\n{render(plan)}")
+                await session.invalidate()  # its prepared statements and plan mode go with it
+    finally:
+        await engine.dispose()
+    assert not ruinous, "\n\n".join(ruinous)
 
 
 QUERIES: list[tuple[str, dict[str, Any], str | None]] = [

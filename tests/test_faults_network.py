@@ -896,7 +896,8 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
 ) -> None:
     """On an engine the application shares with its node (one connection, so both use the same
     session): the node's write transactions run with ``idle_in_transaction_session_timeout``
-    at ¼ of the node timeout and with generic plans (``plan_cache_mode``), and the
+    at ¼ of the node timeout and with its planner settings (generic plans, no sequential scans:
+    ``PLAN_SETTINGS``), and the
     application's own transactions on that engine — before, between and after the node's — run
     with the server's defaults, never the node's settings. So do the node's statements outside
     a transaction (a one-by-one create: generic plans, docs/design.md §15)."""
@@ -913,18 +914,19 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
     )
     show = text(
         "SELECT current_setting('idle_in_transaction_session_timeout'),"
-        " current_setting('plan_cache_mode')"
+        " current_setting('plan_cache_mode'), current_setting('enable_seqscan')"
     )
+    ours = ("2s", "force_generic_plan", "off")
     try:
         async with engine.begin() as conn:
             default = tuple((await conn.execute(show)).one())
-        assert default[1] == "auto"
+        assert default[1:] == ("auto", "on")
         await node.start()
         backend = node.driver
         assert isinstance(backend, SqlDriver)
         for _ in range(3):
             async with backend.write() as conn:  # the node's own write transaction
-                assert tuple((await conn.execute(show)).one()) == ("2s", "force_generic_plan")
+                assert tuple((await conn.execute(show)).one()) == ours
             await node.pause_group("g")
             async with engine.begin() as conn:
                 assert tuple((await conn.execute(show)).one()) == default
@@ -935,8 +937,8 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
             async with engine.connect() as conn:
                 # No transaction begun: the session as the node's statement left it.
                 raw: Any = (await conn.get_raw_connection()).driver_connection
-                plans = await raw.fetchval("SELECT current_setting('plan_cache_mode')")
-                assert plans == "force_generic_plan"
+                plans = await raw.fetchrow(show.text)
+                assert tuple(plans)[1:] == ours[1:]
             async with engine.begin() as conn:
                 assert tuple((await conn.execute(show)).one()) == default
     finally:

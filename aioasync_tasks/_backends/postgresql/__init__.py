@@ -51,11 +51,25 @@ LIMITED_PAUSE = 1.0
 """Seconds a node claims in two statements after a window with a limited group, before it
 tries one statement again (docs/design.md §6.9)."""
 
-GENERIC_PLANS = "force_generic_plan"
-"""The ``plan_cache_mode`` of the library's statements (docs/design.md §15)."""
-PLANS = "plans"
-"""The name under which a pooled connection remembers its session's ``plan_cache_mode``
-(``set_session_value``, ``session_key``)."""
+PLAN_SETTINGS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
+"""The planner settings of the library's statements (docs/design.md §15): planned once per
+connection, and planned to read the tasks table by its indexes whatever its size then — a plan
+made on a young table of a few rows is kept while the table grows to millions. Each is made for
+the session and remembered per pooled connection under its name (``set_session_value``)."""
+
+
+def plan_settings(ours: bool) -> dict[str, str]:
+    """The planner settings of a session that serves the library's statements (``ours``), or
+    the application's transactions (the server's own)."""
+    return {name: value if ours else "DEFAULT" for name, value in PLAN_SETTINGS.items()}
+
+
+def set_statement(settings: Mapping[str, str]) -> str:
+    """One ``SET`` per setting, as one simple query (asyncpg's ``execute`` without arguments:
+    one round trip). A ``SET``, unlike a ``SELECT set_config(…)``, takes no snapshot, so an
+    application's transaction may still choose its isolation level after it."""
+    return "; ".join(f"SET {name} = {value}" for name, value in settings.items())
+
 
 IDLE_TIMEOUT_OPTION = "aioasync_idle_ms"
 """The execution option of our write transactions: the server's
@@ -96,8 +110,8 @@ def configure_engine(engine: AsyncEngine) -> None:
             f"SET idle_in_transaction_session_timeout = {value}",
         )
         # Our statements are planned once per connection, not at every run (§15).
-        plans = GENERIC_PLANS if options.get("aioasync_write") else "DEFAULT"
-        set_session_value(conn, PLANS, plans, f"SET plan_cache_mode = {plans}")
+        for name, setting in plan_settings(bool(options.get("aioasync_write"))).items():
+            set_session_value(conn, name, setting, set_statement({name: setting}))
 
     event.listen(sync_engine, "rollback", forget_session_values)
     sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
@@ -202,7 +216,8 @@ class PostgresDriver(SqlDriver):
         SQLAlchemy's layers: no ``Connection``, no ``BEGIN`` or ``COMMIT`` and their events
         (they cost more than the round trip; docs/design.md §13.1). asyncpg prepares the
         statement once per connection (unless through a transaction pooler, §9.5) and binds
-        the values as they are; a statement of the library runs with generic plans (§15)."""
+        the values as they are; a statement of the library runs with its planner settings
+        (``PLAN_SETTINGS``, §15)."""
         import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - loaded by then; not for SQLite
 
         sql, names = self._positional(name, order_by)
@@ -214,11 +229,13 @@ class PostgresDriver(SqlDriver):
         raw: Any = pooled.driver_connection
         broken = True  # unless it ends well, or with an error of the statement's own
         try:
-            plans = session_key(PLANS)
-            if self._per_session and pooled.info.get(plans) != GENERIC_PLANS:
-                pooled.info.pop(plans, None)  # unknown until the statement has run
-                await raw.execute(f"SET plan_cache_mode = {GENERIC_PLANS}")
-                pooled.info[plans] = GENERIC_PLANS
+            settings = plan_settings(ours=True)
+            missing = {n: v for n, v in settings.items() if pooled.info.get(session_key(n)) != v}
+            if self._per_session and missing:
+                for setting in missing:
+                    pooled.info.pop(session_key(setting), None)  # unknown until the SET has run
+                await raw.execute(set_statement(missing))
+                pooled.info.update({session_key(n): v for n, v in missing.items()})
             rows = list(await raw.fetch(sql, *(params[n] for n in names)))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             broken = not isinstance(exc, asyncpg.PostgresError) or isinstance(

@@ -171,7 +171,7 @@ FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:requested AS te
     CAST(:expected AS text[]))
     AS v(id, state, requested, node_id, attempts, handoff, group_name, context, error,
     progress, message, delay, done, token, expected)
-WHERE t.id = v.id AND t.token = v.token AND t.state = v.expected
+WHERE t.id = v.id AND t.id = ANY(:id) AND t.token = v.token AND t.state = v.expected
 
 -- name: complete_at_once
 -- The ends of executions whose outcome is certain for a task that still runs as claimed
@@ -190,7 +190,8 @@ WITH written AS (
         CAST(:contexts AS text[]), CAST(:errors AS text[]),
         CAST(:progress AS double precision[]), CAST(:messages AS text[]))
         AS v(id, token, state, context, error, progress, message)
-    WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = 'running'
+    WHERE t.id = v.id AND t.id = ANY(:ids) AND t.token = v.token AND t.node_id = :node
+        AND t.state = 'running'
         AND t.requested IS NULL
     RETURNING t.id, t.watched_until > now() AS watched
 ),
@@ -283,8 +284,7 @@ FROM written
 UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
     token = t.token + 1, handoff = false, started_at = COALESCE(t.started_at, now()),
     updated_at = now()
-FROM picked k
-WHERE t.id = k.claim_id
+WHERE t.id = ANY(ARRAY(SELECT claim_id FROM picked))
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
     token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
     trace_parent
@@ -339,6 +339,9 @@ open_groups AS MATERIALIZED (
 -- from the first user up to it), else the first queue of the next open group, or once of the
 -- first open group (b, of the group nx). k: the queues taken from the step's group so far
 -- (the first row: none, and no room left); lap: the group's walk is past its last user.
+-- a and b read the queue index only, each the first row of its seeks in the order written
+-- (UNION ALL … LIMIT 1 runs them one after the other and stops at the first row found): no
+-- join of the tasks table, whose plan could read the whole table (docs/design.md §15).
 walk(group_name, user_name, n, k, lap, wrapped) AS (
     SELECT CAST(:after_group AS text), CAST('' AS text), 0, CAST(:window AS integer),
         false, false
@@ -350,27 +353,34 @@ walk(group_name, user_name, n, k, lap, wrapped) AS (
         w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name)
     FROM walk w
     LEFT JOIN open_groups cur ON cur.name = w.group_name AND w.k < cur.quota
-    LEFT JOIN {tasks} a ON a.id = CASE WHEN NOT w.lap THEN COALESCE(
-            (SELECT id FROM {tasks}
-             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
-             ORDER BY group_name, user_name LIMIT 1),
-            (SELECT id FROM {tasks}
-             WHERE state = 'pending' AND group_name = cur.name AND user_name <= cur.after_user
-             ORDER BY group_name, user_name LIMIT 1))
-        ELSE (SELECT id FROM {tasks}
-             WHERE state = 'pending' AND group_name = cur.name AND user_name > w.user_name
-                AND user_name <= cur.after_user
-             ORDER BY group_name, user_name LIMIT 1) END
+    LEFT JOIN LATERAL (
+        (SELECT id, group_name, user_name FROM {tasks}
+         WHERE NOT w.lap AND state = 'pending' AND group_name = cur.name
+            AND user_name > w.user_name
+         ORDER BY group_name, user_name LIMIT 1)
+        UNION ALL
+        (SELECT id, group_name, user_name FROM {tasks}
+         WHERE NOT w.lap AND state = 'pending' AND group_name = cur.name
+            AND user_name <= cur.after_user
+         ORDER BY group_name, user_name LIMIT 1)
+        UNION ALL
+        (SELECT id, group_name, user_name FROM {tasks}
+         WHERE w.lap AND state = 'pending' AND group_name = cur.name AND user_name > w.user_name
+            AND user_name <= cur.after_user
+         ORDER BY group_name, user_name LIMIT 1)
+        LIMIT 1) a ON true
     LEFT JOIN open_groups nx ON a.id IS NULL AND nx.name = COALESCE(
         (SELECT min(name) FROM open_groups WHERE name > w.group_name),
         CASE WHEN NOT w.wrapped THEN (SELECT min(name) FROM open_groups) END)
-    LEFT JOIN {tasks} b ON b.id = COALESCE(
-        (SELECT id FROM {tasks}
+    LEFT JOIN LATERAL (
+        (SELECT id, group_name, user_name FROM {tasks}
          WHERE state = 'pending' AND group_name = nx.name AND user_name > nx.after_user
-         ORDER BY group_name, user_name LIMIT 1),
-        (SELECT id FROM {tasks}
+         ORDER BY group_name, user_name LIMIT 1)
+        UNION ALL
+        (SELECT id, group_name, user_name FROM {tasks}
          WHERE state = 'pending' AND group_name = nx.name
-         ORDER BY group_name, user_name LIMIT 1))
+         ORDER BY group_name, user_name LIMIT 1)
+        LIMIT 1) b ON true
     WHERE w.n < :window AND (a.id IS NOT NULL OR b.id IS NOT NULL)
         AND (NOT (w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name))
             OR COALESCE(a.group_name, b.group_name) <= CAST(:after_group AS text))
@@ -412,11 +422,11 @@ open_pairs AS (
 heads AS (
     SELECT h.id, h.handoff, h.priority, h.run_at, h.group_name, h.user_name,
         op.user_running, 1 AS user_rank
-    FROM open_pairs op JOIN {tasks} h ON h.id = (
-        SELECT id FROM {tasks}
+    FROM open_pairs op CROSS JOIN LATERAL (
+        SELECT id, handoff, priority, run_at, group_name, user_name FROM {tasks}
         WHERE state = 'pending' AND run_at <= now() AND type = ANY(:types)
             AND group_name = op.group_name AND user_name = op.user_name
-        ORDER BY handoff DESC, priority DESC, id LIMIT 1)
+        ORDER BY handoff DESC, priority DESC, id LIMIT 1) h
 ),
 top_pairs AS (SELECT group_name, user_name FROM heads ORDER BY {order_by} LIMIT :pool),
 -- Up to :pool due tasks of each of those queues, ranked within their queue.
@@ -443,7 +453,8 @@ allowed AS (
 -- :pool candidates in policy order (pick); the claim takes the first :limit it can lock, so
 -- rows another claimer holds are skipped past, not lost.
 chosen AS (
-    SELECT id, group_name, row_number() OVER (ORDER BY {order_by}) AS pick
+    SELECT id, group_name, CAST(:from_state AS text) AS state,
+        row_number() OVER (ORDER BY {order_by}) AS pick
     FROM allowed WHERE group_room IS NULL OR group_rank <= group_room
     ORDER BY {order_by} LIMIT :pool
 ),
@@ -451,10 +462,13 @@ chosen AS (
 -- was moved to another group, since this statement's snapshot is skipped; so is a row the
 -- node still runs an execution of (:busy). MATERIALIZED: the rows are locked once; a plan
 -- that ran this again for each row it updates would skip the rows it had locked and take
--- the next ones, more than :limit in all.
+-- the next ones, more than :limit in all. The rows are found by their ids, whatever the plan:
+-- the state is compared with chosen's, a join condition, not one an index of the tasks could
+-- serve alone (an index scan of every PENDING row, joined with the few chosen).
 picked AS MATERIALIZED (
     SELECT r.id AS claim_id FROM {tasks} r JOIN chosen c ON c.id = r.id
-    WHERE r.state = :from_state AND r.group_name = c.group_name
+    WHERE r.id = ANY(ARRAY(SELECT id FROM chosen))
+        AND r.state = c.state AND r.group_name = c.group_name
         AND NOT (r.id = ANY(CAST(:busy AS bigint[])))
     ORDER BY c.pick LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED
@@ -475,8 +489,7 @@ WITH picked AS MATERIALIZED (
 )
 UPDATE {tasks} t SET state = :to_state, node_id = :node, attempts = t.attempts + 1,
     token = t.token + 1, updated_at = now()
-FROM picked c
-WHERE t.id = c.claim_id
+WHERE t.id = ANY(ARRAY(SELECT claim_id FROM picked))
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
     token, watched_until > now() AS watched, EXTRACT(EPOCH FROM now() - run_at) AS waited,
     trace_parent
@@ -490,7 +503,8 @@ UPDATE {tasks} t SET context = COALESCE(v.context, t.context),
 FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]),
     CAST(:progress AS double precision[]), CAST(:messages AS text[]))
     AS v(id, token, context, progress, message)
-WHERE t.id = v.id AND t.token = v.token AND t.node_id = :node AND t.state = ANY(:states)
+WHERE t.id = v.id AND t.id = ANY(:ids) AND t.token = v.token AND t.node_id = :node
+    AND t.state = ANY(:states)
 RETURNING t.id, t.watched_until > now() AS watched
 
 -- name: checkpoint_at_once
