@@ -33,7 +33,10 @@ from aioasync_tasks import Node, Observer, Report, TaskRegistry
 COUNTERS = {"executed": 0, "checkpoints": 1000}
 
 
-def build_registry() -> TaskRegistry:
+def build_registry(*, cleanup_handler: bool = False) -> TaskRegistry:
+    """The benchmarks' task types; with ``cleanup_handler``, also ``cleaned``, a type with a
+    cleanup handler, so that the node makes a cleanup claim at every claim round (no task of
+    it is created: the claims find nothing)."""
     tasks = TaskRegistry()
 
     @tasks.task("noop")
@@ -63,6 +66,12 @@ def build_registry() -> TaskRegistry:
             await asyncio.wait_for(stop.wait(), float(context or "1"))
         yield Report.finished()
 
+    if cleanup_handler:
+
+        async def cleaned(context: str, stop: asyncio.Event) -> Any:
+            yield Report.finished()
+
+        tasks.register_task("cleaned", cleaned, cleaned)
     return tasks
 
 
@@ -210,7 +219,8 @@ async def main(args: argparse.Namespace) -> None:
     if args.poll_interval is not None:
         options["poll_interval"] = args.poll_interval
     options["observers"] = observers(args.observers)
-    node = Node(args.url, registry=build_registry(), concurrency=args.concurrency, **options)
+    registry = build_registry(cleanup_handler=args.cleanup_handler)
+    node = Node(args.url, registry=registry, concurrency=args.concurrency, **options)
     stats = Stats()
     stats.wrap_backend(node)
     gc.callbacks.append(stats.on_gc)
@@ -288,6 +298,11 @@ def cli() -> None:
         default="none",
         help="the node's observers: PrometheusMetrics, or OpenTelemetry with the SDK's providers "
         "(spans and metrics made, nothing exported)",
+    )
+    parser.add_argument(
+        "--cleanup-handler",
+        action="store_true",
+        help="also register a type with a cleanup handler (a cleanup claim every claim round)",
     )
     parser.add_argument("--profile-out", help="write a pyinstrument profile here (.html/.txt)")
     parser.add_argument(

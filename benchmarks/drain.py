@@ -54,6 +54,8 @@ def node_args(db: c.BenchDb, concurrency: int, args: argparse.Namespace) -> list
     observing = getattr(args, "observers", None)
     if observing and observing != "none":
         extra += ["--observers", observing]
+    if getattr(args, "cleanup_handler", False):
+        extra += ["--cleanup-handler"]
     return db.node_args() + extra
 
 
@@ -275,6 +277,11 @@ def main() -> None:
         default="none",
         help="the nodes' observers (their cost): PrometheusMetrics or OpenTelemetry (SDK "
         "providers, nothing exported)",
+    )
+    parser.add_argument(
+        "--cleanup-handler",
+        action="store_true",
+        help="the nodes also have a type with a cleanup handler: a cleanup claim every round",
     )
     parser.add_argument(
         "--profile",

@@ -352,11 +352,12 @@ async def test_generic_plans_made_on_a_young_table_still_seek_on_a_big_one(
     rows a second, or for good where nothing runs ANALYZE: a plan that hashes the whole table,
     or scans every PENDING row to join them with the few it claims, is cheap on 16 rows and
     ruinous on 100,000 (the bloat benchmark saw claims take seconds). The hot statements —
-    creates, both claims, completions, checkpoints — are captured as a node runs them on a
-    young table and planned there; the table then grows to 100,000 PENDING tasks, unanalyzed,
-    and each statement runs again on its cached plan (EXPLAIN ANALYZE, rolled back). None may
-    read a tenth of the table's rows: these plans read at most a hundred; the plans that
-    were made before the planner settings of §15 read 100,000 to 300,000."""
+    creates, both claims, cleanup claims, completions, checkpoints — are captured as a node
+    runs them on a young table and planned there; the table then grows to 100,000 PENDING
+    tasks, unanalyzed, and each statement runs again on its cached plan (EXPLAIN ANALYZE,
+    rolled back). None may read a tenth of the table's rows: these plans read at most a
+    hundred; the plans that were made before the planner settings of §15 read 100,000 to
+    300,000."""
     captured: dict[str, list[Any]] = {}
     ran: set[str] = set()
     fetch = PostgresDriver.fetch
@@ -378,8 +379,12 @@ async def test_generic_plans_made_on_a_young_table_still_seek_on_a_big_one(
         await checkpointed.wait()
         yield Report.finished()
 
+    async def cleanup(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report.finished()
+
     for name in ["job", *TYPES]:  # TYPES: the tasks of fill
         registry.register_task(name, job)
+    registry.register_task("cleaned", job, cleanup)
     engine = raw_engine(db)
     try:
         async with make_node(db, registry, concurrency=0) as client:
@@ -387,6 +392,7 @@ async def test_generic_plans_made_on_a_young_table_still_seek_on_a_big_one(
             worker = make_node(db, registry, concurrency=YOUNG_TASKS)
             with Capture(client.engine) as created, Capture(worker.engine) as claimed:
                 async with worker:
+                    await client.delete_task(await client.create_task("cleaned", auto_run=False))
                     ids = [await client.create_task("job")]
                     ids += await client.create_tasks(
                         [{"type": "job", "group": "limited"}] * (YOUNG_TASKS // 2 - 1)
@@ -403,7 +409,12 @@ async def test_generic_plans_made_on_a_young_table_still_seek_on_a_big_one(
             for sql, args in created.statements + claimed.statements:
                 statements.setdefault(sql, list(args))
             hot = {sql: args for sql, args in statements.items() if touches_tasks(sql)}
-            assert {"insert_task_and_wake", "claim_at_once", "complete_at_once"} <= ran
+            assert {
+                "insert_task_and_wake",
+                "claim_at_once",
+                "complete_at_once",
+                "claim_cleanups_at_once",
+            } <= ran
             assert claimed.find(is_claim_window)  # the limited group's claim: two statements
             assert claimed.find(is_claim)
 

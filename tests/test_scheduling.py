@@ -31,7 +31,7 @@ from aioasync_tasks import (
     current_task,
 )
 from aioasync_tasks._backends import postgresql
-from aioasync_tasks._backends._driver import ClaimParams, RegisterParams
+from aioasync_tasks._backends._driver import ClaimParams, CleanupClaimParams, RegisterParams
 from aioasync_tasks._backends._sqldriver import CLAIM, SqlDriver
 from aioasync_tasks._backends.postgresql import PostgresDriver
 from aioasync_tasks._runner import Backoff
@@ -445,6 +445,46 @@ async def test_a_claim_is_one_statement_unless_its_window_has_a_limited_group(
         monkeypatch.setattr(postgresql, "LIMITED_PAUSE", 3600.0)
         assert await claim("limited") == (["limited"], True)
         assert await claim("free") == (["free"], True)  # within the pause
+
+
+@pytest.mark.postgres_only
+async def test_a_cleanup_claim_is_one_statement_fenced_by_the_node_row(db: DbTarget) -> None:
+    """On PostgreSQL a cleanup claim is one statement on asyncpg's own connection, outside a
+    transaction: nothing of it goes through SQLAlchemy. The statement itself checks the node's
+    row: once the row is gone (the node declared dead), it takes nothing (docs/design.md
+    §6.9)."""
+    registry = TaskRegistry()
+
+    async def finish(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        yield Report.finished()
+
+    registry.register_task("job", finish, finish)  # the task and its cleanup handler
+    async with make_node(db, registry, concurrency=0) as client:
+        backend = client.driver
+        assert isinstance(backend, PostgresDriver)
+        seen: list[str] = []
+        sa.event.listen(
+            backend.engine.sync_engine, "before_cursor_execute", lambda *a: seen.append(a[2])
+        )
+        liveness = {"heartbeat_interval": 5.0, "node_timeout": 30.0}
+        node = await backend.register_node(RegisterParams("cleaner", 10, ["job"], **liveness))
+        first, second = [await client.create_task("job", auto_run=False) for _ in range(2)]
+        for task_id in (first, second):
+            await client.delete_task(task_id)
+        seen.clear()
+        claimed = await backend.claim_cleanups(CleanupClaimParams(node, ["job"], 1))
+        assert [c.id for c in claimed] == [first]
+        assert not [s for s in seen if "deleting" in s]
+        engine = raw_engine(db)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    sa.text("DELETE FROM aioasync_nodes WHERE id = :id"), {"id": node}
+                )
+        finally:
+            await engine.dispose()
+        assert await backend.claim_cleanups(CleanupClaimParams(node, ["job"], 10)) == []
+        assert (await client.get_task(second)).state is State.DELETING
 
 
 @pytest.mark.postgres_only

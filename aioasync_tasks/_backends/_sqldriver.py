@@ -930,24 +930,30 @@ class SqlDriver:
         p = params
         if p.limit <= 0 or not p.types:
             return []
+        at_once = await self.claim_cleanups_at_once(p)
+        if at_once is not None:
+            return at_once
         async with self.write() as conn:
-            # Fencing: a node another node declared dead claims nothing more under its old id.
-            if (await self._run(conn, "node_registered", {"node": p.node_id})).first() is None:
-                return []
-            result = await self._run(
-                conn,
-                "claim_cleanups",
-                {
-                    "node": p.node_id,
-                    "types": self.bind_list(p.types),
-                    "limit": p.limit,
-                    "busy": self.bind_list(p.busy),
-                    **CLEANUP_CLAIM,
-                },
-            )
+            # The statement is fenced: a node another node declared dead takes nothing.
+            result = await self._run(conn, "claim_cleanups", self.cleanup_params(p))
             rows = sorted(result, key=lambda r: r.id)
             await self._notify_claimed(conn, rows)
         return [_rows.claimed(r) for r in rows]
+
+    async def claim_cleanups_at_once(self, params: CleanupClaimParams) -> list[Claimed] | None:
+        """The cleanup claim ``params`` in one statement outside a transaction, where the
+        database can make it so; None where it cannot: it is then made in a transaction."""
+        return None
+
+    def cleanup_params(self, p: CleanupClaimParams) -> dict[str, Any]:
+        """The parameters of ``claim_cleanups``."""
+        return {
+            "node": p.node_id,
+            "types": self.bind_list(p.types),
+            "limit": p.limit,
+            "busy": self.bind_list(p.busy),
+            **CLEANUP_CLAIM,
+        }
 
     async def _notify_claimed(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:
         watched = [row.id for row in rows if row.watched]

@@ -31,10 +31,12 @@ ONLY = {
         "watched_events",
         "complete_at_once",
         "checkpoint_at_once",
+        "claim_cleanups_at_once",
     },
     "sqlite": {"now"},
     "mysql": {
         "now",
+        "node_registered",
         "migration_lock",
         "migration_unlock",
         "lock_limited_groups",

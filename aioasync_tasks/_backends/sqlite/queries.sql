@@ -315,11 +315,10 @@ WHERE id IN (
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
     token, watched_until > {now} AS watched, {now} - run_at AS waited, trace_parent
 
--- name: node_registered
-SELECT id FROM {nodes} WHERE id = :node
-
 -- name: claim_cleanups
--- Unowned, due DELETING tasks, to run their cleanup handler.
+-- Unowned, due DELETING tasks, to run their cleanup handler, taken only while our node's row
+-- exists (fencing: a node declared dead claims nothing more under its old id; the write lock
+-- of the transaction keeps the row as it was read).
 UPDATE {tasks} SET state = :to_state, node_id = :node, attempts = attempts + 1,
     token = token + 1, updated_at = {now}
 WHERE id IN (
@@ -327,6 +326,7 @@ WHERE id IN (
     WHERE state = 'deleting' AND node_id IS NULL AND run_at <= {now}
         AND type IN (SELECT value FROM json_each(:types))
         AND id NOT IN (SELECT value FROM json_each(:busy))
+        AND EXISTS (SELECT 1 FROM {nodes} WHERE id = :node)
     ORDER BY run_at, id LIMIT :limit)
     AND state = :from_state
 RETURNING id, type, user_name, group_name, context, attempts, max_attempts, handoff, priority,
