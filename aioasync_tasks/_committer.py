@@ -41,9 +41,9 @@ RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 @dataclass(slots=True)
 class _Batch:
     contexts: dict[int, Checkpoint] = field(default_factory=dict)
-    context_waiters: dict[int, asyncio.Future[bool]] = field(default_factory=dict)
+    context_waiters: dict[int, list[asyncio.Future[bool]]] = field(default_factory=dict)
     completions: list[Completion] = field(default_factory=list)
-    completion_waiters: dict[int, asyncio.Future[bool]] = field(default_factory=dict)
+    completion_waiters: dict[int, list[asyncio.Future[bool]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.contexts or self.completions)
@@ -94,18 +94,13 @@ class Committer:
         new = Checkpoint(token, context, progress, message)
         waiting = batch.contexts.get(task_id)
         batch.contexts[task_id] = new if waiting is None else waiting.then(new)
-        waiter = batch.context_waiters.get(task_id)
-        if waiter is None:
-            waiter = batch.context_waiters[task_id] = asyncio.get_running_loop().create_future()
-        return await asyncio.shield(waiter)
+        return await _wait(batch.context_waiters, task_id)
 
     async def complete(self, node_id: int, completion: Completion) -> bool:
         """Apply the end of an execution; True once durable and accepted."""
         batch = self._batch(node_id)
         batch.completions.append(completion)
-        waiter = asyncio.get_running_loop().create_future()
-        batch.completion_waiters[completion.task_id] = waiter
-        return await asyncio.shield(waiter)
+        return await _wait(batch.completion_waiters, completion.task_id)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -138,9 +133,9 @@ class Committer:
         newer = self._batches.get(node_id)
         if newer is not None:
             batch.contexts.update(newer.contexts)
-            batch.context_waiters.update(newer.context_waiters)
+            _merge(batch.context_waiters, newer.context_waiters)
             batch.completions.extend(newer.completions)
-            batch.completion_waiters.update(newer.completion_waiters)
+            _merge(batch.completion_waiters, newer.completion_waiters)
         self._batches[node_id] = batch
         self._pending.set()
 
@@ -161,12 +156,14 @@ class Committer:
         self.flushes += 1
         if self._telemetry.enabled:
             self._telemetry.flushed(len(contexts), len(completions), time.monotonic() - began)
-        for task_id, waiter in batch.context_waiters.items():
-            if not waiter.done():
-                waiter.set_result(task_id in accepted)
-        for task_id, waiter in batch.completion_waiters.items():
-            if not waiter.done():
-                waiter.set_result(task_id in done)
+        for task_id, waiters in batch.context_waiters.items():
+            for waiter in waiters:
+                if not waiter.done():  # done: its caller was cancelled
+                    waiter.set_result(task_id in accepted)
+        for task_id, waiters in batch.completion_waiters.items():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(task_id in done)
 
     async def _complete(self, node_id: int, completions: list[Completion]) -> set[int]:
         return await self._driver.complete(
@@ -201,9 +198,9 @@ class Committer:
                 )
             except DatabaseError as exc:
                 self._log.warning("checkpoint of task %s refused: %s", task_id, exc)
-                waiter = batch.context_waiters.get(task_id)
-                if waiter is not None and not waiter.done():
-                    waiter.set_exception(exc)
+                for waiter in batch.context_waiters.get(task_id, ()):
+                    if not waiter.done():
+                        waiter.set_exception(exc)
         return accepted
 
     async def _completions_one_by_one(
@@ -224,3 +221,26 @@ class Committer:
             except DatabaseError as exc:
                 self._log.error("final write of task %s refused again: %s", completion.task_id, exc)
         return done
+
+
+async def _wait(waiters: dict[int, list[asyncio.Future[bool]]], task_id: int) -> bool:
+    """Wait for the flush of a write of ``task_id``, on a future of the caller's own: a caller
+    that is cancelled cancels only its own, and the flush passes it by. A task has one write
+    waiting at a time, but an execution cut off while it waited may leave its write to the
+    same batch as the next execution's."""
+    waiter = asyncio.get_running_loop().create_future()
+    same_task = waiters.get(task_id)
+    if same_task is None:
+        waiters[task_id] = [waiter]
+    else:
+        same_task.append(waiter)
+    accepted: bool = await waiter
+    return accepted
+
+
+def _merge(
+    older: dict[int, list[asyncio.Future[bool]]], newer: dict[int, list[asyncio.Future[bool]]]
+) -> None:
+    """The waiters of a newer batch added to those of an older one it is merged into."""
+    for task_id, waiters in newer.items():
+        older.setdefault(task_id, []).extend(waiters)

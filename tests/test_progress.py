@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from _db import DbTarget
-from _helpers import make_node, wait_state
+from _helpers import BOUND, make_node, wait_state
 from driver._driverkit import Start, make, new_driver, open_engine, register
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import ConfigurationError, Report, State, TaskRegistry, current_task
-from aioasync_tasks._backends._driver import Checkpoint, Driver
+from aioasync_tasks._backends._driver import Checkpoint, Completion, Driver
 from aioasync_tasks._committer import Committer
+from aioasync_tasks._states import Event
 from aioasync_tasks._telemetry import Telemetry
 
 
@@ -159,3 +160,40 @@ async def test_checkpoints_waiting_in_one_batch_are_merged_per_execution(
     assert Checkpoint(1, "a", 0.1, "x").then(Checkpoint(1, None, None, "y")) == Checkpoint(
         1, "a", 0.1, "y"
     )
+
+
+async def test_a_cancelled_writer_leaves_the_others_of_its_batch_their_answer(
+    db: DbTarget,
+) -> None:
+    """Each write waits on a future of its own: when the caller of a checkpoint (or of a
+    completion) is cancelled before the flush — an execution cut off at the end of its grace
+    period — the write is still made, and the other writes of the same task in that batch still
+    get their answer, not the cancellation."""
+    async with open_engine(db) as engine:
+        driver: Driver = await new_driver(engine, db)
+        node = await register(driver)
+        task = await make(driver, node, Start.RUNNING)
+        assert task.token is not None
+        log = logging.getLogger(__name__)
+        committer = Committer(driver, cleanup_attempts=1, logger=log, telemetry=Telemetry((), log))
+        cut_off = asyncio.ensure_future(committer.checkpoint(node, task.id, task.token, "c1"))
+        later = asyncio.ensure_future(
+            committer.checkpoint(node, task.id, task.token, None, progress=0.5)
+        )
+        ended = asyncio.ensure_future(
+            committer.complete(node, Completion(task.id, task.token, Event.FINISHED))
+        )
+        cut_ended = asyncio.ensure_future(
+            committer.complete(node, Completion(task.id, task.token, Event.FINISHED))
+        )
+        await asyncio.sleep(0)  # every write is queued before the flush
+        cut_off.cancel()
+        cut_ended.cancel()
+        await committer.run_once()
+        async with asyncio.timeout(BOUND):  # the flush has answered every write, or never will
+            assert await later is True
+            assert await ended is True
+        assert cut_off.cancelled()
+        assert cut_ended.cancelled()
+        stored = await driver.get_task(task.id)
+    assert (stored.state, stored.context, stored.progress) == (State.FINISHED, "c1", 0.5)
