@@ -317,19 +317,20 @@ pending_groups(name) AS (
         (SELECT group_name FROM {tasks} WHERE state = 'pending' AND group_name > g.name
          ORDER BY group_name LIMIT 1) n
 ),
-group_running AS (
-    SELECT group_name, count(*) AS n FROM {tasks} WHERE state IN ('running', 'canceling')
-    GROUP BY group_name
-),
 cursors(group_name, user_name) AS (
     SELECT * FROM unnest(CAST(:cursor_groups AS text[]), CAST(:cursor_users AS text[]))
 ),
+-- What runs in a group is counted only for a group with max_running (r: 0 for the others,
+-- read from no row): the claim's cost does not grow with what runs in the other groups.
 open_groups AS MATERIALIZED (
     SELECT p.name, c.user_name AS after_user,
         COALESCE(LEAST(g.max_running - COALESCE(r.n, 0), :window), :window) AS quota
     FROM pending_groups p
     LEFT JOIN {groups} g ON g.name = p.name
-    LEFT JOIN group_running r ON r.group_name = p.name
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM {tasks}
+        WHERE g.max_running IS NOT NULL AND state IN ('running', 'canceling')
+            AND group_name = p.name) r
     LEFT JOIN cursors c ON c.group_name = p.name
     WHERE NOT COALESCE(g.paused, false)
         AND (:all_groups OR p.name = ANY(CAST(:groups AS text[])))
@@ -398,12 +399,16 @@ due AS (
 -- name: claim_take
 -- A fragment of claim and claim_at_once: from the CTE `pairs`, the window's queues, the CTE
 -- `picked`, the rows the claim takes, locked (see claim), and the CTEs it is made of.
--- What runs now, per queue and per group (all nodes).
-active AS (
-    SELECT group_name, user_name, count(*) AS n FROM {tasks}
-    WHERE state IN ('running', 'canceling') GROUP BY group_name, user_name
+-- What runs now (all nodes) in each group of the window that has max_running, and (a, in
+-- open_pairs) in each queue of the window: counted there alone, once each, so that the claim's
+-- cost does not grow with what runs in other queues and groups.
+group_active AS MATERIALIZED (
+    SELECT w.group_name,
+        (SELECT count(*) FROM {tasks}
+         WHERE state IN ('running', 'canceling') AND group_name = w.group_name) AS n
+    FROM (SELECT DISTINCT group_name FROM pairs) w
+    JOIN {groups} g ON g.name = w.group_name AND g.max_running IS NOT NULL
 ),
-group_active AS (SELECT group_name, sum(n) AS n FROM active GROUP BY group_name),
 -- Queues their group lets run: not paused, below both limits.
 open_pairs AS (
     SELECT p.group_name, p.user_name, COALESCE(a.n, 0) AS user_running,
@@ -411,7 +416,10 @@ open_pairs AS (
         g.max_running_per_user - COALESCE(a.n, 0) AS user_room
     FROM pairs p
     LEFT JOIN {groups} g ON g.name = p.group_name
-    LEFT JOIN active a ON a.group_name = p.group_name AND a.user_name = p.user_name
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM {tasks}
+        WHERE state IN ('running', 'canceling') AND group_name = p.group_name
+            AND user_name = p.user_name) a
     LEFT JOIN group_active ga ON ga.group_name = p.group_name
     WHERE NOT COALESCE(g.paused, false)
         AND (:all_groups OR p.group_name = ANY(CAST(:groups AS text[])))
