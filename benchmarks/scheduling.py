@@ -61,6 +61,26 @@ async def fill(node: Node, args: argparse.Namespace) -> None:
         await node.create_tasks([spec(i, args) for i in range(start, min(args.n, start + BATCH))])
 
 
+async def hold_running(node: Node, count: int) -> int | None:
+    """Claim ``count`` tasks for a node of its own that never runs them (FairShare spreads
+    them over the queues), so that every timed claim has that many tasks running in the
+    cluster; returns that node's id (None: ``count`` is 0)."""
+    if count <= 0:
+        return None
+    backend = node.driver
+    holder = await backend.register_node(
+        RegisterParams("bench-holder", count, ["noop"], heartbeat_interval=5.0, node_timeout=30.0)
+    )
+    held = 0
+    while held < count:
+        result = await backend.claim(
+            ClaimParams(holder, ["noop"], min(1000, count - held), FairShare())
+        )
+        held += len(result.claimed)
+        assert result.claimed, "the backlog ran out before the running tasks were claimed"
+    return holder
+
+
 async def time_claims(node: Node, policy: SchedulingPolicy, rounds: int) -> list[float]:
     backend = node.driver
     node_id = await backend.register_node(
@@ -97,6 +117,7 @@ async def _main(args: argparse.Namespace) -> None:
             await fill(client, args)
             results["fill_s"] = time.perf_counter() - started
             rows = []
+            holder = await hold_running(client, args.running)
             for policy in (FairShare(), Fifo()):
                 times = await time_claims(client, policy, args.rounds)
                 name = type(policy).__name__
@@ -105,9 +126,12 @@ async def _main(args: argparse.Namespace) -> None:
                     "p99": c.percentile(times, 99),
                 }
                 rows.append([name, c.percentile(times, 50), c.percentile(times, 99), len(times)])
+            if holder is not None:  # its tasks handed back, for the drains
+                await client.driver.deregister(DeregisterParams(holder, cleanup_attempts=3))
+            results["running"] = args.running
             c.print_table(
                 f"claim of 10 ({args.backend}, {args.n:,} pending, {args.users:,} users x "
-                f"{args.groups} groups, {args.spread} spread, "
+                f"{args.groups} groups, {args.spread} spread, {args.running:,} running, "
                 f"load {c.load_average()})",
                 ["policy", "p50 ms", "p99 ms", "claims"],
                 rows,
@@ -149,6 +173,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50, help="claims timed per policy")
     parser.add_argument("--drain", type=int, default=10_000, help="tasks per drain run")
     parser.add_argument("--max-running", type=int, default=5, help="per-group limit")
+    parser.add_argument(
+        "--running",
+        type=int,
+        default=0,
+        help="tasks held running by another node while the claims are timed (default 0)",
+    )
     args = parser.parse_args()
     c.run_main(lambda: _main(args), args.timeout)
 
