@@ -156,14 +156,8 @@ class Committer:
         self.flushes += 1
         if self._telemetry.enabled:
             self._telemetry.flushed(len(contexts), len(completions), time.monotonic() - began)
-        for task_id, waiters in batch.context_waiters.items():
-            for waiter in waiters:
-                if not waiter.done():  # done: its caller was cancelled
-                    waiter.set_result(task_id in accepted)
-        for task_id, waiters in batch.completion_waiters.items():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(task_id in done)
+        _answer(batch.context_waiters, accepted)
+        _answer(batch.completion_waiters, done)
 
     async def _complete(self, node_id: int, completions: list[Completion]) -> set[int]:
         return await self._driver.complete(
@@ -236,6 +230,14 @@ async def _wait(waiters: dict[int, list[asyncio.Future[bool]]], task_id: int) ->
         same_task.append(waiter)
     accepted: bool = await waiter
     return accepted
+
+
+def _answer(waiters: dict[int, list[asyncio.Future[bool]]], accepted: set[int]) -> None:
+    """Tell each waiting write whether its task's write was accepted."""
+    for task_id, same_task in waiters.items():
+        for waiter in same_task:
+            if not waiter.done():  # done: its caller was cancelled
+                waiter.set_result(task_id in accepted)
 
 
 def _merge(

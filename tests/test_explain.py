@@ -39,7 +39,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Node, Report, State, TaskRegistry
-from aioasync_tasks._backends.postgresql import PostgresDriver, plan_settings, set_statement
+from aioasync_tasks._backends.postgresql import OUR_PLANS, PostgresDriver, set_statement
 
 pytestmark = pytest.mark.slow
 
@@ -443,7 +443,7 @@ async def test_generic_plans_made_on_a_young_table_still_seek_on_a_big_one(db: D
 
             async with engine.connect() as session:
                 conn: Any = (await session.get_raw_connection()).driver_connection  # asyncpg's
-                await conn.execute(set_statement(plan_settings(ours=True)))  # as the node's
+                await conn.execute(set_statement(OUR_PLANS))  # as the node's sessions
                 executes = {}
                 for i, (sql, args) in enumerate(hot.items()):
                     await conn.execute(f"PREPARE young{i} AS {sql}")

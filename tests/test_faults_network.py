@@ -897,10 +897,10 @@ async def test_the_idle_timeout_binds_the_node_writes_never_the_application(
     """On an engine the application shares with its node (one connection, so both use the same
     session): the node's write transactions run with ``idle_in_transaction_session_timeout``
     at ¼ of the node timeout and with its planner settings (generic plans, no sequential scans:
-    ``PLAN_SETTINGS``), and the
-    application's own transactions on that engine — before, between and after the node's — run
-    with the server's defaults, never the node's settings. So do the node's statements outside
-    a transaction (a one-by-one create: generic plans, docs/design.md §15)."""
+    ``PLAN_SETTINGS``), and the application's own transactions on that engine — before, between
+    and after the node's — run with the server's defaults, never the node's settings. The
+    node's statements outside a transaction (a one-by-one create) run with its planner
+    settings too (docs/design.md §15)."""
     engine = create_async_engine(pg_db.url, pool_size=1, max_overflow=0)
     registry = TaskRegistry()
     registry.register_task("job", _never_run)

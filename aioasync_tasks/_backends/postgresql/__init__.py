@@ -67,6 +67,10 @@ def plan_settings(ours: bool) -> dict[str, str]:
     return {name: value if ours else "DEFAULT" for name, value in PLAN_SETTINGS.items()}
 
 
+OUR_PLANS = plan_settings(ours=True)
+"""The planner settings of a session that serves the library's statements."""
+
+
 def set_statement(settings: Mapping[str, str]) -> str:
     """One ``SET`` per setting, as one simple query (asyncpg's ``execute`` without arguments:
     one round trip). A ``SET``, unlike a ``SELECT set_config(…)``, takes no snapshot, so an
@@ -118,6 +122,19 @@ def configure_engine(engine: AsyncEngine) -> None:
 
     event.listen(sync_engine, "rollback", forget_session_values)
     sync_engine._aioasync_configured = True  # type: ignore[attr-defined]
+
+
+async def _own_plans(info: dict[str, Any], raw: Any) -> None:
+    """Give the session of a pooled connection (its ``info``, its asyncpg connection ``raw``)
+    the library's planner settings, unless it has them: ``set_session_value`` for a
+    connection outside SQLAlchemy's transactions, the settings that are missing in one
+    round trip."""
+    missing = {n: v for n, v in OUR_PLANS.items() if info.get(session_key(n)) != v}
+    if missing:
+        for name in missing:
+            info.pop(session_key(name), None)  # unknown until the SET has run
+        await raw.execute(set_statement(missing))
+        info.update({session_key(n): v for n, v in missing.items()})
 
 
 class PostgresDriver(SqlDriver):
@@ -238,13 +255,8 @@ class PostgresDriver(SqlDriver):
         raw: Any = pooled.driver_connection
         broken = True  # unless it ends well, or with an error of the statement's own
         try:
-            settings = plan_settings(ours=True)
-            missing = {n: v for n, v in settings.items() if pooled.info.get(session_key(n)) != v}
-            if self._per_session and missing:
-                for setting in missing:
-                    pooled.info.pop(session_key(setting), None)  # unknown until the SET has run
-                await raw.execute(set_statement(missing))
-                pooled.info.update({session_key(n): v for n, v in missing.items()})
+            if self._per_session:
+                await _own_plans(pooled.info, raw)
             rows = list(await raw.fetch(sql, *(params[n] for n in names)))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             broken = not isinstance(exc, asyncpg.PostgresError) or isinstance(

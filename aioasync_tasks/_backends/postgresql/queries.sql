@@ -297,9 +297,11 @@ WHERE (max_running IS NOT NULL OR max_running_per_user IS NOT NULL)
     AND name IN (SELECT group_name FROM walk WHERE n > 0)
 
 -- name: watched_events
--- A fragment of claim_at_once and complete_at_once: the CTE `events`, one pg_notify per 300
--- watched rows of the CTE `written` (its columns id and watched), each :events_kind then the
--- ids (under the 8,000 bytes of a payload: an id has at most 20 characters).
+-- A fragment of the statements run outside a transaction (claim_at_once,
+-- claim_cleanups_at_once, checkpoint_at_once, complete_at_once): the CTE `events`, one
+-- pg_notify per 300 watched rows of the CTE `written` (its columns id and watched), each
+-- :events_kind then the ids (under the 8,000 bytes of a payload: an id has at most 20
+-- characters).
 events AS (
     SELECT pg_notify(:events_channel, :events_kind || string_agg(CAST(id AS text), ',')) AS sent
     FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / 300 AS chunk
