@@ -58,6 +58,9 @@ CLAIM_SQL = rb"(?s)^WITH\s+pairs\b|^WITH RECURSIVE\s+pending_groups\b.*\bwritten
 """The statement that takes a claim's tasks (PENDING → RUNNING): ``claim``, in the claim's
 transaction when its window of queues is not empty, or PostgreSQL's ``claim_at_once``, a whole
 claim outside a transaction (docs/design.md §6.9)."""
+CLEANUP_CLAIM_SQL = rb"(?s)^WITH written AS \(WITH picked AS MATERIALIZED \(.*\bstate = 'deleting'"
+"""PostgreSQL's ``claim_cleanups_at_once``: a cleanup claim in one statement outside a
+transaction (docs/design.md §6.7)."""
 CLAIM_PREPARE_SQL = rb"^WITH RECURSIVE\s+pending_groups\b"
 """The statement every claim begins with: its window of queues (``claim_prepare``, and
 ``claim_at_once``, which is a claim of its own)."""

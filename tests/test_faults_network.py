@@ -30,6 +30,7 @@ from _faultcases import (
     CHECKPOINT_SQL,
     CLAIM_PREPARE_SQL,
     CLAIM_SQL,
+    CLEANUP_CLAIM_SQL,
     HEARTBEAT_SQL,
     WRITE_SQL,
     CommitFault,
@@ -45,7 +46,7 @@ from _observers import Recorder
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from aioasync_tasks import AttemptOutcome, Node, Report, State, TaskRegistry
+from aioasync_tasks import AttemptOutcome, Node, Report, State, TaskRegistry, current_task
 from aioasync_tasks._backends import SqlDriver
 from aioasync_tasks._errors import DatabaseError
 
@@ -360,6 +361,61 @@ async def test_lost_commit_reply_of_a_claim_is_handed_back_by_the_heartbeat(
     witness.assert_no_overlap()
     witness.assert_checkpoints_kept(await history.by_task())
     assert {row.step for row in (await task_rows(raw, ids)).values()} == {3}
+
+
+async def test_lost_reply_of_a_one_statement_cleanup_claim_is_handed_back(
+    fault_proxy: FaultProxy,
+    proxied: DbTarget,
+    db: DbTarget,
+    raw: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cleanup claim — one statement outside a transaction (docs/design.md §6.7, §6.9) —
+    commits, but its reply is lost: the DELETING row is owned by the node under a new token, and
+    no cleanup runs. The node's heartbeats hand it back, as they do a lost claim; then the
+    cleanup handler runs exactly once, and the task is gone."""
+    cleanups: list[int] = []
+    registry = TaskRegistry()
+
+    async def cleanup(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        info = current_task()
+        assert info is not None
+        cleanups.append(info.id)
+        yield Report.finished()
+
+    registry.register_task("job", _never_run, cleanup)
+    client, history = await setup(db, raw, registry)
+    node = make_node(
+        proxied, registry, name="a", heartbeat_interval=0.2, node_timeout=60.0, poll_interval=30
+    )
+    caplog.set_level(logging.WARNING, logger="aioasync_tasks")
+    task_id = await client.create_task("job", auto_run=False)
+    async with running(fault_proxy, client, node):
+        await DriverProbe(node, "claim_cleanups").quiet()
+        fault = fault_proxy.drop_commit_after(CLEANUP_CLAIM_SQL)
+        await client.delete_task(task_id)  # its NOTIFY wakes the claimer
+        await fault.wait(BOUND)
+        await wait_for(
+            lambda: _gone(raw, task_id), timeout=BOUND, what="the cleanup to run and the task to go"
+        )
+        assert await orphans(raw, [node]) == []
+    assert fault.fired == 1
+    assert cleanups == [task_id]
+    await history.assert_path(
+        task_id,
+        [
+            ("init", 0, 0),
+            ("deleting", 0, 0),
+            ("deleting", 1, 1),  # the cleanup claim whose reply was lost
+            ("deleting", 0, 1),  # handed back by a heartbeat, attempt refunded
+            ("deleting", 1, 2),  # claimed again: the cleanup runs, the row goes
+        ],
+    )
+    assert any("without running them" in r.getMessage() for r in caplog.records)
+
+
+async def _gone(raw: AsyncEngine, task_id: int) -> bool:
+    return not await task_rows(raw, [task_id])
 
 
 # -- 3. a stall longer than the lease -------------------------------------------------------
