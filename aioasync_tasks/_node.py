@@ -96,7 +96,7 @@ class TaskOptions(TypedDict, total=False):
 _OPTION_KEYS = TaskOptions.__optional_keys__
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Draft:
     """A new task checked by ``_new_task``; ``stored``: of a type this node's registry lacks,
     whose options ``_resolve`` reads from the task types table (``attempts_given``: but for

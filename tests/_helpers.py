@@ -22,6 +22,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aioasync_tasks import Node, Report, State, Task, TaskNotFound, TaskRegistry
+from aioasync_tasks._backends.postgresql import PostgresDriver
 from aioasync_tasks._urls import engine_from_url
 
 BOUND = 30.0
@@ -230,6 +231,41 @@ def statements(node: Node, *, begins: bool = False) -> Iterator[list[str]]:
         event.remove(sync_engine, "before_cursor_execute", on_execute)
         if begins:
             event.remove(sync_engine, "begin", on_begin)
+
+
+Captured = tuple[str, Any]
+"""A statement and its parameters."""
+
+
+class RawCapture:
+    """Records every statement PostgreSQL drivers run on asyncpg's own connection
+    (``PostgresDriver.fetch``: the one-statement creates, claims, checkpoints and completions),
+    as ``Capture`` does, with the names of the statements run."""
+
+    def __init__(self) -> None:
+        self.statements: list[Captured] = []
+        self.names: set[str] = set()
+        self._fetch = PostgresDriver.fetch
+
+    def __enter__(self) -> RawCapture:
+        fetch = self._fetch
+
+        async def recording(
+            driver: PostgresDriver, name: str, params: Mapping[str, Any], order_by: str = ""
+        ) -> list[Any]:
+            sql, names = driver._positional(name, order_by)
+            self.statements.append((sql, tuple(params[n] for n in names)))
+            self.names.add(name)
+            return await fetch(driver, name, params, order_by)
+
+        PostgresDriver.fetch = recording  # type: ignore[method-assign, assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        PostgresDriver.fetch = self._fetch  # type: ignore[method-assign]
+
+    def find(self, predicate: Callable[[str], bool]) -> list[Captured]:
+        return [(s, p) for s, p in self.statements if predicate(s)]
 
 
 # -- the command line -------------------------------------------------------------------------

@@ -28,18 +28,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import BOUND, make_node, raw_engine, wait_for
+from _helpers import BOUND, Captured, RawCapture, make_node, raw_engine, wait_for
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Node, Report, State, TaskRegistry
-from aioasync_tasks._backends.postgresql import OUR_PLANS, PostgresDriver, set_statement
+from aioasync_tasks._backends.postgresql import OUR_PLANS, set_statement
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,6 @@ TYPES = [f"type{i}" for i in range(5)]
 CLEANUP_TYPE = TYPES[0]
 WORKER_CONCURRENCY = 10
 
-Captured = tuple[str, Any]
 """A statement as the driver received it, and its parameters."""
 
 
@@ -151,37 +150,6 @@ class Capture:
 
     def __exit__(self, *exc: object) -> None:
         event.remove(self._engine, "before_cursor_execute", self._record)
-
-    def find(self, predicate: Callable[[str], bool]) -> list[Captured]:
-        return [(s, p) for s, p in self.statements if predicate(s)]
-
-
-class RawCapture:
-    """Records every statement PostgreSQL drivers run on asyncpg's own connection
-    (``PostgresDriver.fetch``: the one-statement creates, claims, checkpoints and completions),
-    as ``Capture`` does, with the names of the statements run."""
-
-    def __init__(self) -> None:
-        self.statements: list[Captured] = []
-        self.names: set[str] = set()
-        self._fetch = PostgresDriver.fetch
-
-    def __enter__(self) -> RawCapture:
-        fetch = self._fetch
-
-        async def recording(
-            driver: PostgresDriver, name: str, params: Mapping[str, Any], order_by: str = ""
-        ) -> list[Any]:
-            sql, names = driver._positional(name, order_by)
-            self.statements.append((sql, tuple(params[n] for n in names)))
-            self.names.add(name)
-            return await fetch(driver, name, params, order_by)
-
-        PostgresDriver.fetch = recording  # type: ignore[method-assign, assignment]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        PostgresDriver.fetch = self._fetch  # type: ignore[method-assign]
 
     def find(self, predicate: Callable[[str], bool]) -> list[Captured]:
         return [(s, p) for s, p in self.statements if predicate(s)]

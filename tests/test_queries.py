@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import LONG_BOUND, make_node, raw_engine, statements, wait_for
+from _helpers import LONG_BOUND, RawCapture, make_node, raw_engine, statements, wait_for
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aioasync_tasks import (
@@ -198,15 +198,19 @@ async def test_create_tasks_returns_ids_in_input_order_in_one_call(
         {"type": "alpha"},
         {"type": "beta", "context": "fifth", "priority": -2},
     ]
-    with statements(client, begins=True) as seen:
+    with statements(client, begins=True) as seen, RawCapture() as raw:
         ids = await client.create_tasks(items)
     assert len(ids) == len(set(ids)) == len(items)
     assert ids == sorted(ids)  # created in this order, so numbered in this order
-    assert seen.count("BEGIN") == 1  # one transaction: all of them or none
     inserts = [s for s in seen if s.upper().startswith("INSERT")]
     if db.is_postgres:
-        assert len(inserts) == 1  # one statement, one round trip
+        # One statement, atomic by itself (all of them or none), outside any transaction:
+        # one round trip, with the wake-up in it.
+        assert seen == []
+        assert [sql.split()[0] for sql, _ in raw.statements] == ["WITH"]
+        assert raw.names == {"insert_tasks_and_wake"}
     else:
+        assert seen.count("BEGIN") == 1  # one transaction: all of them or none
         assert inserts  # SQLite has no round trips: one transaction is the unit
 
     for task_id, item in zip(ids, items, strict=True):
@@ -230,10 +234,14 @@ async def test_create_task_in_callers_connection(db: DbTarget, client: Node) -> 
         async with engine.connect() as conn:
             trans = await conn.begin()
             rolled_back = await client.create_task("alpha", "rolled back", connection=conn)
+            rolled_back_too = await client.create_tasks(
+                [{"type": "alpha"}, {"type": "beta", "auto_run": False}], connection=conn
+            )
             await trans.rollback()
         assert await client.count_tasks() == 0
-        with pytest.raises(TaskNotFound):
-            await client.get_task(rolled_back)
+        for task_id in (rolled_back, *rolled_back_too):
+            with pytest.raises(TaskNotFound):
+                await client.get_task(task_id)
 
         async with engine.connect() as conn:
             trans = await conn.begin()

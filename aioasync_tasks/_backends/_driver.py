@@ -29,8 +29,13 @@ if TYPE_CHECKING:
     from ._transaction import InFlight
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewTask:
+    """A task to insert, every value checked; nothing changes one once it is made. Not
+    frozen: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
+    which a batch create pays per task (benchmarks/README.md, "Batch creates in one
+    statement")."""
+
     type: str
     context: str
     user: str

@@ -468,28 +468,32 @@ class SqlDriver:
 
     async def _insert_chunk(self, new_tasks: Sequence[NewTask], wake: bool) -> list[int]:
         """Insert ``new_tasks`` in a write transaction of our own (tried again as
-        ``_retry_rolled_back`` says), or one task by ``insert_alone``."""
-        alone = len(new_tasks) == 1 and new_tasks[0].unique_key is None
+        ``_retry_rolled_back`` says), or by ``insert_at_once`` when none has a unique key."""
+        plain = all(t.unique_key is None for t in new_tasks)
 
         async def insert() -> list[int]:
-            if alone:
-                task_id = await self.insert_alone(new_tasks[0], wake)
-                if task_id is not None:
-                    return [task_id]
+            if plain:
+                ids = await self.insert_at_once(new_tasks, wake)
+                if ids is not None:
+                    return ids
             async with self.write() as conn:
                 return await self._insert(conn, new_tasks, wake)
 
         return await self._retry_rolled_back(insert)
 
-    async def insert_alone(self, task: NewTask, wake: bool) -> int | None:
-        """Insert one task without a unique key (waking the claimers when ``wake``) as one
-        statement, atomic by itself, outside any transaction: its id; None when the driver
-        has no such statement (it is then inserted like a batch)."""
+    async def insert_at_once(self, new_tasks: Sequence[NewTask], wake: bool) -> list[int] | None:
+        """Insert tasks without a unique key (waking the claimers when ``wake``) as one
+        statement, atomic by itself, outside any transaction: their ids, in order; None when
+        the driver has no such statement (they are then inserted in a transaction)."""
         return None
 
     def new_task_params(self, row: Sequence[Any]) -> dict[str, Any]:
         """A new task's values (``_new_row``) as ``insert_task`` binds them."""
         return dict(zip(_NEW_TASK_COLUMNS, row, strict=True))
+
+    def new_rows_params(self, rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        """New tasks' values (``_new_row``) as ``insert_tasks`` binds them."""
+        return self.bind_rows(_NEW_TASK_COLUMNS, rows)
 
     async def _retry_rolled_back(self, transaction: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``transaction`` (a write transaction of our own, whole); again, after a pause,
@@ -635,7 +639,12 @@ class SqlDriver:
                 return [result.scalar_one()]
             ids = [self.inserted_id(await self._run(conn, "insert_task", params))]
         else:
-            result = await self._run(conn, "insert_tasks", self.bind_rows(_NEW_TASK_COLUMNS, rows))
+            params = self.new_rows_params(rows)
+            if wake and "insert_tasks_and_wake" in self.queries.sql:
+                params |= self.notify_params
+                result = await self._run(conn, "insert_tasks_and_wake", params)
+                return list(result.scalar_one())
+            result = await self._run(conn, "insert_tasks", params)
             ids = sorted(row.id for row in result)  # ids are given in the rows' order
         if wake:
             await self.notify(conn, "wake")

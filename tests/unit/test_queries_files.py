@@ -19,6 +19,7 @@ ONLY = {
         "migration_lock",
         "notify",
         "insert_task_and_wake",
+        "insert_tasks_and_wake",
         "update_tasks",
         "lock_unique_keys",
         "prune_lock",

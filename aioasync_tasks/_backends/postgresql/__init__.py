@@ -167,12 +167,18 @@ class PostgresDriver(SqlDriver):
             engine.dialect.identifier_preparer.quote_identifier(schema) if schema else None
         )
 
-    async def insert_alone(self, task: NewTask, wake: bool) -> int | None:
+    async def insert_at_once(self, new_tasks: Sequence[NewTask], wake: bool) -> list[int]:
         # Outside a transaction (no BEGIN, no COMMIT) and on asyncpg's own connection, as a
         # prepared statement: one round trip (docs/design.md §13.1).
-        params = {**self.new_task_params(self._new_row(task)), **self.notify_params}
-        rows = await self.fetch("insert_task_and_wake" if wake else "insert_task", params)
-        return int(rows[0][0])
+        rows = [self._new_row(t) for t in new_tasks]
+        if len(rows) == 1:
+            one = {**self.new_task_params(rows[0]), **self.notify_params}
+            found = await self.fetch("insert_task_and_wake" if wake else "insert_task", one)
+            return [int(found[0][0])]
+        many = {**self.new_rows_params(rows), **self.notify_params}
+        if wake:
+            return list((await self.fetch("insert_tasks_and_wake", many))[0][0])
+        return sorted(row[0] for row in await self.fetch("insert_tasks", many))
 
     async def claim_at_once(self, params: ClaimParams) -> ClaimResult | None:
         # One round trip, on asyncpg's own connection: no BEGIN, no COMMIT, no SQLAlchemy.

@@ -66,6 +66,12 @@ FROM unnest(CAST(:type AS text[]), CAST(:user AS text[]), CAST(:group AS text[])
 ORDER BY v.ord
 RETURNING id
 
+-- name: insert_tasks_and_wake
+-- Many tasks and one wake-up in one statement: one row, the ids in ascending order (the rows'
+-- order, as insert_tasks gives them).
+WITH ins AS ({insert_tasks})
+SELECT array_agg(id ORDER BY id) AS ids, pg_notify(:channel, 'wake') FROM ins
+
 -- name: insert_unique_task
 -- One task with a unique key, unless a live task of its type holds that key already: then no
 -- row is inserted and none returned (docs/design.md §4.4). The conflict target names the
