@@ -234,7 +234,7 @@ def statements(node: Node, *, begins: bool = False) -> Iterator[list[str]]:
 
 
 Captured = tuple[str, Any]
-"""A statement and its parameters."""
+"""A statement as the driver received it, and its parameters."""
 
 
 class RawCapture:

@@ -997,7 +997,7 @@ class SqlDriver:
     def _checkpoint_params(self, params: CheckpointParams) -> dict[str, Any]:
         rows = [
             (task_id, c.token, c.context, c.progress, c.message)
-            for task_id, c in params.checkpoints.items()
+            for task_id, c in sorted(params.checkpoints.items())  # ids ascending: batch_row
         ]
         return {
             **self.bind_rows(("ids", "tokens", "contexts", "progress", "messages"), rows),

@@ -21,6 +21,7 @@ ONLY = {
         "insert_task_and_wake",
         "insert_tasks_and_wake",
         "update_tasks",
+        "batch_row",
         "lock_unique_keys",
         "prune_lock",
         "watch_tasks",

@@ -11,6 +11,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from operator import attrgetter, itemgetter
 from types import SimpleNamespace
 from typing import Any
 
@@ -222,7 +223,11 @@ class PostgresDriver(SqlDriver):
     @whole
     async def complete_at_once(self, node_id: int, completions: list[Completion]) -> set[int]:
         # A compare-and-set per row in one autocommit statement: one round trip where the
-        # locked path takes four (BEGIN, the lock, the update, COMMIT; §15.1).
+        # locked path takes four (BEGIN, the lock, the update, COMMIT; §15.1). Ids ascending
+        # and each once (batch_row): a task's last completion, as the locked path takes it.
+        completions = sorted(
+            {c.task_id: c for c in completions}.values(), key=attrgetter("task_id")
+        )
         bound = {
             "node": node_id,
             "ids": [c.task_id for c in completions],
@@ -301,8 +306,11 @@ class PostgresDriver(SqlDriver):
         return found
 
     async def update_rows(self, conn: AsyncConnection, updates: list[dict[str, Any]]) -> None:
-        # One statement for the batch (a completion flush of 100 tasks was 100 statements).
+        # One statement for the batch (a completion flush of 100 tasks was 100 statements),
+        # the rows' ids ascending (batch_row; the rows are locked ones, each once).
+        updates = sorted(updates, key=itemgetter("id"))
         arrays = {name: [u[name] for u in updates] for name in updates[0]}
+        arrays["ids"] = arrays.pop("id")
         await self._run(conn, "update_tasks", arrays)
 
     def deadlock_victim(self, cause: BaseException | None) -> bool:

@@ -159,25 +159,36 @@ UPDATE {tasks} SET state = :state, requested = :requested, node_id = :node_id,
     updated_at = now()
 WHERE id = :id AND token = :token AND state = :expected
 
+-- name: batch_row
+-- A fragment of the statements that write a batch (update_tasks, complete_at_once,
+-- checkpoint): the place of row t in the batch — its id's in :ids, which are ascending and
+-- distinct — found by width_bucket's binary search. Each value of a row is read at that place
+-- in its array; the batch is never joined to the table, which a generic plan made on a young
+-- table did as a nested loop over both: each row of the table compared with every row of the
+-- batch, 10,000 comparisons for a batch of 100 (docs/design.md §15).
+width_bucket(t.id, CAST(:ids AS bigint[]))
+
 -- name: update_tasks
--- update_task for a batch of locked rows in one statement: one array per parameter.
-UPDATE {tasks} t SET state = v.state, requested = v.requested, node_id = v.node_id,
-    attempts = v.attempts, handoff = v.handoff, group_name = v.group_name,
-    context = COALESCE(v.context, t.context), error = COALESCE(v.error, t.error),
-    progress = COALESCE(v.progress, t.progress), message = COALESCE(v.message, t.message),
-    run_at = CASE WHEN v.delay < 0 THEN t.run_at
-        ELSE now() + make_interval(secs => v.delay) END,
-    done_at = CASE WHEN v.done THEN now() ELSE t.done_at END,
+-- update_task for a batch of locked rows in one statement: one array per parameter, a row's
+-- values at its place in them (batch_row).
+UPDATE {tasks} t SET state = (CAST(:state AS text[]))[{batch_row}],
+    requested = (CAST(:requested AS text[]))[{batch_row}],
+    node_id = (CAST(:node_id AS bigint[]))[{batch_row}],
+    attempts = (CAST(:attempts AS integer[]))[{batch_row}],
+    handoff = (CAST(:handoff AS boolean[]))[{batch_row}],
+    group_name = (CAST(:group AS text[]))[{batch_row}],
+    context = COALESCE((CAST(:context AS text[]))[{batch_row}], t.context),
+    error = COALESCE((CAST(:error AS text[]))[{batch_row}], t.error),
+    progress = COALESCE((CAST(:progress AS double precision[]))[{batch_row}], t.progress),
+    message = COALESCE((CAST(:message AS text[]))[{batch_row}], t.message),
+    run_at = CASE WHEN (CAST(:delay AS double precision[]))[{batch_row}] < 0 THEN t.run_at
+        ELSE now() + make_interval(secs => (CAST(:delay AS double precision[]))[{batch_row}])
+        END,
+    done_at = CASE WHEN (CAST(:done AS boolean[]))[{batch_row}] THEN now() ELSE t.done_at END,
     updated_at = now()
-FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:requested AS text[]),
-    CAST(:node_id AS bigint[]), CAST(:attempts AS integer[]), CAST(:handoff AS boolean[]),
-    CAST(:group AS text[]), CAST(:context AS text[]), CAST(:error AS text[]),
-    CAST(:progress AS double precision[]), CAST(:message AS text[]),
-    CAST(:delay AS double precision[]), CAST(:done AS boolean[]), CAST(:token AS integer[]),
-    CAST(:expected AS text[]))
-    AS v(id, state, requested, node_id, attempts, handoff, group_name, context, error,
-    progress, message, delay, done, token, expected)
-WHERE t.id = v.id AND t.id = ANY(:id) AND t.token = v.token AND t.state = v.expected
+WHERE t.id = ANY(CAST(:ids AS bigint[]))
+    AND t.token = (CAST(:token AS integer[]))[{batch_row}]
+    AND t.state = (CAST(:expected AS text[]))[{batch_row}]
 
 -- name: complete_at_once
 -- The ends of executions whose outcome is certain for a task that still runs as claimed
@@ -188,15 +199,16 @@ WHERE t.id = v.id AND t.id = ANY(:id) AND t.token = v.token AND t.state = v.expe
 -- goes through the locked path. Watchers of a task written hear of it from the statement
 -- itself (watched_events).
 WITH written AS (
-    UPDATE {tasks} t SET state = v.state, node_id = NULL, handoff = false,
-        context = COALESCE(v.context, t.context), error = COALESCE(v.error, t.error),
-        progress = COALESCE(v.progress, t.progress), message = COALESCE(v.message, t.message),
+    UPDATE {tasks} t SET state = (CAST(:states AS text[]))[{batch_row}], node_id = NULL,
+        handoff = false,
+        context = COALESCE((CAST(:contexts AS text[]))[{batch_row}], t.context),
+        error = COALESCE((CAST(:errors AS text[]))[{batch_row}], t.error),
+        progress = COALESCE((CAST(:progress AS double precision[]))[{batch_row}], t.progress),
+        message = COALESCE((CAST(:messages AS text[]))[{batch_row}], t.message),
         done_at = now(), updated_at = now()
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:states AS text[]),
-        CAST(:contexts AS text[]), CAST(:errors AS text[]),
-        CAST(:progress AS double precision[]), CAST(:messages AS text[]))
-        AS v(id, token, state, context, error, progress, message)
-    WHERE t.id = v.id AND t.id = ANY(:ids) AND t.token = v.token AND t.node_id = :node
+    WHERE t.id = ANY(CAST(:ids AS bigint[]))
+        AND t.token = (CAST(:tokens AS integer[]))[{batch_row}]
+        AND t.node_id = :node
         AND t.state = 'running'
         AND t.requested IS NULL
     RETURNING t.id, t.watched_until > now() AS watched
@@ -521,14 +533,15 @@ FROM written
 
 -- name: checkpoint
 -- Many checkpoints in one statement, each written only under its execution's claim token: a
--- context, a progress and a message, each NULL to keep the stored one (docs/design.md §2.6).
-UPDATE {tasks} t SET context = COALESCE(v.context, t.context),
-    progress = COALESCE(v.progress, t.progress), message = COALESCE(v.message, t.message),
+-- context, a progress and a message, each NULL to keep the stored one (docs/design.md §2.6);
+-- a row's values at its place in the arrays (batch_row).
+UPDATE {tasks} t SET context = COALESCE((CAST(:contexts AS text[]))[{batch_row}], t.context),
+    progress = COALESCE((CAST(:progress AS double precision[]))[{batch_row}], t.progress),
+    message = COALESCE((CAST(:messages AS text[]))[{batch_row}], t.message),
     updated_at = now()
-FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS integer[]), CAST(:contexts AS text[]),
-    CAST(:progress AS double precision[]), CAST(:messages AS text[]))
-    AS v(id, token, context, progress, message)
-WHERE t.id = v.id AND t.id = ANY(:ids) AND t.token = v.token AND t.node_id = :node
+WHERE t.id = ANY(CAST(:ids AS bigint[]))
+    AND t.token = (CAST(:tokens AS integer[]))[{batch_row}]
+    AND t.node_id = :node
     AND t.state = ANY(:states)
 RETURNING t.id, t.watched_until > now() AS watched
 
