@@ -335,8 +335,10 @@ RETURNING id, type, user_name, group_name, context, attempts, max_attempts, hand
 -- name: checkpoint
 -- Many checkpoints in one statement, :rows a JSON array of [id, token, context, progress,
 -- message], each written only under its execution's claim token; a null keeps the stored
--- value (docs/design.md §2.6).
-WITH v(id, token, context, progress, message) AS (
+-- value (docs/design.md §2.6). MATERIALIZED: the batch is read once, and each of its rows
+-- finds its task by id; unmaterialized, it was read again for each task the owner index
+-- found, n² for a batch of n (docs/design.md §15).
+WITH v(id, token, context, progress, message) AS MATERIALIZED (
     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
         json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]')
     FROM json_each(:rows))
