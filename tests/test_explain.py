@@ -480,6 +480,63 @@ async def test_a_batch_write_handles_each_of_its_rows_once(db: DbTarget) -> None
     assert not costly, "\n\n".join(costly)
 
 
+DRAINED = 60_000
+"""Tasks of the drained-table test: one queue, as in ``benchmarks/drain.py``. (On 20,000 the
+old plans chose the queue index anyway; on 60,000 they read 179,712 rows per claim.)"""
+
+
+@pytest.mark.postgres_only
+@pytest.mark.slow
+async def test_a_claim_planned_on_a_fresh_backlog_still_seeks_once_it_is_drained(
+    db: DbTarget,
+) -> None:
+    """An ANALYZE after a bulk create (autovacuum's, or the benchmark's) tells the planner
+    that every row is PENDING; a generic plan made then found a queue's first PENDING row by
+    walking the group or the user index, whose order served its ``ORDER BY`` as well as the
+    queue index's — and once most of the backlog had run, every claim walked past every
+    finished task (a drain of 60,000 fell from 9,000 to 2,150 tasks/s, the server's CPU at
+    100 %). The walk's seeks now order by the queue index's whole key (``queue_order``,
+    docs/design.md §15). The claim is captured as a node makes it on 60,000 PENDING tasks,
+    ANALYZEd, and planned there; all but 100 of them then finish, and the claim runs again on
+    its plan (EXPLAIN ANALYZE, rolled back): it may not read a tenth of the rows."""
+    release = asyncio.Event()
+    registry = TaskRegistry()
+
+    async def job(context: str, stop: asyncio.Event) -> AsyncIterator[Report]:
+        await release.wait()
+        yield Report.finished()
+
+    registry.register_task("job", job)
+    engine = raw_engine(db)
+    try:
+        async with make_node(db, registry, concurrency=0) as client:
+            for _ in range(DRAINED // BATCH):
+                await client.create_tasks([{"type": "job"}] * BATCH)
+            await vacuum_analyze(engine)
+            with RawCapture() as raw:
+                async with make_node(db, registry, concurrency=1):  # holds its one task
+                    await wait_for(lambda: "claim_at_once" in raw.names, what="a claim")
+                    claim = raw.find(is_claim)[0]
+                    async with engine.connect() as session:
+                        conn: Any = (await session.get_raw_connection()).driver_connection
+                        await conn.execute(set_statement(OUR_PLANS))  # as the node's sessions
+                        execute = await prepare_captured(conn, "drained", claim)
+                        await conn.fetchval(f"EXPLAIN (FORMAT JSON) {execute}")  # planned now
+                        await conn.execute(
+                            f"UPDATE {TABLE} SET state = 'finished', done_at = now()"
+                            f" WHERE state = 'pending' AND id <= (SELECT max(id) - 100"
+                            f" FROM {TABLE})"
+                        )
+                        plan = await explain_analyze(conn, execute)
+                        await session.invalidate()  # its prepared statement and settings
+                    release.set()
+    finally:
+        await engine.dispose()
+    assert rows_updated(plan) >= 1, render(plan)  # it claimed
+    read = rows_read(plan)
+    assert read <= DRAINED // 10, f"{read} rows read\n{render(plan)}"
+
+
 def is_checkpoint(statement: str) -> bool:
     return (
         "AS watched" in statement

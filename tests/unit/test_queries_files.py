@@ -22,6 +22,7 @@ ONLY = {
         "insert_tasks_and_wake",
         "update_tasks",
         "batch_row",
+        "queue_order",
         "lock_unique_keys",
         "prune_lock",
         "watch_tasks",

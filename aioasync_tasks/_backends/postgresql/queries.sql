@@ -327,15 +327,24 @@ events AS (
     GROUP BY chunk
 )
 
+-- name: queue_order
+-- A fragment: the order of the queue index (aioasync_tasks_queue_idx), whole. A seek of the
+-- first PENDING row of a group or of a queue orders by all of it, though its first columns
+-- decide which row that is: no other index gives this order, so no plan can find the row by
+-- walking the group or user index past every row that is no longer PENDING — as plans made
+-- when the statistics said every row was PENDING (an ANALYZE after a bulk create) did, reading
+-- every finished task again at each claim (docs/design.md §15).
+group_name, user_name, handoff DESC, priority DESC, id
+
 -- name: claim_walk
 -- A fragment of claim_prepare and claim_at_once, in a WITH RECURSIVE: the CTEs `walk`, the
 -- window of queues (see claim_prepare), and those it is made of; `me` and `due`.
 pending_groups(name) AS (
-    (SELECT group_name FROM {tasks} WHERE state = 'pending' ORDER BY group_name LIMIT 1)
+    (SELECT group_name FROM {tasks} WHERE state = 'pending' ORDER BY {queue_order} LIMIT 1)
     UNION ALL
     SELECT n.group_name FROM pending_groups g CROSS JOIN LATERAL
         (SELECT group_name FROM {tasks} WHERE state = 'pending' AND group_name > g.name
-         ORDER BY group_name LIMIT 1) n
+         ORDER BY {queue_order} LIMIT 1) n
 ),
 cursors(group_name, user_name) AS (
     SELECT * FROM unnest(CAST(:cursor_groups AS text[]), CAST(:cursor_users AS text[]))
@@ -378,17 +387,17 @@ walk(group_name, user_name, n, k, lap, wrapped) AS (
         (SELECT id, group_name, user_name FROM {tasks}
          WHERE NOT w.lap AND state = 'pending' AND group_name = cur.name
             AND user_name > w.user_name
-         ORDER BY group_name, user_name LIMIT 1)
+         ORDER BY {queue_order} LIMIT 1)
         UNION ALL
         (SELECT id, group_name, user_name FROM {tasks}
          WHERE NOT w.lap AND state = 'pending' AND group_name = cur.name
             AND user_name <= cur.after_user
-         ORDER BY group_name, user_name LIMIT 1)
+         ORDER BY {queue_order} LIMIT 1)
         UNION ALL
         (SELECT id, group_name, user_name FROM {tasks}
          WHERE w.lap AND state = 'pending' AND group_name = cur.name AND user_name > w.user_name
             AND user_name <= cur.after_user
-         ORDER BY group_name, user_name LIMIT 1)
+         ORDER BY {queue_order} LIMIT 1)
         LIMIT 1) a ON true
     LEFT JOIN open_groups nx ON a.id IS NULL AND nx.name = COALESCE(
         (SELECT min(name) FROM open_groups WHERE name > w.group_name),
@@ -396,11 +405,11 @@ walk(group_name, user_name, n, k, lap, wrapped) AS (
     LEFT JOIN LATERAL (
         (SELECT id, group_name, user_name FROM {tasks}
          WHERE state = 'pending' AND group_name = nx.name AND user_name > nx.after_user
-         ORDER BY group_name, user_name LIMIT 1)
+         ORDER BY {queue_order} LIMIT 1)
         UNION ALL
         (SELECT id, group_name, user_name FROM {tasks}
          WHERE state = 'pending' AND group_name = nx.name
-         ORDER BY group_name, user_name LIMIT 1)
+         ORDER BY {queue_order} LIMIT 1)
         LIMIT 1) b ON true
     WHERE w.n < :window AND (a.id IS NOT NULL OR b.id IS NOT NULL)
         AND (NOT (w.wrapped OR (a.id IS NULL AND nx.name <= w.group_name))
