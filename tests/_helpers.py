@@ -237,6 +237,28 @@ Captured = tuple[str, Any]
 """A statement as the driver received it, and its parameters."""
 
 
+class Capture:
+    """Records every statement an engine sends to the driver."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.statements: list[Captured] = []
+        self._engine = engine.sync_engine
+
+    def _record(self, *args: Any) -> None:
+        _conn, _cursor, statement, parameters, _context, _executemany = args
+        self.statements.append((statement, parameters))
+
+    def __enter__(self) -> Capture:
+        event.listen(self._engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._record)
+
+    def find(self, predicate: Callable[[str], bool]) -> list[Captured]:
+        return [(s, p) for s, p in self.statements if predicate(s)]
+
+
 class RawCapture:
     """Records every statement PostgreSQL drivers run on asyncpg's own connection
     (``PostgresDriver.fetch``: the one-statement creates, claims, checkpoints and completions),

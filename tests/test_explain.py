@@ -34,8 +34,7 @@ from typing import Any
 
 import pytest
 from _db import DbTarget
-from _helpers import BOUND, Captured, RawCapture, make_node, raw_engine, wait_for
-from sqlalchemy import event
+from _helpers import BOUND, Capture, Captured, RawCapture, make_node, raw_engine, wait_for
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioasync_tasks import Node, Report, State, TaskRegistry
@@ -129,28 +128,6 @@ async def vacuum_analyze(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
         await autocommit.exec_driver_sql(f"VACUUM ANALYZE {TABLE}")  # not in a transaction
-
-
-class Capture:
-    """Records every statement an engine sends to the driver."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.statements: list[Captured] = []
-        self._engine = engine.sync_engine
-
-    def _record(self, *args: Any) -> None:
-        _conn, _cursor, statement, parameters, _context, _executemany = args
-        self.statements.append((statement, parameters))
-
-    def __enter__(self) -> Capture:
-        event.listen(self._engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self._engine, "before_cursor_execute", self._record)
-
-    def find(self, predicate: Callable[[str], bool]) -> list[Captured]:
-        return [(s, p) for s, p in self.statements if predicate(s)]
 
 
 def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -166,24 +166,25 @@ pending_groups(name) AS (
         WHERE state = 'pending' AND group_name > g.name ORDER BY group_name LIMIT 1)
     FROM pending_groups g WHERE g.name IS NOT NULL
 ),
-group_running AS (
-    SELECT group_name, count(*) AS n FROM {tasks} WHERE state IN ('running', 'canceling')
-    GROUP BY group_name
-),
 cursors(group_name, user_name) AS (
     SELECT g.value, u.value FROM json_each(:cursor_groups) g
     JOIN json_each(:cursor_users) u ON u.key = g.key
 ),
+-- What runs in a group (n) is counted only for a group with max_running, in the group's
+-- entries of the active index: the claim's cost does not grow with what runs elsewhere.
 open_groups AS MATERIALIZED (
-    SELECT p.name, c.user_name AS after_user,
-        COALESCE(min(g.max_running - COALESCE(r.n, 0), :window), :window) AS quota
-    FROM pending_groups p
-    LEFT JOIN {groups} g ON g.name = p.name
-    LEFT JOIN group_running r ON r.group_name = p.name
-    LEFT JOIN cursors c ON c.group_name = p.name
-    WHERE p.name IS NOT NULL AND NOT COALESCE(g.paused, false)
-        AND (:all_groups OR p.name IN (SELECT value FROM json_each(:groups)))
-        AND (g.max_running IS NULL OR g.max_running > COALESCE(r.n, 0))
+    SELECT name, after_user, COALESCE(min(max_running - n, :window), :window) AS quota
+    FROM (
+        SELECT p.name, c.user_name AS after_user, g.max_running,
+            CASE WHEN g.max_running IS NULL THEN 0 ELSE (
+                SELECT count(*) FROM {tasks} INDEXED BY aioasync_tasks_active_idx
+                WHERE state IN ('running', 'canceling') AND group_name = p.name) END AS n
+        FROM pending_groups p
+        LEFT JOIN {groups} g ON g.name = p.name
+        LEFT JOIN cursors c ON c.group_name = p.name
+        WHERE p.name IS NOT NULL AND NOT COALESCE(g.paused, false)
+            AND (:all_groups OR p.name IN (SELECT value FROM json_each(:groups))))
+    WHERE max_running IS NULL OR max_running > n
 ),
 -- A step is the next user of the same group while it has room (a: after the cursor, then
 -- from the first user up to it), else the first queue of the next open group, or once of the
@@ -245,25 +246,35 @@ pairs(group_name, user_name) AS (
     SELECT g.value, u.value FROM json_each(:window_groups) g
     JOIN json_each(:window_users) u ON u.key = g.key
 ),
--- What runs now, per queue and per group (all nodes).
-active AS (
-    SELECT group_name, user_name, count(*) AS n FROM {tasks}
-    WHERE state IN ('running', 'canceling') GROUP BY group_name, user_name
+-- What runs now (all nodes) in each group of the window that has max_running, and in each
+-- queue of the window: counted there alone, once each, in the active index, so that the
+-- claim's cost does not grow with what runs in other queues and groups.
+group_active AS MATERIALIZED (
+    SELECT w.group_name,
+        (SELECT count(*) FROM {tasks} INDEXED BY aioasync_tasks_active_idx
+         WHERE state IN ('running', 'canceling') AND group_name = w.group_name) AS n
+    FROM (SELECT DISTINCT group_name FROM pairs) w
+    JOIN {groups} g ON g.name = w.group_name AND g.max_running IS NOT NULL
 ),
-group_active AS (SELECT group_name, sum(n) AS n FROM active GROUP BY group_name),
+pair_active AS MATERIALIZED (
+    SELECT p.group_name, p.user_name,
+        (SELECT count(*) FROM {tasks} INDEXED BY aioasync_tasks_active_idx
+         WHERE state IN ('running', 'canceling') AND group_name = p.group_name
+            AND user_name = p.user_name) AS n
+    FROM pairs p
+),
 -- Queues their group lets run: not paused, below both limits.
 open_pairs AS (
-    SELECT p.group_name, p.user_name, COALESCE(a.n, 0) AS user_running,
+    SELECT p.group_name, p.user_name, p.n AS user_running,
         g.max_running - COALESCE(ga.n, 0) AS group_room,
-        g.max_running_per_user - COALESCE(a.n, 0) AS user_room
-    FROM pairs p
+        g.max_running_per_user - p.n AS user_room
+    FROM pair_active p
     LEFT JOIN {groups} g ON g.name = p.group_name
-    LEFT JOIN active a ON a.group_name = p.group_name AND a.user_name = p.user_name
     LEFT JOIN group_active ga ON ga.group_name = p.group_name
     WHERE NOT COALESCE(g.paused, false)
         AND (:all_groups OR p.group_name IN (SELECT value FROM json_each(:groups)))
         AND (g.max_running IS NULL OR g.max_running > COALESCE(ga.n, 0))
-        AND (g.max_running_per_user IS NULL OR g.max_running_per_user > COALESCE(a.n, 0))
+        AND (g.max_running_per_user IS NULL OR g.max_running_per_user > p.n)
 ),
 -- Each open queue's first due task; the best :pool queues hold the best tasks.
 heads AS (
