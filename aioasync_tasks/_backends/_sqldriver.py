@@ -487,13 +487,21 @@ class SqlDriver:
         the driver has no such statement (they are then inserted in a transaction)."""
         return None
 
-    def new_task_params(self, row: Sequence[Any]) -> dict[str, Any]:
-        """A new task's values (``_new_row``) as ``insert_task`` binds them."""
-        return dict(zip(_NEW_TASK_COLUMNS, row, strict=True))
-
-    def new_rows_params(self, rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-        """New tasks' values (``_new_row``) as ``insert_tasks`` binds them."""
-        return self.bind_rows(_NEW_TASK_COLUMNS, rows)
+    def insert_statement(
+        self, rows: Sequence[Sequence[Any]], wake: bool
+    ) -> tuple[str, dict[str, Any], bool]:
+        """The statement that inserts ``rows`` (each ``_new_row``'s values) and its parameters:
+        ``insert_task`` for one row, ``insert_tasks`` for more — in its ``_and_wake`` form when
+        ``wake`` and the driver has one, which wakes the claimers itself and returns the ids
+        as one ascending array (the third value says so)."""
+        name = "insert_task" if len(rows) == 1 else "insert_tasks"
+        if len(rows) == 1:
+            params = dict(zip(_NEW_TASK_COLUMNS, rows[0], strict=True))
+        else:
+            params = self.bind_rows(_NEW_TASK_COLUMNS, rows)
+        if wake and f"{name}_and_wake" in self.queries.sql:
+            return f"{name}_and_wake", params | dict(self.notify_params), True
+        return name, params, False
 
     async def _retry_rolled_back(self, transaction: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``transaction`` (a write transaction of our own, whole); again, after a pause,
@@ -630,22 +638,12 @@ class SqlDriver:
     async def _insert_rows(
         self, conn: AsyncConnection, rows: Sequence[Sequence[Any]], wake: bool
     ) -> list[int]:
-        if len(rows) == 1:
-            params = self.new_task_params(rows[0])
-            if wake and "insert_task_and_wake" in self.queries.sql:
-                # One round trip for the most common create of all (in a transaction).
-                params |= self.notify_params
-                result = await self._run(conn, "insert_task_and_wake", params)
-                return [result.scalar_one()]
-            ids = [self.inserted_id(await self._run(conn, "insert_task", params))]
-        else:
-            params = self.new_rows_params(rows)
-            if wake and "insert_tasks_and_wake" in self.queries.sql:
-                params |= self.notify_params
-                result = await self._run(conn, "insert_tasks_and_wake", params)
-                return list(result.scalar_one())
-            result = await self._run(conn, "insert_tasks", params)
-            ids = sorted(row.id for row in result)  # ids are given in the rows' order
+        name, params, woke = self.insert_statement(rows, wake)
+        result = await self._run(conn, name, params)
+        if woke:  # one round trip, the wake-up in it
+            return list(result.scalar_one())
+        # The ids of many rows, sorted, are in the rows' order (the sequence numbers them so).
+        ids = [self.inserted_id(result)] if len(rows) == 1 else sorted(r.id for r in result)
         if wake:
             await self.notify(conn, "wake")
         return ids

@@ -171,15 +171,11 @@ class PostgresDriver(SqlDriver):
     async def insert_at_once(self, new_tasks: Sequence[NewTask], wake: bool) -> list[int]:
         # Outside a transaction (no BEGIN, no COMMIT) and on asyncpg's own connection, as a
         # prepared statement: one round trip (docs/design.md §13.1).
-        rows = [self._new_row(t) for t in new_tasks]
-        if len(rows) == 1:
-            one = {**self.new_task_params(rows[0]), **self.notify_params}
-            found = await self.fetch("insert_task_and_wake" if wake else "insert_task", one)
-            return [int(found[0][0])]
-        many = {**self.new_rows_params(rows), **self.notify_params}
-        if wake:
-            return list((await self.fetch("insert_tasks_and_wake", many))[0][0])
-        return sorted(row[0] for row in await self.fetch("insert_tasks", many))
+        name, params, woke = self.insert_statement([self._new_row(t) for t in new_tasks], wake)
+        rows = await self.fetch(name, params)
+        if woke:
+            return list(rows[0]["ids"])
+        return sorted(row["id"] for row in rows)
 
     async def claim_at_once(self, params: ClaimParams) -> ClaimResult | None:
         # One round trip, on asyncpg's own connection: no BEGIN, no COMMIT, no SQLAlchemy.
@@ -315,7 +311,7 @@ class PostgresDriver(SqlDriver):
 
     def deadlock_victim(self, cause: BaseException | None) -> bool:
         # Rows are locked in id order by most statements, but a checkpoint batch's UPDATE
-        # locks them in its join's order, and a unique create waits for the holder of its key:
+        # locks them in its scan's order, and a unique create waits for the holder of its key:
         # PostgreSQL then aborts one transaction, whole (docs/design.md §13.3). asyncpg's own
         # error (fetch) or SQLAlchemy's around it.
         return getattr(getattr(cause, "orig", cause), "sqlstate", None) == DEADLOCK_DETECTED

@@ -44,9 +44,10 @@ VALUES (:type, :user, :group, :state, NULL, :context, :priority, 0, :max_attempt
 RETURNING id
 
 -- name: insert_task_and_wake
--- One task and its wake-up in one statement (the notification is delivered at commit).
+-- One task and its wake-up in one statement (the notification is delivered at commit): one
+-- row, its id in an array, as insert_tasks_and_wake gives them.
 WITH ins AS ({insert_task})
-SELECT id, pg_notify(:channel, 'wake') FROM ins
+SELECT array_agg(id) AS ids, pg_notify(:channel, 'wake') FROM ins
 
 -- name: insert_tasks
 -- Many tasks in one statement: one array per column. Ids come from the sequence in the order
